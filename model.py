@@ -1,0 +1,405 @@
+"""
+The whole mirim model in one file: a Llama-style decoder-only transformer.
+
+    token embedding -> n_layer x [RMSNorm -> attention (RoPE, GQA) -> +, RMSNorm -> gated MLP -> +]
+                    -> RMSNorm -> LM head (tied to the embedding or not)
+
+The layout follows Hugging Face's LlamaForCausalLM (rotate-half RoPE, no biases, the gated MLP
+down(act(gate(x)) * up(x))), so weights move 1:1 between the two (see export.py). Two projections
+are fused for speed: q, k, v are one matmul (wqkv) and gate, up are one matmul (w13).
+"""
+import math
+from dataclasses import dataclass, asdict, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# mirim's activation name -> Hugging Face's hidden_act for the same function
+HF_ACTIVATION = {'silu': 'silu', 'gelu': 'gelu', 'gelu_tanh': 'gelu_pytorch_tanh'}
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 4096
+    block_size: int = 256        # max context length (RoPE tables and KV cache are this long)
+    n_layer: int = 4
+    n_head: int = 8
+    n_kv_head: int = 4           # grouped-query attention: each k/v head serves n_head // n_kv_head q heads
+    n_embd: int = 256
+    ffn_hidden: int = 688        # inner size of the gated MLP
+    activation: str = 'silu'     # 'silu' = SwiGLU, 'gelu' / 'gelu_tanh' = GeGLU
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    bos_id: int = 1
+    eos_id: int = 2
+    pad_id: int = 3
+
+    def __post_init__(self):
+        def bad(field, why):
+            raise ValueError(f"LlamaConfig.{field}={getattr(self, field)!r}: {why}")
+        for name in ('vocab_size', 'block_size', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'ffn_hidden'):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                bad(name, "must be a positive integer")
+        if self.n_embd % self.n_head:
+            bad('n_embd', f"must be divisible by n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            bad('n_kv_head', f"must divide n_head={self.n_head}")
+        if (self.n_embd // self.n_head) % 2:
+            bad('n_head', f"head size n_embd/n_head={self.n_embd // self.n_head} must be even for RoPE")
+        if self.activation not in HF_ACTIVATION:
+            bad('activation', f"must be one of {sorted(HF_ACTIVATION)}")
+        if not 0.0 <= self.dropout < 1.0:
+            bad('dropout', "must be in [0, 1)")
+        if self.rope_theta <= 0 or self.norm_eps <= 0:
+            bad('rope_theta' if self.rope_theta <= 0 else 'norm_eps', "must be positive")
+        for name in ('bos_id', 'eos_id', 'pad_id'):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < self.vocab_size:
+                bad(name, f"must be a token id below vocab_size={self.vocab_size} (or None)")
+
+    @property
+    def head_size(self):
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown LlamaConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+# Named shapes. The seed models' shapes come from their published config files; the test
+# tests/test_model.py checks the parameter counts against the published ones.
+PRESETS = {
+    # TeenyTinyLlama-160m (Corrêa et al. 2024, arXiv:2401.16640), hf: nicholasKluge/TeenyTinyLlama-160m
+    # config.json: LlamaForCausalLM, hidden 768, 12 layers, 12 heads (no GQA), intermediate 3072, silu,
+    # vocab 32000, 2048 context, untied. Model card: 162,417,408 parameters.
+    'ttl-160m': dict(vocab_size=32000, block_size=2048, n_layer=12, n_head=12, n_kv_head=12, n_embd=768,
+                     ffn_hidden=3072, activation='silu', rope_theta=10000.0, norm_eps=1e-5,
+                     tie_embeddings=False, bos_id=1, eos_id=2, pad_id=3),
+    # TeenyTinyLlama-460m, hf: nicholasKluge/TeenyTinyLlama-460m: hidden 1024, 24 layers, 16 heads,
+    # intermediate 4096, silu, vocab 32000, 2048 context, untied. Model card: 468,239,360 parameters.
+    'ttl-460m': dict(vocab_size=32000, block_size=2048, n_layer=24, n_head=16, n_kv_head=16, n_embd=1024,
+                     ffn_hidden=4096, activation='silu', rope_theta=10000.0, norm_eps=1e-5,
+                     tie_embeddings=False, bos_id=1, eos_id=2, pad_id=3),
+    # cucafera 244M (hf: pauhidalgoo/cucafera; code github.com/pauhidalgoo/cucafera src/model.py): 30 layers,
+    # width 768, 8 query / 4 kv heads, GeGLU with tanh gelu, intermediate 2048, BPE vocab 65536, 2048 context,
+    # rope_theta 500000, tied embeddings. The card rounds to "244M"; this shape has 245,020,416.
+    # cucafera alternates sliding-window (1024) and full attention layers; mirim uses full attention in all.
+    'cucafera-244m': dict(vocab_size=65536, block_size=2048, n_layer=30, n_head=8, n_kv_head=4, n_embd=768,
+                          ffn_hidden=2048, activation='gelu_tanh', rope_theta=500000.0, norm_eps=1e-5,
+                          tie_embeddings=True, bos_id=1, eos_id=2, pad_id=3),
+    # Small shapes for laptops, CPU demos and tests (TinyStories-style sizes).
+    'demo': dict(vocab_size=4096, block_size=256, n_layer=4, n_head=8, n_kv_head=4, n_embd=256,
+                 ffn_hidden=688, activation='gelu_tanh', tie_embeddings=True),
+    'tiny': dict(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                 ffn_hidden=172, activation='silu', tie_embeddings=True),
+    'stories-15m': dict(vocab_size=8192, block_size=512, n_layer=6, n_head=6, n_kv_head=6, n_embd=384,
+                        ffn_hidden=1024, activation='silu', tie_embeddings=True),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 (as HF does) so bf16/fp16 runs keep their precision here
+        return F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).type_as(x) * self.weight
+
+
+def rope_tables(head_size, length, theta):
+    """cos and sin of shape (length, head_size) in HF's rotate-half layout: each frequency appears
+    once in the first half of the head and once in the second."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, dtype=torch.float64) / head_size))
+    angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    half = x.size(-1) // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_size = config.n_head, config.n_kv_head, config.head_size
+        self.wqkv = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_size, bias=False)
+        self.wo = nn.Linear(config.n_head * config.head_size, config.n_embd, bias=False)
+        self.dropout = config.dropout
+        self.cache_k = self.cache_v = None  # filled by Llama.setup_cache for incremental decoding
+
+    def forward(self, x, cos, sin, mask=None, cache_pos=None):
+        B, T, _ = x.shape
+        q, k, v = self.wqkv(x).split([self.n_head * self.head_size, self.n_kv_head * self.head_size,
+                                      self.n_kv_head * self.head_size], dim=-1)
+        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)      # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)   # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache_pos is not None:
+            # write this step's keys/values into the preallocated cache, attend over everything so far
+            self.cache_k[:B, :, cache_pos:cache_pos + T] = k
+            self.cache_v[:B, :, cache_pos:cache_pos + T] = v
+            k, v = self.cache_k[:B, :, :cache_pos + T], self.cache_v[:B, :, :cache_pos + T]
+        gqa = self.n_kv_head != self.n_head
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache_pos is None,
+                                           dropout_p=self.dropout if self.training else 0.0, enable_gqa=gqa)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_size))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.w13 = nn.Linear(config.n_embd, 2 * config.ffn_hidden, bias=False)  # [gate; up]
+        self.w2 = nn.Linear(config.ffn_hidden, config.n_embd, bias=False)       # down
+        self.act = {'silu': F.silu, 'gelu': F.gelu,
+                    'gelu_tanh': lambda t: F.gelu(t, approximate='tanh')}[config.activation]
+
+    def forward(self, x):
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(self.act(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.feed_forward = FeedForward(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, mask=None, cache_pos=None):
+        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, mask, cache_pos))
+        return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
+
+
+class Llama(nn.Module):
+    def __init__(self, config, seed=None):
+        super().__init__()
+        if isinstance(config, dict):
+            config = LlamaConfig.from_dict(config)
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.output = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(config.head_size, config.block_size, config.rope_theta)
+        self.register_buffer('rope_cos', cos, persistent=False)
+        self.register_buffer('rope_sin', sin, persistent=False)
+        self.init_weights(seed)
+
+    @torch.no_grad()
+    def init_weights(self, seed=None):
+        # normal(0, 0.02) everywhere; the projections that write into the residual stream (wo, w2)
+        # get std 0.02/sqrt(2*n_layer) so the residual's variance does not grow with depth
+        # (GPT-2 paper, section 2.3; nanoGPT does the same)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith('norm.weight'):
+                p.fill_(1.0)
+            else:
+                std = residual_std if name.endswith(('wo.weight', 'w2.weight')) else 0.02
+                # draw on the CPU so a seed gives the same weights on every device
+                p.copy_(torch.empty(p.shape).normal_(0.0, std, generator=generator))
+
+    def num_params(self, non_embedding=True):
+        """Parameters counted once each (a tied head is the embedding). non_embedding leaves out the
+        token embedding table, as the scaling-law papers count model size."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_embeddings.weight.numel()
+        return n
+
+    def flops_per_token(self, context=None):
+        """Training FLOPs per token, counted as in the PaLM paper (appendix B) and nanoGPT: 6 per
+        matmul weight (forward + backward) plus 12 * n_layer * n_embd * context for attention
+        scores and values (the causal mask's skipped half is counted, as PaLM does)."""
+        cfg = self.config
+        matmul_params = self.num_params(non_embedding=True) + (cfg.vocab_size * cfg.n_embd if cfg.tie_embeddings else 0)
+        matmul_params -= sum(p.numel() for n, p in self.named_parameters() if n.endswith('norm.weight'))
+        context = context or cfg.block_size
+        return 6 * matmul_params + 12 * cfg.n_layer * cfg.n_head * cfg.head_size * context
+
+    def estimate_mfu(self, tokens_per_second, peak_flops, context=None):
+        """Model FLOPs utilisation: achieved training FLOP/s over the device's peak FLOP/s."""
+        return self.flops_per_token(context) * tokens_per_second / peak_flops
+
+    def configure_optimizer(self, weight_decay, learning_rate, betas, device_type, eps=1e-8):
+        # decay the matrices (embeddings, projections), not the norm gains
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=device_type == 'cuda')
+
+    def forward(self, idx, targets=None):
+        """idx (B, T) token ids. Returns (logits (B, T, vocab), loss): loss is the mean cross-entropy
+        over targets that are not -100 (masked fine-tuning), or None without targets."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds the model's block_size {self.config.block_size}")
+        x = self.dropout(self.tok_embeddings(idx))
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        logits = self.output(self.norm(x))
+        if targets is None:
+            return logits, None
+        # sum / count rather than mean, so a batch whose targets are all masked gives 0, not NaN
+        loss_sum = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                   ignore_index=-100, reduction='sum')
+        return logits, loss_sum / (targets != -100).sum().clamp(min=1)
+
+    # ------------------------------------------------------------------ inference with a KV cache
+
+    def setup_cache(self, batch_size, length, device=None, dtype=None):
+        """Preallocate each layer's key/value cache: (batch, n_kv_head, length, head_size)."""
+        cfg = self.config
+        device = device or self.output.weight.device
+        dtype = dtype or self.output.weight.dtype
+        for layer in self.layers:
+            shape = (batch_size, cfg.n_kv_head, length, cfg.head_size)
+            layer.attention.cache_k = torch.zeros(shape, device=device, dtype=dtype)
+            layer.attention.cache_v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def forward_cached(self, idx, cache_pos, left_pad=None, last_only=True):
+        """Run idx (B, T) at cache positions cache_pos..cache_pos+T-1, reading and extending the KV
+        cache. left_pad (B,) says how many pad tokens each row starts with (prompts of different
+        lengths are left-padded): those keys are masked out and the row's positions start after them.
+        Returns logits of the last position (B, vocab), or of all positions (B, T, vocab)."""
+        B, T = idx.shape
+        x = self.tok_embeddings(idx)
+        steps = torch.arange(cache_pos, cache_pos + T, device=idx.device)
+        if left_pad is None:
+            cos, sin = self.rope_cos[steps], self.rope_sin[steps]
+            # one new token sees the whole cache: no mask; a chunk needs the causal one
+            mask = None if T == 1 else (steps[:, None] >= torch.arange(cache_pos + T, device=idx.device))
+        else:
+            positions = (steps[None, :] - left_pad[:, None]).clamp(min=0)          # (B, T)
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+            keys = torch.arange(cache_pos + T, device=idx.device)
+            mask = (keys[None, None, :] <= steps[None, :, None]) & (keys[None, None, :] >= left_pad[:, None, None])
+            mask = mask[:, None]                                                   # (B, 1, T, keys)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache_pos)
+        x = self.norm(x[:, -1] if last_only else x)
+        return self.output(x)
+
+    @torch.no_grad()
+    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                        repetition_penalty=1.0, eos_id=None, generator=None, left_pad=None):
+        """Yield the next token of every row, (B,), one step at a time (sample.py streams these).
+        Rows that produced eos_id keep yielding eos_id; stops when all rows are done."""
+        B, T = idx.shape
+        block = self.config.block_size
+        if T + 1 > block:
+            raise ValueError(f"prompt of {T} tokens leaves no room in the context of {block}; crop it first")
+        length = min(block, T + max_new_tokens)
+        self.setup_cache(B, length, device=idx.device)
+        seen = idx.clone()
+        finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        logits = self.forward_cached(idx, 0, left_pad)
+        pos = T
+        for step in range(max_new_tokens):
+            next_token = sample_next(logits.float(), seen, temperature, top_k, top_p, repetition_penalty,
+                                     generator, left_pad)
+            if eos_id is not None:
+                next_token = torch.where(finished, torch.full_like(next_token, eos_id), next_token)
+                finished |= next_token == eos_id
+            yield next_token
+            seen = torch.cat([seen, next_token[:, None]], dim=1)
+            if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
+                break
+            if pos == length:
+                # the cache is full: keep the most recent half of the context and prefill it again
+                keep = block // 2
+                if left_pad is not None:
+                    left_pad = (left_pad - (seen.size(1) - keep)).clamp(min=0)
+                self.setup_cache(B, length, device=idx.device)
+                logits, pos = self.forward_cached(seen[:, -keep:], 0, left_pad), keep
+            else:
+                logits = self.forward_cached(next_token[:, None], pos, left_pad)
+                pos += 1
+        self.release_cache()
+
+    def release_cache(self):
+        for layer in self.layers:
+            layer.attention.cache_k = layer.attention.cache_v = None
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
+                 eos_id=None, generator=None, left_pad=None):
+        """Continue each row of idx (B, T). temperature 0 is greedy. Returns (B, T + new tokens);
+        with eos_id, rows that finished early are filled with eos_id. generator (a torch.Generator on
+        idx's device) makes sampling repeatable."""
+        new = list(self.generate_tokens(idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                                        eos_id, generator, left_pad))
+        return torch.cat([idx, torch.stack(new, dim=1)], dim=1) if new else idx
+
+
+def sample_next(logits, seen, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
+                generator=None, left_pad=None):
+    """Pick one token per row from logits (B, vocab).
+    repetition_penalty > 1 makes every token already in `seen` less likely, as in CTRL (Keskar et al.
+    2019) and HF: its logit is divided by the penalty when positive, multiplied when negative.
+    top_k keeps the k most likely tokens; top_p keeps the smallest set whose probability reaches p."""
+    if repetition_penalty != 1.0:
+        valid = torch.ones_like(seen, dtype=logits.dtype)
+        if left_pad is not None:  # pad tokens are not part of the text
+            valid = (torch.arange(seen.size(1), device=seen.device)[None] >= left_pad[:, None]).to(logits.dtype)
+        present = torch.zeros_like(logits).scatter_add_(1, seen, valid) > 0
+        penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        logits = torch.where(present, penalized, logits)
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float('-inf'))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token when the tokens before it already reach top_p (the most likely always stays)
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float('-inf'))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def config_from_preset(name, **overrides):
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return LlamaConfig(**{**PRESETS[name], **overrides})
+
+
+def load_model(path, device='cpu', dtype=None):
+    """Load a mirim checkpoint (a file, or an out_dir holding ckpt.pt) -> (model in eval mode,
+    tokenizer, checkpoint dict). The tokenizer is rebuilt from the checkpoint alone."""
+    import os
+    from tokenizer import load_tokenizer
+    if os.path.isdir(path):
+        path = os.path.join(path, 'ckpt.pt')
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}: train one first (python train.py config/...) "
+                                f"or point --out_dir at a directory holding ckpt.pt")
+    checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    model = Llama(LlamaConfig.from_dict(checkpoint['model_config']))
+    model.load_state_dict(checkpoint['model'])
+    model.to(device=device, dtype=dtype).eval()
+    return model, load_tokenizer(checkpoint['tokenizer']), checkpoint
