@@ -21,7 +21,6 @@ import os
 import warnings
 
 import numpy as np
-import torch
 
 MAGIC = 20251123
 VERSION = 1
@@ -297,6 +296,7 @@ def open_split(data_dir, split, vocab_size=None):
 
 def _to_batch(rows, mask_rows):
     """Stack block_size+1 windows into (x, y) int64 tensors; masked targets become -100."""
+    import torch  # here, not at the top: data/prepare.py uses this module and need not pay torch's 2 s import
     data = torch.from_numpy(np.stack(rows).astype(np.int64))
     x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
     if mask_rows is not None:

@@ -1,0 +1,498 @@
+"""
+Any corpus -> tokenized .bin shards + meta.json, ready for train.py.
+
+    python data/prepare.py --input corpus/ --tokenizer train:8192 --out data/mycorpus
+    python data/prepare.py --input 'dumps/*.jsonl.gz' --text_field text --tokenizer data/x/tokenizer.model --out data/y
+    python data/prepare.py --hf_dataset NAME --hf_split train --tokenizer tiktoken:gpt2 --out data/z
+
+Inputs: files, folders (searched recursively for .txt .md .jsonl .json, also gzipped), or globs.
+Documents, each written as <bos> text <eos>:
+  - JSONL (.jsonl, .json, .jsonl.gz): one document per record, its --text_field string.
+  - text: --doc_per block (default): blank-line-separated blocks (paragraphs, articles);
+    --doc_per line: every non-blank line; --doc_per file: a whole file.
+    Line ends are normalized to \\n; a UTF-8 byte-order mark is dropped.
+--tokenizer: 'bytes', 'tiktoken:NAME', a SentencePiece .model file, or train:VOCAB to train a
+SentencePiece tokenizer of VOCAB pieces on (a sample of at most --sample_bytes of) the input first.
+The tokenizer file is copied into --out, so the folder is self-contained.
+
+Validation split, by document and deterministic: documents are taken in groups of
+k = round(1 / val_fraction) in input order, and one document of each group, picked by a hash
+of (--seed, group), goes to val; in the first group it is document 0, so even a tiny corpus has a
+val split. That is val_fraction of the documents, spread over the whole corpus, without the
+aliasing that "every k-th document" has on inputs with a periodic structure.
+
+Bad input: no documents at all is an error and writes nothing. Invalid UTF-8 is decoded with
+U+FFFD replacement characters; JSONL lines that are not JSON, or records without a string
+--text_field, are skipped. Each of these is counted and reported at the end as one warning naming
+the first place it happened (and saved in meta.json under "warnings"); if every record lacks the
+field, that is the error. Shards are written under .tmp names and renamed when complete, and
+meta.json is written last, so an interrupted run leaves no data set that looks complete.
+
+The reusable core is prepare(documents, tokenizer, out_dir, ...); data/biblia/prepare.py calls it.
+"""
+
+import argparse
+import glob
+import gzip
+import hashlib
+import itertools
+import json
+import os
+import random
+import re
+import sys
+import time
+from collections import deque
+
+import numpy as np
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+from shards import ShardWriter, write_meta
+from tokenizer import load_tokenizer, train_sentencepiece, write_atomic
+
+TEXT_SUFFIXES = ('.txt', '.md', '.txt.gz', '.md.gz')
+JSONL_SUFFIXES = ('.jsonl', '.json', '.jsonl.gz', '.json.gz')
+SHARD_FILE = re.compile(r'(train|val)_\d{6}(\.mask)?\.bin(\.tmp)?$')
+
+
+class PrepareError(ValueError):
+    """Input that cannot be prepared; the message says what is wrong and what to do."""
+
+
+# -----------------------------------------------------------------------------
+# input problems: counted while streaming, reported once at the end
+
+def note(problems, kind, where):
+    if problems is not None:
+        count, first = problems.get(kind, (0, where))
+        problems[kind] = (count + 1, first)
+
+
+def describe_problems(problems):
+    what = {
+        'invalid_utf8': "line(s) with invalid UTF-8 were decoded with U+FFFD replacement characters",
+        'bad_json': "line(s) are not valid JSON (JSONL needs one JSON object per line) and were skipped",
+        'missing_field': "record(s) without the text field were skipped",
+        'empty': "empty document(s) were skipped",
+    }
+    return [f"{count:,} {what[kind]} (first: {first})" for kind, (count, first) in problems.items()]
+
+
+# -----------------------------------------------------------------------------
+# reading documents, lazily
+
+def expand_inputs(patterns):
+    """Files, folders and globs -> a sorted, de-duplicated list of files to read."""
+    paths = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+        if not matches or not all(os.path.exists(m) for m in matches):
+            raise PrepareError(f"input not found: {pattern}")
+        for match in matches:
+            if os.path.isdir(match):
+                found = sorted(os.path.join(root, name) for root, dirs, names in os.walk(match) for name in names
+                               if name.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES) and not name.startswith('.'))
+                if not found:
+                    raise PrepareError(f"folder {match} holds no input files "
+                                       f"({' '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)})")
+                paths.extend(found)
+            else:
+                paths.append(match)
+    return list(dict.fromkeys(paths))
+
+
+def open_binary(path):
+    return gzip.open(path, 'rb') if path.endswith('.gz') else open(path, 'rb')
+
+
+def decoded_lines(path, problems):
+    """(line number, text without its line end) for each line; invalid UTF-8 is replaced and counted."""
+    with open_binary(path) as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode('utf-8')
+            except UnicodeDecodeError:
+                line = raw.decode('utf-8', errors='replace')
+                note(problems, 'invalid_utf8', f"{path}:{number}")
+            if number == 1 and line.startswith('\ufeff'):
+                line = line[1:]
+            yield number, line.rstrip('\r\n')
+
+
+def read_text_file(path, doc_per='block', problems=None):
+    if doc_per == 'file':
+        text = '\n'.join(line for _, line in decoded_lines(path, problems))
+        if text.strip():
+            yield text
+        else:
+            note(problems, 'empty', path)
+        return
+    block = []
+    for _, line in decoded_lines(path, problems):
+        if doc_per == 'line':
+            if line.strip():
+                yield line
+        elif line.strip():
+            block.append(line)
+        elif block:  # a blank line ends a block
+            yield '\n'.join(block)
+            block = []
+    if block:
+        yield '\n'.join(block)
+
+
+def document_from_record(record, text_field, where, problems):
+    """A record's text, or None (counted) when it has no string text_field."""
+    text = record.get(text_field) if isinstance(record, dict) else None
+    if not isinstance(text, str):
+        fields = ', '.join(map(str, record)) if isinstance(record, dict) else f"none, it is a {type(record).__name__}"
+        note(problems, 'missing_field', f"{where} has no string field '{text_field}'; its fields: {fields}")
+        return None
+    try:
+        text.encode('utf-8')
+    except UnicodeEncodeError:  # lone surrogates from JSON escapes such as "\ud800"
+        text = text.encode('utf-8', errors='replace').decode('utf-8')
+        note(problems, 'invalid_utf8', where)
+    if not text.strip():
+        note(problems, 'empty', where)
+        return None
+    return text
+
+
+def read_jsonl_file(path, text_field='text', problems=None):
+    for number, line in decoded_lines(path, problems):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            note(problems, 'bad_json', f"{path}:{number}")
+            continue
+        text = document_from_record(record, text_field, f"{path}:{number}", problems)
+        if text is not None:
+            yield text
+
+
+def read_documents(paths, doc_per='block', text_field='text', problems=None):
+    """Every document of every file, in order, one at a time."""
+    for path in paths:
+        if path.endswith(JSONL_SUFFIXES):
+            yield from read_jsonl_file(path, text_field, problems)
+        else:
+            yield from read_text_file(path, doc_per, problems)
+
+
+def read_hf_dataset(name, split='train', text_field='text', problems=None):
+    """Stream a Hugging Face dataset; any failure is one line that points to local files."""
+    local = "save the data as .jsonl or .txt files where there is internet and pass them with --input"
+    try:
+        import datasets
+    except ImportError:
+        raise PrepareError(f"--hf_dataset needs the `datasets` package, which is not installed "
+                           f"(pip install datasets); or {local}") from None
+    try:
+        for number, record in enumerate(datasets.load_dataset(name, split=split, streaming=True), 1):
+            text = document_from_record(record, text_field, f"{name}[{split}] record {number}", problems)
+            if text is not None:
+                yield text
+    except PrepareError:
+        raise
+    except Exception as e:  # offline, unknown name, no such split, ...
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ''
+        raise PrepareError(f"could not read Hugging Face dataset {name!r} split {split!r} "
+                           f"({type(e).__name__}: {reason}); the hub may be unreachable; {local}") from None
+
+
+def no_documents_error(source, problems):
+    if not problems:
+        return PrepareError(f"no documents in {source}: the input is empty")
+    message = f"no documents in {source}: " + '; '.join(describe_problems(problems))
+    if 'missing_field' in problems:
+        message += "; name the field that holds the text with --text_field"
+    return PrepareError(message)
+
+
+# -----------------------------------------------------------------------------
+# train / val split
+
+def is_val_document(index, val_fraction, seed=1337):
+    """One document in each group of round(1/val_fraction) goes to val (document 0 in the first group)."""
+    if val_fraction <= 0:
+        return False
+    group_size = max(2, round(1 / val_fraction))
+    group, position = divmod(index, group_size)
+    if group == 0:
+        return position == 0
+    digest = hashlib.blake2b(f"{seed}:{group}".encode(), digest_size=8).digest()
+    return position == int.from_bytes(digest, 'little') % group_size
+
+
+# -----------------------------------------------------------------------------
+# tokenizing in worker processes
+
+_worker_tokenizer = None
+
+
+def _init_worker(description):
+    global _worker_tokenizer
+    _worker_tokenizer = load_tokenizer(description)  # each worker builds its own from the plain description
+
+
+def tokenize_chunk(chunk, tokenizer=None, dtype=np.uint32):
+    """[(split, text), ...] -> {split: (tokens as one array, documents, UTF-8 bytes)}, documents in order."""
+    tokenizer = tokenizer or _worker_tokenizer
+    ids = tokenizer.encode_batch([text for _, text in chunk], bos=True, eos=True)
+    out = {}
+    for split in ('train', 'val'):
+        picked = [i for i, (s, _) in enumerate(chunk) if s == split]
+        if picked:
+            count = sum(len(ids[i]) for i in picked)
+            tokens = np.fromiter(itertools.chain.from_iterable(ids[i] for i in picked), dtype=dtype, count=count)
+            text_bytes = sum(len(chunk[i][1].encode('utf-8')) for i in picked)
+            out[split] = (tokens, len(picked), text_bytes)
+    return out
+
+
+def chunked(labelled, chunk_chars):
+    """Group (split, text) pairs into lists of about chunk_chars characters: one task for a worker."""
+    chunk, size = [], 0
+    for item in labelled:
+        chunk.append(item)
+        size += len(item[1])
+        if size >= chunk_chars:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def ordered_map(pool, function, arguments, ahead):
+    """pool.imap, but reading at most `ahead` tasks ahead (imap reads its whole input at once)."""
+    pending = deque()
+    for args in arguments:
+        pending.append(pool.apply_async(function, args))
+        if len(pending) >= ahead:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+# -----------------------------------------------------------------------------
+# the core: documents -> shards + meta.json
+
+def tokenizer_meta(tokenizer, out_dir):
+    """The meta.json form of the tokenizer: to_dict() without bytes; its file is copied into out_dir."""
+    description = tokenizer.to_dict()
+    files = {'model_proto': 'tokenizer.model', 'ranks': 'tokenizer.tiktoken'}
+    for field, name in files.items():
+        if isinstance(description.get(field), bytes):
+            path = os.path.join(out_dir, name)
+            if not os.path.exists(path) or read_bytes(path) != description[field]:
+                write_atomic(path, description[field])
+            description['path'] = name  # relative to the data folder
+    return {k: v for k, v in description.items() if not isinstance(v, bytes)}
+
+
+def read_bytes(path):
+    with open(path, 'rb') as f:
+        return f.read()
+
+
+def remove_stale_shards(out_dir, keep):
+    for name in os.listdir(out_dir):
+        if SHARD_FILE.match(name) and name not in keep:
+            os.remove(os.path.join(out_dir, name))
+
+
+def prepare(documents, tokenizer, out_dir, val_fraction=0.005, shard_tokens=100_000_000, num_proc=1,
+            seed=1337, val_documents=None, problems=None, source='the input', extra_meta=None,
+            progress_total=None, chunk_chars=1 << 19):
+    """
+    Tokenize documents (any iterable of strings, read lazily) into out_dir: train_*.bin, val_*.bin,
+    the tokenizer file, and meta.json (written last). Returns the meta dict.
+
+    tokenizer: a Tokenizer or a spec for load_tokenizer. Split: by val_fraction (see is_val_document),
+    or, when val_documents is given, `documents` all go to train and `val_documents` all to val
+    (data/biblia holds out whole books this way). The output does not depend on num_proc.
+    problems: the dict the readers count input problems in; they become warnings at the end.
+    Raises PrepareError, before writing anything, if there is no non-empty document.
+    """
+    t0 = time.time()
+    tokenizer = load_tokenizer(tokenizer)
+    if not 0 <= val_fraction < 1:
+        raise PrepareError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    documents = (text for text in documents if text.strip())  # readers count the empty ones
+    if val_documents is None:
+        labelled = (('val' if is_val_document(i, val_fraction, seed) else 'train', text)
+                    for i, text in enumerate(documents))
+    else:
+        val_documents = (text for text in val_documents if text.strip())
+        labelled = itertools.chain((('train', text) for text in documents), (('val', text) for text in val_documents))
+    chunks = chunked(labelled, chunk_chars)
+    first = next(chunks, None)  # peek: no documents -> nothing touched on disk
+    if first is None:
+        raise no_documents_error(source, problems)
+
+    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(os.path.join(out_dir, 'meta.json')):
+        os.remove(os.path.join(out_dir, 'meta.json'))  # the old data set is being replaced: not valid until done
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+    writers = {split: ShardWriter(out_dir, split, tokenizer.vocab_size, shard_tokens) for split in ('train', 'val')}
+    counts = {split: {'tokens': 0, 'bytes': 0, 'documents': 0} for split in writers}
+    bar = tqdm(total=progress_total, unit='B', unit_scale=True, desc=f"tokenizing -> {out_dir}")
+    pool = None
+    try:
+        tasks = itertools.chain([first], chunks)
+        if num_proc > 1:
+            import multiprocessing
+            pool = multiprocessing.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer.to_dict(),))
+            results = ordered_map(pool, tokenize_chunk, ((chunk, None, dtype) for chunk in tasks), ahead=4 * num_proc)
+        else:
+            results = (tokenize_chunk(chunk, tokenizer, dtype) for chunk in tasks)
+        for result in results:
+            for split, (tokens, documents_in_chunk, text_bytes) in result.items():
+                writers[split].write(tokens)
+                counts[split]['tokens'] += len(tokens)
+                counts[split]['documents'] += documents_in_chunk
+                counts[split]['bytes'] += text_bytes
+                bar.update(text_bytes)
+            bar.set_postfix(tokens=f"{counts['train']['tokens'] + counts['val']['tokens']:,}", refresh=False)
+        if progress_total:
+            bar.update(max(0, progress_total - bar.n))  # the bar counts text bytes, the total file bytes
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+    names = {split: writer.close() for split, writer in writers.items()}
+    seconds = time.time() - t0
+    if counts['train']['documents'] == 0:
+        remove_stale_shards(out_dir, keep=())
+        raise PrepareError(f"all {counts['val']['documents']} document(s) of {source} went to val, none to train: "
+                           f"give more documents (e.g. --doc_per line) or a smaller --val_fraction")
+    remove_stale_shards(out_dir, keep=set(names['train'] + names['val']))
+
+    warnings_found = describe_problems(problems or {})
+    meta = {
+        'tokenizer': tokenizer_meta(tokenizer, out_dir),
+        'vocab_size': tokenizer.vocab_size,
+        'bos_id': tokenizer.bos_id,
+        'eos_id': tokenizer.eos_id,
+        'pad_id': tokenizer.pad_id,
+        'special_tokens': tokenizer.special_tokens,
+        'chat_template': tokenizer.chat_template,
+        'splits': {split: {**counts[split], 'shards': names[split]} for split in writers},
+        'source': source,
+        'val_fraction': val_fraction if val_documents is None else None,
+        'seed': seed,
+        'shard_tokens': shard_tokens,
+        'warnings': warnings_found,
+        **(extra_meta or {}),
+    }
+    write_meta(out_dir, meta)
+    total_bytes = counts['train']['bytes'] + counts['val']['bytes']
+    total_tokens = counts['train']['tokens'] + counts['val']['tokens']
+    for split, c in counts.items():
+        print(f"{split}: {c['documents']:,} documents, {c['tokens']:,} tokens, {c['bytes']:,} bytes "
+              f"({c['bytes'] / max(c['tokens'], 1):.2f} bytes/token), {len(names[split])} shard(s)")
+    print(f"wrote {out_dir} in {seconds:.1f}s: {total_bytes / 1e6 / max(seconds, 1e-9):.2f} MB/s of text, "
+          f"{total_tokens / max(seconds, 1e-9):,.0f} tokens/s with {num_proc} process(es)")
+    for line in warnings_found:
+        print(f"warning: {line}", file=sys.stderr)
+    return meta
+
+
+# -----------------------------------------------------------------------------
+# training a tokenizer on the input first (--tokenizer train:VOCAB)
+
+def sample_documents(documents, max_bytes, total_bytes=None, seed=1337):
+    """At most about max_bytes of documents, spread over the whole input when its size is known."""
+    keep = 1.0 if not total_bytes else min(1.0, max_bytes / total_bytes)
+    rng = random.Random(seed)
+    taken = 0
+    for text in documents:
+        if rng.random() < keep:
+            taken += len(text)
+            yield text
+            if taken >= max_bytes:
+                return
+
+
+def train_tokenizer_on_input(read, vocab_size, out_dir, sample_bytes, total_bytes, seed, source):
+    """read() -> a fresh document iterator. Trains SentencePiece on a sample; writes out_dir/tokenizer.model."""
+    problems = {}
+    sample = sample_documents(read(problems), sample_bytes, total_bytes, seed)
+    first = next(sample, None)
+    if first is None:
+        raise no_documents_error(source, problems)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, 'tokenizer.model')
+    print(f"training a {vocab_size:,}-piece SentencePiece tokenizer on at most {sample_bytes / 1e6:.0f} MB of the input")
+    t0 = time.time()
+    try:
+        tokenizer = train_sentencepiece(itertools.chain([first], sample), path, vocab_size=vocab_size)
+    except RuntimeError as e:  # e.g. "Vocabulary size too high" on a small corpus
+        raise PrepareError(f"SentencePiece could not train a {vocab_size}-piece tokenizer on this input "
+                           f"({str(e).strip().splitlines()[-1]}); choose another train:VOCAB") from None
+    print(f"wrote {path} in {time.time() - t0:.1f}s")
+    return tokenizer
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Tokenize a corpus into .bin shards + meta.json (see the top of this file).")
+    parser.add_argument('--input', nargs='+', help="text/JSONL files, folders or globs")
+    parser.add_argument('--hf_dataset', help="a Hugging Face dataset name (needs `datasets` and the hub)")
+    parser.add_argument('--hf_split', default='train')
+    parser.add_argument('--text_field', default='text', help="the JSONL / dataset field holding the text")
+    parser.add_argument('--doc_per', choices=['block', 'line', 'file'], default='block',
+                        help="text files: a document per blank-line-separated block, per line, or per file")
+    parser.add_argument('--tokenizer', required=True, help="bytes | tiktoken:NAME | path/to/tokenizer.model | train:VOCAB")
+    parser.add_argument('--out', required=True, help="the data folder to write, e.g. data/mycorpus")
+    parser.add_argument('--val_fraction', type=float, default=0.005)
+    parser.add_argument('--shard_tokens', type=int, default=100_000_000)
+    parser.add_argument('--num_proc', type=int, default=max(1, min(8, os.cpu_count() or 1)))
+    parser.add_argument('--seed', type=int, default=1337)
+    parser.add_argument('--sample_bytes', type=int, default=200_000_000, help="train:VOCAB trains on at most this much text")
+    args = parser.parse_args(argv)
+    if bool(args.input) == bool(args.hf_dataset):
+        parser.error("give either --input or --hf_dataset")
+
+    try:
+        if args.input:
+            paths = expand_inputs(args.input)
+            source = ' '.join(args.input)
+            total_bytes = sum(os.path.getsize(p) for p in paths)
+            progress_total = total_bytes if not any(p.endswith(('.gz',) + JSONL_SUFFIXES) for p in paths) else None
+            def read(problems):
+                return read_documents(paths, args.doc_per, args.text_field, problems)
+        else:
+            source, total_bytes, progress_total = f"hf:{args.hf_dataset}[{args.hf_split}]", None, None
+            def read(problems):
+                return read_hf_dataset(args.hf_dataset, args.hf_split, args.text_field, problems)
+
+        if args.tokenizer.startswith('train:'):
+            try:
+                vocab_size = int(args.tokenizer[len('train:'):])
+            except ValueError:
+                parser.error(f"--tokenizer {args.tokenizer}: expected train:VOCAB with VOCAB a number, e.g. train:8192")
+            tokenizer = train_tokenizer_on_input(read, vocab_size, args.out, args.sample_bytes, total_bytes,
+                                                 args.seed, source)
+        else:
+            tokenizer = load_tokenizer(args.tokenizer)
+
+        problems = {}
+        prepare(read(problems), tokenizer, args.out, val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
+                num_proc=args.num_proc, seed=args.seed, problems=problems, source=source,
+                progress_total=progress_total, extra_meta={'text_field': args.text_field, 'doc_per': args.doc_per})
+    except (PrepareError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == '__main__':
+    main()
