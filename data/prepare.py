@@ -37,6 +37,7 @@ import gzip
 import hashlib
 import itertools
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -241,8 +242,11 @@ def _init_worker(description):
 
 def tokenize_chunk(chunk, tokenizer=None, dtype=np.uint32):
     """[(split, text), ...] -> {split: (tokens as one array, documents, UTF-8 bytes)}, documents in order."""
-    tokenizer = tokenizer or _worker_tokenizer
-    ids = tokenizer.encode_batch([text for _, text in chunk], bos=True, eos=True)
+    texts = [text for _, text in chunk]
+    if tokenizer is None:  # in a worker: one thread per process, so num_proc processes use num_proc cores
+        ids = [_worker_tokenizer.encode(text, bos=True, eos=True) for text in texts]
+    else:  # one process: encode_batch spreads SentencePiece / tiktoken over threads itself
+        ids = tokenizer.encode_batch(texts, bos=True, eos=True)
     out = {}
     for split in ('train', 'val'):
         picked = [i for i, (s, _) in enumerate(chunk) if s == split]
@@ -340,13 +344,13 @@ def prepare(documents, tokenizer, out_dir, val_fraction=0.005, shard_tokens=100_
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
     writers = {split: ShardWriter(out_dir, split, tokenizer.vocab_size, shard_tokens) for split in ('train', 'val')}
     counts = {split: {'tokens': 0, 'bytes': 0, 'documents': 0} for split in writers}
-    bar = tqdm(total=progress_total, unit='B', unit_scale=True, desc=f"tokenizing -> {out_dir}")
     pool = None
+    if num_proc > 1:  # started before the progress bar's thread exists: forking a threaded process is fragile
+        pool = multiprocessing.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer.to_dict(),))
+    bar = tqdm(total=progress_total, unit='B', unit_scale=True, desc=f"tokenizing -> {out_dir}")
     try:
         tasks = itertools.chain([first], chunks)
-        if num_proc > 1:
-            import multiprocessing
-            pool = multiprocessing.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer.to_dict(),))
+        if pool is not None:
             results = ordered_map(pool, tokenize_chunk, ((chunk, None, dtype) for chunk in tasks), ahead=4 * num_proc)
         else:
             results = (tokenize_chunk(chunk, tokenizer, dtype) for chunk in tasks)
@@ -416,7 +420,7 @@ def sample_documents(documents, max_bytes, total_bytes=None, seed=1337):
     taken = 0
     for text in documents:
         if rng.random() < keep:
-            taken += len(text)
+            taken += len(text.encode('utf-8'))
             yield text
             if taken >= max_bytes:
                 return
