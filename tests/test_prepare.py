@@ -1,3 +1,4 @@
+import base64
 import gzip
 import json
 import os
@@ -36,11 +37,12 @@ def documents_in_split(data_dir, split):
                              for n in meta['splits'][split]['shards']]).tolist()
     tokenizer = load_tokenizer(meta['tokenizer'], base_dir=data_dir)
     documents, start = [], None
-    for i, t in enumerate(tokens):
-        if t == meta['bos_id']:
+    for i, t in enumerate(tokens):  # (tiktoken's <bos> and <eos> are the same id)
+        if start is None and t == meta['bos_id']:
             start = i + 1
-        elif t == meta['eos_id']:
+        elif start is not None and t == meta['eos_id']:
             documents.append(tokenizer.decode(tokens[start:i]))
+            start = None
     return documents
 
 
@@ -70,6 +72,16 @@ def test_sentencepiece_round_trip_text_to_shards_to_text(tmp_path, sentencepiece
     train, val = expected_split(DOCUMENTS, 0.25)
     assert documents_in_split(str(tmp_path), 'train') == train
     assert documents_in_split(str(tmp_path), 'val') == val
+
+
+def test_tiktoken_ranks_file_round_trip_text_to_shards_to_text(tmp_path):
+    ranks = [bytes([b]) for b in range(256)] + [b'ra', b'de', b' ra']
+    (tmp_path / 'tiny.tiktoken').write_bytes(b''.join(base64.b64encode(t) + b' %d\n' % i for i, t in enumerate(ranks)))
+    meta = prepare(DOCUMENTS, 'tiktoken:' + str(tmp_path / 'tiny.tiktoken'), str(tmp_path / 'data'), val_fraction=0.25)
+    train, val = expected_split(DOCUMENTS, 0.25)
+    assert meta['tokenizer']['path'] == 'tokenizer.tiktoken'
+    assert documents_in_split(str(tmp_path / 'data'), 'train') == train
+    assert documents_in_split(str(tmp_path / 'data'), 'val') == val
 
 
 def test_tokenizer_file_is_copied_into_the_data_folder(tmp_path, sentencepiece_model):
