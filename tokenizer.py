@@ -284,7 +284,7 @@ def train_sentencepiece(input_paths_or_iter, out_path, vocab_size=8192, model_ty
     if model_type not in ('bpe', 'unigram'):
         raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
     if isinstance(input_paths_or_iter, (str, os.PathLike, list, tuple)):
-        documents = read_lines(expand_paths(input_paths_or_iter))
+        documents = read_blocks(expand_paths(input_paths_or_iter))
     else:
         documents = input_paths_or_iter
     sentences = training_sentences(documents, max_sentence_length)
@@ -313,14 +313,42 @@ def train_sentencepiece(input_paths_or_iter, out_path, vocab_size=8192, model_ty
 
 
 def training_sentences(documents, max_bytes=4192):
-    """Documents -> non-empty lines, each short enough for SentencePiece, which silently skips
-    sentences longer than max_sentence_length bytes (so one-line documents would be lost)."""
-    max_chars = max_bytes // 4  # a UTF-8 character is at most 4 bytes
+    """Documents -> pieces of at most max_bytes (SentencePiece silently skips longer sentences),
+    cut at line ends where possible. Lines stay together with their newlines, as they will be
+    encoded: a tokenizer trained on single lines never learns pieces such as '.\n', and costs
+    ~5% more tokens on Bible chapters."""
+    max_chars = max_bytes // 4  # a UTF-8 character is at most 4 bytes: a cut by characters is safe
     for document in documents:
+        lines, size = [], 0
         for line in document.split('\n'):
-            if line.strip():
-                for start in range(0, len(line), max_chars):
-                    yield line[start:start + max_chars]
+            line_bytes = len(line.encode('utf-8')) + 1
+            if lines and size + line_bytes > max_bytes:
+                yield '\n'.join(lines)
+                lines, size = [], 0
+            if line_bytes > max_bytes:  # one very long line: cut it by characters
+                yield from (line[start:start + max_chars] for start in range(0, len(line), max_chars))
+            else:
+                lines.append(line)
+                size += line_bytes
+        if lines and '\n'.join(lines).strip():
+            yield '\n'.join(lines)
+
+
+def read_blocks(paths, max_chars=1 << 20):
+    """Text files -> blank-line-separated blocks (paragraphs), streaming, each at most ~max_chars."""
+    for path in paths:
+        block = []
+        size = 0
+        with open(path, encoding='utf-8', errors='replace') as f:
+            for line in f:
+                if line.strip():
+                    block.append(line.rstrip('\n'))
+                    size += len(line)
+                if block and (not line.strip() or size >= max_chars):
+                    yield '\n'.join(block)
+                    block, size = [], 0
+        if block:
+            yield '\n'.join(block)
 
 
 def expand_paths(patterns):
@@ -335,12 +363,6 @@ def expand_paths(patterns):
                                     f"pass an iterator such as iter(texts))")
         paths.extend(matches)
     return paths
-
-
-def read_lines(paths):
-    for path in paths:
-        with open(path, encoding='utf-8', errors='replace') as f:
-            yield from f
 
 
 def write_atomic(path, data):
@@ -383,7 +405,7 @@ def compare_with_bytes(tok, texts):
     texts = list(texts)
     s = tokenizer_stats(tok, texts)
     b = tokenizer_stats('bytes', texts)
-    return [f"held-out text: {s['documents']:,} lines, {s['bytes']:,} bytes, {s['words']:,} words",
+    return [f"held-out text: {s['documents']:,} texts, {s['bytes']:,} bytes, {s['words']:,} words",
             f"  {tok.kind:<13} {s['tokens']:>11,} tokens  {s['bytes_per_token']:5.2f} bytes/token  "
             f"{s['tokens_per_word']:5.2f} tokens/word  {s['unknown_tokens']} unknown",
             f"  {'bytes':<13} {b['tokens']:>11,} tokens  {b['bytes_per_token']:5.2f} bytes/token  "
@@ -393,37 +415,37 @@ def compare_with_bytes(tok, texts):
 
 def main():
     parser = argparse.ArgumentParser(description="Train a SentencePiece tokenizer (byte fallback, split digits).")
-    parser.add_argument('--input', nargs='+', required=True, help="text files or globs, one sentence per line")
+    parser.add_argument('--input', nargs='+', required=True, help="text files or globs (paragraphs: blank-line-separated blocks)")
     parser.add_argument('--out', required=True, help="output .model path, e.g. data/x/tokenizer.model")
     parser.add_argument('--vocab_size', type=int, default=8192)
     parser.add_argument('--model_type', choices=['bpe', 'unigram'], default='bpe')
     parser.add_argument('--special_tokens', nargs='*', default=list(DEFAULT_SPECIAL_TOKENS))
     parser.add_argument('--character_coverage', type=float, default=0.9995)
-    parser.add_argument('--input_sentence_size', type=int, default=2_000_000, help="lines sampled for training")
+    parser.add_argument('--input_sentence_size', type=int, default=2_000_000, help="pieces (lines or line groups) sampled for training")
     parser.add_argument('--num_threads', type=int, default=os.cpu_count())
-    parser.add_argument('--held_out_every', type=int, default=100, help="every Nth line is held out for stats")
-    parser.add_argument('--max_held_out', type=int, default=20_000, help="at most this many held-out lines")
+    parser.add_argument('--held_out_every', type=int, default=100, help="every Nth block is held out for the stats")
+    parser.add_argument('--max_held_out', type=int, default=20_000, help="at most this many held-out blocks")
     parser.add_argument('--verbose', action='store_true', help="show SentencePiece's own log")
     args = parser.parse_args()
 
     from tqdm import tqdm
     held_out = []
 
-    def lines_for_training():  # every Nth line goes to held_out instead of training
-        for n, line in enumerate(tqdm(read_lines(expand_paths(args.input)), desc='reading', unit=' lines')):
+    def blocks_for_training():  # every Nth block goes to held_out instead of training
+        blocks = tqdm(read_blocks(expand_paths(args.input)), desc='reading', unit=' blocks')
+        for n, block in enumerate(blocks):
             if n % args.held_out_every == args.held_out_every - 1 and len(held_out) < args.max_held_out:
-                held_out.append(line.rstrip('\n'))
+                held_out.append(block)
             else:
-                yield line
+                yield block
 
     t0 = time.time()
-    tok = train_sentencepiece(lines_for_training(), args.out, vocab_size=args.vocab_size,
+    tok = train_sentencepiece(blocks_for_training(), args.out, vocab_size=args.vocab_size,
                               model_type=args.model_type, special_tokens=args.special_tokens,
                               character_coverage=args.character_coverage,
                               input_sentence_size=args.input_sentence_size, num_threads=args.num_threads,
                               verbose=args.verbose)
     print(f"wrote {args.out} ({tok.vocab_size:,} pieces, {args.model_type}) in {time.time() - t0:.1f}s")
-    held_out = [line for line in held_out if line.strip()]
     if held_out:
         print('\n'.join(compare_with_bytes(tok, held_out)))
 

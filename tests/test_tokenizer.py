@@ -175,9 +175,13 @@ def test_missing_input_file_is_named(tmp_path):
 
 
 def test_long_lines_are_cut_below_sentencepiece_limit():
-    sentences = list(training_sentences(['x' * 5000 + '\n\nshort'], max_bytes=4192))
+    sentences = list(training_sentences(['x' * 5000 + '\nshort'], max_bytes=4192))
     assert all(len(s.encode()) <= 4192 for s in sentences)
     assert ''.join(sentences) == 'x' * 5000 + 'short'
+
+
+def test_training_keeps_the_lines_of_a_document_together():
+    assert list(training_sentences(['E disse:\nHaja luz.\n'])) == ['E disse:\nHaja luz.\n']
 
 
 def test_stats_of_bytes_tokenizer_are_one_byte_per_token():
@@ -187,7 +191,7 @@ def test_stats_of_bytes_tokenizer_are_one_byte_per_token():
 
 
 def test_command_line_trains_and_prints_held_out_comparison(tmp_path):
-    (tmp_path / 'corpus.txt').write_text('\n'.join(training_text()), encoding='utf-8')
+    (tmp_path / 'corpus.txt').write_text('\n\n'.join(training_text()), encoding='utf-8')
     root = os.path.join(os.path.dirname(__file__), '..')
     result = subprocess.run([sys.executable, os.path.join(root, 'tokenizer.py'), '--input', str(tmp_path / '*.txt'),
                              '--vocab_size', '400', '--out', str(tmp_path / 'x' / 'tokenizer.model')],
