@@ -1,0 +1,162 @@
+"""
+Chat templates: how a conversation becomes one token sequence, for chat fine-tuning
+(data/prepare_chat.py) and for chatting with the result (sample.py --chat).
+
+A template is plain data (it travels in the checkpoint as tokenizer.chat_template): one string
+per role with a {content} slot, the text that asks the model for a reply (generation_prompt),
+and the marker that ends a reply (stop). '{eos}' stands for the tokenizer's end-of-text token,
+which no text can spell (a SentencePiece '</s>' typed in text is four characters, not a token).
+
+    messages = [{'role': 'user', 'content': 'Oi!'}, {'role': 'assistant', 'content': 'Olá!'}]
+    render_chat(messages, CHAT_TEMPLATES['chatml'])   # -> the text, for reading
+    ids, mask = chat_ids(messages, 'chatml', tok)      # -> tokens, and which ones to train on
+"""
+
+CHAT_TEMPLATES = {
+    # ChatML (OpenAI's format, used by cucafera and most small chat models). Its two markers are
+    # tokenizer.py's default special tokens, so they are single tokens in every mirim tokenizer.
+    'chatml': {
+        'name': 'chatml',
+        'system': '<|im_start|>system\n{content}<|im_end|>\n',
+        'user': '<|im_start|>user\n{content}<|im_end|>\n',
+        'assistant': '<|im_start|>assistant\n{content}<|im_end|>\n',
+        'generation_prompt': '<|im_start|>assistant\n',
+        'stop': '<|im_end|>',
+    },
+    # TeenyTinyLlama-460m-Chat / Aira (Corrêa et al.): '<instruction>' + question + '</instruction>',
+    # then the answer and </s>; no system role; contents are stripped. Source: the model card's
+    # chat template, github.com/Nkluge-correa/TeenyTinyLlama cards/models/TeenyTinyLlama-460m-Chat.md
+    # (its tokenizer adds '<instruction>' and '</instruction>' as special tokens: vocab 32002).
+    'aira': {
+        'name': 'aira',
+        'system': None,
+        'user': '<instruction>{content}</instruction>',
+        'assistant': '{content}{eos}',
+        'generation_prompt': '',
+        'stop': '{eos}',
+        'strip': True,
+    },
+}
+
+ROLES = ('system', 'user', 'assistant')
+EOS = '{eos}'
+
+
+def get_template(template):
+    """A template dict from a name in CHAT_TEMPLATES or a dict (checked for the keys it needs)."""
+    if isinstance(template, str):
+        if template not in CHAT_TEMPLATES:
+            raise ValueError(f"unknown chat template {template!r}; known: {sorted(CHAT_TEMPLATES)}")
+        return CHAT_TEMPLATES[template]
+    if not isinstance(template, dict):
+        raise ValueError(f"a chat template is a name or a dict, got {type(template).__name__}")
+    missing = [k for k in ('user', 'assistant', 'generation_prompt', 'stop') if k not in template]
+    if missing:
+        raise ValueError(f"chat template {template.get('name', '?')!r} lacks {missing}")
+    for role in ROLES:
+        if template.get(role) is not None and template[role].count('{content}') != 1:
+            raise ValueError(f"chat template {template.get('name', '?')!r}: its {role!r} string needs "
+                             f"exactly one {{content}} slot")
+    if template['stop'] not in template['assistant']:
+        raise ValueError(f"chat template {template.get('name', '?')!r}: stop marker {template['stop']!r} "
+                         f"must end the assistant string {template['assistant']!r}")
+    return template
+
+
+def _split_eos(text, trained):
+    """'a{eos}b' -> [('a', t), (EOS, t), ('b', t)], dropping empty texts."""
+    pieces = []
+    for n, part in enumerate(text.split(EOS)):
+        if n:
+            pieces.append((EOS, trained))
+        if part:
+            pieces.append((part, trained))
+    return pieces
+
+
+def chat_pieces(messages, template, add_generation_prompt=False):
+    """The conversation as (text, trained) pieces in order; text EOS is the eos token. trained marks
+    what a fine-tune learns to produce: each assistant content and its stop marker."""
+    template = get_template(template)
+    name = template.get('name', '?')
+    pieces = []
+    for n, message in enumerate(messages):
+        role, content = message.get('role'), message.get('content')
+        if role not in ROLES or not isinstance(content, str):
+            raise ValueError(f"message {n} must be {{'role': one of {ROLES}, 'content': str}}, got {message!r}")
+        if template.get(role) is None:
+            raise ValueError(f"chat template {name!r} has no {role!r} role")
+        if role == 'system' and n > 0:
+            raise ValueError(f"message {n}: a system message can only come first")
+        if template.get('strip'):
+            content = content.strip()
+        prefix, suffix = template[role].split('{content}')
+        trained = role == 'assistant'
+        pieces += _split_eos(prefix, False)
+        pieces += [(content, trained)] if content else []
+        if trained:  # the reply's stop marker is trained too (so the model learns to stop), what follows is not
+            end = suffix.index(template['stop']) + len(template['stop'])
+            pieces += _split_eos(suffix[:end], True) + _split_eos(suffix[end:], False)
+        else:
+            pieces += _split_eos(suffix, False)
+    if add_generation_prompt:
+        pieces += _split_eos(template['generation_prompt'], False)
+    return pieces
+
+
+def render_chat(messages, template, add_generation_prompt=False, eos='</s>'):
+    """The conversation as text (eos written as the string `eos`), for reading and debugging."""
+    return ''.join(eos if text == EOS else text for text, _ in chat_pieces(messages, template, add_generation_prompt))
+
+
+def chat_ids(messages, template, tokenizer, add_generation_prompt=False):
+    """-> (ids, mask): <bos> then the conversation's tokens; mask[i] is 1 where token i is trained on
+    (assistant contents and their stop markers), 0 elsewhere, as in mask shards (shards.py).
+
+    The text between two eos tokens is encoded in one piece, exactly as at inference, because
+    encoding each piece apart differs: SentencePiece puts a '▁' before every separately encoded
+    string. Piece boundaries are found by encoding each prefix of that text."""
+    ids, mask = [tokenizer.bos_id], [0]
+    chunk = []
+
+    def flush():
+        text = ''.join(t for t, _ in chunk)
+        full = tokenizer.encode(text)
+        done, end = 0, 0
+        for n, (piece, trained) in enumerate(chunk):
+            end += len(piece)
+            upto = len(full) if n == len(chunk) - 1 else common_prefix(tokenizer.encode(text[:end]), full)
+            ids.extend(full[done:upto])
+            mask.extend([int(trained)] * (upto - done))
+            done = max(done, upto)
+        chunk.clear()
+
+    for text, trained in chat_pieces(messages, template, add_generation_prompt):
+        if text == EOS:
+            flush()
+            ids.append(tokenizer.eos_id)
+            mask.append(int(trained))
+        else:
+            chunk.append((text, trained))
+    flush()
+    return ids, mask
+
+
+def common_prefix(a, b):
+    n = 0
+    while n < len(a) and n < len(b) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def stop_id(template, tokenizer):
+    """The token that ends a reply under this template."""
+    template = get_template(template)
+    if template['stop'] == EOS:
+        return tokenizer.eos_id
+    token = tokenizer.token_to_id(template['stop'])
+    if token is None:
+        raise ValueError(f"the tokenizer has no single token for the chat template's stop marker "
+                         f"{template['stop']!r}: train the tokenizer with it as a special token "
+                         f"(tokenizer.py --special_tokens) or use another template")
+    return token
