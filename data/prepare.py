@@ -460,7 +460,9 @@ def main(argv=None):
     parser.add_argument('--out', required=True, help="the data folder to write, e.g. data/mycorpus")
     parser.add_argument('--val_fraction', type=float, default=0.005)
     parser.add_argument('--shard_tokens', type=int, default=100_000_000)
-    parser.add_argument('--num_proc', type=int, default=max(1, min(8, os.cpu_count() or 1)))
+    parser.add_argument('--num_proc', type=int, default=1,
+                        help="tokenizing processes, one thread each; with 1, SentencePiece and tiktoken already use "
+                             "threads. Worth raising for big corpora on many cores (the output does not change)")
     parser.add_argument('--seed', type=int, default=1337)
     parser.add_argument('--sample_bytes', type=int, default=200_000_000, help="train:VOCAB trains on at most this much text")
     args = parser.parse_args(argv)
