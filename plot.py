@@ -1,0 +1,125 @@
+"""
+Compare training runs by looking: one PNG with their train and val loss, val bits per byte and
+learning rate against tokens seen, read from the log.jsonl that train.py writes in each out_dir.
+
+    python plot.py out/biblia-pt out/biblia-pt-bf16            # -> runs.png
+    python plot.py out/a out/b/log.jsonl --output=compare.png --x=step
+
+Loss is per token, so runs with different tokenizers are compared on bits per byte (see eval.py).
+A key a log does not have is left out of that run's lines; a resumed run's repeated steps count
+once (the later lines win). Needs matplotlib (pip install matplotlib).
+"""
+import json
+import math
+import os
+import sys
+
+SERIES = [  # (panel title, [(log key, line style, label suffix)])
+    ('loss (nats/token)', [('train_loss', '-', 'train'), ('val_loss', '--', 'val')]),
+    ('val bits per byte', [('val_bpb', '-', '')]),
+    ('learning rate', [('lr', '-', '')]),
+]
+X_LABELS = {'tokens': 'tokens seen', 'step': 'step'}
+
+
+def read_log(path):
+    """The records of a log.jsonl (or of out_dir/log.jsonl), in step order. When a run was resumed
+    from an earlier checkpoint, the steps it repeats replace the lines logged before the resume."""
+    if os.path.isdir(path) or not path.endswith('.jsonl'):
+        path = os.path.join(path, 'log.jsonl')
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path} not found: give a train.py out_dir (holding log.jsonl) or a log.jsonl file")
+    records = []
+    with open(path, encoding='utf-8') as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a last line cut short by a crash
+            if not isinstance(record, dict):
+                continue
+            step = record.get('step')
+            while step is not None and records and records[-1].get('step', -1) >= step:
+                records.pop()
+            records.append(record)
+    return records
+
+
+def series(records, x_key, y_key):
+    """(xs, ys) of the records that have both keys as finite numbers."""
+    points = [(r[x_key], r[y_key]) for r in records
+              if isinstance(r.get(x_key), (int, float)) and isinstance(r.get(y_key), (int, float))
+              and math.isfinite(r[y_key])]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def run_names(paths):
+    """Short names for the legend: the out_dir's name, with its parent when two runs share it."""
+    dirs = [os.path.normpath(p if os.path.isdir(p) else os.path.dirname(p) or '.') for p in paths]
+    names = [os.path.basename(os.path.abspath(d)) for d in dirs]
+    return [d if names.count(n) > 1 else n for d, n in zip(dirs, names)]
+
+
+def plot_runs(paths, output='runs.png', x_key='tokens'):
+    """Draw every run into one figure and write it to output (PNG). Returns the output path."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("plot.py needs matplotlib: pip install matplotlib") from None
+    matplotlib.use('Agg')  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    runs = [(name, read_log(path)) for name, path in zip(run_names(paths), paths)]
+    figure, axes = plt.subplots(1, len(SERIES), figsize=(6 * len(SERIES), 4.5))
+    colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
+    drawn = 0
+    for (title, keys), axis in zip(SERIES, axes):
+        for i, (name, records) in enumerate(runs):
+            for key, style, suffix in keys:
+                xs, ys = series(records, x_key, key)
+                if xs:
+                    axis.plot(xs, ys, style, color=colors[i % len(colors)], label=f"{name} {suffix}".strip(),
+                              marker='o' if len(xs) == 1 else None)
+                    drawn += 1
+        axis.set_title(title)
+        axis.set_xlabel(X_LABELS.get(x_key, x_key))
+        axis.grid(alpha=0.3)
+        if axis.lines:
+            axis.legend(fontsize=8)
+        else:
+            axis.text(0.5, 0.5, 'not in the logs', ha='center', va='center', transform=axis.transAxes, color='gray')
+    if not drawn:
+        raise SystemExit(f"nothing to plot: no log line has {x_key!r} with "
+                         f"{', '.join(k for _, keys in SERIES for k, _, _ in keys)}")
+    if x_key == 'tokens':
+        for axis in axes:
+            axis.ticklabel_format(axis='x', style='sci', scilimits=(0, 3))
+    figure.tight_layout()
+    tmp = output + '.tmp'
+    figure.savefig(tmp, format='png', dpi=110)
+    plt.close(figure)
+    os.replace(tmp, output)  # never a half-written image under the real name
+    return output
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    options = {'output': 'runs.png', 'x': 'tokens'}
+    paths = []
+    for arg in argv:
+        if arg.startswith('--'):
+            key, _, value = arg[2:].partition('=')
+            if key not in options or not value:
+                raise SystemExit(f"unknown option {arg}; plot.py takes run folders, --output=FILE.png and --x=tokens|step")
+            options[key] = value
+        else:
+            paths.append(arg)
+    if not paths:
+        raise SystemExit("usage: python plot.py out/a out/b ... [--output=runs.png] [--x=tokens|step]")
+    output = plot_runs(paths, options['output'], options['x'])
+    print(f"wrote {output}")
+    return output
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,129 @@
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import plan
+from model import PRESETS, Llama, config_from_preset
+
+
+def rule(result, name):
+    return next(r for r in result['token_rules'] if r['rule'].startswith(name))
+
+
+def test_chinchilla_rule_is_20_tokens_per_parameter():
+    result = plan.main(['--params=1e8'])
+    assert rule(result, 'Chinchilla')['tokens'] == 2e9
+    assert plan.params_supported(2e9) == 1e8
+
+
+def test_ttl_160m_has_the_model_cards_parameter_count():
+    assert plan.model_facts(PRESETS['ttl-160m'])['params'] == 162_417_408
+
+
+def test_ttl_460m_has_the_model_cards_parameter_count():
+    assert plan.model_facts(PRESETS['ttl-460m'])['params'] == 468_239_360
+
+
+def test_ttl_160m_trained_about_38_tokens_per_parameter():
+    result = plan.main(['--model=ttl-160m'])
+    row = rule(result, 'as TeenyTinyLlama-160m')
+    assert row['tokens'] == pytest.approx(6.2e9)
+    assert row['tokens_per_param'] == pytest.approx(6.2e9 / 162_417_408) and 38 < row['tokens_per_param'] < 38.5
+
+
+def test_flops_per_token_are_the_models_own():
+    facts = plan.model_facts(PRESETS['tiny'], context=32)
+    assert facts['flops_per_token'] == Llama(config_from_preset('tiny')).flops_per_token(32)
+
+
+def test_time_from_peak_flops_is_flops_over_peak_times_mfu_times_gpus():
+    result = plan.main(['--model=ttl-160m', '--tokens=1e9', '--gpu=H100', '--mfu=0.5', '--num_gpus=2'])
+    row = rule(result, 'planned')
+    [hours] = row['hours'].values()
+    assert hours == pytest.approx(1e9 * result['flops_per_token'] / (989e12 * 0.5 * 2) / 3600)
+
+
+def test_time_and_cost_from_measured_tokens_per_second():
+    result = plan.main(['--params=1e6', '--tokens=3.6e7', '--tokens_per_sec=1e4', '--gpu_hour_price=2.5',
+                        '--num_gpus=4'])
+    row = rule(result, 'planned')
+    assert row['hours'] == {'measured': 1.0} and row['cost'] == {'measured': 10.0}
+
+
+def test_corpus_tokens_say_which_model_size_they_support(tmp_path):
+    (tmp_path / 'meta.json').write_text(json.dumps({'splits': {'train': {'tokens': 1_000_000}}}))
+    result = plan.main(['--model=tiny', f'--data_dir={tmp_path}'])
+    assert result['corpus']['params_supported_at_20x'] == 50_000
+
+
+def test_config_file_gives_shape_and_token_budget(tmp_path):
+    path = tmp_path / 'x.py'
+    path.write_text("model = 'tiny'\nn_layer = 3\nmax_iters = 100\nbatch_size = 4\nblock_size = 64\n"
+                    "gradient_accumulation_steps = 2\n")
+    result = plan.main([str(path)])
+    assert result['params'] == plan.model_facts({**PRESETS['tiny'], 'n_layer': 3})['params']
+    assert rule(result, 'this config')['tokens'] == 100 * 4 * 64 * 2
+
+
+def test_tokens_per_sec_is_read_from_a_log(tmp_path):
+    lines = [{'step': i, 'tokens': 1000 * i, 'tokens_per_sec': rate} for i, rate in enumerate([50, 900, 1000, 1100])]
+    (tmp_path / 'log.jsonl').write_text('\n'.join(json.dumps(r) for r in lines) + '\n')
+    assert plan.tokens_per_sec_from_log(str(tmp_path)) == 1000  # median without the warm-up line
+
+
+def test_tokens_per_sec_from_tokens_and_time_when_the_log_has_no_rate(tmp_path):
+    lines = [{'step': i, 'tokens': 500 * i, 'time': 0.5 * i} for i in range(5)]
+    (tmp_path / 'log.jsonl').write_text('\n'.join(json.dumps(r) for r in lines) + '\n')
+    assert plan.tokens_per_sec_from_log(str(tmp_path / 'log.jsonl')) == pytest.approx(1000)
+
+
+def test_unknown_gpu_is_an_error_naming_the_known_ones():
+    with pytest.raises(SystemExit, match='A100'):
+        plan.main(['--model=tiny', '--gpu=A10O'])
+
+
+def test_no_model_is_an_error():
+    with pytest.raises(SystemExit, match='give a model'):
+        plan.main([])
+
+
+# --------------------------------------------------------------------------- plot.py
+
+import plot  # noqa: E402
+
+
+def write_log(out_dir, records):
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, 'log.jsonl'), 'w') as f:
+        f.write('\n'.join(json.dumps(r) for r in records) + '\n')
+
+
+def test_plot_writes_a_png_from_two_logs(tmp_path):
+    pytest.importorskip('matplotlib')
+    write_log(tmp_path / 'a', [{'step': s, 'tokens': 1000 * s, 'train_loss': 5 - s / 10, 'lr': 1e-3,
+                                'val_loss': 5.2 - s / 10, 'val_bpb': 2 - s / 50} for s in range(0, 20, 5)])
+    write_log(tmp_path / 'b', [{'step': s, 'tokens': 2000 * s, 'train_loss': 5 - s / 8} for s in range(10)])  # no val, no lr
+    output = plot.main([str(tmp_path / 'a'), str(tmp_path / 'b' / 'log.jsonl'), f'--output={tmp_path / "runs.png"}'])
+    with open(output, 'rb') as f:
+        assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_resumed_run_counts_repeated_steps_once_keeping_the_later_lines(tmp_path):
+    write_log(tmp_path, [{'step': 0, 'train_loss': 9}, {'step': 10, 'train_loss': 8}, {'step': 20, 'train_loss': 7},
+                         {'step': 10, 'train_loss': 6}, {'step': 20, 'train_loss': 5}])
+    records = plot.read_log(str(tmp_path))
+    assert [(r['step'], r['train_loss']) for r in records] == [(0, 9), (10, 6), (20, 5)]
+
+
+def test_series_skips_lines_without_the_key():
+    records = [{'tokens': 1, 'val_loss': 3.0}, {'tokens': 2}, {'tokens': 3, 'val_loss': float('nan')},
+               {'tokens': 4, 'val_loss': 2.0}]
+    assert plot.series(records, 'tokens', 'val_loss') == ([1, 4], [3.0, 2.0])
+
+
+def test_plot_of_a_missing_run_names_the_file(tmp_path):
+    with pytest.raises(SystemExit, match='log.jsonl not found'):
+        plot.read_log(str(tmp_path / 'nowhere'))
