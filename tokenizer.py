@@ -294,9 +294,10 @@ def train_sentencepiece(input_paths_or_iter, out_path, vocab_size=8192, model_ty
         unk_id=0, bos_id=1, eos_id=2, pad_id=3, user_defined_symbols=list(special_tokens),
         byte_fallback=True,  # any character never seen in training becomes its UTF-8 bytes, not <unk>
         split_digits=True,  # numbers as digits: arithmetic-friendly and no vocab spent on "1948"
-        # 0.9995 of character occurrences get their own piece: every letter of an alphabet, and
-        # the common ideographs of CJK (whose long tail would eat the vocab); the rarest 0.05%
-        # (stray symbols, foreign letters) fall back to bytes, so nothing is lost.
+        # 0.9995 (SentencePiece's advice for CJK, whose long tail of ideographs would eat the
+        # vocab): the rarest 0.05% of character occurrences get no piece of their own and fall
+        # back to 1-4 byte tokens, so nothing is lost. In a small alphabet that tail is real
+        # letters (in the Portuguese Bible: É, Ó, Ã, parentheses): pass 1.0 for a clean corpus.
         character_coverage=character_coverage,
         # identity: no NFKC, so decode(encode(x)) == x. NFKC would rewrite Chinese full-width
         # punctuation '，' to ',' and Devanagari nukta letters such as 'क़' into two code points.
@@ -415,13 +416,16 @@ def compare_with_bytes(tok, texts):
 
 def main():
     parser = argparse.ArgumentParser(description="Train a SentencePiece tokenizer (byte fallback, split digits).")
-    parser.add_argument('--input', nargs='+', required=True, help="text files or globs (paragraphs: blank-line-separated blocks)")
+    parser.add_argument('--input', nargs='+', required=True,
+                        help="text files or globs; a document is a blank-line-separated block")
     parser.add_argument('--out', required=True, help="output .model path, e.g. data/x/tokenizer.model")
     parser.add_argument('--vocab_size', type=int, default=8192)
     parser.add_argument('--model_type', choices=['bpe', 'unigram'], default='bpe')
     parser.add_argument('--special_tokens', nargs='*', default=list(DEFAULT_SPECIAL_TOKENS))
-    parser.add_argument('--character_coverage', type=float, default=0.9995)
-    parser.add_argument('--input_sentence_size', type=int, default=2_000_000, help="pieces (lines or line groups) sampled for training")
+    parser.add_argument('--character_coverage', type=float, default=0.9995,
+                        help="0.9995 suits any script; 1.0 gives each character of a clean small alphabet a piece")
+    parser.add_argument('--input_sentence_size', type=int, default=2_000_000,
+                        help="at most this many training pieces (line groups), sampled at random")
     parser.add_argument('--num_threads', type=int, default=os.cpu_count())
     parser.add_argument('--held_out_every', type=int, default=100, help="every Nth block is held out for the stats")
     parser.add_argument('--max_held_out', type=int, default=20_000, help="at most this many held-out blocks")
