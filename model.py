@@ -248,9 +248,9 @@ class Llama(nn.Module):
         groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=device_type == 'cuda')
 
-    def forward(self, idx, targets=None):
-        """idx (B, T) token ids. Returns (logits (B, T, vocab), loss): loss is the mean cross-entropy
-        over targets that are not -100 (masked fine-tuning), or None without targets."""
+    def hidden_states(self, idx):
+        """idx (B, T) -> the final (normalised) hidden states (B, T, n_embd) that the LM head reads;
+        classify.py puts its own head on them."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds the model's block_size {self.config.block_size}")
@@ -258,7 +258,12 @@ class Llama(nn.Module):
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         for layer in self.layers:
             x = layer(x, cos, sin)
-        logits = self.output(self.norm(x))
+        return self.norm(x)
+
+    def forward(self, idx, targets=None):
+        """idx (B, T) token ids. Returns (logits (B, T, vocab), loss): loss is the mean cross-entropy
+        over targets that are not -100 (masked fine-tuning), or None without targets."""
+        logits = self.output(self.hidden_states(idx))
         if targets is None:
             return logits, None
         # sum / count rather than mean, so a batch whose targets are all masked gives 0, not NaN
