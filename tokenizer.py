@@ -287,7 +287,7 @@ def train_sentencepiece(input_paths_or_iter, out_path, vocab_size=8192, model_ty
         documents = read_blocks(expand_paths(input_paths_or_iter))
     else:
         documents = input_paths_or_iter
-    sentences = training_sentences(documents, max_sentence_length)
+    sentences = _with_progress(training_sentences(documents, max_sentence_length), model_type, vocab_size)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=sentences, model_writer=model, vocab_size=vocab_size, model_type=model_type,
@@ -311,6 +311,12 @@ def train_sentencepiece(input_paths_or_iter, out_path, vocab_size=8192, model_ty
     vocab_lines = (f"{tok._sp.id_to_piece(i)}\t{tok._sp.get_score(i)}" for i in range(tok.vocab_size))
     write_atomic(os.path.splitext(out_path)[0] + '.vocab', ('\n'.join(vocab_lines) + '\n').encode('utf-8'))
     return tok
+
+
+def _with_progress(sentences, model_type, vocab_size):
+    from tqdm import tqdm
+    yield from tqdm(sentences, desc='reading text for the tokenizer', unit=' pieces')
+    print(f"training a {vocab_size:,}-piece SentencePiece {model_type} model...", flush=True)  # silent for a while
 
 
 def training_sentences(documents, max_bytes=4192):
@@ -432,12 +438,10 @@ def main():
     parser.add_argument('--verbose', action='store_true', help="show SentencePiece's own log")
     args = parser.parse_args()
 
-    from tqdm import tqdm
     held_out = []
 
     def blocks_for_training():  # every Nth block goes to held_out instead of training
-        blocks = tqdm(read_blocks(expand_paths(args.input)), desc='reading', unit=' blocks')
-        for n, block in enumerate(blocks):
+        for n, block in enumerate(read_blocks(expand_paths(args.input))):
             if n % args.held_out_every == args.held_out_every - 1 and len(held_out) < args.max_held_out:
                 held_out.append(block)
             else:

@@ -161,7 +161,7 @@ def build(langs, out_dir=None, translation=None, vocab_size=None, books=None, ma
 
     t0 = time.time()
     names = ', '.join(f"{lang} ({TRANSLATIONS[letter][1]})" for lang, letter in zip(langs, letters))
-    print(f"training a {vocab_size:,}-piece SentencePiece tokenizer on the train books of {names}")
+    print(f"tokenizer: {vocab_size:,} pieces, trained on the train books of {names}")
     os.makedirs(out_dir, exist_ok=True)
     try:
         tokenizer = train_sentencepiece(documents(db, letters, 'train', books, max_chapters),
