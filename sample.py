@@ -1,0 +1,402 @@
+"""
+Sample from a trained model: continue a prompt, answer a whole prompts file, or chat.
+
+    python sample.py --out_dir=out/biblia-pt --start="No princípio" --num_samples=3 --max_new_tokens=200
+    python sample.py --out_dir=out/stories --start=FILE:prompts.txt --num_samples=3 --format=jsonl --output=stories.jsonl
+    python sample.py --out_dir=out/chat --chat
+
+The checkpoint carries everything needed: the model's shape, its weights and its tokenizer.
+Prompts start with <bos>, like every training document; an empty prompt is just <bos>.
+
+A single prompt streams its samples to the terminal, one after another. A prompts file (one
+prompt per line, blank lines skipped) is generated in batches on the KV cache: prompts of
+similar length are batched together and left-padded, so a batch wastes little work on padding.
+
+What --seed fixes: each batch draws from its own torch.Generator seeded with seed + the batch's
+number (batches run in order of prompt length; a single prompt's samples are batches of one).
+The same checkpoint, prompts, settings, batch_size and device give the same samples. Rows of a
+batch share their generator, so sampled text depends on batch_size; greedy text
+(--temperature=0) does not: batched and one-at-a-time greedy outputs are identical.
+"""
+import json
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from chat import chat_ids, get_template, stop_id
+from configurator import configure
+from model import load_model
+
+# -----------------------------------------------------------------------------
+# defaults; a config file or --key=value overrides them (configurator.py)
+DEFAULTS = dict(
+    out_dir='out',            # a training out_dir, a checkpoint file, or a Hugging Face Llama folder
+    checkpoint='ckpt.pt',     # file inside out_dir: ckpt.pt (latest) or best.pt (best validation loss)
+    start='',                 # the prompt; '' starts from <bos>; 'FILE:prompts.txt' reads one prompt per line
+    num_samples=1,            # samples per prompt
+    max_new_tokens=200,       # at most this many new tokens per sample; a sample ends earlier at <eos>
+    temperature=0.8,          # 0 = greedy (always the most likely token); < 1 sharper, > 1 wilder
+    top_k=200,                # sample only among the k most likely tokens; 0 = no limit
+    top_p=1.0,                # nucleus sampling: the fewest tokens holding this much probability; 1.0 = off
+    repetition_penalty=1.0,   # > 1 makes tokens already in the prompt or sample less likely (CTRL, HF)
+    seed=1337,
+    batch_size=16,            # prompts-file rows generated together
+    format='text',            # 'text' (readable) or 'jsonl' (one JSON record per sample)
+    output='',                # write the samples to this file instead of stdout
+    chat=False,               # interactive chat with a model fine-tuned on a chat template
+    chat_template='',         # override the checkpoint's chat template: 'chatml' or 'aira' (chat.py)
+    system='',                # system message for --chat (templates that have a system role)
+    device='auto',            # 'cpu', 'cuda', 'cuda:1', 'mps'; auto picks cuda, then mps, then cpu
+    dtype='auto',             # 'float32', 'bfloat16', 'float16'; auto = bfloat16 on a GPU that has it, else float32
+)
+
+
+# -----------------------------------------------------------------------------
+# loading
+
+def resolve_device(name):
+    if name == 'auto':
+        if torch.cuda.is_available():
+            return 'cuda'
+        return 'mps' if torch.backends.mps.is_available() else 'cpu'
+    kind = name.split(':')[0]
+    if kind not in ('cpu', 'cuda', 'mps'):
+        raise ValueError(f"device={name!r}: expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    if kind == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but PyTorch sees no CUDA GPU; use --device=cpu")
+    if kind == 'mps' and not torch.backends.mps.is_available():
+        raise ValueError(f"device={name!r} but MPS is not available here; use --device=cpu")
+    return name
+
+
+def resolve_dtype(name, device):
+    if name == 'auto':
+        on_gpu = device.startswith('cuda') and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if on_gpu else torch.float32
+    dtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"dtype={name!r}: expected 'auto' or one of {sorted(dtypes)}")
+    if name == 'float16' and device == 'cpu':
+        # PyTorch's CPU kernels for float16 are slow or missing; bfloat16 halves memory just as well
+        raise ValueError("dtype='float16' is not supported on the CPU: use --dtype=bfloat16 or --dtype=float32")
+    return dtypes[name]
+
+
+def load(out_dir, checkpoint='ckpt.pt', device='cpu', dtype=torch.float32):
+    """(model, tokenizer) from a training out_dir, a checkpoint file, or a Hugging Face Llama folder."""
+    path = os.path.join(out_dir, checkpoint) if os.path.isdir(out_dir) else out_dir
+    if os.path.isdir(out_dir) and not os.path.exists(path) and os.path.exists(os.path.join(out_dir, 'config.json')):
+        try:
+            from export import load_hf
+        except ImportError as e:
+            raise FileNotFoundError(f"{out_dir} looks like a Hugging Face model folder (config.json, no "
+                                    f"{checkpoint}), but export.py, which reads those, is missing") from e
+        return load_hf(out_dir, device=device, dtype=dtype)
+    if not os.path.exists(out_dir):
+        raise FileNotFoundError(f"out_dir {out_dir!r} does not exist: point --out_dir at a training output "
+                                f"folder (holding {checkpoint}) or at a checkpoint file")
+    if not os.path.exists(path):
+        found = sorted(f for f in os.listdir(out_dir) if f.endswith('.pt'))
+        raise FileNotFoundError(f"no checkpoint {path}" + (f"; {out_dir} holds {found} (pick one with "
+                                f"--checkpoint=NAME)" if found else "; train one first: python train.py config/..."))
+    model, tokenizer, _ = load_model(path, device=device, dtype=dtype)
+    return model, tokenizer
+
+
+# -----------------------------------------------------------------------------
+# prompts and text
+
+def read_prompts(start):
+    """--start -> list of prompts. 'FILE:path' gives one prompt per non-blank line."""
+    if not start.startswith('FILE:'):
+        return [start]
+    path = start[len('FILE:'):]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompts file {path!r} not found (--start=FILE:path, one prompt per line)")
+    with open(path, encoding='utf-8') as f:
+        prompts = [line for line in f.read().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompts file {path!r} has no prompts (one prompt per line)")
+    return prompts
+
+
+def prompt_budget(block_size, max_new_tokens):
+    """The most prompt tokens kept: room for the whole sample when it fits in half the context, else
+    half the context (longer samples slide the window: model.generate_tokens re-reads its last half)."""
+    return block_size - min(max_new_tokens, block_size // 2)
+
+
+def encode_prompt(tokenizer, text, budget):
+    """-> (ids, was_cut). <bos> + text, cut from the left to at most budget tokens."""
+    ids = tokenizer.encode(text, bos=True)
+    return (ids[-budget:], True) if len(ids) > budget else (ids, False)
+
+
+def continuation_text(tokenizer, context_ids, new_ids):
+    """The text new_ids add after context_ids. Decoding new_ids alone can differ: SentencePiece drops
+    the leading space of a sequence's first piece. A few context tokens keep the join exact."""
+    anchor = list(context_ids[-4:])
+    return tokenizer.decode(anchor + list(new_ids))[len(tokenizer.decode(anchor)):]
+
+
+def decode_stream(tokenizer, context_ids, tokens):
+    """Yield the text of tokens (an iterable of ids) piece by piece as they arrive. A character
+    split over several tokens (UTF-8 bytes, byte fallback) decodes as U+FFFD until it is complete,
+    so text ending in U+FFFD waits for the next token rather than printing a replacement mark."""
+    anchor, pending = list(context_ids[-4:]), []
+    for token in tokens:
+        pending.append(int(token))
+        piece = continuation_text(tokenizer, anchor, pending)
+        if not piece.endswith('\ufffd'):
+            yield piece
+            anchor, pending = (anchor + pending)[-4:], []
+    if pending:  # whatever is left, even if it never became valid UTF-8
+        yield continuation_text(tokenizer, anchor, pending)
+
+
+def make_generator(device, seed):
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def sampling_args(temperature=0.8, top_k=200, top_p=1.0, repetition_penalty=1.0):
+    """Our knobs -> model.generate's (0 / 1.0 mean off here, None there)."""
+    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1 or repetition_penalty <= 0:
+        raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1, repetition_penalty > 0; got "
+                         f"{temperature}, {top_k}, {top_p}, {repetition_penalty}")
+    return dict(temperature=temperature, top_k=top_k or None, top_p=top_p if top_p < 1 else None,
+                repetition_penalty=repetition_penalty)
+
+
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+# -----------------------------------------------------------------------------
+# sampling
+
+def sample_prompts(model, tokenizer, prompts, num_samples=1, max_new_tokens=200, temperature=0.8, top_k=200,
+                   top_p=1.0, repetition_penalty=1.0, seed=1337, batch_size=16, progress=True):
+    """Generate num_samples continuations of every prompt, batch_size rows at a time on the KV cache.
+    Returns one record per sample in prompt order: prompt_index, sample, seed (of its batch's
+    generator), prompt, text (the continuation), tokens (its ids, without <eos>), finish_reason
+    ('eos' or 'length'). bench.py times this with batch_size=1 against the batched run."""
+    if max_new_tokens < 1 or num_samples < 1 or batch_size < 1:
+        raise ValueError("max_new_tokens, num_samples and batch_size must be at least 1")
+    knobs = sampling_args(temperature, top_k, top_p, repetition_penalty)
+    device = model.output.weight.device
+    budget = prompt_budget(model.config.block_size, max_new_tokens)
+    encoded = [encode_prompt(tokenizer, p, budget) for p in prompts]
+    cut = sum(was_cut for _, was_cut in encoded)
+    if cut:
+        warn(f"{cut} prompt(s) longer than {budget} tokens were cut from the left (block_size "
+             f"{model.config.block_size}, max_new_tokens {max_new_tokens})")
+    # rows sorted by prompt length (stable), so each batch holds prompts of similar length
+    rows = sorted(((i, j) for i in range(len(prompts)) for j in range(num_samples)),
+                  key=lambda row: len(encoded[row[0]][0]))
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    records = {}
+    with tqdm(total=len(rows), unit='sample', disable=not progress, file=sys.stderr) as bar:
+        for batch_number, start in enumerate(range(0, len(rows), batch_size)):
+            batch = rows[start:start + batch_size]
+            lengths = [len(encoded[i][0]) for i, _ in batch]
+            width = max(lengths)
+            idx = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            for r, (i, _) in enumerate(batch):
+                idx[r, width - lengths[r]:] = torch.tensor(encoded[i][0])
+            left_pad = torch.tensor([width - n for n in lengths], device=device) if min(lengths) < width else None
+            batch_seed = seed + batch_number
+            steps = list(model.generate_tokens(idx.to(device), max_new_tokens, eos_id=tokenizer.eos_id,
+                                               generator=make_generator(device, batch_seed), left_pad=left_pad,
+                                               **knobs))
+            new = torch.stack(steps, dim=1).tolist()
+            for r, (i, j) in enumerate(batch):
+                tokens = new[r]
+                finish = 'eos' if tokenizer.eos_id in tokens else 'length'
+                tokens = tokens[:tokens.index(tokenizer.eos_id)] if finish == 'eos' else tokens
+                records[i, j] = dict(prompt_index=i, sample=j, seed=batch_seed, prompt=prompts[i],
+                                     text=continuation_text(tokenizer, encoded[i][0], tokens), tokens=tokens,
+                                     finish_reason=finish)
+            bar.update(len(batch))
+    return [records[i, j] for i in range(len(prompts)) for j in range(num_samples)]
+
+
+def stream_sample(model, tokenizer, prompt_ids, max_new_tokens, generator, write, stop_ids=(), **knobs):
+    """Generate one sample (batch of one), writing its text as it is made. Returns its token ids,
+    without the stop token that ended it (the tokenizer's eos, or any of stop_ids)."""
+    stops = {tokenizer.eos_id, *stop_ids}
+    device = model.output.weight.device
+    tokens = []
+
+    def until_stop():
+        steps = model.generate_tokens(torch.tensor([prompt_ids], device=device), max_new_tokens,
+                                      eos_id=tokenizer.eos_id, generator=generator, **knobs)
+        for step in steps:
+            token = int(step[0])
+            if token in stops:
+                break
+            tokens.append(token)
+            yield token
+        steps.close()
+        model.release_cache()
+
+    for piece in decode_stream(tokenizer, prompt_ids, until_stop()):
+        write(piece)
+    return tokens
+
+
+def stream_samples(model, tokenizer, prompt, num_samples, max_new_tokens, seed, **knobs):
+    """One prompt to the terminal: print it, then each sample as it is made (sample k uses seed + k,
+    as a batch of one does in sample_prompts). Returns the number of tokens generated."""
+    budget = prompt_budget(model.config.block_size, max_new_tokens)
+    ids, was_cut = encode_prompt(tokenizer, prompt, budget)
+    if was_cut:
+        warn(f"the prompt is longer than {budget} tokens: keeping its last {budget}")
+        prompt = tokenizer.decode(ids)
+    generated = 0
+    for k in range(num_samples):
+        print(('\n---------------\n' if k else '') + prompt, end='', flush=True)
+        generator = make_generator(model.output.weight.device, seed + k)
+        generated += len(stream_sample(model, tokenizer, ids, max_new_tokens, generator,
+                                       lambda piece: print(piece, end='', flush=True), **knobs))
+    print()
+    return generated
+
+
+# -----------------------------------------------------------------------------
+# chat
+
+def fit_history(messages, template, tokenizer, budget):
+    """-> (messages kept, prompt ids): the oldest exchanges (a user message and its reply) are
+    dropped until the conversation fits in budget tokens; a system message always stays."""
+    system = messages[:1] if messages and messages[0]['role'] == 'system' else []
+    turns = messages[len(system):]
+    while True:
+        ids, _ = chat_ids(system + turns, template, tokenizer, add_generation_prompt=True)
+        if len(ids) <= budget or len(turns) <= 1:
+            break
+        turns = turns[2:]
+    if len(ids) > budget:
+        warn(f"the message needs {len(ids)} tokens; keeping its last {budget} (the context is "
+             f"{budget} tokens plus room for the reply)")
+        ids = ids[-budget:]
+    return system + turns, ids
+
+
+def chat_loop(model, tokenizer, template, system='', max_new_tokens=200, seed=1337, read=input, write=None,
+              flush=None, **knobs):
+    """Read a user message per line (read), stream the reply (write, flush: stdout's by default).
+    /reset forgets the conversation, /exit (or end of input) quits.
+    Returns (tokens generated, seconds spent generating them)."""
+    write, flush = write or sys.stdout.write, flush or sys.stdout.flush
+    template = get_template(template)
+    stop = stop_id(template, tokenizer)
+    if system and template.get('system') is None:
+        raise ValueError(f"chat template {template.get('name')!r} has no system role: drop --system")
+    device = model.output.weight.device
+    generator = make_generator(device, seed)
+    budget = prompt_budget(model.config.block_size, max_new_tokens)
+    start = [{'role': 'system', 'content': system}] if system else []
+    messages, generated, seconds = list(start), 0, 0.0
+    while True:
+        try:
+            line = read('> ' if sys.stdin.isatty() else '')
+        except EOFError:
+            break
+        line = line.strip()
+        if line in ('/exit', '/quit'):
+            break
+        if line == '/reset':
+            messages = list(start)
+            continue
+        if not line:
+            continue
+        kept, ids = fit_history(messages + [{'role': 'user', 'content': line}], template, tokenizer, budget)
+        dropped = len(messages) + 1 - len(kept)
+        if dropped:
+            warn(f"the conversation outgrew the context: forgot its {dropped} oldest message(s)")
+        t0 = time.perf_counter()
+        reply = stream_sample(model, tokenizer, ids, max_new_tokens, generator, write, stop_ids=(stop,), **knobs)
+        write('\n')
+        flush()
+        generated, seconds = generated + len(reply), seconds + time.perf_counter() - t0
+        messages = kept + [{'role': 'assistant', 'content': continuation_text(tokenizer, ids, reply)}]
+    return generated, seconds
+
+
+# -----------------------------------------------------------------------------
+# output
+
+def format_records(records, fmt):
+    if fmt == 'jsonl':
+        return ''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in records)
+    return ''.join(f"--- prompt {r['prompt_index'] + 1}, sample {r['sample'] + 1} (seed {r['seed']}) ---\n"
+                   f"{r['prompt']}{r['text']}\n" for r in records)
+
+
+def write_text_atomic(path, text):
+    """Temp file, fsync, rename: an interrupted run never leaves half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, 'w', encoding='utf-8') as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def main(argv):
+    argv = ['--chat=True' if arg == '--chat' else arg for arg in argv]  # the flag alone reads naturally
+    config = configure(DEFAULTS, argv)
+    if config['format'] not in ('text', 'jsonl'):
+        raise ValueError(f"format={config['format']!r}: expected 'text' or 'jsonl'")
+    knobs = sampling_args(config['temperature'], config['top_k'], config['top_p'], config['repetition_penalty'])
+    if config['max_new_tokens'] < 1 or config['num_samples'] < 1 or config['batch_size'] < 1:
+        raise ValueError("max_new_tokens, num_samples and batch_size must be at least 1")
+    device = resolve_device(config['device'])
+    dtype = resolve_dtype(config['dtype'], device)
+    model, tokenizer = load(config['out_dir'], config['checkpoint'], device, dtype)
+    t0 = time.perf_counter()
+
+    if config['chat']:
+        template = config['chat_template'] or tokenizer.chat_template
+        if not template:
+            raise ValueError("this checkpoint's tokenizer has no chat template (it was not fine-tuned for chat); "
+                             "pass one with --chat_template=chatml or --chat_template=aira")
+        if sys.stdin.isatty():
+            print(f"chatting with {config['out_dir']} ({get_template(template).get('name', 'custom')} template). "
+                  f"/reset forgets the conversation, /exit or Ctrl-D quits.", file=sys.stderr)
+        generated, elapsed = chat_loop(model, tokenizer, template, config['system'], config['max_new_tokens'],
+                                       config['seed'], **knobs)  # time spent answering, not waiting for you
+    else:
+        prompts = read_prompts(config['start'])
+        single = not config['start'].startswith('FILE:')
+        if single and config['format'] == 'text' and not config['output']:
+            generated = stream_samples(model, tokenizer, prompts[0], config['num_samples'],
+                                       config['max_new_tokens'], config['seed'], **knobs)
+        else:
+            records = sample_prompts(model, tokenizer, prompts, config['num_samples'], config['max_new_tokens'],
+                                     config['temperature'], config['top_k'], config['top_p'],
+                                     config['repetition_penalty'], config['seed'], config['batch_size'])
+            generated = sum(len(r['tokens']) for r in records)
+            text = format_records(records, config['format'])
+            if config['output']:
+                write_text_atomic(config['output'], text)
+                print(f"wrote {len(records)} samples to {config['output']}", file=sys.stderr)
+            else:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+        elapsed = time.perf_counter() - t0
+    print(f"{generated} tokens in {elapsed:.2f}s: {generated / max(elapsed, 1e-9):.1f} tokens/s "
+          f"({device}, {str(dtype).replace('torch.', '')})", file=sys.stderr)
+
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv[1:])
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"sample.py: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)
