@@ -183,7 +183,7 @@ def build(langs, out_dir=None, translation=None, vocab_size=None, books=None, ma
             print(f"  {lang}: held-out books {s['bytes_per_token']:.2f} bytes/token, {s['tokens_per_word']:.2f} "
                   f"tokens/word (raw bytes: {s['bytes_per_word']:.2f} tokens/word, {s['bytes_per_token']:.2f}x more)")
 
-    total = db.execute(f"SELECT sum(length(CAST(vText AS BLOB))) FROM bible WHERE bbName IN "
+    total = db.execute(f"SELECT sum(length(CAST(vText AS BLOB))) + count(*) FROM bible WHERE bbName IN "
                        f"({','.join('?' * len(letters))})", letters).fetchone()[0]
     extra = {'biblia': {
         'languages': langs,
