@@ -143,6 +143,7 @@ def build(langs, out_dir=None, translation=None, vocab_size=None, books=None, ma
             raise PrepareError(f"--translation {translation} is {TRANSLATIONS[translation][1]} "
                                f"({TRANSLATIONS[translation][0]}); it cannot go with --lang {','.join(langs)}")
         langs = [TRANSLATIONS[translation][0]]
+    langs = list(dict.fromkeys(langs))  # each language once
     unknown = [lang for lang in langs if lang not in DEFAULT_TRANSLATION]
     if unknown or not langs:
         raise PrepareError(f"unknown language {', '.join(unknown) or '(none)'}; "
@@ -163,6 +164,8 @@ def build(langs, out_dir=None, translation=None, vocab_size=None, books=None, ma
     names = ', '.join(f"{lang} ({TRANSLATIONS[letter][1]})" for lang, letter in zip(langs, letters))
     print(f"tokenizer: {vocab_size:,} pieces, trained on the train books of {names}")
     os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(os.path.join(out_dir, 'meta.json')):  # a new tokenizer.model invalidates the old data set
+        os.remove(os.path.join(out_dir, 'meta.json'))
     try:
         tokenizer = train_sentencepiece(documents(db, letters, 'train', books, max_chapters),
                                         os.path.join(out_dir, 'tokenizer.model'), vocab_size=vocab_size,
