@@ -395,9 +395,15 @@ def config_from_preset(name, **overrides):
 
 def load_model(path, device='cpu', dtype=None):
     """Load a mirim checkpoint (a file, or an out_dir holding ckpt.pt) -> (model in eval mode,
-    tokenizer, checkpoint dict). The tokenizer is rebuilt from the checkpoint alone."""
+    tokenizer, checkpoint dict). The tokenizer is rebuilt from the checkpoint alone.
+    A Hugging Face Llama folder (config.json, no ckpt.pt) is read by export.load_hf."""
     import os
     from tokenizer import load_tokenizer
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, 'ckpt.pt')) \
+            and os.path.exists(os.path.join(path, 'config.json')):
+        from export import load_hf
+        model, tokenizer = load_hf(path, device, dtype)
+        return model, tokenizer, {'model_config': asdict(model.config), 'hf_dir': path}
     if os.path.isdir(path):
         path = os.path.join(path, 'ckpt.pt')
     if not os.path.exists(path):
