@@ -74,7 +74,7 @@ DEFAULTS = dict(
     block_size=0,        # context length; 0 = the model's
     device='auto',       # 'auto' = cuda, else mps, else cpu
     dtype='auto',        # 'float32' | 'bfloat16' | 'float16'; 'auto' = bfloat16 on GPUs that have it, else float32
-    output='',           # JSON results path; empty = out_dir/eval_<task>.json
+    output='',           # JSON results path; empty = eval_<task>.json beside the checkpoint
 )
 
 LN2 = math.log(2)
@@ -482,7 +482,8 @@ def main(argv=None):
     if per_example is not None:
         results['loglikelihoods'] = per_example
     print(format_table(results))
-    destination = config['output'] or os.path.join(config['out_dir'], f"eval_{task_name}.json")
+    results_dir = os.path.dirname(config['checkpoint']) if config['checkpoint'] else config['out_dir']
+    destination = config['output'] or os.path.join(results_dir, f"eval_{task_name}.json")
     write_json(destination, results)
     print(f"wrote {destination}")
     return results

@@ -98,6 +98,16 @@ def test_text_file_counts_its_utf8_bytes_and_every_token():
     assert metrics['bpb'] == pytest.approx(metrics['loss'] * metrics['tokens'] / (metrics['bytes'] * math.log(2)))
 
 
+def test_loss_masked_targets_are_not_scored_and_get_no_bpb(tmp_path):
+    from shards import write_mask
+    tokens, _ = write_data(str(tmp_path / 'data'))
+    mask = np.zeros(tokens, dtype=np.uint8)
+    mask[10:30] = 1  # e.g. an assistant answer
+    write_mask(str(tmp_path / 'data' / 'val_000000.mask.bin'), mask)
+    metrics = evaluation.evaluate_split(uniform_model(), TOKENIZER, str(tmp_path / 'data'), block_size=16)
+    assert metrics['tokens'] == 20 and metrics['bpb'] is None
+
+
 def test_data_from_another_tokenizer_is_refused(tmp_path):
     write_data(str(tmp_path / 'data'))
     meta = json.loads((tmp_path / 'data' / 'meta.json').read_text())
