@@ -424,6 +424,9 @@ def export(source, dest, dtype='float32', checkpoint='ckpt.pt', license='other',
     tensors = to_hf_state_dict(model.state_dict(), config, DTYPES[dtype])
     tmp = os.path.join(dest, f'model.safetensors.tmp{os.getpid()}')
     save_file(tensors, tmp, metadata={'format': 'pt'})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates it owner-only; make it like the other files
     os.replace(tmp, os.path.join(dest, 'model.safetensors'))
     write_text(os.path.join(dest, 'README.md'), model_card(model, tok, ckpt, dest, dtype, license))
     return dest
@@ -484,7 +487,7 @@ It is a `LlamaForCausalLM`: transformers loads it with no custom code.
 from transformers import AutoModelForCausalLM, AutoTokenizer
 tokenizer = AutoTokenizer.from_pretrained('{name}')
 model = AutoModelForCausalLM.from_pretrained('{name}')
-inputs = tokenizer('No princípio', return_tensors='pt')  # starts with <bos>, as in training
+inputs = tokenizer('Your prompt', return_tensors='pt')  # starts with <bos>, as in training
 print(tokenizer.decode(model.generate(**inputs, max_new_tokens=50, do_sample=True)[0]))
 ```
 {chat}

@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 import export  # noqa: E402
-from chat import chat_ids  # noqa: E402
+from chat import CHAT_TEMPLATES, chat_ids  # noqa: E402
 from model import Llama, LlamaConfig, load_model  # noqa: E402
 from tokenizer import load_tokenizer, train_sentencepiece  # noqa: E402
 
@@ -116,7 +116,7 @@ def tiny_export(sp_toks, tmp_path_factory):
     config = LlamaConfig(vocab_size=VOCAB, block_size=64, n_layer=1, n_head=2, n_kv_head=1, n_embd=16,
                          ffn_hidden=32, activation='gelu_tanh', tie_embeddings=True)
     tok = load_tokenizer(sp_toks['bpe'].to_dict())
-    tok.chat_template = 'chatml'
+    tok.chat_template = dict(CHAT_TEMPLATES['chatml'])  # as data/prepare_chat.py stores it
     root = tmp_path_factory.mktemp('tiny')
     save_checkpoint(str(root / 'out'), Llama(config, seed=0), tok)
     export.export(str(root / 'out'), str(root / 'hf'), dtype='bfloat16', license='apache-2.0')
