@@ -1,0 +1,87 @@
+"""
+Config for train.py, sample.py and eval.py: defaults, then config files, then --key=value.
+
+    python train.py config/train_biblia_pt.py --batch_size=32 --out_dir=out/try
+
+Arguments apply left to right. A config file is plain Python run top to bottom; the names it sets
+must be config keys (it may also import modules and define helpers or names starting with '_').
+It sees the config so far, so `out_dir = out_dir + '-big'` works. A --key=value is parsed with
+ast.literal_eval (3e-4, True, None, 'x' all work) and falls back to the plain string, so
+--out_dir=out/x needs no quotes. An unknown key or a value of the wrong type is an error that says
+what was expected: a typo must never silently train the wrong model.
+"""
+
+import ast
+import difflib
+import os
+import types
+
+
+class ConfigError(ValueError):
+    """A config file or --key=value that cannot be used; the message says why."""
+
+
+def configure(defaults, argv):
+    """Resolve `argv` (config file paths and --key=value) against `defaults` -> a new dict.
+    A key whose default is None takes any value; otherwise the type must match the default's
+    (an int is accepted, and converted, where a float is expected)."""
+    config = dict(defaults)
+    for arg in argv:
+        if arg.startswith('--'):
+            key, equals, text = arg[2:].partition('=')
+            if not equals:
+                raise ConfigError(f"{arg}: write --{key}=VALUE, with '='")
+            config[key] = checked(defaults, key, parse_value(text), f"--{key}")
+        else:
+            for key, value in run_config_file(arg, config).items():
+                config[key] = checked(defaults, key, value, arg)
+    return config
+
+
+def parse_value(text):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare string: --out_dir=out/x, --init_from=resume
+
+
+def run_config_file(path, config):
+    """Run a config file with the config so far in scope -> {name: value} for the names it set."""
+    if not os.path.isfile(path):
+        hint = " (--key=value arguments start with two dashes)" if '=' in path else ""
+        raise ConfigError(f"config file {path} not found{hint}")
+    with open(path, encoding='utf-8') as f:
+        source = f.read()
+    namespace = dict(config)
+    exec(compile(source, path, 'exec'), namespace)
+    helpers = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, type)
+    return {name: value for name, value in namespace.items()
+            if not name.startswith('_') and not isinstance(value, helpers)
+            and (name not in config or value is not config[name])}
+
+
+def checked(defaults, key, value, source):
+    if key not in defaults:
+        close = difflib.get_close_matches(key, list(defaults), n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(close)}?" if close else f"; valid keys: {', '.join(sorted(defaults))}"
+        raise ConfigError(f"{source}: unknown config key {key!r}{hint}")
+    default = defaults[key]
+    if default is None or type(value) is type(default):
+        return value
+    if type(default) is float and type(value) is int:  # bool is not accepted as a number
+        return float(value)
+    raise ConfigError(f"{source}: {key} expects {type(default).__name__} (default {default!r}), "
+                      f"got {type(value).__name__} {value!r}")
+
+
+def print_config(config, print_fn=print, width=110):
+    """Print every key = value, several to a line."""
+    line = ''
+    for key in config:
+        item = f"{key}={config[key]!r}"
+        if line and len(line) + 2 + len(item) > width:
+            print_fn(line)
+            line = ''
+        line = f"{line}  {item}" if line else item
+    if line:
+        print_fn(line)

@@ -1,0 +1,91 @@
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configurator import ConfigError, configure  # noqa: E402
+
+DEFAULTS = {'out_dir': 'out', 'batch_size': 16, 'learning_rate': 1e-3, 'compile': False, 'n_layer': None}
+
+
+def write(tmp_path, text, name='cfg.py'):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_come_back_unchanged_without_arguments():
+    assert configure(DEFAULTS, []) == DEFAULTS
+
+
+def test_override_is_parsed_as_a_python_literal():
+    assert configure(DEFAULTS, ['--batch_size=32', '--compile=True'])['batch_size'] == 32
+
+
+def test_override_that_is_not_a_literal_is_a_string():
+    assert configure(DEFAULTS, ['--out_dir=out/run-1'])['out_dir'] == 'out/run-1'
+
+
+def test_config_file_sets_keys(tmp_path):
+    assert configure(DEFAULTS, [write(tmp_path, "batch_size = 8\nout_dir = 'out/x'\n")])['batch_size'] == 8
+
+
+def test_later_arguments_win(tmp_path):
+    config = configure(DEFAULTS, [write(tmp_path, "batch_size = 8\n"), '--batch_size=4'])
+    assert config['batch_size'] == 4
+
+
+def test_config_file_sees_the_config_so_far(tmp_path):
+    config = configure(DEFAULTS, ['--out_dir=out/a', write(tmp_path, "out_dir = out_dir + '-big'\n")])
+    assert config['out_dir'] == 'out/a-big'
+
+
+def test_config_file_may_import_and_define_helpers(tmp_path):
+    text = "import math\n_width = 3\ndef twice(x):\n    return 2 * x\nbatch_size = twice(_width)\n"
+    assert configure(DEFAULTS, [write(tmp_path, text)])['batch_size'] == 6
+
+
+def test_unknown_key_names_it_and_the_closest_keys():
+    with pytest.raises(ConfigError, match=r"unknown config key 'batch_sise'; did you mean batch_size"):
+        configure(DEFAULTS, ['--batch_sise=3'])
+
+
+def test_unknown_key_in_a_config_file_names_the_file(tmp_path):
+    path = write(tmp_path, "learning_rat = 0.1\n")
+    with pytest.raises(ConfigError, match=r"cfg\.py: unknown config key 'learning_rat'.*learning_rate"):
+        configure(DEFAULTS, [path])
+
+
+def test_wrong_type_names_key_expected_and_given_types():
+    with pytest.raises(ConfigError, match=r"batch_size expects int .* got str 'many'"):
+        configure(DEFAULTS, ['--batch_size=many'])
+
+
+def test_int_is_accepted_where_a_float_is_expected():
+    value = configure(DEFAULTS, ['--learning_rate=1'])['learning_rate']
+    assert value == 1.0 and type(value) is float
+
+
+def test_float_is_refused_where_an_int_is_expected():
+    with pytest.raises(ConfigError, match='expects int'):
+        configure(DEFAULTS, ['--batch_size=2.5'])
+
+
+def test_bool_is_refused_where_an_int_is_expected():
+    with pytest.raises(ConfigError, match='got bool'):
+        configure(DEFAULTS, ['--batch_size=True'])
+
+
+def test_key_whose_default_is_none_takes_any_value():
+    assert configure(DEFAULTS, ['--n_layer=12'])['n_layer'] == 12
+
+
+def test_missing_config_file_is_an_error():
+    with pytest.raises(ConfigError, match='not found'):
+        configure(DEFAULTS, ['config/does_not_exist.py'])
+
+
+def test_override_without_equals_sign_is_an_error():
+    with pytest.raises(ConfigError, match=r"--batch_size=VALUE"):
+        configure(DEFAULTS, ['--batch_size'])

@@ -1,0 +1,230 @@
+"""train.py on a tiny synthetic corpus (bytes tokenizer) and a tiny model: a few steps each.
+Most runs call train.main() in this process (no second torch import); the ones about processes,
+signals and crashes run train.py in a subprocess."""
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import train  # noqa: E402
+from shards import write_meta, write_shard  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
+
+TINY = ['--model=tiny', '--device=cpu', '--dtype=float32', '--batch_size=4', '--block_size=32', '--eval_iters=2',
+        '--warmup_iters=2', '--learning_rate=3e-3', '--log_interval=1']
+
+
+def make_corpus(root, seed=0):
+    """Sentences from a small grammar, as bytes: easy to learn, so a few steps lower the loss."""
+    rng = random.Random(seed)
+    words = [['o gato', 'a menina', 'o rei', 'um homem', 'o povo'], ['come', 've', 'ama', 'fala com', 'guarda'],
+             ['o peixe', 'a terra', 'o senhor', 'as aguas', 'a luz']]
+    tok = load_tokenizer('bytes')
+    meta = {'tokenizer': {'kind': 'bytes'}, 'vocab_size': tok.vocab_size, 'bos_id': tok.bos_id,
+            'eos_id': tok.eos_id, 'pad_id': tok.pad_id, 'splits': {}}
+    for split, n in (('train', 300), ('val', 30)):
+        docs = [' '.join(' '.join(rng.choice(w) for w in words) + '.' for _ in range(rng.randint(2, 6)))
+                for _ in range(n)]
+        ids = [i for d in docs for i in tok.encode(d, bos=True, eos=True)]
+        write_shard(os.path.join(root, f'{split}_000000.bin'), ids, tok.vocab_size)
+        meta['splits'][split] = {'tokens': len(ids), 'bytes': sum(len(d.encode()) for d in docs),
+                                 'documents': n, 'shards': [f'{split}_000000.bin']}
+    write_meta(root, meta)
+    return str(root)
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    # tiny models run fastest on one thread (and torchrun gives each process one); two threads on a
+    # busy 2-core machine are 30x slower
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp('corpus'))
+
+
+def run(data_dir, out_dir, *args):
+    train.main(TINY + [f'--data_dir={data_dir}', f'--out_dir={out_dir}', *args])
+
+
+def train_py(data_dir, out_dir, *args, torchrun=0, env=None, **popen):
+    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun}'] \
+        if torchrun else [sys.executable]
+    command = launcher + [os.path.join(ROOT, 'train.py')] + TINY + [f'--data_dir={data_dir}', f'--out_dir={out_dir}',
+                                                                   *args]
+    return subprocess.Popen(command, cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1', **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def log_lines(out_dir):
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(out_dir):
+    return [(r['step'], r['train_loss']) for r in log_lines(out_dir) if r['train_loss'] is not None]
+
+
+def load(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def wait_for(condition, timeout=60, process=None):
+    deadline = time.time() + timeout
+    while not condition():
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"train.py ended early:\n{process.stdout.read()}")
+        if time.time() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.02)
+
+
+def error_of(data_dir, out_dir, *args):
+    with pytest.raises(SystemExit) as e:
+        run(data_dir, out_dir, *args)
+    return str(e.value.code)
+
+
+# --- training
+
+def test_loss_falls_over_a_few_steps(data_dir, tmp_path):
+    run(data_dir, tmp_path, '--max_iters=12', '--eval_interval=12')
+    losses = [loss for _, loss in train_losses(tmp_path)]
+    assert sum(losses[-3:]) / 3 < losses[0] - 1.0
+
+
+def test_checkpoint_loads_with_model_load_model(data_dir, tmp_path):
+    from model import load_model
+    run(data_dir, tmp_path, '--max_iters=2', '--eval_interval=2')
+    model, tokenizer, checkpoint = load_model(str(tmp_path))
+    assert checkpoint['step'] == 2 and tokenizer.kind == 'bytes'
+    assert not any(k.startswith(('_orig_mod.', 'module.')) for k in checkpoint['model'])
+
+
+def test_resume_is_exact(data_dir, tmp_path):
+    # dropout on, so the restored random state matters too
+    common = ['--dropout=0.1', '--eval_interval=100', '--lr_decay_iters=8']
+    run(data_dir, tmp_path / 'straight', '--max_iters=8', *common)
+    run(data_dir, tmp_path / 'split', '--max_iters=4', *common)
+    run(data_dir, tmp_path / 'split', '--max_iters=8', '--init_from=resume', *common)
+    assert train_losses(tmp_path / 'split') == train_losses(tmp_path / 'straight')
+
+
+def test_two_processes_match_one_with_twice_the_accumulation(data_dir, tmp_path):
+    args = ['--max_iters=4', '--eval_interval=100', '--gradient_accumulation_steps=2']
+    process = train_py(data_dir, tmp_path / 'ddp', *args, torchrun=2)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 0, output
+    run(data_dir, tmp_path / 'one', *args)  # on one thread, as each torchrun process
+    one, ddp = train_losses(tmp_path / 'one'), train_losses(tmp_path / 'ddp')
+    assert [s for s, _ in ddp] == [1, 2, 3, 4]
+    assert torch.allclose(torch.tensor([l for _, l in ddp]), torch.tensor([l for _, l in one]), rtol=1e-5, atol=0)
+    # only rank 0 writes: one set of files, one log line per step, one config printout
+    assert sorted(os.listdir(tmp_path / 'ddp')) == ['best.pt', 'ckpt.pt', 'config.json', 'log.jsonl']
+    assert output.count('config:') == 1
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
+    process = train_py(data_dir, tmp_path, '--max_iters=100000', '--eval_interval=100000')
+    log = tmp_path / 'log.jsonl'
+    wait_for(lambda: log.exists() and log.read_text().count('\n') >= 3, process=process)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=60)[0]
+    assert process.returncode == 0, output
+    assert 'stopped by SIGTERM' in output
+    assert load(tmp_path / 'ckpt.pt')['step'] >= 2
+
+
+def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(data_dir, tmp_path):
+    # the test hook sleeps inside every checkpoint write, after the temp file is written
+    process = train_py(data_dir, tmp_path, '--max_iters=100000', '--eval_interval=2',
+                       env={'MIRIM_TEST_SAVE_DELAY': '1'})
+    ckpt, tmp = tmp_path / 'ckpt.pt', tmp_path / 'ckpt.pt.tmp'
+    wait_for(lambda: ckpt.exists() and tmp.exists(), process=process)  # the second save is under way
+    process.kill()
+    process.communicate(timeout=60)
+    assert load(ckpt)['step'] == 2
+
+
+def test_nan_loss_stops_without_overwriting_the_last_checkpoint(data_dir, tmp_path):
+    run(data_dir, tmp_path, '--max_iters=2', '--eval_interval=2')
+    before = hashlib.sha256((tmp_path / 'ckpt.pt').read_bytes()).hexdigest()
+    message = error_of(data_dir, tmp_path, '--init_from=resume', '--max_iters=12', '--eval_interval=100',
+                       '--learning_rate=1e12', '--warmup_iters=0', '--grad_clip=0.0')
+    assert 'at step' in message and ('nan' in message or 'inf' in message)
+    assert hashlib.sha256((tmp_path / 'ckpt.pt').read_bytes()).hexdigest() == before
+
+
+def test_fine_tuning_starts_from_the_checkpoints_weights(data_dir, tmp_path):
+    run(data_dir, tmp_path / 'base', '--max_iters=4', '--eval_interval=4')
+    run(data_dir, tmp_path / 'tuned', '--max_iters=1', f'--init_from={tmp_path / "base"}')
+    base_val = load(tmp_path / 'base' / 'ckpt.pt')['val_loss']
+    assert log_lines(tmp_path / 'tuned')[0]['val_loss'] == pytest.approx(base_val, rel=1e-6)
+
+
+def test_lr_schedules_warm_up_then_end_at_min_lr():
+    cfg = dict(train.DEFAULTS, learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=100, lr_decay_iters=0,
+               wsd_decay_fraction=0.2)
+    for schedule in ('cosine', 'wsd'):
+        lrs = [train.get_lr(s, dict(cfg, lr_schedule=schedule)) for s in range(101)]
+        assert lrs[0] < lrs[5] < lrs[10] == 1.0 and lrs[100] == pytest.approx(0.1)
+    wsd = [train.get_lr(s, dict(cfg, lr_schedule='wsd')) for s in range(101)]
+    assert wsd[10] == wsd[80] == 1.0 and wsd[81] < 1.0
+    assert train.get_lr(99, dict(cfg, lr_schedule='constant')) == 1.0
+
+
+# --- errors users hit
+
+def test_unknown_config_key_is_refused_with_a_suggestion(data_dir, tmp_path):
+    message = error_of(data_dir, tmp_path, '--n_layers=3')
+    assert "'n_layers'" in message and 'n_layer' in message.split('mean')[1]
+
+
+def test_wrong_type_is_refused(data_dir, tmp_path):
+    message = error_of(data_dir, tmp_path, '--batch_size=2.5')
+    assert 'batch_size' in message and 'int' in message and 'float' in message
+
+
+def test_missing_data_names_the_prepare_command(tmp_path):
+    message = error_of(tmp_path / 'nothing', tmp_path / 'out')
+    assert 'prepare' in message
+
+
+def test_data_vocab_larger_than_the_model_is_refused(data_dir, tmp_path):
+    assert 'vocab' in error_of(data_dir, tmp_path, '--vocab_size=100')
+
+
+def test_block_size_beyond_the_models_context_is_refused(data_dir, tmp_path):
+    run(data_dir, tmp_path / 'base', '--max_iters=1', '--eval_interval=1')
+    message = error_of(data_dir, tmp_path / 'tuned', f'--init_from={tmp_path / "base"}', '--block_size=64')
+    assert 'block_size=64' in message and '32' in message
+
+
+def test_unwritable_out_dir_is_refused(data_dir, tmp_path):
+    (tmp_path / 'file').write_text('not a directory')
+    assert 'not writable' in error_of(data_dir, tmp_path / 'file' / 'out')
+
+
+def test_resume_from_a_different_shape_names_the_fields(data_dir, tmp_path):
+    run(data_dir, tmp_path, '--max_iters=1', '--eval_interval=1')
+    message = error_of(data_dir, tmp_path, '--init_from=resume', '--n_layer=3', '--max_iters=2')
+    assert 'n_layer=2' in message and 'n_layer' in message and 'n_embd' not in message
+
+
+def test_scratch_run_refuses_to_overwrite_a_checkpoint(data_dir, tmp_path):
+    run(data_dir, tmp_path, '--max_iters=1', '--eval_interval=1')
+    assert 'init_from=resume' in error_of(data_dir, tmp_path, '--max_iters=1')
