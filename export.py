@@ -324,7 +324,7 @@ PARITY_TEXTS = [
 ]
 
 
-def check_tokenizer(tok, backend, texts=()):
+def check_tokenizer_ids(tok, backend, texts=()):
     """SentencePiece and the exported tokenizer.json must give the same ids; raises on the first difference."""
     specials = [p for p, i in tok.special_tokens.items() if i not in (tok.bos_id, tok.eos_id, tok.pad_id, tok._unk_id)]
     samples = list(PARITY_TEXTS) + list(texts)
@@ -373,7 +373,7 @@ def write_tokenizer(tok, dest, model_max_length, check=True):
     SentencePiece, which llama.cpp's converter and mirim's load_hf read)."""
     backend = tokenizer_backend(tok)
     if check:
-        check_tokenizer(tok, backend)
+        check_tokenizer_ids(tok, backend)
     names = {i: p for p, i in tok.special_tokens.items()}
     specials = {'bos_token': names.get(tok.bos_id), 'eos_token': names.get(tok.eos_id),
                 'unk_token': names.get(tok._unk_id), 'pad_token': names.get(tok.pad_id)}

@@ -181,6 +181,15 @@ def test_tokenizer_json_matches_sentencepiece_on_many_strings(sp_toks, kind):
     assert wrong == []
 
 
+def test_export_check_catches_a_tokenizer_json_that_disagrees(sp_toks):
+    from tokenizers import normalizers
+    backend = export.tokenizer_backend(sp_toks['bpe'])
+    # the usual Llama conversion: a '▁' prepended to every string, chat tokens' own text included
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend('\u2581'), normalizers.Replace(' ', '\u2581')])
+    with pytest.raises(ValueError, match='disagrees with the mirim tokenizer'):
+        export.check_tokenizer_ids(sp_toks['bpe'], backend)
+
+
 def test_bytes_tokenizer_exports_as_byte_level(tmp_path):
     tok = load_tokenizer('bytes')
     export.write_tokenizer(tok, str(tmp_path), 64)
