@@ -141,12 +141,11 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask=None, cache_pos=None):
         B, T, _ = x.shape
-        q, k, v = self.wqkv(x).split([self.n_head * self.head_size, self.n_kv_head * self.head_size,
-                                      self.n_kv_head * self.head_size], dim=-1)
-        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)      # (B, nh, T, hs)
-        k = k.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)   # (B, nkv, T, hs)
-        v = v.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        nh, nkv, hs = self.n_head, self.n_kv_head, self.head_size
+        qkv = self.wqkv(x).view(B, T, nh + 2 * nkv, hs)
+        qk = apply_rope(qkv[:, :, :nh + nkv], cos, sin)  # rotate the q and k heads in one pass
+        q, k = qk[:, :, :nh].transpose(1, 2), qk[:, :, nh:].transpose(1, 2)   # (B, heads, T, hs)
+        v = qkv[:, :, nh + nkv:].transpose(1, 2)
         if cache_pos is not None:
             # write this step's keys/values into the preallocated cache, attend over everything so far
             self.cache_k[:B, :, cache_pos:cache_pos + T] = k
@@ -255,7 +254,7 @@ class Llama(nn.Module):
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds the model's block_size {self.config.block_size}")
         x = self.dropout(self.tok_embeddings(idx))
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        cos, sin = self.rope_cos[:T, None], self.rope_sin[:T, None]  # (T, 1, hs): broadcast over heads
         for layer in self.layers:
             x = layer(x, cos, sin)
         return self.norm(x)
@@ -292,12 +291,12 @@ class Llama(nn.Module):
         x = self.tok_embeddings(idx)
         steps = torch.arange(cache_pos, cache_pos + T, device=idx.device)
         if left_pad is None:
-            cos, sin = self.rope_cos[steps], self.rope_sin[steps]
+            cos, sin = self.rope_cos[steps, None], self.rope_sin[steps, None]
             # one new token sees the whole cache: no mask; a chunk needs the causal one
             mask = None if T == 1 else (steps[:, None] >= torch.arange(cache_pos + T, device=idx.device))
         else:
             positions = (steps[None, :] - left_pad[:, None]).clamp(min=0)          # (B, T)
-            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+            cos, sin = self.rope_cos[positions][:, :, None], self.rope_sin[positions][:, :, None]
             keys = torch.arange(cache_pos + T, device=idx.device)
             mask = (keys[None, None, :] <= steps[None, :, None]) & (keys[None, None, :] >= left_pad[:, None, None])
             mask = mask[:, None]                                                   # (B, 1, T, keys)

@@ -153,7 +153,8 @@ def test_attention_with_as_many_kv_heads_as_heads_equals_plain_multi_head_attent
     attention = model.layers[0].attention
     x = torch.randn(2, 9, 32)
     cos, sin = model.rope_cos[:9], model.rope_sin[:9]
-    assert torch.allclose(attention(x, cos, sin), plain_multi_head_attention(attention, x, cos, sin), atol=1e-5)
+    assert torch.allclose(attention(x, cos[:, None], sin[:, None]), plain_multi_head_attention(attention, x, cos, sin),
+                          atol=1e-5)
 
 
 def test_grouped_query_attention_equals_multi_head_attention_with_repeated_kv_heads():
