@@ -289,6 +289,9 @@ def requested_model_config(cfg, meta):
         fail(f"model={cfg['model']!r} is not a preset; choose one of {', '.join(sorted(PRESETS))}")
     shape = {**dataclasses.asdict(LlamaConfig()), **PRESETS[cfg['model']]}
     shape.update({k: cfg[k] for k in SHAPE_KEYS + ('block_size',) if cfg[k] is not None})
+    if cfg['vocab_size'] and cfg['vocab_size'] < meta['vocab_size']:
+        fail(f"vocab_size={cfg['vocab_size']} is smaller than the data's vocab of {meta['vocab_size']} tokens "
+             f"(leave vocab_size unset to use the data's)")
     shape['vocab_size'] = cfg['vocab_size'] or meta['vocab_size']
     shape['dropout'] = cfg['dropout']
     for key in ('bos_id', 'eos_id', 'pad_id'):

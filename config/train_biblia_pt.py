@@ -1,0 +1,18 @@
+# The CPU demo: a 4-layer, 256-wide Llama on the Portuguese Bible, in under 10 minutes on 2 cores.
+#   python data/biblia/prepare.py --lang pt       # -> data/biblia/pt/ (SentencePiece 4096, ~1M tokens)
+#   python train.py config/train_biblia_pt.py
+#   python sample.py --out_dir=out/biblia-pt --start="No princípio"
+out_dir = 'out/biblia-pt'
+data_dir = 'data/biblia/pt'
+model = 'demo'                  # 4 layers, width 256, 8 heads (4 kv), GeGLU, tied embeddings: 3.9M parameters
+block_size = 256
+batch_size = 8                  # 2,048 tokens a step: small steps, many of them, suit a small model
+max_iters = 600                 # ~1.2M tokens, a little over one epoch
+max_time = 540.0                # a safety net on a slower machine: evaluate, save and stop after 9 minutes
+learning_rate = 2e-3
+min_lr = 2e-4
+warmup_iters = 50
+eval_interval = 100
+eval_iters = 10
+log_interval = 10
+device = 'cpu'
