@@ -110,9 +110,9 @@ def test_greedy_sample_matches_model_generate(model, tok):
 
 def test_batched_and_one_at_a_time_greedy_outputs_are_identical(model, tok):
     prompts = PROMPTS + ['', 'x' * 40]  # lengths 1 to 41 tokens: most rows are left-padded
-    batched = sample.sample_prompts(model, tok, prompts, max_new_tokens=16, temperature=0, batch_size=8,
+    batched = sample.sample_prompts(model, tok, prompts, max_new_tokens=10, temperature=0, batch_size=8,
                                     progress=False)
-    single = sample.sample_prompts(model, tok, prompts, max_new_tokens=16, temperature=0, batch_size=1,
+    single = sample.sample_prompts(model, tok, prompts, max_new_tokens=10, temperature=0, batch_size=1,
                                    progress=False)
     assert [r['tokens'] for r in batched] == [r['tokens'] for r in single]
 
