@@ -41,8 +41,6 @@ fixed seed. Chance is 25%.
 
 Results are printed as a table and written as JSON to --output (default out_dir/eval_<task>.json).
 """
-import ast
-import difflib
 import json
 import math
 import os
@@ -56,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from configurator import ConfigError, configure
 from model import load_model
 from shards import ShardError, load_meta, open_split
 
@@ -357,33 +356,12 @@ def verse_examples(books, count=500, seed=1234, choices=4):
 # -----------------------------------------------------------------------------
 # command line
 
-def parse_args(defaults, argv):
-    """--key=value overrides of the defaults above; values are Python literals (strings may be bare).
-    An unknown key or a value of the wrong type is an error that names it."""
-    config = dict(defaults)
-    for arg in argv:
-        if not arg.startswith('--') or '=' not in arg:
-            raise SystemExit(f"eval.py takes --key=value arguments, got {arg!r}")
-        key, value = arg[2:].split('=', 1)
-        if key not in config:
-            close = difflib.get_close_matches(key, config, n=3)
-            raise SystemExit(f"unknown option --{key}" + (f"; did you mean {', '.join('--' + c for c in close)}?" if close else
-                                                         f"; options: {', '.join(sorted(config))}"))
-        try:
-            parsed = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            parsed = value
-        expected = type(config[key])
-        if expected is str:
-            parsed = value
-        elif expected is float and isinstance(parsed, int) and not isinstance(parsed, bool):
-            parsed = float(parsed)
-        elif expected is int and isinstance(parsed, float) and parsed.is_integer():
-            parsed = int(parsed)  # 1e6 for an int option
-        if type(parsed) is not expected:
-            raise SystemExit(f"--{key} must be {expected.__name__}, got {value!r}")
-        config[key] = parsed
-    return config
+def parse_args(argv):
+    """DEFAULTS, then --key=value (or config files), checked by the project's configurator."""
+    try:
+        return configure(DEFAULTS, argv)
+    except ConfigError as e:
+        raise SystemExit(f"eval.py: {e}") from None
 
 
 def pick_device(name):
@@ -439,7 +417,7 @@ def write_json(path, data):
 
 
 def main(argv=None):
-    config = parse_args(DEFAULTS, sys.argv[1:] if argv is None else argv)
+    config = parse_args(sys.argv[1:] if argv is None else argv)
     run_device = pick_device(config['device'])
     dtype_name, autocast = autocast_for(run_device, config['dtype'])
     path = config['checkpoint'] or os.path.join(config['out_dir'], 'ckpt.pt')

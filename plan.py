@@ -3,9 +3,10 @@ Plan a training run before paying for it: parameters, FLOPs, how many tokens to 
 model size a corpus supports, and the time and money the run will take.
 
     python plan.py --model=ttl-160m                          # a preset
-    python plan.py config/train_biblia_pt.py                 # a training config (its shape and token budget)
+    python plan.py config/train_biblia_pt.py                 # a training config: its model, tokens, corpus
     python plan.py --params=160e6                            # just a parameter count (FLOPs ~ 6 x params)
     python plan.py --model=demo --data_dir=data/biblia/pt    # the model size the corpus supports
+    python plan.py --model=ttl-160m --n_layer=16             # any of train.py's keys, as train.py reads them
     python plan.py --model=ttl-160m --gpu=H100 --mfu=0.4 --gpu_hour_price=2.5
     python plan.py config/x.py --log=out/x/log.jsonl         # time from the tokens/s a run measured
     python plan.py --model=demo --tokens_per_sec=9000        # or from bench.py's number
@@ -14,12 +15,14 @@ Tokens to train on, per parameter (total parameters, embeddings included):
   - Chinchilla: ~20 tokens per parameter is compute-optimal (Hoffmann et al. 2022, "Training
     Compute-Optimal Large Language Models", arXiv:2203.15556): for a fixed compute budget, the
     loss is lowest when parameters and tokens grow together, about 20 tokens each.
-  - What the seed models did: TeenyTinyLlama-160m saw its 6.2B-token corpus (Pt-Corpus Instruct,
-    model card; Corrêa et al. 2024, arXiv:2401.16640): ~38 tokens/param. cucafera (244M) trained
-    11,007 steps of 524,288 tokens (model card): 5.77B tokens, ~24 tokens/param. TinyLlama trained
-    1.1B parameters on 3T tokens (Zhang et al. 2024, arXiv:2401.02385), ~2,700 tokens/param: a
-    small model keeps improving long past "optimal" and is cheaper to run, so when inference cost
-    matters one trains far beyond 20x.
+  - What the seed models did: TeenyTinyLlama-160m trained 457,969 steps of 4 x 2048 tokens (model
+    card; Corrêa et al. 2024, arXiv:2401.16640) = 3.75B tokens, ~23 tokens/param, and -460m 1.2M
+    such steps = 9.8B tokens, ~21/param: both sized by the Chinchilla rule. (Their corpus, Pt-Corpus
+    Instruct, holds 6.2B tokens: 38 per parameter of the 160m, which saw 0.6 epochs of it.)
+    cucafera (244M) trained 11,007 steps of 524,288 tokens (model card): 5.77B tokens, ~24/param.
+    TinyLlama trained 1.1B parameters on 3T tokens (Zhang et al. 2024, arXiv:2401.02385), ~2,700
+    tokens/param: a small model keeps improving long past "optimal" and is cheaper to run, so when
+    inference cost matters one trains far beyond 20x.
 Training FLOPs per token come from model.py (6 per weight for forward + backward, plus attention;
 PaLM appendix B). Time from peak FLOP/s: FLOPs / (peak x MFU x GPUs); peak bf16 dense FLOP/s from
 NVIDIA's datasheets (A100 312 TFLOPS; H100 SXM and H200 989 TFLOPS; H100 PCIe 756 TFLOPS: the
@@ -33,12 +36,11 @@ import os
 import statistics
 import sys
 
-# defaults; override with --key=value
+# plan.py's own options; every other --key=value (and any config file) is train.py's, resolved as
+# train.py resolves it: --model=PRESET, --n_layer=..., --max_iters=..., --batch_size=..., --data_dir=...
 DEFAULTS = dict(
-    model='',              # a preset name from model.py (ttl-160m, demo, ...)
-    params=0.0,            # or just a parameter count, e.g. 160e6 (no shape: FLOPs ~ 6 x params)
-    tokens=0.0,            # tokens the run will train on; 0 = from the config file, else the Chinchilla count
-    data_dir='',           # a prepared corpus: its train tokens say what model size it supports
+    params=0.0,            # instead of a model: just a parameter count, e.g. 160e6 (FLOPs ~ 6 x params)
+    tokens=0.0,            # tokens the run will train on; 0 = the config's max_iters x tokens per step
     tokens_per_sec=0.0,    # measured training throughput of the whole run (all GPUs), e.g. from bench.py
     log='',                # or a train.py log.jsonl (or its out_dir) to read the measured tokens/s from
     gpu='',                # A100 | H100 | H100-PCIe | H200: time estimated from peak FLOP/s and --mfu
@@ -54,10 +56,12 @@ PEAK_FLOPS = {'A100': 312e12, 'H100': 989e12, 'H100-PCIe': 756e12, 'H200': 989e1
 CHINCHILLA_TOKENS_PER_PARAM = 20
 # (name, tokens, parameters) of published runs, for their tokens per parameter
 PUBLISHED_RUNS = [
-    ('TeenyTinyLlama-160m', 6.2e9, 162_417_408),   # model card: Pt-Corpus Instruct, 6.2B tokens
-    ('cucafera-244m', 11_007 * 524_288, 244e6),    # model card: 11,007 steps x 524,288-token batches
-    ('TinyLlama-1.1B', 3e12, 1.1e9),               # arXiv:2401.02385: 3T tokens (1T x ~3 epochs)
+    ('TeenyTinyLlama-160m', 457_969 * 4 * 2048, 162_417_408),  # model card: 457,969 steps, batch 4, context 2048
+    ('TeenyTinyLlama-460m', 1_200_000 * 4 * 2048, 468_239_360),  # model card: 1.2M steps, same batch
+    ('cucafera-244m', 11_007 * 524_288, 244e6),                # model card: 11,007 steps x 524,288 tokens
+    ('TinyLlama-1.1B', 3e12, 1.1e9),                           # arXiv:2401.02385: 3T tokens (1T x ~3 epochs)
 ]
+TTL_CORPUS_TOKENS = 6.2e9  # Pt-Corpus Instruct, the TeenyTinyLlama models' pre-training data (model cards)
 
 
 def human(x, unit=''):
@@ -79,20 +83,29 @@ def duration(seconds):
 # -----------------------------------------------------------------------------
 # the model
 
+def count_params(shape, context=None):
+    """Parameters and training FLOPs per token of a model.py Llama of this shape (LlamaConfig fields),
+    counted from the shape alone, so it is instant even for a big model. Same counts as model.py's
+    num_params() and flops_per_token() (tests/test_plan.py checks that they agree)."""
+    from model import LlamaConfig
+    c = LlamaConfig(**shape)
+    attention = c.n_embd * (c.n_head + 2 * c.n_kv_head) * c.head_size + c.n_head * c.head_size * c.n_embd
+    layer = attention + 3 * c.n_embd * c.ffn_hidden + 2 * c.n_embd   # wqkv + wo, w13 + w2, two norms
+    embedding = c.vocab_size * c.n_embd
+    non_embedding = c.n_layer * layer + c.n_embd + (0 if c.tie_embeddings else embedding)  # + final norm, head
+    matmul = non_embedding - (2 * c.n_layer + 1) * c.n_embd + (embedding if c.tie_embeddings else 0)
+    context = context or c.block_size
+    flops = 6 * matmul + 12 * c.n_layer * c.n_head * c.head_size * context  # as Llama.flops_per_token
+    return {'params': embedding + non_embedding, 'non_embedding': non_embedding, 'flops_per_token': flops,
+            'context': context}
+
+
 def model_facts(shape=None, params=None, context=None):
-    """{'params', 'non_embedding', 'flops_per_token', ...} of a model shape (a dict of LlamaConfig
+    """{'params', 'non_embedding', 'flops_per_token', 'context'} of a model shape (a dict of LlamaConfig
     fields), or of a bare parameter count (FLOPs ~ 6 x params, attention not counted)."""
     if shape is None:
-        return {'params': int(params), 'non_embedding': None, 'flops_per_token': 6 * int(params),
-                'context': None, 'shape': None}
-    import torch
-    from model import Llama, LlamaConfig
-    config = LlamaConfig(**shape)
-    with torch.device('meta'):  # shapes only: no memory, no time spent on initialisation
-        model = Llama(config)
-    context = context or config.block_size
-    return {'params': model.num_params(non_embedding=False), 'non_embedding': model.num_params(non_embedding=True),
-            'flops_per_token': model.flops_per_token(context), 'context': context, 'shape': shape}
+        return {'params': int(params), 'non_embedding': None, 'flops_per_token': 6 * int(params), 'context': None}
+    return count_params(shape, context)
 
 
 def chinchilla_tokens(params):
@@ -114,38 +127,32 @@ def token_rules(params):
 # -----------------------------------------------------------------------------
 # config files and logs
 
-def read_config_file(path):
-    """The module-level names a Python config file sets (as train.py reads it)."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"config file {path} not found")
-    names = {}
-    with open(path, encoding='utf-8') as f:
-        exec(compile(f.read(), path, 'exec'), {}, names)
-    return {k: v for k, v in names.items() if not k.startswith('_') and isinstance(v, (int, float, str, bool, type(None)))}
+def training_config(argv):
+    """train.py's resolved config for these config files and --key=value, as train.py resolves it."""
+    from configurator import ConfigError, configure
+    from train import DEFAULTS as TRAIN_DEFAULTS
+    try:
+        return configure(TRAIN_DEFAULTS, argv)
+    except ConfigError as e:
+        raise SystemExit(f"plan.py: {e} (plan.py's own options: {', '.join(DEFAULTS)})") from None
 
 
-def shape_from_config(config):
-    """A model shape from a training config: its preset (model=/preset=) then any LlamaConfig fields it sets."""
-    from model import PRESETS, LlamaConfig
-    from dataclasses import fields
-    preset = next((config[k] for k in ('model', 'preset', 'model_preset') if isinstance(config.get(k), str)
-                   and config[k]), '')
-    if preset and preset not in PRESETS:
-        raise SystemExit(f"unknown preset {preset!r}; presets: {', '.join(sorted(PRESETS))}")
-    shape = dict(PRESETS.get(preset, {}))
-    shape.update({f.name: config[f.name] for f in fields(LlamaConfig) if f.name in config})
-    return shape, preset
+def model_shape(train_config, meta=None):
+    """The LlamaConfig fields train.py would build from this config: its preset, the shape keys it
+    sets, and the vocab of the data (meta) when given, else the preset's."""
+    from dataclasses import asdict
+    from model import PRESETS
+    from train import requested_model_config
+    if meta is None:
+        meta = {'vocab_size': PRESETS.get(train_config['model'], {}).get('vocab_size', 0) or None}
+    return asdict(requested_model_config(train_config, meta))
 
 
-def tokens_from_config(config):
-    """Tokens a training config will see: max_tokens if it says so, else max_iters x tokens per step
-    (batch_size x block_size x gradient_accumulation_steps), or None."""
-    if config.get('max_tokens'):
-        return float(config['max_tokens'])
-    if config.get('max_iters') and config.get('batch_size') and config.get('block_size'):
-        return float(config['max_iters'] * config['batch_size'] * config['block_size']
-                     * (config.get('gradient_accumulation_steps') or 1))
-    return None
+def tokens_from_config(train_config, block_size):
+    """Tokens a training run sees: max_iters x batch_size x block_size x gradient_accumulation_steps
+    (train.py's accumulation steps count all processes, so this holds for any number of GPUs)."""
+    return float(train_config['max_iters'] * train_config['batch_size'] * block_size
+                 * train_config['gradient_accumulation_steps'])
 
 
 def tokens_per_sec_from_log(path):
@@ -178,7 +185,7 @@ def plan(config):
     """Everything plan.py prints, as a dict (the command line formats it)."""
     facts = model_facts(config.get('shape'), config.get('params') or None, config.get('context') or None)
     params = facts['params']
-    result = {'model': config.get('name'), **{k: v for k, v in facts.items() if k != 'shape'}}
+    result = {'model': config.get('name'), **facts}
     rows = token_rules(params)
     if config.get('tokens'):
         rows.append((config.get('tokens_source') or 'planned', config['tokens'] / params, config['tokens']))
@@ -249,28 +256,18 @@ def report(result):
 
 
 def parse_args(argv):
-    """A config file (optional, first) then --key=value overrides of DEFAULTS or of LlamaConfig fields."""
-    from dataclasses import fields
-    from model import LlamaConfig
-    config, shape_overrides, file_config = dict(DEFAULTS), {}, {}
-    shape_fields = {f.name: f.type for f in fields(LlamaConfig)}
+    """plan.py's own --key=value options -> (options, the rest: config files and train.py's options)."""
+    options, rest = dict(DEFAULTS), []
     for arg in argv:
-        if not arg.startswith('--'):
-            file_config = read_config_file(arg)
-            continue
         key, _, value = arg[2:].partition('=')
-        if key not in config and key not in shape_fields:
-            close = difflib.get_close_matches(key, list(config) + list(shape_fields), n=3)
-            raise SystemExit(f"unknown option --{key}" + (f"; did you mean {', '.join('--' + c for c in close)}?"
-                                                         if close else ''))
+        if not arg.startswith('--') or key not in options:
+            rest.append(arg)
+            continue
         try:
             parsed = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             parsed = value
-        if key in shape_fields:
-            shape_overrides[key] = parsed
-            continue
-        expected = type(config[key])
+        expected = type(options[key])
         if expected is str:
             parsed = value
         elif expected is float and isinstance(parsed, int) and not isinstance(parsed, bool):
@@ -279,32 +276,38 @@ def parse_args(argv):
             parsed = int(parsed)
         if type(parsed) is not expected:
             raise SystemExit(f"--{key} must be {expected.__name__}, got {value!r}")
-        config[key] = parsed
-    return config, shape_overrides, file_config
+        options[key] = parsed
+    return options, rest
 
 
 def main(argv=None):
-    from model import PRESETS
-    config, shape_overrides, file_config = parse_args(sys.argv[1:] if argv is None else argv)
-    shape, name = shape_from_config(file_config) if file_config else ({}, '')
-    if config['model']:
-        if config['model'] not in PRESETS:
-            raise SystemExit(f"unknown --model={config['model']}; presets: {', '.join(sorted(PRESETS))}")
-        shape, name = dict(PRESETS[config['model']]), config['model']
-    shape.update(shape_overrides)
-    if not shape and not config['params']:
-        raise SystemExit("give a model: a config file, --model=PRESET, or --params=COUNT (see plan.py's docstring)")
-    config['shape'] = shape or None
-    config['name'] = name
-    if not config['tokens'] and file_config:
-        config['tokens'] = tokens_from_config(file_config) or 0.0
-        config['tokens_source'] = 'this config'
-    data_dir = config['data_dir'] or file_config.get('data_dir', '')
-    if data_dir:
+    options, rest = parse_args(sys.argv[1:] if argv is None else argv)
+    train_config = training_config(rest)
+    has_file = any(not arg.startswith('--') for arg in rest)
+    given = {arg[2:].partition('=')[0] for arg in rest if arg.startswith('--')}
+    # the corpus counts when the run names one (a config file, --data_dir) and it has been prepared
+    meta = None
+    if has_file or 'data_dir' in given:
         from shards import load_meta
-        config['corpus_tokens'] = load_meta(data_dir)['splits']['train']['tokens']
-    if config['log']:
-        config['tokens_per_sec'] = tokens_per_sec_from_log(config['log'])
+        try:
+            meta = load_meta(train_config['data_dir'])
+        except FileNotFoundError as e:
+            if 'data_dir' in given:
+                raise SystemExit(f"plan.py: {e}") from None
+            print(f"(corpus {train_config['data_dir']} not prepared yet: planning with the preset's vocab)")
+    config = dict(options)
+    if options['params'] and not (has_file or given):
+        config['shape'], config['name'] = None, None
+    else:
+        config['shape'], config['name'] = model_shape(train_config, meta), train_config['model']
+    if not config['tokens'] and config['shape'] and (has_file or given & {'max_iters', 'batch_size',
+                                                                         'gradient_accumulation_steps'}):
+        config['tokens'] = tokens_from_config(train_config, config['shape']['block_size'])
+        config['tokens_source'] = 'this config (max_iters)'
+    if meta is not None:
+        config['corpus_tokens'] = meta['splits']['train']['tokens']
+    if options['log']:
+        config['tokens_per_sec'] = tokens_per_sec_from_log(options['log'])
     result = plan(config)
     print(report(result))
     return result

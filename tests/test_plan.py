@@ -3,6 +3,7 @@ import os
 import sys
 
 import pytest
+from dataclasses import asdict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import plan
@@ -27,16 +28,31 @@ def test_ttl_460m_has_the_model_cards_parameter_count():
     assert plan.model_facts(PRESETS['ttl-460m'])['params'] == 468_239_360
 
 
-def test_ttl_160m_trained_about_38_tokens_per_parameter():
+def test_ttl_160m_trained_its_model_cards_tokens_about_23_per_parameter():
     result = plan.main(['--model=ttl-160m'])
     row = rule(result, 'as TeenyTinyLlama-160m')
-    assert row['tokens'] == pytest.approx(6.2e9)
-    assert row['tokens_per_param'] == pytest.approx(6.2e9 / 162_417_408) and 38 < row['tokens_per_param'] < 38.5
+    assert row['tokens'] == pytest.approx(457_969 * 8192)  # steps x 4 sequences x 2048 tokens, about 3.75B
+    assert 23.0 < row['tokens_per_param'] < 23.2
 
 
-def test_flops_per_token_are_the_models_own():
-    facts = plan.model_facts(PRESETS['tiny'], context=32)
-    assert facts['flops_per_token'] == Llama(config_from_preset('tiny')).flops_per_token(32)
+def test_ttl_corpus_is_38_tokens_per_parameter_of_ttl_160m_and_supports_310m_at_20x(tmp_path):
+    (tmp_path / 'meta.json').write_text(json.dumps({'vocab_size': 32000,
+                                                    'splits': {'train': {'tokens': plan.TTL_CORPUS_TOKENS}}}))
+    result = plan.main(['--model=ttl-160m', f'--data_dir={tmp_path}'])
+    assert plan.TTL_CORPUS_TOKENS / result['params'] == pytest.approx(38.17, abs=0.01)
+    assert result['corpus']['params_supported_at_20x'] == pytest.approx(310e6)
+    assert result['corpus']['epochs']['as TeenyTinyLlama-160m'] == pytest.approx(0.605, abs=0.001)
+
+
+@pytest.mark.parametrize('name', ['tiny', 'demo'])
+@pytest.mark.parametrize('tied', [True, False])
+def test_counts_from_the_shape_equal_the_models_own(name, tied):
+    config = config_from_preset(name, tie_embeddings=tied)
+    model = Llama(config)
+    facts = plan.model_facts(asdict(config), context=32)
+    assert facts['params'] == model.num_params(non_embedding=False)
+    assert facts['non_embedding'] == model.num_params(non_embedding=True)
+    assert facts['flops_per_token'] == model.flops_per_token(32)
 
 
 def test_time_from_peak_flops_is_flops_over_peak_times_mfu_times_gpus():
@@ -54,18 +70,32 @@ def test_time_and_cost_from_measured_tokens_per_second():
 
 
 def test_corpus_tokens_say_which_model_size_they_support(tmp_path):
-    (tmp_path / 'meta.json').write_text(json.dumps({'splits': {'train': {'tokens': 1_000_000}}}))
+    (tmp_path / 'meta.json').write_text(json.dumps({'vocab_size': 512, 'splits': {'train': {'tokens': 1_000_000}}}))
     result = plan.main(['--model=tiny', f'--data_dir={tmp_path}'])
     assert result['corpus']['params_supported_at_20x'] == 50_000
 
 
-def test_config_file_gives_shape_and_token_budget(tmp_path):
+def test_config_file_gives_shape_token_budget_and_corpus_as_train_py_reads_it(tmp_path):
+    (tmp_path / 'meta.json').write_text(json.dumps({'vocab_size': 300, 'splits': {'train': {'tokens': 123_456}}}))
     path = tmp_path / 'x.py'
-    path.write_text("model = 'tiny'\nn_layer = 3\nmax_iters = 100\nbatch_size = 4\nblock_size = 64\n"
-                    "gradient_accumulation_steps = 2\n")
+    path.write_text(f"model = 'tiny'\nn_layer = 3\nmax_iters = 100\nbatch_size = 4\nblock_size = 32\n"
+                    f"gradient_accumulation_steps = 2\ndata_dir = {str(tmp_path)!r}\n")
     result = plan.main([str(path)])
-    assert result['params'] == plan.model_facts({**PRESETS['tiny'], 'n_layer': 3})['params']
-    assert rule(result, 'this config')['tokens'] == 100 * 4 * 64 * 2
+    # the data's vocab (300) replaces the preset's, as in a scratch training run
+    assert result['params'] == plan.model_facts({**PRESETS['tiny'], 'n_layer': 3, 'vocab_size': 300,
+                                                 'block_size': 32})['params']
+    assert rule(result, 'this config')['tokens'] == 100 * 4 * 32 * 2
+    assert result['corpus']['train_tokens'] == 123_456
+
+
+def test_train_py_options_override_the_preset():
+    result = plan.main(['--model=ttl-160m', '--n_layer=6'])
+    assert result['params'] == plan.model_facts({**PRESETS['ttl-160m'], 'n_layer': 6})['params']
+
+
+def test_unknown_option_is_an_error_naming_the_closest():
+    with pytest.raises(SystemExit, match='max_iters'):
+        plan.main(['--model=tiny', '--max_iter=10'])
 
 
 def test_tokens_per_sec_is_read_from_a_log(tmp_path):
@@ -85,9 +115,10 @@ def test_unknown_gpu_is_an_error_naming_the_known_ones():
         plan.main(['--model=tiny', '--gpu=A10O'])
 
 
-def test_no_model_is_an_error():
-    with pytest.raises(SystemExit, match='give a model'):
-        plan.main([])
+def test_without_a_model_it_plans_train_py_default_model():
+    from train import DEFAULTS as TRAIN_DEFAULTS
+    result = plan.main([])
+    assert result['model'] == TRAIN_DEFAULTS['model']
 
 
 # --------------------------------------------------------------------------- plot.py
