@@ -1,0 +1,201 @@
+"""
+Measure mirim's speed on this machine, side by side with Hugging Face's LlamaForCausalLM of the
+identical shape and weights when transformers is installed.
+
+    python bench.py                              # the default shape, training and generation
+    python bench.py --model=demo --batch_size=4  # a preset, other batch
+    python bench.py --what=train                 # only the training step (train | generate | loop | all)
+    python bench.py --what=loop                  # train.py's own loop on the demo config vs the bare step
+
+Loop: train.py run for `loop_iters` steps on config/train_biblia_pt.py (needs data/biblia/pt), its
+tokens/s read from log.jsonl (median of the log intervals), against the bare forward + backward +
+AdamW step of the same model and batch measured here: the difference is the loop's overhead
+(data, clipping, logging).
+
+Training: tokens/s of forward + backward + AdamW step on random tokens (same AdamW settings for both).
+Generation: new tokens/s at batch 1 with a KV cache, greedy, a fixed number of tokens (no eos).
+Each number is the median of `repeats` timed runs after a warm-up.
+"""
+import os
+import sys
+import time
+import statistics
+
+import torch
+
+from model import Llama, LlamaConfig, config_from_preset
+
+# defaults (override with --key=value)
+model = ''                 # a preset name; empty = the shape below
+vocab_size = 8192
+n_embd = 256
+n_layer = 4
+n_head = 8
+n_kv_head = 4
+ffn_hidden = 688
+activation = 'gelu_tanh'
+block_size = 256
+batch_size = 8
+train_steps = 10           # timed optimizer steps per repeat
+prompt_tokens = 16
+new_tokens = 128
+repeats = 3
+what = 'all'               # train | generate | loop | all (all = train and generate)
+loop_config = 'config/train_biblia_pt.py'
+loop_iters = 60
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'float32'          # float32 | bfloat16 (autocast for training, weights for generation)
+compile = False
+seed = 1337
+peak_flops = 0.0           # device peak FLOP/s, to print MFU (e.g. 989e12 for an H100 SXM in bf16)
+
+if __name__ == '__main__':
+    from configurator import configure
+    globals().update(configure({k: v for k, v in globals().items()
+                                if not k.startswith('_') and isinstance(v, (int, float, bool, str))}, sys.argv[1:]))
+
+
+def median_rate(run, count, repeats):
+    """run() does `count` units of work; returns the median units per second over `repeats` runs."""
+    run()  # warm-up (allocations, autotuning, compile)
+    rates = []
+    for _ in range(repeats):
+        if device == 'cuda':
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        run()
+        if device == 'cuda':
+            torch.cuda.synchronize()
+        rates.append(count / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def build_mirim():
+    if model:
+        config = config_from_preset(model, block_size=block_size)
+    else:
+        config = LlamaConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
+                             n_kv_head=n_kv_head, n_embd=n_embd, ffn_hidden=ffn_hidden, activation=activation,
+                             tie_embeddings=True)
+    return Llama(config, seed=seed).to(device)
+
+
+def build_hf_twin(mirim):
+    """The same shape and weights as a transformers LlamaForCausalLM (sdpa attention), or None."""
+    try:
+        from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
+        from export import hf_config, to_hf_state_dict
+    except ImportError as e:
+        print(f"(no Hugging Face comparison: {e})", file=sys.stderr)
+        return None
+    twin = LlamaForCausalLM(HFConfig(**hf_config(mirim.config)))
+    twin.config._attn_implementation = 'sdpa'
+    missing, unexpected = twin.load_state_dict(to_hf_state_dict(mirim.state_dict(), mirim.config), strict=False)
+    assert not unexpected and set(missing) <= {'lm_head.weight'}, (missing, unexpected)
+    twin.tie_weights()
+    return twin.to(device)
+
+
+def train_rate(net, is_hf):
+    net.train()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                                  fused=device == 'cuda')
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, net.config.vocab_size, (batch_size, block_size + 1), generator=generator).to(device)
+    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=dtype == 'bfloat16')
+
+    def step():
+        with autocast:
+            if is_hf:
+                loss = net(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss
+            else:
+                loss = net(tokens[:, :-1], tokens[:, 1:])[1]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def run():
+        for _ in range(train_steps):
+            step()
+    return median_rate(run, train_steps * batch_size * block_size, repeats)
+
+
+@torch.no_grad()
+def generate_rate(net, is_hf):
+    net.eval()
+    prompt = torch.randint(0, net.config.vocab_size, (1, prompt_tokens),
+                           generator=torch.Generator().manual_seed(seed)).to(device)
+    if is_hf:
+        run = lambda: net.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                   eos_token_id=None, pad_token_id=0)
+    else:
+        run = lambda: net.generate(prompt, new_tokens, temperature=0)
+    return median_rate(run, new_tokens, repeats)
+
+
+def loop_rates():
+    """train.py's tokens/s on loop_config against the bare step of the same model and batch."""
+    import json
+    import subprocess
+    import tempfile
+    from configurator import configure
+    import train
+    cfg = configure(train.DEFAULTS, [loop_config])
+    meta = json.load(open(os.path.join(cfg['data_dir'], 'meta.json')))
+    overrides = {k: cfg[k] for k in train.SHAPE_KEYS if cfg[k] is not None}
+    config = config_from_preset(cfg['model'], vocab_size=meta['vocab_size'], block_size=cfg['block_size'], **overrides)
+    net = Llama(config, seed=seed)
+    global batch_size, block_size
+    batch_size, block_size = cfg['batch_size'] * cfg['gradient_accumulation_steps'], cfg['block_size']
+    bare = train_rate(net, False)
+    with tempfile.TemporaryDirectory() as out:
+        subprocess.run([sys.executable, 'train.py', loop_config, f'--out_dir={out}', f'--max_iters={loop_iters}',
+                        f'--eval_interval={loop_iters}', '--log_interval=10', '--max_time=0', f'--dtype={dtype}',
+                        '--wandb_log=False'], check=True, stdout=subprocess.DEVNULL)
+        records = [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
+    # the first interval holds the warm-up, the last one the final evaluation and checkpoint
+    rates = [r['tokens_per_sec'] for r in records if r.get('tokens_per_sec')][1:-1]
+    return statistics.median(rates), bare
+
+
+def same_logits(mirim, twin):
+    tokens = torch.randint(0, mirim.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0)).to(device)
+    mirim.eval(), twin.eval()
+    with torch.no_grad():
+        diff = (mirim(tokens)[0] - twin(tokens).logits).abs().max().item()
+    return diff
+
+
+if __name__ == '__main__':
+    torch.manual_seed(seed)
+    print(f"device {device} ({torch.get_num_threads()} threads), dtype {dtype}, torch {torch.__version__}")
+    rows = []
+    if what == 'loop':
+        loop, bare = loop_rates()
+        print(f"{loop_config}: batch {batch_size} x {block_size}; loop overhead over the bare step: {bare / loop - 1:.1%}")
+        rows += [('train.py loop tokens/s', loop, None), ('bare step tokens/s (same batch)', bare, None)]
+    else:
+        mirim = build_mirim()
+        cfg = mirim.config
+        print(f"shape: vocab {cfg.vocab_size}, width {cfg.n_embd}, layers {cfg.n_layer}, heads {cfg.n_head}/"
+              f"{cfg.n_kv_head} kv, mlp {cfg.ffn_hidden} {cfg.activation}, "
+              f"{mirim.num_params(non_embedding=False) / 1e6:.2f}M params; batch {batch_size} x {block_size}")
+        twin = build_hf_twin(mirim)
+        if twin is not None:
+            print(f"max |logit difference| mirim vs HF on the same weights: {same_logits(mirim, twin):.2e}")
+        if what in ('train', 'all'):
+            ours = train_rate(torch.compile(mirim) if compile else mirim, False)
+            theirs = train_rate(twin, True) if twin is not None else None
+            rows.append(('train tokens/s', ours, theirs))
+            if peak_flops:
+                print(f"training MFU: {mirim.estimate_mfu(ours, peak_flops, block_size):.1%}")
+        if what in ('generate', 'all'):
+            if dtype == 'bfloat16':  # generation runs on bf16 weights, training on fp32 weights with autocast
+                mirim, twin = mirim.to(torch.bfloat16), twin.to(torch.bfloat16) if twin is not None else None
+            ours = generate_rate(mirim, False)
+            theirs = generate_rate(twin, True) if twin is not None else None
+            rows.append(('generate new tokens/s (batch 1)', ours, theirs))
+    print(f"\n{'':34s}{'mirim':>12s}{'HF':>12s}{'mirim/HF':>10s}")
+    for name, ours, theirs in rows:
+        hf = f"{theirs:12.0f}{ours / theirs:9.2f}x" if theirs else f"{'-':>12s}{'-':>10s}"
+        print(f"{name:34s}{ours:12.0f}{hf}")
