@@ -37,9 +37,10 @@ examples, also as the harness reports them.
 The built-in task biblia-<lang> (biblia-pt, biblia-hi, ...; biblia-en-k for another translation)
 takes verses from the books that data/biblia/prepare.py holds out of training: context = one verse,
 choices = the real next verse of its chapter and 3 other verses of the same book, picked with a
-fixed seed. Chance is 25%.
+fixed seed (each choice starts with a newline: the corpus joins verses with one). Chance is 25%.
 
-Results are printed as a table and written as JSON to --output (default out_dir/eval_<task>.json).
+Results are printed as a table and written as JSON to --output (default: eval_<task>.json beside
+the checkpoint), with the per-example log-likelihoods of multiple-choice tasks.
 """
 import json
 import math
@@ -57,6 +58,7 @@ from tqdm import tqdm
 from configurator import ConfigError, configure
 from model import load_model
 from shards import ShardError, load_meta, open_split
+from tokenizer import load_tokenizer
 
 # defaults; override with --key=value
 DEFAULTS = dict(
@@ -137,6 +139,23 @@ def loss_summary(nll, tokens, text_bytes, bytes_estimated=False):
             'tokens': tokens, 'bytes': text_bytes, 'bytes_estimated': bytes_estimated}
 
 
+def check_same_tokenizer(tokenizer, meta, data_dir):
+    """Refuse data tokenized by another tokenizer of the same vocab size (e.g. the corpus prepared
+    again after the model was trained): its loss would be meaningless, yet nothing else would fail."""
+    try:
+        data_tokenizer = load_tokenizer(meta['tokenizer'], base_dir=data_dir)
+    except (KeyError, OSError, ValueError) as e:
+        print(f"eval.py: cannot load {data_dir}'s tokenizer ({e}); trusting that it is the checkpoint's", file=sys.stderr)
+        return
+    def fingerprint(t):
+        d = t.to_dict()
+        return d['kind'], d.get('model_proto'), d.get('name'), d.get('ranks'), sorted(t.special_tokens.items())
+    if fingerprint(data_tokenizer) != fingerprint(tokenizer):
+        raise ShardError(f"{data_dir} was tokenized with a different tokenizer than the checkpoint's (same vocab "
+                         f"size, other pieces): prepare the data with the model's tokenizer, or evaluate on the "
+                         f"raw text with --text_file")
+
+
 def evaluate_split(model, tokenizer, data_dir, split='val', block_size=None, batch_size=8, device='cpu',
                    autocast=None, max_tokens=None):
     """Loss, perplexity and bpb of the model on every token of a prepared data set's split."""
@@ -145,6 +164,7 @@ def evaluate_split(model, tokenizer, data_dir, split='val', block_size=None, bat
     if data_vocab is not None and data_vocab != tokenizer.vocab_size:
         raise ShardError(f"{data_dir} was tokenized with a vocab of {data_vocab}, the checkpoint's tokenizer has "
                          f"{tokenizer.vocab_size}: evaluate on data prepared with the model's own tokenizer")
+    check_same_tokenizer(tokenizer, meta, data_dir)
     if data_vocab is not None and data_vocab > model.config.vocab_size:
         raise ShardError(f"{data_dir} has token ids up to {data_vocab - 1}, the model's vocab is {model.config.vocab_size}")
     _, paths, tokens, masks = open_split(data_dir, split)

@@ -108,6 +108,15 @@ def test_loss_masked_targets_are_not_scored_and_get_no_bpb(tmp_path):
     assert metrics['tokens'] == 20 and metrics['bpb'] is None
 
 
+def test_data_from_another_tokenizer_of_the_same_vocab_size_is_refused(tmp_path):
+    write_data(str(tmp_path / 'data'))
+    meta = json.loads((tmp_path / 'data' / 'meta.json').read_text())
+    meta['tokenizer'] = {'kind': 'bytes', 'special_tokens': ['<s>', '</s>', '<pad>', '<a>', '<b>']}  # other specials
+    write_meta(str(tmp_path / 'data'), meta)
+    with pytest.raises(ValueError, match='different tokenizer'):
+        evaluation.evaluate_split(uniform_model(), TOKENIZER, str(tmp_path / 'data'))
+
+
 def test_data_from_another_tokenizer_is_refused(tmp_path):
     write_data(str(tmp_path / 'data'))
     meta = json.loads((tmp_path / 'data' / 'meta.json').read_text())
