@@ -31,7 +31,6 @@ datasheets' "with sparsity" figures halved). An MFU of 0.3-0.5 is typical of a w
 import ast
 import difflib
 import json
-import math
 import os
 import statistics
 import sys
