@@ -176,6 +176,15 @@ def test_fine_tuning_starts_from_the_checkpoints_weights(data_dir, tmp_path):
     assert log_lines(tmp_path / 'tuned')[0]['val_loss'] == pytest.approx(base_val, rel=1e-6)
 
 
+def test_fine_tuning_from_a_hugging_face_folder_starts_from_its_weights(data_dir, tmp_path):
+    import export
+    run(data_dir, tmp_path / 'base', '--max_iters=4', '--eval_interval=4')
+    export.export(str(tmp_path / 'base'), str(tmp_path / 'hf'), check_tokenizer=False)
+    run(data_dir, tmp_path / 'tuned', '--max_iters=1', f'--init_from={tmp_path / "hf"}')
+    base_val = load(tmp_path / 'base' / 'ckpt.pt')['val_loss']
+    assert log_lines(tmp_path / 'tuned')[0]['val_loss'] == pytest.approx(base_val, rel=1e-6)
+
+
 def test_lr_schedules_warm_up_then_end_at_min_lr():
     cfg = dict(train.DEFAULTS, learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=100, lr_decay_iters=0,
                wsd_decay_fraction=0.2)
