@@ -58,7 +58,7 @@ from tqdm import tqdm
 from configurator import ConfigError, configure
 from model import load_model
 from shards import ShardError, load_meta, open_split
-from tokenizer import load_tokenizer
+from tokenizer import load_tokenizer, same_tokenizer
 
 # defaults; override with --key=value
 DEFAULTS = dict(
@@ -147,10 +147,7 @@ def check_same_tokenizer(tokenizer, meta, data_dir):
     except (KeyError, OSError, ValueError) as e:
         print(f"eval.py: cannot load {data_dir}'s tokenizer ({e}); trusting that it is the checkpoint's", file=sys.stderr)
         return
-    def fingerprint(t):
-        d = t.to_dict()
-        return d['kind'], d.get('model_proto'), d.get('name'), d.get('ranks'), sorted(t.special_tokens.items())
-    if fingerprint(data_tokenizer) != fingerprint(tokenizer):
+    if not same_tokenizer(data_tokenizer, tokenizer):
         raise ShardError(f"{data_dir} was tokenized with a different tokenizer than the checkpoint's (same vocab "
                          f"size, other pieces): prepare the data with the model's tokenizer, or evaluate on the "
                          f"raw text with --text_file")

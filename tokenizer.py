@@ -198,6 +198,14 @@ class Tokenizer:
 # -----------------------------------------------------------------------------
 # loading
 
+def same_tokenizer(a, b):
+    """True when two tokenizers give the same ids: same kind, same model (or ranks), same special tokens."""
+    def fingerprint(t):
+        d = t.to_dict()
+        return d['kind'], d.get('model_proto'), d.get('name'), d.get('ranks'), sorted(t.special_tokens.items())
+    return fingerprint(a) == fingerprint(b)
+
+
 def load_tokenizer(spec, base_dir=None):
     """spec: 'bytes', 'tiktoken:NAME', 'tiktoken:/path/x.tiktoken', a SentencePiece .model path,
     a dict from to_dict() (or its meta.json form, with relative paths under base_dir)."""

@@ -307,8 +307,9 @@ def differences(want, have, keys):
     return [f"{k}={have.get(k)!r} (this config: {want.get(k)!r})" for k in keys if want.get(k) != have.get(k)]
 
 
-def build_model(cfg, meta, say):
-    """-> (model on CPU in float32, checkpoint dict when resuming else None)."""
+def build_model(cfg, meta, say, tokenizer):
+    """-> (model on CPU in float32, checkpoint dict when resuming else None). tokenizer is the data's:
+    a model fine-tuned on data from another tokenizer would read the wrong ids."""
     from model import Llama, LlamaConfig
     want = requested_model_config(cfg, meta) if cfg['init_from'] in ('scratch', 'resume') else None
     if cfg['init_from'] == 'scratch':
@@ -351,6 +352,10 @@ def build_model(cfg, meta, say):
                  f"ckpt.pt) nor a Hugging Face folder (with config.json)")
         checkpoint = load_checkpoint(file)
         source, state = checkpoint['model_config'], clean_state_dict(checkpoint['model'])
+        from tokenizer import load_tokenizer, same_tokenizer
+        if 'tokenizer' in checkpoint and not same_tokenizer(load_tokenizer(checkpoint['tokenizer']), tokenizer):
+            fail(f"{cfg['data_dir']} was tokenized with another tokenizer than the model in {path}: prepare the data "
+                 f"with the model's tokenizer (data/prepare.py --tokenizer <the model's data dir>/tokenizer.model)")
     asked = {k: cfg[k] for k in SHAPE_KEYS + ('vocab_size',) if cfg[k] is not None}
     diff = differences(asked, source, asked)
     if diff:
@@ -483,7 +488,7 @@ def train(cfg, rank, world_size, master, say, device, device_type, start_time, o
         fail(f"data {data_dir}: {e}")
 
     # --- model
-    model, checkpoint = build_model(cfg, meta, say)
+    model, checkpoint = build_model(cfg, meta, say, tokenizer)
     config = model.config
     if meta['vocab_size'] > config.vocab_size:
         fail(f"the data in {data_dir} has a vocab of {meta['vocab_size']} tokens but the model only "

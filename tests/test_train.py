@@ -185,6 +185,18 @@ def test_fine_tuning_from_a_hugging_face_folder_starts_from_its_weights(data_dir
     assert log_lines(tmp_path / 'tuned')[0]['val_loss'] == pytest.approx(base_val, rel=1e-6)
 
 
+def test_fine_tuning_on_data_from_another_tokenizer_is_refused(data_dir, tmp_path):
+    import shutil
+    run(data_dir, tmp_path / 'base', '--max_iters=1', '--eval_interval=1')
+    other = shutil.copytree(data_dir, tmp_path / 'other')
+    meta = json.loads((other / 'meta.json').read_text())
+    meta['tokenizer'] = {'kind': 'bytes', 'vocab_size': 261, 'special_tokens': {
+        '<s>': 256, '</s>': 257, '<pad>': 258, '<|user|>': 259, '<|end|>': 260}}  # same size, other tokens
+    write_meta(str(other), meta)
+    message = error_of(other, tmp_path / 'tuned', f'--init_from={tmp_path / "base"}')
+    assert 'another tokenizer' in message
+
+
 def test_lr_schedules_warm_up_then_end_at_min_lr():
     cfg = dict(train.DEFAULTS, learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=100, lr_decay_iters=0,
                wsd_decay_fraction=0.2)
