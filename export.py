@@ -37,6 +37,7 @@ import unicodedata
 import torch
 
 from model import HF_ACTIVATION, Llama, LlamaConfig
+from tokenizer import write_atomic as write_bytes
 
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 SPACE = '\u2581'  # '▁', SentencePiece's visible space
@@ -593,16 +594,7 @@ def read_hf_tokenizer(path):
 
 
 # -----------------------------------------------------------------------------
-# small file helpers: write to a temp name, then rename, so no half-written file is left behind
-
-def write_bytes(path, data):
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'wb') as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
+# small file helpers: write to a temp name, then rename (tokenizer.write_atomic), so no half-written file is left behind
 
 def write_text(path, text):
     write_bytes(path, text.encode('utf-8'))
