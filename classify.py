@@ -137,15 +137,9 @@ class Classifier(nn.Module):
 
 
 def load_backbone(path, device='cpu'):
-    """-> (Llama, Tokenizer) from a mirim checkpoint (file or out_dir) or a Hugging Face Llama folder."""
+    """-> (Llama in float32, Tokenizer) from a mirim checkpoint (file or out_dir) or a Hugging Face Llama folder."""
     from model import load_model
-    is_hf = os.path.isdir(path) and not os.path.exists(os.path.join(path, 'ckpt.pt')) \
-        and os.path.exists(os.path.join(path, 'config.json'))
-    if is_hf:
-        from export import load_hf
-        model, tokenizer = load_hf(path, device=device)
-    else:
-        model, tokenizer, _ = load_model(path, device=device)
+    model, tokenizer, _ = load_model(path, device=device, dtype=torch.float32)
     return model, tokenizer
 
 

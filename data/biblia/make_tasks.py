@@ -12,7 +12,8 @@ chat: one conversation per verse of the train books, Portuguese questions with a
   "Este versículo é do Antigo ou do Novo Testamento? "" -> "Do Antigo Testamento."
   and some two-turn ones ("Cite ..." then "E o versículo seguinte?").
   Validation uses the held-out books of the pre-training split (prepare.py's VAL_BOOKS), so the
-  val loss measures text the model never saw. It is tokenized with the pre-trained model's tokenizer
+  val loss measures text the model never saw (and the book question there names a book that no
+  train answer names: it can only be learned as a format). It is tokenized with the pre-trained model's tokenizer
   (data/biblia/<lang>/tokenizer.model: run prepare.py first) by data/prepare_chat.py.
   A tiny model cannot memorise 31,102 verses by reference: expect the form of the answers to be
   right and their content to be Bible-like, exact only for what the model learned by heart.
