@@ -391,10 +391,15 @@ def evaluate(model, sampler, iters, rank, world_size, device, autocast):
 
 
 def bits_per_byte(loss, split_meta):
-    """nats per token -> bits per UTF-8 byte of text, comparable across tokenizers."""
-    if not split_meta.get('bytes') or not split_meta.get('tokens'):
+    """nats per token -> bits per UTF-8 byte of text, comparable across tokenizers. None for loss-masked
+    data (chat SFT): its bytes count prompt text that the loss skips."""
+    if not split_meta.get('bytes') or not split_meta.get('tokens') or 'trained_tokens' in split_meta:
         return None
     return loss / math.log(2) * split_meta['tokens'] / split_meta['bytes']
+
+
+def bpb_text(bpb):
+    return f" ({bpb:.3f} bpb)" if bpb is not None else ""
 
 
 # -----------------------------------------------------------------------------
@@ -635,7 +640,7 @@ def train(cfg, rank, world_size, master, say, device, device_type, start_time, o
         log({'step': 0, 'tokens': tokens_seen, 'train_loss': None, 'lr': None, 'val_loss': val_loss,
              'val_bpb': val_bpb, 'eval_train_loss': losses['train_loss'], 'eval_train_bpb': losses['train_bpb'],
              'elapsed': time.time() - start_time})
-        say_line(f"step 0: val loss {val_loss:.4f} ({val_bpb or float('nan'):.3f} bpb), "
+        say_line(f"step 0: val loss {val_loss:.4f}{bpb_text(val_bpb)}, "
                  f"train loss {losses['train_loss']:.4f}")
 
     params = [p for p in raw_model.parameters() if p.requires_grad]
@@ -723,7 +728,7 @@ def train(cfg, rank, world_size, master, say, device, device_type, start_time, o
             record.update(val_loss=val_loss, val_bpb=val_bpb, eval_train_loss=losses['train_loss'],
                           eval_train_bpb=losses['train_bpb'])
             saved = save(losses)
-            say_line(f"step {step}: val loss {val_loss:.4f} ({val_bpb or float('nan'):.3f} bpb), "
+            say_line(f"step {step}: val loss {val_loss:.4f}{bpb_text(val_bpb)}, "
                      f"train loss {losses['train_loss']:.4f} | {saved}")
             interval_start = time.time()  # evaluation and saving are not training time
         elif signalled:
@@ -743,7 +748,7 @@ def train(cfg, rank, world_size, master, say, device, device_type, start_time, o
             f"--init_from=resume")
     else:
         say(f"done: {step} steps, {tokens_seen:,} tokens in {minutes:.1f} min; val loss {val_loss:.4f}"
-            + (f" ({val_bpb:.3f} bpb)" if val_bpb else "") + f"; best {best_val_loss:.4f}; checkpoint "
+            + bpb_text(val_bpb) + f"; best {best_val_loss:.4f}; checkpoint "
             f"{out_dir}/ckpt.pt")
 
 

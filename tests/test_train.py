@@ -249,3 +249,8 @@ def test_resume_from_a_different_shape_names_the_fields(data_dir, tmp_path):
 def test_scratch_run_refuses_to_overwrite_a_checkpoint(data_dir, tmp_path):
     run(data_dir, tmp_path, '--max_iters=1', '--eval_interval=1')
     assert 'init_from=resume' in error_of(data_dir, tmp_path, '--max_iters=1')
+
+
+def test_bits_per_byte_is_loss_times_tokens_over_bytes_and_none_for_loss_masked_data():
+    assert train.bits_per_byte(2.0, {'tokens': 100, 'bytes': 400}) == pytest.approx(2.0 / 0.6931471805599453 / 4)
+    assert train.bits_per_byte(2.0, {'tokens': 100, 'bytes': 400, 'trained_tokens': 30}) is None
