@@ -6,15 +6,19 @@ identical shape and weights when transformers is installed.
     python bench.py --model=demo --batch_size=4  # a preset, other batch
     python bench.py --what=train                 # only the training step (train | generate | loop | all)
     python bench.py --what=loop                  # train.py's own loop on the demo config vs the bare step
+    python bench.py --what=prompts               # sample.py on a prompts file: batched vs one at a time
 
 Loop: train.py run for `loop_iters` steps on config/train_biblia_pt.py (needs data/biblia/pt), its
 tokens/s read from log.jsonl (median of the log intervals), against the bare forward + backward +
 AdamW step of the same model and batch measured here: the difference is the loop's overhead
 (data, clipping, logging).
+Prompts: sample.sample_prompts on `num_prompts` prompts of different lengths, greedy, `new_tokens`
+each, with batch_size=`prompt_batch` against batch_size=1; new tokens/s of each.
 
 Training: tokens/s of forward + backward + AdamW step on random tokens (same AdamW settings for both).
 Generation: new tokens/s at batch 1 with a KV cache, greedy, a fixed number of tokens (no eos).
-Each number is the median of `repeats` timed runs after a warm-up.
+Each number is the median of `repeats` timed runs after a warm-up; mirim and HF take turns, so a
+slow spell of the machine hits both alike.
 """
 import os
 import sys
@@ -39,10 +43,12 @@ batch_size = 8
 train_steps = 10           # timed optimizer steps per repeat
 prompt_tokens = 16
 new_tokens = 128
-repeats = 3
+repeats = 5
 what = 'all'               # train | generate | loop | all (all = train and generate)
 loop_config = 'config/train_biblia_pt.py'
 loop_iters = 60
+num_prompts = 32
+prompt_batch = 16
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'float32'          # float32 | bfloat16 (autocast for training, weights for generation)
 compile = False
@@ -55,19 +61,23 @@ if __name__ == '__main__':
                                 if not k.startswith('_') and isinstance(v, (int, float, bool, str))}, sys.argv[1:]))
 
 
-def median_rate(run, count, repeats):
-    """run() does `count` units of work; returns the median units per second over `repeats` runs."""
-    run()  # warm-up (allocations, autotuning, compile)
-    rates = []
+def median_rates(runs, count, repeats):
+    """runs: {name: run} where run() does `count` units of work. The runs are warmed up, then timed
+    in turns (a, b, a, b, ...) so that a slow spell of the machine hits both alike; returns
+    {name: median units per second over `repeats` turns}."""
+    for run in runs.values():
+        run()  # warm-up (allocations, autotuning, compile)
+    rates = {name: [] for name in runs}
     for _ in range(repeats):
-        if device == 'cuda':
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        run()
-        if device == 'cuda':
-            torch.cuda.synchronize()
-        rates.append(count / (time.perf_counter() - start))
-    return statistics.median(rates)
+        for name, run in runs.items():
+            if device == 'cuda':
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            run()
+            if device == 'cuda':
+                torch.cuda.synchronize()
+            rates[name].append(count / (time.perf_counter() - start))
+    return {name: statistics.median(r) for name, r in rates.items()}
 
 
 def build_mirim():
@@ -96,7 +106,8 @@ def build_hf_twin(mirim):
     return twin.to(device)
 
 
-def train_rate(net, is_hf):
+def train_run(net, is_hf):
+    """A function doing train_steps optimizer steps of net on random tokens."""
     net.train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
                                   fused=device == 'cuda')
@@ -117,11 +128,12 @@ def train_rate(net, is_hf):
     def run():
         for _ in range(train_steps):
             step()
-    return median_rate(run, train_steps * batch_size * block_size, repeats)
+    return run
 
 
 @torch.no_grad()
-def generate_rate(net, is_hf):
+def generate_run(net, is_hf):
+    """A function generating new_tokens greedy tokens at batch 1."""
     net.eval()
     prompt = torch.randint(0, net.config.vocab_size, (1, prompt_tokens),
                            generator=torch.Generator().manual_seed(seed)).to(device)
@@ -130,7 +142,7 @@ def generate_rate(net, is_hf):
                                    eos_token_id=None, pad_token_id=0)
     else:
         run = lambda: net.generate(prompt, new_tokens, temperature=0)
-    return median_rate(run, new_tokens, repeats)
+    return run
 
 
 def loop_rates():
@@ -147,7 +159,7 @@ def loop_rates():
     net = Llama(config, seed=seed)
     global batch_size, block_size
     batch_size, block_size = cfg['batch_size'] * cfg['gradient_accumulation_steps'], cfg['block_size']
-    bare = train_rate(net, False)
+    bare = median_rates({'bare': train_run(net, False)}, batch_size * block_size * train_steps, repeats)['bare']
     with tempfile.TemporaryDirectory() as out:
         subprocess.run([sys.executable, 'train.py', loop_config, f'--out_dir={out}', f'--max_iters={loop_iters}',
                         f'--eval_interval={loop_iters}', '--log_interval=10', '--max_time=0', f'--dtype={dtype}',
@@ -156,6 +168,25 @@ def loop_rates():
     # the first interval holds the warm-up, the last one the final evaluation and checkpoint
     rates = [r['tokens_per_sec'] for r in records if r.get('tokens_per_sec')][1:-1]
     return statistics.median(rates), bare
+
+
+def prompts_rates(net):
+    """New tokens/s of sample.py's prompts-file path, batched and one prompt at a time (the bench
+    shape with the bytes tokenizer's 261-token vocab, random weights)."""
+    from sample import sample_prompts
+    from tokenizer import load_tokenizer
+    tokenizer = load_tokenizer('bytes')
+    net = Llama(LlamaConfig(**{**vars(net.config), 'vocab_size': tokenizer.vocab_size}),
+                seed=seed).to(device).eval()
+    words = "no princípio criou deus os céus e a terra e a terra era sem forma e vazia".split()
+    prompts = [' '.join(words[:1 + i % len(words)]) for i in range(num_prompts)]
+
+    def rate(batch):
+        start = time.perf_counter()
+        records = sample_prompts(net, tokenizer, prompts, max_new_tokens=new_tokens, temperature=0, seed=seed,
+                                 batch_size=batch, progress=False)
+        return sum(len(r['tokens']) for r in records) / (time.perf_counter() - start)
+    return rate(prompt_batch), rate(1)
 
 
 def same_logits(mirim, twin):
@@ -174,6 +205,11 @@ if __name__ == '__main__':
         loop, bare = loop_rates()
         print(f"{loop_config}: batch {batch_size} x {block_size}; loop overhead over the bare step: {bare / loop - 1:.1%}")
         rows += [('train.py loop tokens/s', loop, None), ('bare step tokens/s (same batch)', bare, None)]
+    elif what == 'prompts':
+        batched, single = prompts_rates(build_mirim())
+        print(f"{num_prompts} prompts x {new_tokens} new tokens, greedy: batched {batched / single:.1f}x one at a time")
+        rows += [(f'prompts, batch_size={prompt_batch} new tok/s', batched, None),
+                 ('prompts, batch_size=1 new tok/s', single, None)]
     else:
         mirim = build_mirim()
         cfg = mirim.config
@@ -184,16 +220,22 @@ if __name__ == '__main__':
         if twin is not None:
             print(f"max |logit difference| mirim vs HF on the same weights: {same_logits(mirim, twin):.2e}")
         if what in ('train', 'all'):
-            ours = train_rate(torch.compile(mirim) if compile else mirim, False)
-            theirs = train_rate(twin, True) if twin is not None else None
+            runs = {'mirim': train_run(torch.compile(mirim) if compile else mirim, False)}
+            if twin is not None:
+                runs['hf'] = train_run(twin, True)
+            rates = median_rates(runs, train_steps * batch_size * block_size, repeats)
+            ours, theirs = rates['mirim'], rates.get('hf')
             rows.append(('train tokens/s', ours, theirs))
             if peak_flops:
                 print(f"training MFU: {mirim.estimate_mfu(ours, peak_flops, block_size):.1%}")
         if what in ('generate', 'all'):
             if dtype == 'bfloat16':  # generation runs on bf16 weights, training on fp32 weights with autocast
                 mirim, twin = mirim.to(torch.bfloat16), twin.to(torch.bfloat16) if twin is not None else None
-            ours = generate_rate(mirim, False)
-            theirs = generate_rate(twin, True) if twin is not None else None
+            runs = {'mirim': generate_run(mirim, False)}
+            if twin is not None:
+                runs['hf'] = generate_run(twin, True)
+            rates = median_rates(runs, new_tokens, repeats)
+            ours, theirs = rates['mirim'], rates.get('hf')
             rows.append(('generate new tokens/s (batch 1)', ours, theirs))
     print(f"\n{'':34s}{'mirim':>12s}{'HF':>12s}{'mirim/HF':>10s}")
     for name, ours, theirs in rows:

@@ -143,9 +143,10 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         nh, nkv, hs = self.n_head, self.n_kv_head, self.head_size
         qkv = self.wqkv(x).view(B, T, nh + 2 * nkv, hs)
-        qk = apply_rope(qkv[:, :, :nh + nkv], cos, sin)  # rotate the q and k heads in one pass
-        q, k = qk[:, :, :nh].transpose(1, 2), qk[:, :, nh:].transpose(1, 2)   # (B, heads, T, hs)
-        v = qkv[:, :, nh + nkv:].transpose(1, 2)
+        # split, not slice: the backward of a split is one cat, a slice's zero-fills the whole tensor
+        qk, v = qkv.split([nh + nkv, nkv], dim=2)
+        q, k = apply_rope(qk, cos, sin).split([nh, nkv], dim=2)  # rotate the q and k heads in one pass
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hs)
         if cache_pos is not None:
             # write this step's keys/values into the preallocated cache, attend over everything so far
             self.cache_k[:B, :, cache_pos:cache_pos + T] = k
