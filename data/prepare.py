@@ -285,6 +285,13 @@ def ordered_map(pool, function, arguments, ahead):
 # -----------------------------------------------------------------------------
 # the core: documents -> shards + meta.json
 
+def tokenizer_fields(tokenizer, out_dir):
+    """The tokenizer's part of meta.json: what train.py, eval.py and sample.py read back."""
+    return {'tokenizer': tokenizer_meta(tokenizer, out_dir), 'vocab_size': tokenizer.vocab_size,
+            'bos_id': tokenizer.bos_id, 'eos_id': tokenizer.eos_id, 'pad_id': tokenizer.pad_id,
+            'special_tokens': tokenizer.special_tokens, 'chat_template': tokenizer.chat_template}
+
+
 def tokenizer_meta(tokenizer, out_dir):
     """The meta.json form of the tokenizer: to_dict() without bytes; its file is copied into out_dir."""
     description = tokenizer.to_dict()
@@ -382,13 +389,7 @@ def prepare(documents, tokenizer, out_dir, val_fraction=0.005, shard_tokens=100_
 
     warnings_found = describe_problems(problems or {})
     meta = {
-        'tokenizer': tokenizer_meta(tokenizer, out_dir),
-        'vocab_size': tokenizer.vocab_size,
-        'bos_id': tokenizer.bos_id,
-        'eos_id': tokenizer.eos_id,
-        'pad_id': tokenizer.pad_id,
-        'special_tokens': tokenizer.special_tokens,
-        'chat_template': tokenizer.chat_template,
+        **tokenizer_fields(tokenizer, out_dir),
         'splits': {split: {**counts[split], 'shards': names[split]} for split in writers},
         'source': source,
         'val_fraction': val_fraction if val_documents is None else None,

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 from chat import CHAT_TEMPLATES, ROLES, chat_ids, get_template, render_chat  # noqa: E402
-from data.prepare import PrepareError, is_val_document, remove_stale_shards, tokenizer_meta  # noqa: E402
+from data.prepare import PrepareError, is_val_document, remove_stale_shards, tokenizer_fields  # noqa: E402
 from shards import ShardWriter, write_meta  # noqa: E402
 from tokenizer import DEFAULT_SPECIAL_TOKENS, load_tokenizer  # noqa: E402
 
@@ -204,12 +204,7 @@ def prepare_chat(conversations, tokenizer, template, out_dir, val_fraction=0.05,
 
     conversations_total = counts['train']['documents'] + counts['val']['documents']
     meta = {
-        'tokenizer': tokenizer_meta(tokenizer, out_dir),
-        'vocab_size': tokenizer.vocab_size,
-        'bos_id': tokenizer.bos_id,
-        'eos_id': tokenizer.eos_id,
-        'pad_id': tokenizer.pad_id,
-        'special_tokens': tokenizer.special_tokens,
+        **tokenizer_fields(tokenizer, out_dir),
         'chat_template': template,
         # bytes: UTF-8 bytes of the rendered conversations; the loss is over trained tokens only, so
         # eval.py reports no bits per byte for masked data
