@@ -22,14 +22,16 @@ class ConfigError(ValueError):
 
 
 def configure(defaults, argv):
-    """Resolve `argv` (config file paths and --key=value) against `defaults` -> a new dict.
+    """Resolve `argv` (config file paths, --key=value, and --flag for a boolean) against `defaults` -> a new dict.
     A key whose default is None takes any value; otherwise the type must match the default's
     (an int is accepted, and converted, where a float is expected)."""
     config = dict(defaults)
     for arg in argv:
         if arg.startswith('--'):
             key, equals, text = arg[2:].partition('=')
-            if not equals:
+            if not equals and isinstance(defaults.get(key), bool):
+                text = 'True'  # a bare --flag switches a boolean on: --compile, --chat
+            elif not equals:
                 raise ConfigError(f"{arg}: write --{key}=VALUE, with '='")
             config[key] = checked(defaults, key, parse_value(text), f"--{key}")
         else:

@@ -58,7 +58,7 @@ from tqdm import tqdm
 from configurator import ConfigError, configure
 from model import load_model
 from shards import ShardError, load_meta, open_split
-from tokenizer import load_tokenizer, same_tokenizer
+from tokenizer import load_tokenizer, same_tokenizer, write_atomic
 
 # defaults; override with --key=value
 DEFAULTS = dict(
@@ -425,12 +425,7 @@ def format_table(results):
 
 
 def write_json(path, data):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + '.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-        f.write('\n')
-    os.replace(tmp, path)
+    write_atomic(path, (json.dumps(data, indent=2, ensure_ascii=False) + '\n').encode('utf-8'))
 
 
 def main(argv=None):

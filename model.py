@@ -336,7 +336,7 @@ class Llama(nn.Module):
                 keep = block // 2
                 if left_pad is not None:
                     left_pad = (left_pad - (seen.size(1) - keep)).clamp(min=0)
-                self.setup_cache(B, length, device=idx.device)
+                # the cache is overwritten from position 0; nothing past pos is ever read
                 logits, pos = self.forward_cached(seen[:, -keep:], 0, left_pad), keep
             else:
                 logits = self.forward_cached(next_token[:, None], pos, left_pad)
@@ -379,10 +379,10 @@ def sample_next(logits, seen, temperature=1.0, top_k=None, top_p=None, repetitio
         logits = logits.masked_fill(logits < kth, float('-inf'))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        sorted_probs = sorted_logits.softmax(dim=-1)
         # drop a token when the tokens before it already reach top_p (the most likely always stays)
-        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
-        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float('-inf'))
+        drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+        logits = logits.masked_fill(torch.empty_like(drop_sorted).scatter_(1, order, drop_sorted), float('-inf'))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from chat import chat_ids, get_template, stop_id
 from configurator import configure
 from model import load_model
+from tokenizer import write_atomic
 
 # -----------------------------------------------------------------------------
 # defaults; a config file or --key=value overrides them (configurator.py)
@@ -336,19 +337,7 @@ def format_records(records, fmt):
                    f"{r['prompt']}{r['text']}\n" for r in records)
 
 
-def write_text_atomic(path, text):
-    """Temp file, fsync, rename: an interrupted run never leaves half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, 'w', encoding='utf-8') as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def main(argv):
-    argv = ['--chat=True' if arg == '--chat' else arg for arg in argv]  # the flag alone reads naturally
     config = configure(DEFAULTS, argv)
     if config['format'] not in ('text', 'jsonl'):
         raise ValueError(f"format={config['format']!r}: expected 'text' or 'jsonl'")
@@ -383,7 +372,7 @@ def main(argv):
             generated = sum(len(r['tokens']) for r in records)
             text = format_records(records, config['format'])
             if config['output']:
-                write_text_atomic(config['output'], text)
+                write_atomic(config['output'], text.encode('utf-8'))  # an interrupted run leaves no half file
                 print(f"wrote {len(records)} samples to {config['output']}", file=sys.stderr)
             else:
                 sys.stdout.write(text)

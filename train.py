@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from configurator import ConfigError, configure, print_config
+from tokenizer import load_tokenizer, same_tokenizer, write_atomic
 
 # -----------------------------------------------------------------------------
 # Default config. A config file (config/*.py) or --key=value overrides any of these.
@@ -232,14 +233,6 @@ def link_atomic(src, dst):
     os.replace(tmp, dst)
 
 
-def write_text_atomic(path, text):
-    with open(path + '.tmp', 'w', encoding='utf-8') as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + '.tmp', path)
-
-
 def clean_state_dict(state):
     """Drop the prefixes torch.compile ('_orig_mod.') and DDP ('module.') add to parameter names."""
     clean = {}
@@ -352,7 +345,6 @@ def build_model(cfg, meta, say, tokenizer):
                  f"ckpt.pt) nor a Hugging Face folder (with config.json)")
         checkpoint = load_checkpoint(file)
         source, state = checkpoint['model_config'], clean_state_dict(checkpoint['model'])
-        from tokenizer import load_tokenizer, same_tokenizer
         if 'tokenizer' in checkpoint and not same_tokenizer(load_tokenizer(checkpoint['tokenizer']), tokenizer):
             fail(f"{cfg['data_dir']} was tokenized with another tokenizer than the model in {path}: prepare the data "
                  f"with the model's tokenizer (data/prepare.py --tokenizer <the model's data dir>/tokenizer.model)")
@@ -462,7 +454,6 @@ def main(argv):
 
 def train(cfg, rank, world_size, master, say, device, device_type, start_time, old_handlers):
     from shards import BatchSampler, ShardError, load_meta
-    from tokenizer import load_tokenizer
     ddp = world_size > 1 or 'RANK' in os.environ
     out_dir = cfg['out_dir']
     torch.manual_seed(cfg['seed'] + rank)  # dropout differs between ranks; the weights come from `seed` alone
@@ -572,7 +563,7 @@ def train(cfg, rank, world_size, master, say, device, device_type, start_time, o
         f"compile {'on' if cfg['compile'] else 'off'}")
     resumed = step > 0 and cfg['init_from'] == 'resume'
     if master:
-        write_text_atomic(os.path.join(out_dir, 'config.json'), json.dumps(cfg, indent=2) + '\n')
+        write_atomic(os.path.join(out_dir, 'config.json'), (json.dumps(cfg, indent=2) + '\n').encode('utf-8'))
         log_file = open(os.path.join(out_dir, 'log.jsonl'), 'a' if resumed else 'w', encoding='utf-8')
     wandb_run = None
     if master and cfg['wandb_log']:

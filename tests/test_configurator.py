@@ -89,3 +89,7 @@ def test_missing_config_file_is_an_error():
 def test_override_without_equals_sign_is_an_error():
     with pytest.raises(ConfigError, match=r"--batch_size=VALUE"):
         configure(DEFAULTS, ['--batch_size'])
+
+
+def test_bare_flag_switches_a_boolean_on():
+    assert configure(DEFAULTS, ['--compile'])['compile'] is True
