@@ -153,10 +153,8 @@ def loop_rates():
     from configurator import configure
     import train
     cfg = configure(train.DEFAULTS, [loop_config])
-    meta = json.load(open(os.path.join(cfg['data_dir'], 'meta.json')))
-    overrides = {k: cfg[k] for k in train.SHAPE_KEYS if cfg[k] is not None}
-    config = config_from_preset(cfg['model'], vocab_size=meta['vocab_size'], block_size=cfg['block_size'], **overrides)
-    net = Llama(config, seed=seed)
+    from shards import load_meta
+    net = Llama(train.requested_model_config(cfg, load_meta(cfg['data_dir'])), seed=seed)  # the model train.py builds
     global batch_size, block_size
     batch_size, block_size = cfg['batch_size'] * cfg['gradient_accumulation_steps'], cfg['block_size']
     bare = median_rates({'bare': train_run(net, False)}, batch_size * block_size * train_steps, repeats)['bare']
@@ -166,8 +164,8 @@ def loop_rates():
                         '--wandb_log=False'], check=True, stdout=subprocess.DEVNULL)
         records = [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
     # the first interval holds the warm-up, the last one the final evaluation and checkpoint
-    rates = [r['tokens_per_sec'] for r in records if r.get('tokens_per_sec')][1:-1]
-    return statistics.median(rates), bare
+    rates = [r['tokens_per_sec'] for r in records if r.get('tokens_per_sec')]
+    return statistics.median(rates[1:-1] or rates), bare
 
 
 def prompts_rates(net):

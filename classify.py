@@ -35,6 +35,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tokenizer import write_atomic
+from train import save_atomic  # temp file, fsync, rename
+
 DEFAULTS = dict(
     init_from='out/biblia-pt',    # a mirim checkpoint (file, or out_dir holding ckpt.pt) or a Hugging Face Llama folder
     train_file='data/biblia/pt-classify/train.jsonl',
@@ -287,10 +290,8 @@ def train_classifier(cfg, say=print):
                   'config': cfg, 'classify': {'accuracy': result['accuracy'], 'macro_f1': result['macro_f1'],
                                               'max_length': max_length}}
     save_atomic(checkpoint, os.path.join(cfg['out_dir'], 'classifier.pt'))
-    path = os.path.join(cfg['out_dir'], 'results.json')
-    with open(path + '.tmp', 'w', encoding='utf-8') as f:
-        json.dump(result, f, indent=2, ensure_ascii=False)
-    os.replace(path + '.tmp', path)
+    write_atomic(os.path.join(cfg['out_dir'], 'results.json'),
+                 (json.dumps(result, indent=2, ensure_ascii=False) + '\n').encode('utf-8'))
     say(f"saved {cfg['out_dir']}/classifier.pt and results.json")
     return result
 
@@ -302,12 +303,6 @@ def result_lines(result):
     for label, s in zip(result['labels'], result['per_label']):
         lines.append(f"  {str(label):<20} {s['precision']:>9.3f} {s['recall']:>7.3f} {s['f1']:>7.3f} {s['support']:>8}")
     return lines
-
-
-def save_atomic(obj, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 # -----------------------------------------------------------------------------

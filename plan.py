@@ -107,10 +107,6 @@ def model_facts(shape=None, params=None, context=None):
     return count_params(shape, context)
 
 
-def chinchilla_tokens(params):
-    return CHINCHILLA_TOKENS_PER_PARAM * params
-
-
 def params_supported(corpus_tokens, tokens_per_param=CHINCHILLA_TOKENS_PER_PARAM):
     """The model size that a corpus of corpus_tokens trains compute-optimally in one epoch."""
     return corpus_tokens / tokens_per_param

@@ -239,13 +239,8 @@ def read_mask(path, num_tokens=None):
 
 
 def write_meta(data_dir, meta):
-    path = os.path.join(data_dir, 'meta.json')
-    with open(path + '.tmp', 'w', encoding='utf-8') as f:
-        json.dump(meta, f, indent=2, ensure_ascii=False)
-        f.write('\n')
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + '.tmp', path)
+    from tokenizer import write_atomic
+    write_atomic(os.path.join(data_dir, 'meta.json'), (json.dumps(meta, indent=2, ensure_ascii=False) + '\n').encode('utf-8'))
 
 
 def load_meta(data_dir):
@@ -345,12 +340,13 @@ class BatchSampler:
             short = [os.path.basename(paths[i]) for i in range(len(tokens)) if i not in keep]
             warnings.warn(f"{data_dir}: {len(short)} '{split}' shard(s) shorter than block_size+1={block_size + 1} "
                           f"tokens are not sampled: {', '.join(short)}")
-        self.shards = [tokens[i] for i in keep]
-        self.masks = [masks[i] for i in keep] if masks is not None else None
+        # plain ndarray views of the same mapped memory: slicing them is cheaper than slicing np.memmap
+        self.shards = [np.asarray(tokens[i]) for i in keep]
+        self.masks = [np.asarray(masks[i]) for i in keep] if masks is not None else None
         # window starts 0 .. len-block_size-1 in each shard, numbered consecutively over shards
         self.window_ends = np.cumsum([len(t) - block_size for t in self.shards])
+        self.window_firsts = np.concatenate(([0], self.window_ends[:-1]))  # first window number of each shard
         self.windows = int(self.window_ends[-1])
-        self.draws = 0
         self.reset()
 
     def reset(self, draws=0):
@@ -363,12 +359,10 @@ class BatchSampler:
         starts = (self.bit_generator.random_raw(self.batch_size) % np.uint64(self.windows)).astype(np.int64)
         self.draws += self.batch_size
         shard_index = np.searchsorted(self.window_ends, starts, side='right')
-        offsets = starts - np.concatenate(([0], self.window_ends))[shard_index]
+        places = list(zip(shard_index.tolist(), (starts - self.window_firsts[shard_index]).tolist()))
         n = self.block_size + 1
-        rows = [self.shards[s][o:o + n] for s, o in zip(shard_index, offsets)]
-        mask_rows = None
-        if self.masks is not None:
-            mask_rows = [self.masks[s][o:o + n] for s, o in zip(shard_index, offsets)]
+        rows = [self.shards[s][o:o + n] for s, o in places]
+        mask_rows = [self.masks[s][o:o + n] for s, o in places] if self.masks is not None else None
         return _to_batch(rows, mask_rows)
 
     def state_dict(self):

@@ -49,7 +49,7 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-from shards import ShardWriter, write_meta
+from shards import ShardWriter, token_dtype, write_meta
 from tokenizer import load_tokenizer, train_sentencepiece, write_atomic
 
 TEXT_SUFFIXES = ('.txt', '.md', '.txt.gz', '.md.gz')
@@ -348,7 +348,7 @@ def prepare(documents, tokenizer, out_dir, val_fraction=0.005, shard_tokens=100_
     os.makedirs(out_dir, exist_ok=True)
     if os.path.exists(os.path.join(out_dir, 'meta.json')):
         os.remove(os.path.join(out_dir, 'meta.json'))  # the old data set is being replaced: not valid until done
-    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+    dtype = token_dtype(tokenizer.vocab_size)
     writers = {split: ShardWriter(out_dir, split, tokenizer.vocab_size, shard_tokens) for split in ('train', 'val')}
     counts = {split: {'tokens': 0, 'bytes': 0, 'documents': 0} for split in writers}
     pool = None

@@ -43,7 +43,7 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 from chat import CHAT_TEMPLATES, ROLES, chat_ids, get_template, render_chat  # noqa: E402
 from data.prepare import PrepareError, is_val_document, remove_stale_shards, tokenizer_fields  # noqa: E402
-from shards import ShardWriter, write_meta  # noqa: E402
+from shards import ShardWriter, mask_path, write_meta  # noqa: E402
 from tokenizer import DEFAULT_SPECIAL_TOKENS, load_tokenizer  # noqa: E402
 
 FORMATS = ('{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]} '
@@ -200,7 +200,7 @@ def prepare_chat(conversations, tokenizer, template, out_dir, val_fraction=0.05,
         raise PrepareError(f"all {counts['val']['documents']} conversation(s) of {source} went to val, none to "
                            f"train: give more conversations or a smaller --val_fraction")
     remove_stale_shards(out_dir, keep={name for split in names.values() for shard in split
-                                       for name in (shard, shard[:-len('.bin')] + '.mask.bin')})
+                                       for name in (shard, mask_path(shard))})
 
     conversations_total = counts['train']['documents'] + counts['val']['documents']
     meta = {

@@ -38,6 +38,7 @@ sys.path.insert(0, ROOT)
 from data.biblia.prepare import (DEFAULT_TRANSLATION, VAL_BOOKS, clean_verse, connect,  # noqa: E402
                                  database_path)
 from data.prepare import PrepareError  # noqa: E402
+from tokenizer import write_atomic  # noqa: E402
 
 NEW_TESTAMENT = range(40, 67)  # book numbers 1-39 are the Old Testament, 40-66 the New
 GROUPS = {  # book group -> book numbers (Protestant order, as in the database)
@@ -219,11 +220,7 @@ def build_classify(lang='pt', task='group', out_dir=None, train_per_label=1000, 
 
 
 def write_jsonl(path, records):
-    tmp = f"{path}.tmp"
-    with open(tmp, 'w', encoding='utf-8') as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + '\n')
-    os.replace(tmp, path)
+    write_atomic(path, ''.join(json.dumps(record, ensure_ascii=False) + '\n' for record in records).encode('utf-8'))
 
 
 def main(argv=None):
