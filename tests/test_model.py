@@ -185,8 +185,19 @@ def test_gated_mlp_is_down_of_activation_of_gate_times_up(activation, function):
 def test_rope_rotates_each_frequency_over_the_two_halves_of_the_head():
     from model import rope_tables
     cos, sin = rope_tables(8, 4, 10000.0)
-    assert torch.allclose(cos[:, :4], cos[:, 4:]) and torch.allclose(sin[:, :4], sin[:, 4:])
-    assert torch.allclose(cos[1, :4], torch.cos(1.0 / 10000 ** (torch.arange(0, 8, 2) / 8)))
+    freq = 1.0 / 10000 ** (torch.arange(0, 8, 2) / 8)
+    assert torch.allclose(cos[:, :4], cos[:, 4:]) and torch.allclose(cos[1, :4], torch.cos(freq))
+    assert torch.allclose(sin[:, :4], -sin[:, 4:]) and torch.allclose(sin[1, 4:], torch.sin(freq))
+
+
+def test_apply_rope_is_hugging_face_rotate_half():
+    from model import apply_rope, rope_tables
+    cos, sin = rope_tables(8, 5, 10000.0)
+    hf_sin = torch.cat([sin[:, 4:], sin[:, 4:]], dim=-1)  # HF's table: sin in both halves
+    x = torch.randn(2, 5, 3, 8)
+    rotate_half = torch.cat([-x[..., 4:], x[..., :4]], dim=-1)
+    expected = x * cos[:, None] + rotate_half * hf_sin[:, None]
+    assert torch.allclose(apply_rope(x, cos[:, None], sin[:, None]), expected, atol=1e-6)
 
 
 # ---------------------------------------------------------------- KV cache and generation
@@ -224,10 +235,24 @@ def greedy_without_cache(model, idx, n):
     return idx
 
 
-def test_greedy_generation_equals_argmax_of_full_forward_passes():
+@pytest.mark.parametrize('batch', [1, 2])  # batch 1 decodes with transposed weights on CPU
+def test_greedy_generation_equals_argmax_of_full_forward_passes(batch):
     model = tiny_model()
-    idx = torch.randint(0, 97, (2, 6))
+    idx = torch.randint(0, 97, (batch, 6))
     assert torch.equal(model.generate(idx, 12, temperature=0), greedy_without_cache(model, idx, 12))
+
+
+def test_generation_leaves_the_model_trainable_and_its_weights_untouched():
+    # batch-1 CPU decoding stores the weights transposed while it runs and decodes in inference mode
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = model.generate(torch.randint(0, 97, (1, 5)), 6, temperature=0)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]) and v.is_contiguous() and not v.is_inference(), k
+    model.train()
+    loss = model(out[:, :-1], out[:, 1:])[1]  # generated tokens feed a training step
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
 
 
 def test_generation_past_the_context_slides_the_window_and_keeps_going():
