@@ -15,10 +15,11 @@ AdamW step of the same model and batch measured here: the difference is the loop
 Prompts: sample.sample_prompts on `num_prompts` prompts of different lengths, greedy, `new_tokens`
 each, with batch_size=`prompt_batch` against batch_size=1; new tokens/s of each.
 
-Training: tokens/s of forward + backward + AdamW step on random tokens (same AdamW settings for both).
+Training: tokens/s of forward + backward + AdamW step on random tokens (same AdamW settings for both;
+mirim computes its loss as train.py does, chunked without full logits, HF as its LlamaForCausalLM does).
 Generation: new tokens/s at batch 1 with a KV cache, greedy, a fixed number of tokens (no eos).
-Each number is the median of `repeats` timed runs after a warm-up; mirim and HF take turns, so a
-slow spell of the machine hits both alike.
+Each rate is the median of `repeats` timed runs after a warm-up; mirim and HF take turns, so a
+slow spell of the machine hits both alike, and mirim/HF is the median of the turns' ratios.
 """
 import os
 import sys
@@ -61,10 +62,10 @@ if __name__ == '__main__':
                                 if not k.startswith('_') and isinstance(v, (int, float, bool, str))}, sys.argv[1:]))
 
 
-def median_rates(runs, count, repeats):
+def timed_turns(runs, count, repeats):
     """runs: {name: run} where run() does `count` units of work. The runs are warmed up, then timed
     in turns (a, b, a, b, ...) so that a slow spell of the machine hits both alike; returns
-    {name: median units per second over `repeats` turns}."""
+    {name: [units per second of each turn]}."""
     for run in runs.values():
         run()  # warm-up (allocations, autotuning, compile)
     rates = {name: [] for name in runs}
@@ -77,7 +78,18 @@ def median_rates(runs, count, repeats):
             if device == 'cuda':
                 torch.cuda.synchronize()
             rates[name].append(count / (time.perf_counter() - start))
-    return {name: statistics.median(r) for name, r in rates.items()}
+    return rates
+
+
+def compare(runs, count, repeats):
+    """(mirim's median rate, HF's median rate or None, the median of the per-turn ratios or None).
+    The ratio of neighbouring turns is steadier than the ratio of the medians on a noisy machine."""
+    rates = timed_turns(runs, count, repeats)
+    ours, theirs = rates['mirim'], rates.get('hf')
+    if theirs is None:
+        return statistics.median(ours), None, None
+    ratio = statistics.median(a / b for a, b in zip(ours, theirs))
+    return statistics.median(ours), statistics.median(theirs), ratio
 
 
 def build_mirim():
@@ -120,7 +132,7 @@ def train_run(net, is_hf):
             if is_hf:
                 loss = net(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss
             else:
-                loss = net(tokens[:, :-1], tokens[:, 1:])[1]
+                loss = net(tokens[:, :-1], tokens[:, 1:], return_logits=False)[1]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -157,7 +169,8 @@ def loop_rates():
     net = Llama(train.requested_model_config(cfg, load_meta(cfg['data_dir'])), seed=seed)  # the model train.py builds
     global batch_size, block_size
     batch_size, block_size = cfg['batch_size'] * cfg['gradient_accumulation_steps'], cfg['block_size']
-    bare = median_rates({'bare': train_run(net, False)}, batch_size * block_size * train_steps, repeats)['bare']
+    bare = statistics.median(timed_turns({'bare': train_run(net, False)}, batch_size * block_size * train_steps,
+                                         repeats)['bare'])
     with tempfile.TemporaryDirectory() as out:
         subprocess.run([sys.executable, 'train.py', loop_config, f'--out_dir={out}', f'--max_iters={loop_iters}',
                         f'--eval_interval={loop_iters}', '--log_interval=10', '--max_time=0', f'--dtype={dtype}',
@@ -202,12 +215,12 @@ if __name__ == '__main__':
     if what == 'loop':
         loop, bare = loop_rates()
         print(f"{loop_config}: batch {batch_size} x {block_size}; loop overhead over the bare step: {bare / loop - 1:.1%}")
-        rows += [('train.py loop tokens/s', loop, None), ('bare step tokens/s (same batch)', bare, None)]
+        rows += [('train.py loop tokens/s', loop, None, None), ('bare step tokens/s (same batch)', bare, None, None)]
     elif what == 'prompts':
         batched, single = prompts_rates(build_mirim())
         print(f"{num_prompts} prompts x {new_tokens} new tokens, greedy: batched {batched / single:.1f}x one at a time")
-        rows += [(f'prompts, batch_size={prompt_batch} new tok/s', batched, None),
-                 ('prompts, batch_size=1 new tok/s', single, None)]
+        rows += [(f'prompts, batch_size={prompt_batch} new tok/s', batched, None, None),
+                 ('prompts, batch_size=1 new tok/s', single, None, None)]
     else:
         mirim = build_mirim()
         cfg = mirim.config
@@ -221,9 +234,8 @@ if __name__ == '__main__':
             runs = {'mirim': train_run(torch.compile(mirim) if compile else mirim, False)}
             if twin is not None:
                 runs['hf'] = train_run(twin, True)
-            rates = median_rates(runs, train_steps * batch_size * block_size, repeats)
-            ours, theirs = rates['mirim'], rates.get('hf')
-            rows.append(('train tokens/s', ours, theirs))
+            ours, theirs, ratio = compare(runs, train_steps * batch_size * block_size, repeats)
+            rows.append(('train tokens/s', ours, theirs, ratio))
             if peak_flops:
                 print(f"training MFU: {mirim.estimate_mfu(ours, peak_flops, block_size):.1%}")
         if what in ('generate', 'all'):
@@ -232,10 +244,9 @@ if __name__ == '__main__':
             runs = {'mirim': generate_run(mirim, False)}
             if twin is not None:
                 runs['hf'] = generate_run(twin, True)
-            rates = median_rates(runs, new_tokens, repeats)
-            ours, theirs = rates['mirim'], rates.get('hf')
-            rows.append(('generate new tokens/s (batch 1)', ours, theirs))
+            ours, theirs, ratio = compare(runs, new_tokens, repeats)
+            rows.append(('generate new tokens/s (batch 1)', ours, theirs, ratio))
     print(f"\n{'':34s}{'mirim':>12s}{'HF':>12s}{'mirim/HF':>10s}")
-    for name, ours, theirs in rows:
-        hf = f"{theirs:12.0f}{ours / theirs:9.2f}x" if theirs else f"{'-':>12s}{'-':>10s}"
+    for name, ours, theirs, ratio in rows:
+        hf = f"{theirs:12.0f}{ratio:9.2f}x" if theirs else f"{'-':>12s}{'-':>10s}"
         print(f"{name:34s}{ours:12.0f}{hf}")

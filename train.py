@@ -374,7 +374,7 @@ def evaluate(model, sampler, iters, rank, world_size, device, autocast):
         if i % world_size != rank:
             continue
         with autocast:
-            _, loss = model(x.to(device), y.to(device))
+            _, loss = model(x.to(device), y.to(device), return_logits=False)
         total += loss.float()
     if world_size > 1:
         torch.distributed.all_reduce(total)
@@ -654,7 +654,7 @@ def train(cfg, rank, world_size, master, say, device, device_type, start_time, o
             last_micro = micro == len(samplers) - 1
             with nullcontext() if last_micro or not ddp else model.no_sync():
                 with autocast:
-                    _, loss = model(x, y)
+                    _, loss = model(x, y, return_logits=False)
                 scaler.scale(loss / len(samplers)).backward()
             loss_sum += loss.detach()
         # one small all-reduce a step: the mean loss over all processes, and whether any of them got a

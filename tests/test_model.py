@@ -200,6 +200,41 @@ def test_apply_rope_is_hugging_face_rotate_half():
     assert torch.allclose(apply_rope(x, cos[:, None], sin[:, None]), expected, atol=1e-6)
 
 
+@pytest.mark.parametrize('tied', [True, False])
+def test_chunked_loss_equals_full_logits_loss_with_the_same_gradients(tied):
+    from model import ChunkedCrossEntropy
+    idx = torch.randint(0, 97, (3, 11))
+    targets = torch.randint(0, 97, (3, 11))
+    targets[0, :4] = -100
+    grads = []
+    for return_logits in (True, False):
+        model = tiny_model(tie_embeddings=tied).train()
+        logits, loss = model(idx, targets, return_logits=return_logits)
+        assert (logits is None) == (not return_logits)
+        (2.5 * loss).backward()  # the incoming gradient is not 1
+        grads.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (full, full_grads), (chunked, chunked_grads) = grads
+    assert torch.allclose(full, chunked, atol=1e-6)
+    for name, grad in full_grads.items():
+        assert torch.allclose(grad, chunked_grads[name], atol=1e-6), name
+    # several chunks with a short last one give the same loss as one chunk
+    x, weight = torch.randn(33, 32), torch.randn(97, 32)
+    flat = torch.randint(0, 97, (33,))
+    assert torch.allclose(ChunkedCrossEntropy.apply(x, weight, flat, 5, False),
+                          F.cross_entropy(x @ weight.T, flat), atol=1e-6)
+
+
+def test_chunked_loss_without_gradients_and_with_every_target_masked():
+    model = tiny_model()
+    idx, targets = torch.randint(0, 97, (2, 8)), torch.randint(0, 97, (2, 8))
+    with torch.no_grad():
+        assert torch.allclose(model(idx, targets)[1], model(idx, targets, return_logits=False)[1], atol=1e-6)
+    model.train()
+    _, loss = model(idx, torch.full((2, 8), -100), return_logits=False)
+    loss.backward()
+    assert loss.item() == 0.0 and model.output.weight.grad.abs().max() == 0.0
+
+
 # ---------------------------------------------------------------- KV cache and generation
 
 @pytest.mark.parametrize('prompt_length', [1, 5, 17])
