@@ -372,7 +372,7 @@ class Llama(nn.Module):
             raise ValueError(f"prompt of {T} tokens leaves no room in the context of "
                              f"{self.config.block_size}; crop it first")
         # the weights' layout is switched outside inference mode: they must stay usable for training
-        with self.vector_layout(B == 1 and idx.device.type == 'cpu'):
+        with self.vector_layout(B == 1 and idx.device.type == 'cpu' and self.output.weight.dtype == torch.float32):
             yield from self._decode(idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                                     eos_id, generator, left_pad)
 
@@ -415,7 +415,8 @@ class Llama(nn.Module):
     def vector_layout(self, enabled=True):
         """Batch-1 decoding multiplies one vector by each weight matrix. On CPU, MKL does that ~1.6x
         faster when the matrix is stored transposed ([in, out] contiguous): 3.9 -> 2.4 ms for the
-        bench shape's 17 matrices on this project's 2-core test machine; with 4+ rows it is no faster.
+        bench shape's 17 matrices on this project's 2-core test machine; with 4+ rows it is no faster,
+        and for bf16 weights it is 12x slower (bf16 GEMV is fast in the usual layout: 1.0 ms).
         So while enabled the Linear weights are stored that way (same shapes and values, only the
         memory order differs) and put back afterwards."""
         linears = [m for m in self.modules() if isinstance(m, nn.Linear)] if enabled else []
