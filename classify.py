@@ -69,30 +69,23 @@ class DataError(ValueError):
 
 def read_examples(path, text_field='text', text_pair_field='text_pair', label_field='label'):
     """-> [(text, text_pair or None, label)]; DataError naming path:line for anything malformed."""
+    from data.prepare import jsonl_records
     if not os.path.isfile(path):
         raise DataError(f"{path} not found" + (": build the demo data with python data/biblia/make_tasks.py classify"
                                                 if 'biblia' in path else ""))
     examples = []
-    with open(path, encoding='utf-8') as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); one JSON object per line") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            text, pair, label = record.get(text_field), record.get(text_pair_field), record.get(label_field)
-            if not isinstance(text, str):
-                raise DataError(f"{where}: no string field {text_field!r} (fields: {', '.join(record) or 'none'}); "
-                                f"set text_field to the field that holds the text")
-            if pair is not None and not isinstance(pair, str):
-                raise DataError(f"{where}: {text_pair_field!r} must be a string")
-            if isinstance(label, bool) or not isinstance(label, (str, int)):
-                raise DataError(f"{where}: field {label_field!r} must be a string or an integer label, got {label!r}")
-            examples.append((text, pair, label))
+    for where, record in jsonl_records(path, DataError):
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        text, pair, label = record.get(text_field), record.get(text_pair_field), record.get(label_field)
+        if not isinstance(text, str):
+            raise DataError(f"{where}: no string field {text_field!r} (fields: {', '.join(record) or 'none'}); "
+                            f"set text_field to the field that holds the text")
+        if pair is not None and not isinstance(pair, str):
+            raise DataError(f"{where}: {text_pair_field!r} must be a string")
+        if isinstance(label, bool) or not isinstance(label, (str, int)):
+            raise DataError(f"{where}: field {label_field!r} must be a string or an integer label, got {label!r}")
+        examples.append((text, pair, label))
     if not examples:
         raise DataError(f"{path} holds no examples")
     return examples

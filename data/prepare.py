@@ -49,7 +49,7 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-from shards import ShardWriter, token_dtype, write_meta
+from shards import ShardWriter, mask_path, token_dtype, write_meta
 from tokenizer import load_tokenizer, train_sentencepiece, write_atomic
 
 TEXT_SUFFIXES = ('.txt', '.md', '.txt.gz', '.md.gz')
@@ -173,6 +173,27 @@ def read_jsonl_file(path, text_field='text', problems=None):
         text = document_from_record(record, text_field, f"{path}:{number}", problems)
         if text is not None:
             yield text
+
+
+def jsonl_records(path, error=None):
+    """(where, record) for every non-blank line of a JSONL file (.jsonl, optionally gzipped), strictly:
+    a missing file or a line that is not JSON raises `error` (PrepareError by default) naming path:line.
+    Fine-tuning data is read this way; pretraining text (read_jsonl_file) counts bad lines instead."""
+    import gzip
+    error = error or PrepareError
+    if not os.path.isfile(path):
+        raise error(f"input not found: {path}")
+    with (gzip.open(path, 'rt', encoding='utf-8') if path.endswith('.gz') else open(path, encoding='utf-8')) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{where}: not valid JSON ({e.msg} at column {e.colno}); "
+                            f"JSONL needs one JSON object per line") from None
+            yield where, record
 
 
 def read_documents(paths, doc_per='block', text_field='text', problems=None):
@@ -316,6 +337,30 @@ def remove_stale_shards(out_dir, keep):
             os.remove(os.path.join(out_dir, name))
 
 
+def open_split_writers(out_dir, vocab_size, shard_tokens, with_mask=False):
+    """The train and val ShardWriters of a data set being (re)written into out_dir. An old meta.json
+    is removed first: the directory is not a valid data set again until the new one is written."""
+    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(os.path.join(out_dir, 'meta.json')):
+        os.remove(os.path.join(out_dir, 'meta.json'))
+    return {split: ShardWriter(out_dir, split, vocab_size, shard_tokens, with_mask=with_mask)
+            for split in ('train', 'val')}
+
+
+def close_split_writers(writers, out_dir, counts, all_val_error):
+    """Finish both splits -> {split: shard names}; shards of an earlier data set are removed. If no
+    document reached train, every shard goes and PrepareError(all_val_error) is raised."""
+    names = {split: writer.close() for split, writer in writers.items()}
+    if counts['train']['documents'] == 0:
+        remove_stale_shards(out_dir, keep=())
+        raise PrepareError(all_val_error)
+    keep = {shard for shards in names.values() for shard in shards}
+    if writers['train'].with_mask:
+        keep |= {mask_path(shard) for shard in keep}
+    remove_stale_shards(out_dir, keep)
+    return names
+
+
 def prepare(documents, tokenizer, out_dir, val_fraction=0.005, shard_tokens=100_000_000, num_proc=1,
             seed=1337, val_documents=None, problems=None, source='the input', extra_meta=None,
             progress_total=None, chunk_chars=1 << 19):
@@ -345,11 +390,8 @@ def prepare(documents, tokenizer, out_dir, val_fraction=0.005, shard_tokens=100_
     if first is None:
         raise no_documents_error(source, problems)
 
-    os.makedirs(out_dir, exist_ok=True)
-    if os.path.exists(os.path.join(out_dir, 'meta.json')):
-        os.remove(os.path.join(out_dir, 'meta.json'))  # the old data set is being replaced: not valid until done
     dtype = token_dtype(tokenizer.vocab_size)
-    writers = {split: ShardWriter(out_dir, split, tokenizer.vocab_size, shard_tokens) for split in ('train', 'val')}
+    writers = open_split_writers(out_dir, tokenizer.vocab_size, shard_tokens)
     counts = {split: {'tokens': 0, 'bytes': 0, 'documents': 0} for split in writers}
     pool = None
     if num_proc > 1:  # started before the progress bar's thread exists: forking a threaded process is fragile
@@ -379,13 +421,10 @@ def prepare(documents, tokenizer, out_dir, val_fraction=0.005, shard_tokens=100_
         bar.close()
         if pool is not None:
             pool.terminate()
-    names = {split: writer.close() for split, writer in writers.items()}
+    names = close_split_writers(writers, out_dir, counts,
+                                f"all {counts['val']['documents']} document(s) of {source} went to val, none to "
+                                f"train: give more documents (e.g. --doc_per line) or a smaller --val_fraction")
     seconds = time.time() - t0
-    if counts['train']['documents'] == 0:
-        remove_stale_shards(out_dir, keep=())
-        raise PrepareError(f"all {counts['val']['documents']} document(s) of {source} went to val, none to train: "
-                           f"give more documents (e.g. --doc_per line) or a smaller --val_fraction")
-    remove_stale_shards(out_dir, keep=set(names['train'] + names['val']))
 
     warnings_found = describe_problems(problems or {})
     meta = {

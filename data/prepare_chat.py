@@ -31,7 +31,6 @@ longest is printed at the end and kept in meta.json under "chat").
 
 import argparse
 import itertools
-import json
 import os
 import re
 import sys
@@ -42,8 +41,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 from chat import CHAT_TEMPLATES, ROLES, chat_ids, get_template, render_chat  # noqa: E402
-from data.prepare import PrepareError, is_val_document, remove_stale_shards, tokenizer_fields  # noqa: E402
-from shards import ShardWriter, mask_path, write_meta  # noqa: E402
+from data.prepare import (PrepareError, close_split_writers, is_val_document, jsonl_records,  # noqa: E402
+                          open_split_writers, tokenizer_fields)
+from shards import write_meta  # noqa: E402
 from tokenizer import DEFAULT_SPECIAL_TOKENS, load_tokenizer  # noqa: E402
 
 FORMATS = ('{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]} '
@@ -81,20 +81,8 @@ def conversation_messages(record, where):
 
 def read_conversations(path):
     """(where, messages) for every non-blank line of a JSONL file (.jsonl, optionally gzipped)."""
-    import gzip
-    if not os.path.isfile(path):
-        raise PrepareError(f"input not found: {path}")
-    with (gzip.open(path, 'rt', encoding='utf-8') if path.endswith('.gz') else open(path, encoding='utf-8')) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PrepareError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); "
-                                   f"JSONL needs one JSON object per line") from None
-            yield where, conversation_messages(record, where)
+    for where, record in jsonl_records(path):
+        yield where, conversation_messages(record, where)
 
 
 # -----------------------------------------------------------------------------
@@ -166,11 +154,7 @@ def prepare_chat(conversations, tokenizer, template, out_dir, val_fraction=0.05,
     first = next(items, None)  # peek: no conversations -> nothing touched on disk
     if first is None:
         raise PrepareError(f"no conversations in {source}: the input is empty")
-    os.makedirs(out_dir, exist_ok=True)
-    if os.path.exists(os.path.join(out_dir, 'meta.json')):
-        os.remove(os.path.join(out_dir, 'meta.json'))  # the old data set is being replaced: not valid until done
-    writers = {split: ShardWriter(out_dir, split, tokenizer.vocab_size, shard_tokens, with_mask=True)
-               for split in ('train', 'val')}
+    writers = open_split_writers(out_dir, tokenizer.vocab_size, shard_tokens, with_mask=True)
     counts = {split: {'tokens': 0, 'trained_tokens': 0, 'bytes': 0, 'documents': 0} for split in writers}
     longest = (0, None)
     bar = tqdm(itertools.chain([first], items), total=total, unit=' conversations', desc=f"tokenizing -> {out_dir}")
@@ -194,13 +178,9 @@ def prepare_chat(conversations, tokenizer, template, out_dir, val_fraction=0.05,
         raise
     finally:
         bar.close()
-    names = {split: writer.close() for split, writer in writers.items()}
-    if counts['train']['documents'] == 0:
-        remove_stale_shards(out_dir, keep=())
-        raise PrepareError(f"all {counts['val']['documents']} conversation(s) of {source} went to val, none to "
-                           f"train: give more conversations or a smaller --val_fraction")
-    remove_stale_shards(out_dir, keep={name for split in names.values() for shard in split
-                                       for name in (shard, mask_path(shard))})
+    names = close_split_writers(writers, out_dir, counts,
+                                f"all {counts['val']['documents']} conversation(s) of {source} went to val, none "
+                                f"to train: give more conversations or a smaller --val_fraction")
 
     conversations_total = counts['train']['documents'] + counts['val']['documents']
     meta = {
