@@ -11,7 +11,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 import export  # noqa: E402
 from chat import CHAT_TEMPLATES, chat_ids  # noqa: E402
 from model import Llama, LlamaConfig, load_model  # noqa: E402
-from tokenizer import load_tokenizer, train_sentencepiece  # noqa: E402
+from conftest import tiny_sentencepieces, word_rotations  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 
 transformers = pytest.importorskip('transformers')
 safetensors_torch = pytest.importorskip('safetensors.torch')
@@ -28,30 +29,18 @@ SAMPLES = {
 VOCAB = 400
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """These models are tiny: one thread is faster than two fighting over small matmuls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def training_text():
-    lines = []
     more = ["আদিতে ঈশ্বর আকাশমণ্ডল ও পৃথিবী সৃষ্টি করলেন।", "起初，神创造天地。地是空虚混沌，渊面黑暗。"]
-    for n in range(60):
-        for text in [*SAMPLES.values(), *more]:
-            words = text.split(' ')
-            lines.append(' '.join(words[n % len(words):] + words[:n % len(words)]))
-    return lines
+    return word_rotations([*SAMPLES.values(), *more])
 
 
 @pytest.fixture(scope='module')
 def sp_toks(tmp_path_factory):
     """A tiny SentencePiece BPE and unigram model (with ChatML tokens), trained once."""
-    return {kind: train_sentencepiece(iter(training_text()), str(tmp_path_factory.mktemp(kind) / 'tokenizer.model'),
-                                      vocab_size=VOCAB, model_type=kind) for kind in ('bpe', 'unigram')}
+    return tiny_sentencepieces(training_text(), tmp_path_factory, VOCAB)
 
 
 def save_checkpoint(out_dir, model, tok, **extra):
@@ -296,7 +285,7 @@ def test_import_reads_sharded_pytorch_bin(tmp_path):
 
 
 def test_export_of_import_reproduces_the_tensors(tmp_path, sp_toks):
-    hf_model = random_hf_model(tmp_path / 'src')
+    random_hf_model(tmp_path / 'src')
     model, _ = export.load_hf(str(tmp_path / 'src'), tokenizer=False)
     save_checkpoint(str(tmp_path / 'out'), model, sp_toks['bpe'])
     export.export(str(tmp_path / 'out'), str(tmp_path / 'back'))

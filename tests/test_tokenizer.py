@@ -8,6 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+from conftest import tiny_sentencepieces, word_rotations  # noqa: E402
 from tokenizer import (load_tokenizer, tokenizer_stats, train_sentencepiece,  # noqa: E402
                        training_sentences)
 
@@ -24,19 +25,13 @@ UNSEEN = "ქართული ენა და ελληνικά γράμματ
 
 def training_text():
     """A few KB of multilingual lines: each sample with its words in a different order."""
-    lines = []
-    for n in range(60):
-        for text in SAMPLES.values():
-            words = text.split(' ')
-            lines.append(' '.join(words[n % len(words):] + words[:n % len(words)]))
-    return lines
+    return word_rotations(SAMPLES.values())
 
 
 @pytest.fixture(scope='module')
 def sp_toks(tmp_path_factory):
     """One tiny BPE and one tiny unigram model, trained once for the whole file."""
-    return {kind: train_sentencepiece(iter(training_text()), str(tmp_path_factory.mktemp(kind) / 'tokenizer.model'),
-                                      vocab_size=400, model_type=kind) for kind in ('bpe', 'unigram')}
+    return tiny_sentencepieces(training_text(), tmp_path_factory)
 
 
 @pytest.fixture

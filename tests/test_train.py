@@ -42,14 +42,7 @@ def make_corpus(root, seed=0):
     return str(root)
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    # tiny models run fastest on one thread (and torchrun gives each process one); two threads on a
-    # busy 2-core machine are 30x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')
