@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tokenizer import write_atomic
+from model import resolve_device
 from train import save_atomic  # temp file, fsync, rename
 
 DEFAULTS = dict(
@@ -137,14 +138,6 @@ def load_backbone(path, device='cpu'):
     from model import load_model
     model, tokenizer, _ = load_model(path, device=device, dtype=torch.float32)
     return model, tokenizer
-
-
-def resolve_device(name):
-    if name != 'auto':
-        return name
-    if torch.cuda.is_available():
-        return 'cuda'
-    return 'mps' if getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available() else 'cpu'
 
 
 # -----------------------------------------------------------------------------

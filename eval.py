@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from configurator import ConfigError, configure
-from model import load_model
+from model import load_model, resolve_device
 from shards import ShardError, load_meta, open_split
 from tokenizer import load_tokenizer, same_tokenizer, write_atomic
 
@@ -381,16 +381,6 @@ def parse_args(argv):
         raise SystemExit(f"eval.py: {e}") from None
 
 
-def pick_device(name):
-    if name != 'auto':
-        return name
-    if torch.cuda.is_available():
-        return 'cuda'
-    if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():
-        return 'mps'
-    return 'cpu'
-
-
 def autocast_for(device, dtype_name):
     device_type = device.split(':')[0]
     if dtype_name == 'auto':
@@ -430,7 +420,10 @@ def write_json(path, data):
 
 def main(argv=None):
     config = parse_args(sys.argv[1:] if argv is None else argv)
-    run_device = pick_device(config['device'])
+    try:
+        run_device = resolve_device(config['device'])
+    except ValueError as e:
+        raise SystemExit(f"eval.py: {e}") from None
     dtype_name, autocast = autocast_for(run_device, config['dtype'])
     path = config['checkpoint'] or os.path.join(config['out_dir'], 'ckpt.pt')
     model, tokenizer, ckpt = load_model(path, device=run_device)

@@ -472,6 +472,21 @@ def sample_next(logits, seen, temperature=1.0, top_k=None, top_p=None, repetitio
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
+def resolve_device(name):
+    """'auto' -> cuda, else mps, else cpu. Any other name is checked here, so that asking for a GPU
+    that is not there is a clear ValueError, not an error deep inside PyTorch."""
+    if name == 'auto':
+        return 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    kind = name.split(':')[0]
+    if kind not in ('cpu', 'cuda', 'mps'):
+        raise ValueError(f"device={name!r}: expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    if kind == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but PyTorch sees no CUDA GPU; use --device=cpu")
+    if kind == 'mps' and not torch.backends.mps.is_available():
+        raise ValueError(f"device={name!r} but MPS is not available here; use --device=cpu")
+    return name
+
+
 def config_from_preset(name, **overrides):
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")

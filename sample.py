@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from chat import chat_ids, get_template, stop_id
 from configurator import configure
-from model import load_model
+from model import load_model, resolve_device
 from tokenizer import write_atomic
 
 # -----------------------------------------------------------------------------
@@ -57,21 +57,6 @@ DEFAULTS = dict(
 
 # -----------------------------------------------------------------------------
 # loading
-
-def resolve_device(name):
-    if name == 'auto':
-        if torch.cuda.is_available():
-            return 'cuda'
-        return 'mps' if torch.backends.mps.is_available() else 'cpu'
-    kind = name.split(':')[0]
-    if kind not in ('cpu', 'cuda', 'mps'):
-        raise ValueError(f"device={name!r}: expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
-    if kind == 'cuda' and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but PyTorch sees no CUDA GPU; use --device=cpu")
-    if kind == 'mps' and not torch.backends.mps.is_available():
-        raise ValueError(f"device={name!r} but MPS is not available here; use --device=cpu")
-    return name
-
 
 def resolve_dtype(name, device):
     if name == 'auto':

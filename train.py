@@ -123,17 +123,13 @@ def get_lr(step, cfg):
 # -----------------------------------------------------------------------------
 # devices and precision
 
-def resolve_device(name, local_rank):
-    if name == 'auto':
-        name = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-    kind = name.split(':')[0]
-    if kind not in ('cpu', 'cuda', 'mps'):
-        fail(f"device={name!r}: expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
-    if kind == 'cuda' and not torch.cuda.is_available():
-        fail(f"device={name!r} but PyTorch sees no CUDA GPU; use --device=cpu")
-    if kind == 'mps' and not torch.backends.mps.is_available():
-        fail(f"device={name!r} but MPS is not available here; use --device=cpu")
-    if kind == 'cuda' and local_rank is not None:
+def device_for(name, local_rank):
+    from model import resolve_device
+    try:
+        name = resolve_device(name)
+    except ValueError as e:
+        fail(str(e))
+    if name.startswith('cuda') and local_rank is not None:
         name = f'cuda:{local_rank}'  # torchrun: one GPU per process
     return name
 
@@ -436,7 +432,7 @@ def main(argv):
     if accumulation % world_size:
         fail(f"gradient_accumulation_steps={accumulation} counts micro-batches over all {world_size} processes, "
              f"so it must be a multiple of {world_size}")
-    device = resolve_device(cfg['device'], local_rank)
+    device = device_for(cfg['device'], local_rank)
     device_type = device.split(':')[0]
     if ddp:
         if device_type == 'cuda':
