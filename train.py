@@ -660,7 +660,8 @@ def train(cfg, rank, world_size, master, say, device, device_type, start_time, o
         status = torch.cat([(loss_sum / len(samplers)).view(1), flags])
         if world_size > 1:
             torch.distributed.all_reduce(status)
-        train_loss, signalled, timed_out = status[0].item() / world_size, status[1].item() > 0, status[2].item() > 0
+        loss_total, signals, timeouts = status.tolist()  # one device-to-host copy, the step's one sync
+        train_loss, signalled, timed_out = loss_total / world_size, signals > 0, timeouts > 0
         if not math.isfinite(train_loss):
             bar.close()
             fail(f"the training loss became {train_loss} at step {step + 1} (lr {lr:.3g}); stopped without "
