@@ -52,7 +52,6 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from configurator import ConfigError, configure
@@ -122,11 +121,12 @@ def score_sequences(model, sequences, block_size, batch_size=8, device='cpu', au
             if masks is not None:
                 keep = torch.from_numpy(np.asarray(masks[i][start + 1:start + length + 1]) != 0)
                 y[row, :length][~keep] = -100
-        x, y = x.to(device), y.to(device)
-        with autocast:
-            logits, _ = model(x)  # right padding is harmless: causal attention never looks ahead
-        nll += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction='sum').item()
-        count += int((y != -100).sum())
+        scored = int((y != -100).sum())
+        with autocast:  # right padding is harmless: causal attention never looks ahead
+            # the model's own chunked loss: no (tokens x vocab) logits; mean * count = the sum
+            _, loss = model(x.to(device), y.to(device), return_logits=False)
+        nll += loss.item() * scored
+        count += scored
     return nll, count
 
 
