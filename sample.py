@@ -75,11 +75,7 @@ def load(out_dir, checkpoint='ckpt.pt', device='cpu', dtype=torch.float32):
     """(model, tokenizer) from a training out_dir, a checkpoint file, or a Hugging Face Llama folder."""
     path = os.path.join(out_dir, checkpoint) if os.path.isdir(out_dir) else out_dir
     if os.path.isdir(out_dir) and not os.path.exists(path) and os.path.exists(os.path.join(out_dir, 'config.json')):
-        try:
-            from export import load_hf
-        except ImportError as e:
-            raise FileNotFoundError(f"{out_dir} looks like a Hugging Face model folder (config.json, no "
-                                    f"{checkpoint}), but export.py, which reads those, is missing") from e
+        from export import load_hf  # a Hugging Face model folder
         return load_hf(out_dir, device=device, dtype=dtype)
     if not os.path.exists(out_dir):
         raise FileNotFoundError(f"out_dir {out_dir!r} does not exist: point --out_dir at a training output "
