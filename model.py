@@ -311,7 +311,7 @@ class Llama(nn.Module):
         over targets that are not -100 (masked fine-tuning), or None without targets.
         return_logits=False (with targets) computes the loss a chunk of rows at a time and returns
         (None, loss): the (B*T, vocab) logits never exist in full, which saves memory and, in
-        training, ~10% of a small model's step on CPU (bench.py). train.py uses it."""
+        training, ~10% of a small model's step on CPU (bench.py). train.py and eval.py use it."""
         x = self.hidden_states(idx)
         if targets is not None and not return_logits:
             chunk_rows = max(1, (2 ** 21 if x.device.type == 'cpu' else 2 ** 24) // self.config.vocab_size)
