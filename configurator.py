@@ -33,7 +33,10 @@ def configure(defaults, argv):
                 text = 'True'  # a bare --flag switches a boolean on: --compile, --chat
             elif not equals:
                 raise ConfigError(f"{arg}: write --{key}=VALUE, with '='")
-            config[key] = checked(defaults, key, parse_value(text), f"--{key}")
+            value = parse_value(text)
+            if isinstance(defaults.get(key), str) and not isinstance(value, str):
+                value = text  # a text setting takes what was typed: --start=1984, --start=...
+            config[key] = checked(defaults, key, value, f"--{key}")
         else:
             for key, value in run_config_file(arg, config).items():
                 config[key] = checked(defaults, key, value, arg)

@@ -93,3 +93,9 @@ def test_override_without_equals_sign_is_an_error():
 
 def test_bare_flag_switches_a_boolean_on():
     assert configure(DEFAULTS, ['--compile'])['compile'] is True
+
+
+def test_a_text_setting_takes_numbers_and_dots_as_typed():
+    config = configure({'start': '', 'batch_size': 8}, ['--start=1984', '--start=...'])
+    assert config['start'] == '...'
+    assert configure({'start': ''}, ['--start=1984'])['start'] == '1984'
