@@ -224,6 +224,21 @@ def test_chunked_loss_equals_full_logits_loss_with_the_same_gradients(tied):
                           F.cross_entropy(x @ weight.T, flat), atol=1e-6)
 
 
+@pytest.mark.parametrize('activation', ['silu', 'gelu', 'gelu_tanh'])
+def test_gated_activation_gradient_is_exact(activation):
+    from model import ACTIVATIONS, GatedActivation
+    h = torch.randn(2, 3, 10, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: GatedActivation.apply(t, activation), (h,))
+    # and equal to autograd's own in fp32, which it replaces in training
+    h = torch.randn(4, 7, 12, requires_grad=True)
+    grad_out = torch.randn(4, 7, 6)
+    GatedActivation.apply(h, activation).backward(grad_out)
+    ours, h.grad = h.grad, None
+    gate, up = h.chunk(2, dim=-1)
+    (ACTIVATIONS[activation](gate) * up).backward(grad_out)
+    assert torch.equal(ours, h.grad)
+
+
 @pytest.mark.parametrize('mode', ['autocast', 'bf16 weights'])
 def test_chunked_loss_in_bfloat16_matches_the_full_logits_loss(mode):
     # the fp32 path accumulates the head's gradient in place; these take the low-precision branch
