@@ -323,6 +323,36 @@ def test_generation_leaves_the_model_trainable_and_its_weights_untouched():
     assert all(p.grad is not None for p in model.parameters())
 
 
+def test_batch1_generation_reuses_its_weight_copies_only_while_the_weights_are_unchanged():
+    model = tiny_model(tie_embeddings=False)  # a tied head's sign flip would also flip the input
+    idx = torch.randint(0, 97, (1, 5))
+    model.generate(idx, 3, temperature=0)
+    copies = {m: entry[2] for m, entry in model._vector_weights.items()}
+    model.generate(idx, 3, temperature=0)
+    assert all(model._vector_weights[m][2] is copy for m, copy in copies.items())
+    # an optimizer step, an in-place edit, a load and a swapped tensor each make the next run use
+    # the new weights (each change is to the LM head, which decides the greedy tokens)
+    head = model.output.weight
+
+    def optimizer_step():
+        head.grad = torch.randn_like(head)
+        torch.optim.SGD([head], lr=10.0).step()
+
+    def in_place():
+        with torch.no_grad():
+            head.mul_(-1)
+
+    def load():
+        model.load_state_dict({k: v.flip(0) if k == 'output.weight' else v for k, v in model.state_dict().items()})
+
+    def new_tensor():
+        head.data = torch.randn_like(head)
+
+    for change in (optimizer_step, in_place, load, new_tensor):
+        change()
+        assert torch.equal(model.generate(idx, 8, temperature=0), greedy_without_cache(model, idx, 8)), change
+
+
 def test_generation_past_the_context_slides_the_window_and_keeps_going():
     model = tiny_model(block_size=16)
     out = model.generate(torch.randint(0, 97, (2, 10)), 30, temperature=0)
