@@ -323,6 +323,27 @@ def test_generation_leaves_the_model_trainable_and_its_weights_untouched():
     assert all(p.grad is not None for p in model.parameters())
 
 
+def test_batch1_decoding_mode_gives_the_full_forward_logits_and_rms_norm():
+    # vector_layout: transposed widening matrices and the 4-op RMSNorm, as batch-1 CPU generation runs
+    model = tiny_model()
+    idx = torch.randint(0, 97, (1, 9))
+    x = torch.randn(3, 32) * torch.tensor([[1e-4], [1.0], [300.0]])  # eps matters for the first row
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
+    expected = F.rms_norm(x, (32,), model.norm.weight, model.config.norm_eps)
+    with torch.inference_mode(), model.vector_layout():
+        assert torch.allclose(model.norm(x), expected, rtol=1e-5, atol=0)
+        full = model(idx)[0]  # (with the new norm weight) every position at once, same mode
+        model.setup_cache(1, 9)
+        logits = [model.forward_cached(idx[:, :5], 0)] + [model.forward_cached(idx[:, t:t + 1], t) for t in range(5, 9)]
+    reference = model(idx)[0]  # the usual layout and F.rms_norm
+    for t, step in zip(range(4, 9), logits):
+        assert torch.allclose(step, reference[:, t], atol=1e-5), t
+    assert torch.allclose(full, reference, atol=1e-5)
+    assert all(m.vector_terms is None for m in model.modules() if hasattr(m, 'vector_terms'))
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
 def test_batch1_generation_reuses_its_weight_copies_only_while_the_weights_are_unchanged():
     model = tiny_model(tie_embeddings=False)  # a tied head's sign flip would also flip the input
     idx = torch.randint(0, 97, (1, 5))
