@@ -88,12 +88,14 @@ PRESETS = {
     'ttl-460m': dict(vocab_size=32000, block_size=2048, n_layer=24, n_head=16, n_kv_head=16, n_embd=1024,
                      ffn_hidden=4096, activation='silu', rope_theta=10000.0, norm_eps=1e-5,
                      tie_embeddings=False, bos_id=1, eos_id=2, pad_id=3),
-    # cucafera 244M (hf: pauhidalgoo/cucafera; code github.com/pauhidalgoo/cucafera src/model.py): 30 layers,
-    # width 768, 8 query / 4 kv heads, GeGLU with tanh gelu, intermediate 2048, BPE vocab 65536, 2048 context,
-    # rope_theta 500000, tied embeddings. The card rounds to "244M"; this shape has 245,020,416.
-    # cucafera alternates sliding-window (1024) and full attention layers; mirim uses full attention in all.
+    # cucafera 244M (hf: pauhidalgoo/cucafera; its README lists 30 layers, width 768, 8 query / 4 kv heads,
+    # vocab 65536, 2048 context, GeGLU). The rest from github.com/pauhidalgoo/cucafera src/model.py, the
+    # CucaferaConfig that its src/train.py builds (commit 2b996c7): intermediate 2048, gelu with tanh,
+    # rope_theta 10000, norm_eps 1e-5, tied embeddings, full causal attention in every layer. (An earlier
+    # GPTConfig in that file had 32 layers, rope_theta 500000 and a 1024 sliding window; it does not match
+    # the published 30 layers.) The card rounds to "244M"; this shape has 245,020,416.
     'cucafera-244m': dict(vocab_size=65536, block_size=2048, n_layer=30, n_head=8, n_kv_head=4, n_embd=768,
-                          ffn_hidden=2048, activation='gelu_tanh', rope_theta=500000.0, norm_eps=1e-5,
+                          ffn_hidden=2048, activation='gelu_tanh', rope_theta=10000.0, norm_eps=1e-5,
                           tie_embeddings=True, bos_id=1, eos_id=2, pad_id=3),
     # Small shapes for laptops, CPU demos and tests (TinyStories-style sizes).
     'demo': dict(vocab_size=4096, block_size=256, n_layer=4, n_head=8, n_kv_head=4, n_embd=256,
