@@ -122,7 +122,7 @@ def train_run(net, is_hf):
     """A function doing train_steps optimizer steps of net on random tokens."""
     net.train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
-                                  fused=device == 'cuda')
+                                  fused=device in ('cuda', 'cpu'))  # as train.py's optimizer
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, net.config.vocab_size, (batch_size, block_size + 1), generator=generator).to(device)
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=dtype == 'bfloat16')

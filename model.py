@@ -343,7 +343,9 @@ class Llama(nn.Module):
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=device_type == 'cuda')
+        # the fused kernel is one pass over each tensor: on CPU 4.9 ms against 23.5 ms for the default
+        # per-tensor loop at the bench shape (~2% of its training step)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=device_type in ('cuda', 'cpu'))
 
     def hidden_states(self, idx):
         """idx (B, T) -> the final (normalised) hidden states (B, T, n_embd) that the LM head reads;

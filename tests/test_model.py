@@ -453,7 +453,9 @@ def test_tiny_model_overfits_a_fixed_batch():
 
 def test_optimizer_decays_matrices_but_not_norm_gains():
     model = tiny_model()
-    decay, no_decay = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), 'cpu').param_groups
+    optimizer = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    assert optimizer.defaults['fused']  # one pass per tensor on CPU too
+    decay, no_decay = optimizer.param_groups
     assert decay['weight_decay'] == 0.1 and all(p.dim() == 2 for p in decay['params'])
     assert no_decay['weight_decay'] == 0.0 and all(p.dim() == 1 for p in no_decay['params'])
 
