@@ -474,10 +474,11 @@ class Llama(nn.Module):
         while 688 -> 256 is 1.4x slower that way (so narrowing and square ones stay as they are).
         With 4+ rows it is no faster, and for bf16 weights it is 12x slower (bf16 GEMV is fast in the
         usual layout). So while enabled the widening Linear weights are swapped for transposed copies
-        (same shapes and values, only the memory order differs) and put back afterwards. The copies are kept for the next
-        generation until the weights change (optimizer step, load_state_dict: their version counter
-        moves): making them costs ~40 ms at the bench shape, 0.3 ms a token over 128 tokens. The
-        price is a second copy of the matrices in memory while the model is used for sampling.
+        (same shapes and values, only the memory order differs) and put back afterwards. The copies
+        are kept for the next generation until the weights change (optimizer step, load_state_dict:
+        their version counter moves): making them costs ~40 ms at the bench shape, 0.3 ms a token
+        over 128 tokens. The price is a second copy of those matrices in memory while the model is
+        used for sampling.
         The RMSNorms switch to their few-op form for the same stretch (see RMSNorm.forward)."""
         swapped = {}
         if not enabled:
