@@ -297,23 +297,27 @@ def train_sentencepiece(input_paths_or_iter, out_path, vocab_size=8192, model_ty
         documents = input_paths_or_iter
     sentences = _with_progress(training_sentences(documents, max_sentence_length), model_type, vocab_size)
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=sentences, model_writer=model, vocab_size=vocab_size, model_type=model_type,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=3, user_defined_symbols=list(special_tokens),
-        byte_fallback=True,  # any character never seen in training becomes its UTF-8 bytes, not <unk>
-        split_digits=True,  # numbers as digits: arithmetic-friendly and no vocab spent on "1948"
-        # 0.9995 (SentencePiece's advice for CJK, whose long tail of ideographs would eat the
-        # vocab): the rarest 0.05% of character occurrences get no piece of their own and fall
-        # back to 1-4 byte tokens, so nothing is lost. In a small alphabet that tail is real
-        # letters (in the Portuguese Bible: É, Ó, Ã, parentheses): pass 1.0 for a clean corpus.
-        character_coverage=character_coverage,
-        # identity: no NFKC, so decode(encode(x)) == x. NFKC would rewrite Chinese full-width
-        # punctuation '，' to ',' and Devanagari nukta letters such as 'क़' into two code points.
-        normalization_rule_name='identity', remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True,  # runs of spaces are pieces: indentation survives
-        input_sentence_size=input_sentence_size, shuffle_input_sentence=True,  # sample big corpora
-        max_sentence_length=max_sentence_length, num_threads=num_threads or os.cpu_count(),
-        minloglevel=0 if verbose else 2)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=sentences, model_writer=model, vocab_size=vocab_size, model_type=model_type,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=3, user_defined_symbols=list(special_tokens),
+            byte_fallback=True,  # any character never seen in training becomes its UTF-8 bytes, not <unk>
+            split_digits=True,  # numbers as digits: arithmetic-friendly and no vocab spent on "1948"
+            # 0.9995 (SentencePiece's advice for CJK, whose long tail of ideographs would eat the
+            # vocab): the rarest 0.05% of character occurrences get no piece of their own and fall
+            # back to 1-4 byte tokens, so nothing is lost. In a small alphabet that tail is real
+            # letters (in the Portuguese Bible: É, Ó, Ã, parentheses): pass 1.0 for a clean corpus.
+            character_coverage=character_coverage,
+            # identity: no NFKC, so decode(encode(x)) == x. NFKC would rewrite Chinese full-width
+            # punctuation '，' to ',' and Devanagari nukta letters such as 'क़' into two code points.
+            normalization_rule_name='identity', remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,  # runs of spaces are pieces: indentation survives
+            input_sentence_size=input_sentence_size, shuffle_input_sentence=True,  # sample big corpora
+            max_sentence_length=max_sentence_length, num_threads=num_threads or os.cpu_count(),
+            minloglevel=0 if verbose else 2)
+    except RuntimeError as e:  # e.g. "Vocabulary size too high" on a small corpus: one clear line
+        raise ValueError(f"SentencePiece could not train a {vocab_size}-piece tokenizer on this input "
+                         f"({str(e).strip().splitlines()[-1]})") from None
     write_atomic(out_path, model.getvalue())
     tok = load_tokenizer(out_path)
     vocab_lines = (f"{tok._sp.id_to_piece(i)}\t{tok._sp.get_score(i)}" for i in range(tok.vocab_size))
@@ -456,11 +460,14 @@ def main():
                 yield block
 
     t0 = time.time()
-    tok = train_sentencepiece(blocks_for_training(), args.out, vocab_size=args.vocab_size,
-                              model_type=args.model_type, special_tokens=args.special_tokens,
-                              character_coverage=args.character_coverage,
-                              input_sentence_size=args.input_sentence_size, num_threads=args.num_threads,
-                              verbose=args.verbose)
+    try:
+        tok = train_sentencepiece(blocks_for_training(), args.out, vocab_size=args.vocab_size,
+                                  model_type=args.model_type, special_tokens=args.special_tokens,
+                                  character_coverage=args.character_coverage,
+                                  input_sentence_size=args.input_sentence_size, num_threads=args.num_threads,
+                                  verbose=args.verbose)
+    except (ValueError, FileNotFoundError) as e:  # bad input or settings: a message, not a traceback
+        parser.exit(1, f"tokenizer.py: error: {e}\n")
     print(f"wrote {args.out} ({tok.vocab_size:,} pieces, {args.model_type}) in {time.time() - t0:.1f}s")
     if held_out:
         print('\n'.join(compare_with_bytes(tok, held_out)))

@@ -479,9 +479,8 @@ def train_tokenizer_on_input(read, vocab_size, out_dir, sample_bytes, total_byte
     t0 = time.time()
     try:
         tokenizer = train_sentencepiece(itertools.chain([first], sample), path, vocab_size=vocab_size)
-    except RuntimeError as e:  # e.g. "Vocabulary size too high" on a small corpus
-        raise PrepareError(f"SentencePiece could not train a {vocab_size}-piece tokenizer on this input "
-                           f"({str(e).strip().splitlines()[-1]}); choose another train:VOCAB") from None
+    except ValueError as e:  # e.g. a vocab too large for a small corpus
+        raise PrepareError(f"{e}; choose another train:VOCAB") from None
     print(f"wrote {path} in {time.time() - t0:.1f}s")
     return tokenizer
 

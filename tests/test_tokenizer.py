@@ -194,3 +194,19 @@ def test_command_line_trains_and_prints_held_out_comparison(tmp_path):
     assert result.returncode == 0, result.stderr
     assert 'fewer tokens than raw bytes' in result.stdout
     assert load_tokenizer(str(tmp_path / 'x' / 'tokenizer.model')).vocab_size == 400
+
+
+def test_command_line_says_in_one_line_why_training_failed(tmp_path):
+    (tmp_path / 'small.txt').write_text('um texto curto demais para tantas peças\n', encoding='utf-8')
+    root = os.path.join(os.path.dirname(__file__), '..')
+    tokenizer_py = os.path.join(root, 'tokenizer.py')
+    too_big = subprocess.run([sys.executable, tokenizer_py, '--input', str(tmp_path / 'small.txt'),
+                              '--vocab_size', '8192', '--out', str(tmp_path / 'x.model')],
+                             capture_output=True, text=True, timeout=60)
+    missing = subprocess.run([sys.executable, tokenizer_py, '--input', str(tmp_path / 'nothing-*.txt'),
+                              '--out', str(tmp_path / 'y.model')], capture_output=True, text=True, timeout=60)
+    assert too_big.returncode == 1 and 'Traceback' not in too_big.stderr
+    assert 'could not train a 8192-piece tokenizer' in too_big.stderr and 'too high' in too_big.stderr
+    assert missing.returncode == 1 and 'Traceback' not in missing.stderr
+    assert 'no input file matches' in missing.stderr
+    assert not (tmp_path / 'x.model').exists() and not (tmp_path / 'y.model').exists()
