@@ -28,6 +28,7 @@ import statistics
 
 import torch
 
+from generate import generate
 from model import Llama, LlamaConfig, config_from_preset
 
 # defaults (override with --key=value)
@@ -106,7 +107,7 @@ def build_hf_twin(mirim):
     """The same shape and weights as a transformers LlamaForCausalLM (sdpa attention), or None."""
     try:
         from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
-        from export import hf_config, to_hf_state_dict
+        from hf import hf_config, to_hf_state_dict
     except ImportError as e:
         print(f"(no Hugging Face comparison: {e})", file=sys.stderr)
         return None
@@ -153,7 +154,7 @@ def generate_run(net, is_hf):
         run = lambda: net.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                    eos_token_id=None, pad_token_id=0)
     else:
-        run = lambda: net.generate(prompt, new_tokens, temperature=0)
+        run = lambda: generate(net, prompt, new_tokens, temperature=0)
     return run
 
 
@@ -165,8 +166,9 @@ def loop_rates():
     from configurator import configure
     import train
     cfg = configure(train.DEFAULTS, [loop_config])
+    from checkpoint import requested_model_config
     from shards import load_meta
-    net = Llama(train.requested_model_config(cfg, load_meta(cfg['data_dir'])), seed=seed)  # the model train.py builds
+    net = Llama(requested_model_config(cfg, load_meta(cfg['data_dir'])), seed=seed)  # the model train.py builds
     global batch_size, block_size
     batch_size, block_size = cfg['batch_size'] * cfg['gradient_accumulation_steps'], cfg['block_size']
     bare = statistics.median(timed_turns({'bare': train_run(net, False)}, batch_size * block_size * train_steps,

@@ -18,11 +18,10 @@ pre-training learned).
 
 Output: accuracy, macro F1 (the mean of the per-label F1, so every label counts the same however
 rare) and the majority-class baseline on the test file, printed and saved to out_dir/results.json,
-and out_dir/classifier.pt: a mirim checkpoint (model.load_model reads it) plus the head and the
+and out_dir/classifier.pt: a mirim checkpoint (checkpoint.load_model reads it) plus the head and the
 label names; load_classifier() and predict() below use it.
 """
 
-import json
 import math
 import os
 import random
@@ -35,9 +34,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer import write_atomic
-from model import resolve_device
-from train import save_atomic  # temp file, fsync, rename
+from checkpoint import (MODEL_KEYS, load_checkpoint, load_model, model_from_checkpoint, resolve, save_atomic,
+                        write_json)
+from common import autocast, resolve_device, resolve_dtype
 
 DEFAULTS = dict(
     init_from='out/biblia-pt',    # a mirim checkpoint (file, or out_dir holding ckpt.pt) or a Hugging Face Llama folder
@@ -135,7 +134,6 @@ class Classifier(nn.Module):
 
 def load_backbone(path, device='cpu'):
     """-> (Llama in float32, Tokenizer) from a mirim checkpoint (file or out_dir) or a Hugging Face Llama folder."""
-    from model import load_model
     model, tokenizer, _ = load_model(path, device=device, dtype=torch.float32)
     return model, tokenizer
 
@@ -164,13 +162,13 @@ def scores(golds, preds, num_labels):
 
 
 @torch.no_grad()
-def predict_ids(classifier, encoded, batch_size, pad_id, device, autocast=nullcontext()):
+def predict_ids(classifier, encoded, batch_size, pad_id, device, amp=nullcontext()):
     """Predicted label indices for encoded examples, in order."""
     classifier.eval()
     preds = []
     for start in range(0, len(encoded), batch_size):
         idx, lengths = padded(encoded[start:start + batch_size], pad_id)
-        with autocast:
+        with amp:
             logits = classifier(idx.to(device), lengths.to(device))
         preds.extend(logits.argmax(-1).tolist())
     return preds
@@ -216,8 +214,7 @@ def train_classifier(cfg, say=print):
     for group in groups:
         group['initial_lr'] = group['lr']
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg['weight_decay'])
-    use_bf16 = device == 'cuda' and torch.cuda.is_bf16_supported()
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    amp = autocast(device, resolve_dtype('auto', device))
 
     steps_per_epoch = math.ceil(len(train_ids) / cfg['batch_size'])
     total_steps = steps_per_epoch * cfg['epochs']
@@ -248,9 +245,12 @@ def train_classifier(cfg, say=print):
             scale = min((step + 1) / warmup, max(0.0, (total_steps - step) / max(1, total_steps - warmup)))
             for group in optimizer.param_groups:
                 group['lr'] = group['initial_lr'] * scale
-            with autocast:
+            with amp:
                 logits = classifier(idx.to(device), lengths.to(device))
             loss = F.cross_entropy(logits.float(), y)
+            if not math.isfinite(loss.item()):
+                raise ValueError(f"the training loss became {loss.item()} at step {step + 1} (epoch {epoch + 1}); "
+                                 f"stopped without saving. Try a lower learning_rate / head_learning_rate")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg['grad_clip'] > 0:
@@ -263,7 +263,7 @@ def train_classifier(cfg, say=print):
         say(f"epoch {epoch + 1}: train loss {total_loss / len(order):.4f}, train accuracy {correct / len(order):.3f} "
             f"({time.time() - t0:.0f}s)")
 
-    preds = predict_ids(classifier, test_ids, cfg['batch_size'], pad_id, device, autocast)
+    preds = predict_ids(classifier, test_ids, cfg['batch_size'], pad_id, device, amp)
     result = scores(test_y, preds, len(labels))
     result['majority_baseline'] = sum(y == majority for y in test_y) / len(test_y)
     result.update(labels=labels, test_examples=len(test), train_examples=len(train), seconds=time.time() - t0,
@@ -276,8 +276,7 @@ def train_classifier(cfg, say=print):
                   'config': cfg, 'classify': {'accuracy': result['accuracy'], 'macro_f1': result['macro_f1'],
                                               'max_length': max_length}}
     save_atomic(checkpoint, os.path.join(cfg['out_dir'], 'classifier.pt'))
-    write_atomic(os.path.join(cfg['out_dir'], 'results.json'),
-                 (json.dumps(result, indent=2, ensure_ascii=False) + '\n').encode('utf-8'))
+    write_json(os.path.join(cfg['out_dir'], 'results.json'), result)
     say(f"saved {cfg['out_dir']}/classifier.pt and results.json")
     return result
 
@@ -296,13 +295,10 @@ def result_lines(result):
 
 def load_classifier(path, device='cpu'):
     """-> (Classifier in eval mode, tokenizer, labels, max_length) from a classifier.pt (or its out_dir)."""
-    from model import Llama, LlamaConfig
     from tokenizer import load_tokenizer
-    if os.path.isdir(path):
-        path = os.path.join(path, 'classifier.pt')
-    checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    backbone = Llama(LlamaConfig.from_dict(checkpoint['model_config']))
-    backbone.load_state_dict(checkpoint['model'])
+    _, path = resolve(path, 'classifier.pt')
+    checkpoint = load_checkpoint(path, keys=MODEL_KEYS + ('head', 'labels', 'classify'))
+    backbone = model_from_checkpoint(checkpoint)
     classifier = Classifier(backbone, len(checkpoint['labels']))
     classifier.head.load_state_dict(checkpoint['head'])
     return (classifier.to(device).eval(), load_tokenizer(checkpoint['tokenizer']), checkpoint['labels'],

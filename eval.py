@@ -54,10 +54,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from checkpoint import load_model, write_json
+from common import autocast, dtype_name, resolve_device, resolve_dtype
 from configurator import ConfigError, configure
-from model import load_model, resolve_device
 from shards import ShardError, load_meta, open_split
-from tokenizer import load_tokenizer, same_tokenizer, write_atomic
+from tokenizer import load_tokenizer, same_tokenizer
 
 # defaults; override with --key=value
 DEFAULTS = dict(
@@ -381,17 +382,6 @@ def parse_args(argv):
         raise SystemExit(f"eval.py: {e}") from None
 
 
-def autocast_for(device, dtype_name):
-    device_type = device.split(':')[0]
-    if dtype_name == 'auto':
-        dtype_name = 'bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
-    if dtype_name not in ('float32', 'bfloat16', 'float16'):
-        raise SystemExit(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype_name!r}")
-    if dtype_name == 'float32':
-        return dtype_name, nullcontext()
-    return dtype_name, torch.autocast(device_type=device_type, dtype=getattr(torch, dtype_name))
-
-
 def format_table(results):
     """A small readable table of the numbers in results['metrics']."""
     metrics = results['metrics']
@@ -414,23 +404,20 @@ def format_table(results):
     return '\n'.join(lines)
 
 
-def write_json(path, data):
-    write_atomic(path, (json.dumps(data, indent=2, ensure_ascii=False) + '\n').encode('utf-8'))
-
-
 def main(argv=None):
     config = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         run_device = resolve_device(config['device'])
+        dtype = resolve_dtype(config['dtype'], run_device)
     except ValueError as e:
         raise SystemExit(f"eval.py: {e}") from None
-    dtype_name, autocast = autocast_for(run_device, config['dtype'])
+    amp = autocast(run_device, dtype)
     path = config['checkpoint'] or os.path.join(config['out_dir'], 'ckpt.pt')
     model, tokenizer, ckpt = load_model(path, device=run_device)
     if config['block_size'] > model.config.block_size:
         raise SystemExit(f"--block_size={config['block_size']} is longer than the model's context {model.config.block_size}")
     block = config['block_size'] or model.config.block_size
-    common = dict(batch_size=config['batch_size'], device=run_device, autocast=autocast)
+    common = dict(batch_size=config['batch_size'], device=run_device, autocast=amp)
     started = time.time()
 
     task_name = config['task']
@@ -460,7 +447,7 @@ def main(argv=None):
         metrics, per_example = evaluate_multiple_choice(model, tokenizer, examples, desc=task_name, **common)
 
     results = {'task': task_name, 'checkpoint': path, 'step': ckpt.get('step'), 'tokens_seen': ckpt.get('tokens_seen'),
-               'metrics': metrics, 'block_size': block, 'device': run_device, 'dtype': dtype_name,
+               'metrics': metrics, 'block_size': block, 'device': run_device, 'dtype': dtype_name(dtype),
                'seconds': round(time.time() - started, 2), 'config': config}
     if per_example is not None:
         results['loglikelihoods'] = per_example

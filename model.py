@@ -5,19 +5,18 @@ The whole mirim model in one file: a Llama-style decoder-only transformer.
                     -> RMSNorm -> LM head (tied to the embedding or not)
 
 The layout follows Hugging Face's LlamaForCausalLM (rotate-half RoPE, no biases, the gated MLP
-down(act(gate(x)) * up(x))), so weights move 1:1 between the two (see export.py). Two projections
+down(act(gate(x)) * up(x))), so weights move 1:1 between the two (see hf.py). Two projections
 are fused for speed: q, k, v are one matmul (wqkv) and gate, up are one matmul (w13).
 """
 import math
-from contextlib import contextmanager
-from dataclasses import dataclass, asdict, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# mirim's activation name -> Hugging Face's hidden_act for the same function
-HF_ACTIVATION = {'silu': 'silu', 'gelu': 'gelu', 'gelu_tanh': 'gelu_pytorch_tanh'}
+# the gated MLP's activation: 'silu' makes it SwiGLU, 'gelu' / 'gelu_tanh' GeGLU
+ACTIVATIONS = {'silu': F.silu, 'gelu': F.gelu, 'gelu_tanh': lambda t: F.gelu(t, approximate='tanh')}
 
 
 @dataclass
@@ -50,8 +49,8 @@ class LlamaConfig:
             bad('n_kv_head', f"must divide n_head={self.n_head}")
         if (self.n_embd // self.n_head) % 2:
             bad('n_head', f"head size n_embd/n_head={self.n_embd // self.n_head} must be even for RoPE")
-        if self.activation not in HF_ACTIVATION:
-            bad('activation', f"must be one of {sorted(HF_ACTIVATION)}")
+        if self.activation not in ACTIVATIONS:
+            bad('activation', f"must be one of {sorted(ACTIVATIONS)}")
         if not 0.0 <= self.dropout < 1.0:
             bad('dropout', "must be in [0, 1)")
         if self.rope_theta <= 0 or self.norm_eps <= 0:
@@ -112,15 +111,8 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
-        self.vector_terms = None  # set by Llama.vector_layout: (weight * sqrt(dim), sqrt(dim * eps))
 
     def forward(self, x):
-        if self.vector_terms is not None:
-            # batch-1 CPU decoding pays ~3-5 us per op, and on CPU F.rms_norm is an ~8-op composite
-            # (35 us); this is the same function in 4 ops (17 us), exact in fp32 up to rounding:
-            # x * w / sqrt(mean(x^2) + eps) = x * (w * sqrt(d)) / hypot(|x|, sqrt(d * eps))
-            scaled_weight, eps_term = self.vector_terms
-            return x / torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), eps_term) * scaled_weight
         # one call; it accumulates in fp32 for bf16/fp16 inputs (on GPU a fused kernel)
         return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
 
@@ -136,9 +128,8 @@ def rope_tables(head_size, length, theta):
 
 
 def apply_rope(x, cos, sin):
-    # HF's x * cos + rotate_half(x) * sin with rotate_half(x) = [-x2, x1]; the minus is in the table
+    # HF's x * cos + rotate_half(x) * sin with rotate_half(x) = [-x2, x1]; the minus is in the table.
     # chunk, not two slices: the backward of a split is one cat, each slice's zero-fills all of x
-    # (1.4x faster forward + backward at the bench shape)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([x2, x1], dim=-1) * sin
 
@@ -171,37 +162,6 @@ class Attention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_size))
 
 
-ACTIVATIONS = {'silu': F.silu, 'gelu': F.gelu, 'gelu_tanh': lambda t: F.gelu(t, approximate='tanh')}
-
-
-class GatedActivation(torch.autograd.Function):
-    """act(gate) * up of h = [gate; up], the fused w13 output. The backward writes both halves of
-    h's gradient straight into one tensor; autograd's own would make them apart and cat them, one
-    more pass over the MLP's largest activation (the MLP's forward + backward is 1.04x faster)."""
-
-    @staticmethod
-    def forward(ctx, h, activation):
-        gate, up = h.chunk(2, dim=-1)
-        act = ACTIVATIONS[activation](gate)
-        ctx.save_for_backward(h, act)
-        ctx.activation = activation
-        return act * up
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        h, act = ctx.saved_tensors
-        gate, up = h.chunk(2, dim=-1)
-        grad_h = torch.empty_like(h)
-        grad_gate, grad_up = grad_h.chunk(2, dim=-1)
-        torch.mul(grad_out, act, out=grad_up)
-        if ctx.activation == 'silu':
-            torch.ops.aten.silu_backward.grad_input(grad_out * up, gate, grad_input=grad_gate)
-        else:
-            approximate = 'tanh' if ctx.activation == 'gelu_tanh' else 'none'
-            torch.ops.aten.gelu_backward.grad_input(grad_out * up, gate, approximate=approximate, grad_input=grad_gate)
-        return grad_h, None
-
-
 class FeedForward(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -210,10 +170,7 @@ class FeedForward(nn.Module):
         self.activation = config.activation
 
     def forward(self, x):
-        h = self.w13(x)
-        if h.requires_grad:
-            return self.w2(GatedActivation.apply(h, self.activation))
-        gate, up = h.chunk(2, dim=-1)  # inference: plain ops, nothing to save
+        gate, up = self.w13(x).chunk(2, dim=-1)
         return self.w2(ACTIVATIONS[self.activation](gate) * up)
 
 
@@ -253,8 +210,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             xc, valid_c = x[rows], valid[rows, None]
             target_c = targets[rows, None].clamp(min=0)  # -100 -> any index; those rows are masked below
             # log_softmax is one row-wise kernel, run in place on the fresh logits (each row is read
-            # whole before it is written): no second (chunk, vocab) tensor, ~9% of this loop on CPU.
-            # Under autocast the matmul runs in bf16/fp16.
+            # whole before it is written): no second (chunk, vocab) tensor. Under autocast the
+            # matmul runs in bf16/fp16.
             logp = (xc @ weight.t()).float()
             torch.log_softmax(logp, dim=-1, out=logp)
             loss_sum -= (logp.gather(1, target_c) * valid_c).sum()
@@ -297,7 +254,6 @@ class Llama(nn.Module):
         cos, sin = rope_tables(config.head_size, config.block_size, config.rope_theta)
         self.register_buffer('rope_cos', cos, persistent=False)
         self.register_buffer('rope_sin', sin, persistent=False)
-        self._vector_weights = {}  # Linear -> (weight, its version, transposed copy): see vector_layout
         self.init_weights(seed)
 
     @torch.no_grad()
@@ -343,8 +299,7 @@ class Llama(nn.Module):
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
-        # the fused kernel is one pass over each tensor: on CPU 4.9 ms against 23.5 ms for the default
-        # per-tensor loop at the bench shape (~2% of its training step)
+        # the fused kernel is one pass over each tensor instead of a loop of small ops per tensor
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=device_type in ('cuda', 'cpu'))
 
     def hidden_states(self, idx):
@@ -363,12 +318,12 @@ class Llama(nn.Module):
         """idx (B, T) token ids. Returns (logits (B, T, vocab), loss): loss is the mean cross-entropy
         over targets that are not -100 (masked fine-tuning), or None without targets.
         return_logits=False (with targets) computes the loss a chunk of rows at a time and returns
-        (None, loss): the (B*T, vocab) logits never exist in full, which saves memory and, in
-        training, ~10% of a small model's step on CPU (bench.py). train.py and eval.py use it."""
+        (None, loss): the (B*T, vocab) logits never exist in full, which saves memory and time
+        (README: speed notes). train.py and eval.py use it."""
         x = self.hidden_states(idx)
         if targets is not None and not return_logits:
-            # 2^22 logits a chunk on CPU: 512 rows at vocab 8192 were 1.04-1.09x faster than 256 (and
-            # than 128, 384, 768, 1024) in the head's forward + backward; the GPU size is unmeasured
+            # 2^22 logits a chunk on the CPU was the fastest size measured (README: speed notes); the
+            # GPU size is unmeasured
             chunk_rows = max(1, (2 ** 22 if x.device.type == 'cpu' else 2 ** 24) // self.config.vocab_size)
             with_grads = torch.is_grad_enabled() and (x.requires_grad or self.output.weight.requires_grad)
             loss = ChunkedCrossEntropy.apply(x.reshape(-1, x.size(-1)), self.output.weight, targets.reshape(-1),
@@ -382,7 +337,7 @@ class Llama(nn.Module):
                                    ignore_index=-100, reduction='sum')
         return logits, loss_sum / (targets != -100).sum().clamp(min=1)
 
-    # ------------------------------------------------------------------ inference with a KV cache
+    # ------------------------------------------------------------------ the KV cache (generate.py decodes)
 
     def setup_cache(self, batch_size, length, device=None, dtype=None):
         """Preallocate each layer's key/value cache: (batch, n_kv_head, length, head_size)."""
@@ -418,176 +373,12 @@ class Llama(nn.Module):
         x = self.norm(x[:, -1] if last_only else x)
         return self.output(x)
 
-    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        repetition_penalty=1.0, eos_id=None, generator=None, left_pad=None):
-        """Yield the next token of every row, (B,), one step at a time (sample.py streams these).
-        Rows that produced eos_id keep yielding eos_id; stops when all rows are done."""
-        B, T = idx.shape
-        if T + 1 > self.config.block_size:
-            raise ValueError(f"prompt of {T} tokens leaves no room in the context of "
-                             f"{self.config.block_size}; crop it first")
-        # the weights' layout is switched outside inference mode: they must stay usable for training
-        with self.vector_layout(B == 1 and idx.device.type == 'cpu' and self.output.weight.dtype == torch.float32):
-            yield from self._decode(idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                                    eos_id, generator, left_pad)
-
-    # inference mode, not just no_grad: it skips autograd's bookkeeping on every op, which is ~20%
-    # of a batch-1 decoding step on CPU (tiny ops, dispatch-bound)
-    @torch.inference_mode()
-    def _decode(self, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id, generator,
-                left_pad):
-        B, T = idx.shape
-        block = self.config.block_size
-        length = min(block, T + max_new_tokens)
-        self.setup_cache(B, length, device=idx.device)
-        seen = idx.clone()
-        finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        logits = self.forward_cached(idx, 0, left_pad)
-        pos = T
-        for step in range(max_new_tokens):
-            next_token = sample_next(logits.float(), seen, temperature, top_k, top_p, repetition_penalty,
-                                     generator, left_pad)
-            if eos_id is not None:
-                next_token = torch.where(finished, torch.full_like(next_token, eos_id), next_token)
-                finished |= next_token == eos_id
-            yield next_token
-            seen = torch.cat([seen, next_token[:, None]], dim=1)
-            if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
-                break
-            if pos == length:
-                # the cache is full: keep the most recent half of the context and prefill it again
-                keep = block // 2
-                if left_pad is not None:
-                    left_pad = (left_pad - (seen.size(1) - keep)).clamp(min=0)
-                # the cache is overwritten from position 0; nothing past pos is ever read
-                logits, pos = self.forward_cached(seen[:, -keep:], 0, left_pad), keep
-            else:
-                logits = self.forward_cached(next_token[:, None], pos, left_pad)
-                pos += 1
-        self.release_cache()
-
-    @contextmanager
-    def vector_layout(self, enabled=True):
-        """Batch-1 decoding multiplies one vector by each weight matrix. On CPU, MKL does that faster
-        when a widening matrix (out > in features) is stored transposed ([in, out] contiguous): 1.7x
-        for 256 -> 1376, 2.2x for the 256 -> 8192 LM head on this project's 2-core test machine,
-        while 688 -> 256 is 1.4x slower that way (so narrowing and square ones stay as they are).
-        With 4+ rows it is no faster, and for bf16 weights it is 12x slower (bf16 GEMV is fast in the
-        usual layout). So while enabled the widening Linear weights are swapped for transposed copies
-        (same shapes and values, only the memory order differs) and put back afterwards. The copies
-        are kept for the next generation until the weights change (optimizer step, load_state_dict:
-        their version counter moves): making them costs ~40 ms at the bench shape, 0.3 ms a token
-        over 128 tokens. The price is a second copy of those matrices in memory while the model is
-        used for sampling.
-        The RMSNorms switch to their few-op form for the same stretch (see RMSNorm.forward)."""
-        swapped = {}
-        if not enabled:
-            self._vector_weights.clear()
-        try:
-            for m in self.modules() if enabled else ():
-                if isinstance(m, RMSNorm):
-                    dim = m.weight.numel()
-                    m.vector_terms = (m.weight.detach() * math.sqrt(dim),
-                                      torch.tensor(math.sqrt(dim * m.eps), dtype=m.weight.dtype))
-                if isinstance(m, nn.Linear) and m.out_features > m.in_features:
-                    weight = m.weight.data
-                    cached = self._vector_weights.get(m)
-                    # the cache holds the weight it copied, so no other tensor can reuse its memory
-                    if cached is None or not cached[0].is_set_to(weight) or cached[1] != m.weight._version:
-                        cached = self._vector_weights[m] = (weight, m.weight._version, weight.t().contiguous().t())
-                    swapped[m] = weight
-                    m.weight.data = cached[2]
-            yield
-        finally:
-            for m, weight in swapped.items():
-                m.weight.data = weight
-            for m in self.modules() if enabled else ():
-                if isinstance(m, RMSNorm):
-                    m.vector_terms = None
-
     def release_cache(self):
         for layer in self.layers:
             layer.attention.cache_k = layer.attention.cache_v = None
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
-                 eos_id=None, generator=None, left_pad=None):
-        """Continue each row of idx (B, T). temperature 0 is greedy. Returns (B, T + new tokens);
-        with eos_id, rows that finished early are filled with eos_id. generator (a torch.Generator on
-        idx's device) makes sampling repeatable."""
-        new = list(self.generate_tokens(idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                                        eos_id, generator, left_pad))
-        return torch.cat([idx, torch.stack(new, dim=1)], dim=1) if new else idx
-
-
-def sample_next(logits, seen, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
-                generator=None, left_pad=None):
-    """Pick one token per row from logits (B, vocab).
-    repetition_penalty > 1 makes every token already in `seen` less likely, as in CTRL (Keskar et al.
-    2019) and HF: its logit is divided by the penalty when positive, multiplied when negative.
-    top_k keeps the k most likely tokens; top_p keeps the smallest set whose probability reaches p."""
-    if repetition_penalty != 1.0:
-        valid = torch.ones_like(seen, dtype=logits.dtype)
-        if left_pad is not None:  # pad tokens are not part of the text
-            valid = (torch.arange(seen.size(1), device=seen.device)[None] >= left_pad[:, None]).to(logits.dtype)
-        present = torch.zeros_like(logits).scatter_add_(1, seen, valid) > 0
-        penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
-        logits = torch.where(present, penalized, logits)
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float('-inf'))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(dim=-1)
-        # drop a token when the tokens before it already reach top_p (the most likely always stays)
-        drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
-        logits = logits.masked_fill(torch.empty_like(drop_sorted).scatter_(1, order, drop_sorted), float('-inf'))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-
-
-def resolve_device(name):
-    """'auto' -> cuda, else mps, else cpu. Any other name is checked here, so that asking for a GPU
-    that is not there is a clear ValueError, not an error deep inside PyTorch."""
-    if name == 'auto':
-        return 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-    kind = name.split(':')[0]
-    if kind not in ('cpu', 'cuda', 'mps'):
-        raise ValueError(f"device={name!r}: expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
-    if kind == 'cuda' and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but PyTorch sees no CUDA GPU; use --device=cpu")
-    if kind == 'mps' and not torch.backends.mps.is_available():
-        raise ValueError(f"device={name!r} but MPS is not available here; use --device=cpu")
-    return name
 
 
 def config_from_preset(name, **overrides):
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return LlamaConfig(**{**PRESETS[name], **overrides})
-
-
-def load_model(path, device='cpu', dtype=None):
-    """Load a mirim checkpoint (a file, or an out_dir holding ckpt.pt) -> (model in eval mode,
-    tokenizer, checkpoint dict). The tokenizer is rebuilt from the checkpoint alone.
-    A Hugging Face Llama folder (config.json, no ckpt.pt) is read by export.load_hf."""
-    import os
-    from tokenizer import load_tokenizer
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, 'ckpt.pt')) \
-            and os.path.exists(os.path.join(path, 'config.json')):
-        from export import load_hf
-        model, tokenizer = load_hf(path, device, dtype)
-        return model, tokenizer, {'model_config': asdict(model.config), 'hf_dir': path}
-    if os.path.isdir(path):
-        path = os.path.join(path, 'ckpt.pt')
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}: train one first (python train.py config/...) "
-                                f"or point --out_dir at a directory holding ckpt.pt")
-    checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    model = Llama(LlamaConfig.from_dict(checkpoint['model_config']))
-    model.load_state_dict(checkpoint['model'])
-    model.to(device=device, dtype=dtype).eval()
-    return model, load_tokenizer(checkpoint['tokenizer']), checkpoint

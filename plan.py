@@ -49,8 +49,6 @@ DEFAULTS = dict(
     context=0,             # sequence length for attention FLOPs; 0 = the model's block_size
 )
 
-# bf16 dense tensor-core peak FLOP/s (NVIDIA datasheets; their sparse figures are 2x these)
-PEAK_FLOPS = {'A100': 312e12, 'H100': 989e12, 'H100-PCIe': 756e12, 'H200': 989e12}
 
 CHINCHILLA_TOKENS_PER_PARAM = 20
 # (name, tokens, parameters) of published runs, for their tokens per parameter
@@ -137,7 +135,7 @@ def model_shape(train_config, meta=None):
     sets, and the vocab of the data (meta) when given, else the preset's."""
     from dataclasses import asdict
     from model import PRESETS
-    from train import requested_model_config
+    from checkpoint import requested_model_config
     if meta is None:
         meta = {'vocab_size': PRESETS.get(train_config['model'], {}).get('vocab_size', 0) or None}
     return asdict(requested_model_config(train_config, meta))
@@ -195,7 +193,8 @@ def plan(config):
     if config.get('tokens_per_sec'):
         throughput['measured'] = config['tokens_per_sec']
     if config.get('gpu'):
-        gpu = config['gpu']
+        from common import PEAK_FLOPS
+        gpu = config['gpu'].replace('-', ' ')  # --gpu=H100-PCIe: no quotes needed on the command line
         if gpu not in PEAK_FLOPS:
             close = difflib.get_close_matches(gpu, PEAK_FLOPS, n=1)
             raise SystemExit(f"unknown --gpu={gpu}" + (f"; did you mean {close[0]}?" if close else '')

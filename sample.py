@@ -27,9 +27,10 @@ import torch
 from tqdm import tqdm
 
 from chat import chat_ids, get_template, stop_id
+from checkpoint import load_model, write_atomic
+from common import dtype_name, resolve_device, resolve_dtype
 from configurator import configure
-from model import load_model, resolve_device
-from tokenizer import write_atomic
+from generate import check_sampling, generate_tokens
 
 # -----------------------------------------------------------------------------
 # defaults; a config file or --key=value overrides them (configurator.py)
@@ -51,41 +52,8 @@ DEFAULTS = dict(
     chat_template='',         # override the checkpoint's chat template: 'chatml' or 'aira' (chat.py)
     system='',                # system message for --chat (templates that have a system role)
     device='auto',            # 'cpu', 'cuda', 'cuda:1', 'mps'; auto picks cuda, then mps, then cpu
-    dtype='auto',             # 'float32', 'bfloat16', 'float16'; auto = bfloat16 on a GPU that has it, else float32
+    dtype='auto',             # 'float32', 'bfloat16', 'float16'; auto = bfloat16 on a GPU that has it (float16 on older ones), else float32
 )
-
-
-# -----------------------------------------------------------------------------
-# loading
-
-def resolve_dtype(name, device):
-    if name == 'auto':
-        on_gpu = device.startswith('cuda') and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if on_gpu else torch.float32
-    dtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
-    if name not in dtypes:
-        raise ValueError(f"dtype={name!r}: expected 'auto' or one of {sorted(dtypes)}")
-    if name == 'float16' and device == 'cpu':
-        # PyTorch's CPU kernels for float16 are slow or missing; bfloat16 halves memory just as well
-        raise ValueError("dtype='float16' is not supported on the CPU: use --dtype=bfloat16 or --dtype=float32")
-    return dtypes[name]
-
-
-def load(out_dir, checkpoint='ckpt.pt', device='cpu', dtype=torch.float32):
-    """(model, tokenizer) from a training out_dir, a checkpoint file, or a Hugging Face Llama folder."""
-    path = os.path.join(out_dir, checkpoint) if os.path.isdir(out_dir) else out_dir
-    if os.path.isdir(out_dir) and not os.path.exists(path) and os.path.exists(os.path.join(out_dir, 'config.json')):
-        from export import load_hf  # a Hugging Face model folder
-        return load_hf(out_dir, device=device, dtype=dtype)
-    if not os.path.exists(out_dir):
-        raise FileNotFoundError(f"out_dir {out_dir!r} does not exist: point --out_dir at a training output "
-                                f"folder (holding {checkpoint}) or at a checkpoint file")
-    if not os.path.exists(path):
-        found = sorted(f for f in os.listdir(out_dir) if f.endswith('.pt'))
-        raise FileNotFoundError(f"no checkpoint {path}" + (f"; {out_dir} holds {found} (pick one with "
-                                f"--checkpoint=NAME)" if found else "; train one first: python train.py config/..."))
-    model, tokenizer, _ = load_model(path, device=device, dtype=dtype)
-    return model, tokenizer
 
 
 # -----------------------------------------------------------------------------
@@ -107,7 +75,7 @@ def read_prompts(start):
 
 def prompt_budget(block_size, max_new_tokens):
     """The most prompt tokens kept: room for the whole sample when it fits in half the context, else
-    half the context (longer samples slide the window: model.generate_tokens re-reads its last half)."""
+    half the context (longer samples slide the window: generate.decode_tokens re-reads its last half)."""
     return block_size - min(max_new_tokens, block_size // 2)
 
 
@@ -143,15 +111,6 @@ def make_generator(device, seed):
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def sampling_args(temperature=0.8, top_k=200, top_p=1.0, repetition_penalty=1.0):
-    """Our knobs -> model.generate's (0 / 1.0 mean off here, None there)."""
-    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1 or repetition_penalty <= 0:
-        raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1, repetition_penalty > 0; got "
-                         f"{temperature}, {top_k}, {top_p}, {repetition_penalty}")
-    return dict(temperature=temperature, top_k=top_k or None, top_p=top_p if top_p < 1 else None,
-                repetition_penalty=repetition_penalty)
-
-
 def warn(message):
     print(f"warning: {message}", file=sys.stderr)
 
@@ -167,7 +126,8 @@ def sample_prompts(model, tokenizer, prompts, num_samples=1, max_new_tokens=200,
     ('eos' or 'length'). bench.py times this with batch_size=1 against the batched run."""
     if max_new_tokens < 1 or num_samples < 1 or batch_size < 1:
         raise ValueError("max_new_tokens, num_samples and batch_size must be at least 1")
-    knobs = sampling_args(temperature, top_k, top_p, repetition_penalty)
+    knobs = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
+    check_sampling(**knobs)
     device = model.output.weight.device
     budget = prompt_budget(model.config.block_size, max_new_tokens)
     encoded = [encode_prompt(tokenizer, p, budget) for p in prompts]
@@ -190,9 +150,8 @@ def sample_prompts(model, tokenizer, prompts, num_samples=1, max_new_tokens=200,
                 idx[r, width - lengths[r]:] = torch.tensor(encoded[i][0])
             left_pad = torch.tensor([width - n for n in lengths], device=device) if min(lengths) < width else None
             batch_seed = seed + batch_number
-            steps = list(model.generate_tokens(idx.to(device), max_new_tokens, eos_id=tokenizer.eos_id,
-                                               generator=make_generator(device, batch_seed), left_pad=left_pad,
-                                               **knobs))
+            steps = list(generate_tokens(model, idx.to(device), max_new_tokens, eos_id=tokenizer.eos_id,
+                                         generator=make_generator(device, batch_seed), left_pad=left_pad, **knobs))
             new = torch.stack(steps, dim=1).tolist()
             for r, (i, j) in enumerate(batch):
                 tokens = new[r]
@@ -213,8 +172,8 @@ def stream_sample(model, tokenizer, prompt_ids, max_new_tokens, generator, write
     tokens = []
 
     def until_stop():
-        steps = model.generate_tokens(torch.tensor([prompt_ids], device=device), max_new_tokens,
-                                      eos_id=tokenizer.eos_id, generator=generator, **knobs)
+        steps = generate_tokens(model, torch.tensor([prompt_ids], device=device), max_new_tokens,
+                                eos_id=tokenizer.eos_id, generator=generator, **knobs)
         for step in steps:
             token = int(step[0])
             if token in stops:
@@ -322,12 +281,13 @@ def main(argv):
     config = configure(DEFAULTS, argv)
     if config['format'] not in ('text', 'jsonl'):
         raise ValueError(f"format={config['format']!r}: expected 'text' or 'jsonl'")
-    knobs = sampling_args(config['temperature'], config['top_k'], config['top_p'], config['repetition_penalty'])
+    knobs = {k: config[k] for k in ('temperature', 'top_k', 'top_p', 'repetition_penalty')}
+    check_sampling(**knobs)
     if config['max_new_tokens'] < 1 or config['num_samples'] < 1 or config['batch_size'] < 1:
         raise ValueError("max_new_tokens, num_samples and batch_size must be at least 1")
     device = resolve_device(config['device'])
     dtype = resolve_dtype(config['dtype'], device)
-    model, tokenizer = load(config['out_dir'], config['checkpoint'], device, dtype)
+    model, tokenizer, _ = load_model(config['out_dir'], device, dtype, checkpoint=config['checkpoint'])
     t0 = time.perf_counter()
 
     if config['chat']:
@@ -360,13 +320,13 @@ def main(argv):
                 sys.stdout.flush()
         elapsed = time.perf_counter() - t0
     print(f"{generated} tokens in {elapsed:.2f}s: {generated / max(elapsed, 1e-9):.1f} tokens/s "
-          f"({device}, {str(dtype).replace('torch.', '')})", file=sys.stderr)
+          f"({device}, {dtype_name(dtype)})", file=sys.stderr)
 
 
 if __name__ == '__main__':
     try:
         main(sys.argv[1:])
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError) as e:  # CheckpointError and ConfigError are ValueErrors
         sys.exit(f"sample.py: error: {e}")
     except KeyboardInterrupt:
         sys.exit(130)

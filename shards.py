@@ -22,6 +22,8 @@ import warnings
 
 import numpy as np
 
+from checkpoint import atomic_file, write_json
+
 MAGIC = 20251123
 VERSION = 1
 HEADER_INTS = 256
@@ -54,13 +56,9 @@ def make_header(bytes_per_token, num_tokens, vocab_size):
 
 
 def _write_atomic(path, header, array):
-    tmp = f"{path}.tmp"
-    with open(tmp, 'wb') as f:
+    with atomic_file(path) as f:
         f.write(header)
         f.write(np.ascontiguousarray(array).tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_shard(path, tokens, vocab_size):
@@ -239,8 +237,7 @@ def read_mask(path, num_tokens=None):
 
 
 def write_meta(data_dir, meta):
-    from tokenizer import write_atomic
-    write_atomic(os.path.join(data_dir, 'meta.json'), (json.dumps(meta, indent=2, ensure_ascii=False) + '\n').encode('utf-8'))
+    write_json(os.path.join(data_dir, 'meta.json'), meta)
 
 
 def load_meta(data_dir):

@@ -22,6 +22,8 @@ import os
 import re
 import time
 
+from checkpoint import write_atomic
+
 DEFAULT_SPECIAL_TOKENS = ('<|im_start|>', '<|im_end|>')  # ChatML, for chat fine-tuning
 KINDS = ('sentencepiece', 'tiktoken', 'bytes')
 
@@ -382,17 +384,6 @@ def expand_paths(patterns):
                                     f"pass an iterator such as iter(texts))")
         paths.extend(matches)
     return paths
-
-
-def write_atomic(path, data):
-    """Write to a temp name, fsync, rename: a crash never leaves a half-written file behind."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, 'wb') as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # -----------------------------------------------------------------------------

@@ -16,22 +16,25 @@ with one each train on the same tokens, and a run can resume on a different numb
 """
 
 import dataclasses
+import fcntl
 import json
 import math
 import os
-import random
-import resource
-import shutil
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from datetime import timedelta
+from types import SimpleNamespace
 
-import numpy as np
 import torch
 
+from checkpoint import build_model, link_atomic, rng_state, save_atomic, set_rng_state, write_json
+from common import (autocast, cpu_bf16_slowdown, dtype_name, fail, memory_gb, peak_flops, resolve_device,
+                    resolve_dtype)
 from configurator import ConfigError, configure, print_config
-from tokenizer import load_tokenizer, same_tokenizer, write_atomic
+from shards import BatchSampler, ShardError, load_meta
+from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
 # Default config. A config file (config/*.py) or --key=value overrides any of these.
@@ -82,284 +85,39 @@ dtype = 'auto'                    # 'float32' | 'bfloat16' | 'float16' (GradScal
 compile = False                   # torch.compile the model (faster on GPU after a minute of compiling)
 device_peak_flops = 0.0           # FLOP/s of one device, for MFU; 0 = look it up (A100/H100/H200 bf16) or skip MFU
 seed = 1337
+ddp_timeout = 300.0               # seconds a process waits for the others (torchrun) before stopping with an error
 
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and k != 'DEFAULTS'
             and isinstance(v, (int, float, bool, str, type(None)))}
-SHAPE_KEYS = ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'ffn_hidden', 'activation', 'rope_theta', 'norm_eps',
-              'tie_embeddings')
-# dense bf16 tensor-core peaks (FLOP/s) from NVIDIA's data sheets, matched against the device name
-PEAK_FLOPS = [('H100 PCIe', 756e12), ('H100', 989e12), ('H200', 989e12), ('A100', 312e12)]
-
-
-def fail(message):
-    """Stop with an error message (from rank 0 only, so torchrun prints it once)."""
-    raise SystemExit(f"train.py: error: {message}" if int(os.environ.get('RANK', 0)) == 0 else 1)
 
 
 # -----------------------------------------------------------------------------
 # learning rate schedule
 
-def get_lr(step, cfg):
+def get_lr(step, c):
     """The learning rate for optimizer step `step` (0-based): a linear warmup to learning_rate, then
     cosine to min_lr at lr_decay_iters, or WSD (flat, then linear to min_lr over the last
     wsd_decay_fraction), or constant."""
-    lr, low = cfg['learning_rate'], cfg['min_lr']
-    warmup = cfg['warmup_iters']
-    if step < warmup:
-        return lr * (step + 1) / (warmup + 1)
-    end = cfg['lr_decay_iters'] or cfg['max_iters']
-    if cfg['lr_schedule'] == 'constant':
-        return lr
-    if cfg['lr_schedule'] == 'wsd':
-        decay_steps = max(1, round(end * cfg['wsd_decay_fraction']))
+    if step < c.warmup_iters:
+        return c.learning_rate * (step + 1) / (c.warmup_iters + 1)
+    end = c.lr_decay_iters or c.max_iters
+    if c.lr_schedule == 'constant':
+        return c.learning_rate
+    if c.lr_schedule == 'wsd':
+        decay_steps = max(1, round(end * c.wsd_decay_fraction))
         progress = min(1.0, max(0.0, (step - (end - decay_steps)) / decay_steps))
-        return lr - (lr - low) * progress
+        return c.learning_rate - (c.learning_rate - c.min_lr) * progress
     if step >= end:
-        return low
-    progress = (step - warmup) / max(1, end - warmup)
-    return low + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - low)
-
-
-# -----------------------------------------------------------------------------
-# devices and precision
-
-def device_for(name, local_rank):
-    from model import resolve_device
-    try:
-        name = resolve_device(name)
-    except ValueError as e:
-        fail(str(e))
-    if name.startswith('cuda') and local_rank is not None:
-        name = f'cuda:{local_rank}'  # torchrun: one GPU per process
-    return name
-
-
-def cpu_bf16_slowdown():
-    """How many times slower a bf16 matmul is than a float32 one on this CPU: about 1 or less with
-    native bf16 (AVX512-BF16, AMX, Arm BF16), 10-20x where PyTorch has to emulate it."""
-    a = torch.randn(256, 256)
-    b = a.bfloat16()
-
-    def fastest(m):
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            m @ m
-            times.append(time.perf_counter() - start)
-        return min(times)
-    return fastest(b) / fastest(a)
-
-
-def resolve_dtype(name, device_type, say):
-    if name == 'auto':
-        if device_type == 'cuda':
-            return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
-        return 'float32'
-    if name not in ('float32', 'bfloat16', 'float16'):
-        fail(f"dtype={name!r}: expected 'auto', 'float32', 'bfloat16' or 'float16'")
-    if device_type == 'cpu' and name == 'float16':
-        fail("dtype='float16' is for GPUs; on CPU use 'bfloat16' (where the CPU has it) or 'float32'")
-    if device_type == 'cpu' and name == 'bfloat16':
-        slowdown = cpu_bf16_slowdown()
-        if slowdown > 2.0:
-            say(f"note: dtype='bfloat16' asked for, but this CPU has no native bf16 (a bf16 matmul measured "
-                f"{slowdown:.1f}x slower than float32; it needs AVX512-BF16, AMX or Arm BF16): training in float32")
-            return 'float32'
-    return name
-
-
-def peak_flops(cfg, device, dtype_name):
-    if cfg['device_peak_flops']:
-        return cfg['device_peak_flops']
-    if device.startswith('cuda') and dtype_name in ('bfloat16', 'float16'):
-        name = torch.cuda.get_device_name(device)
-        return next((flops for key, flops in PEAK_FLOPS if key in name), None)
-    return None
-
-
-def memory_gb(device):
-    if device.startswith('cuda'):
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # peak resident set: KiB on Linux, bytes on macOS
-    return peak / 1e9 if sys.platform == 'darwin' else peak * 1024 / 1e9
-
-
-# -----------------------------------------------------------------------------
-# checkpoints
-
-def save_atomic(obj, path):
-    """torch.save to a temp file, flush + fsync, then rename over `path`: a crash at any moment
-    leaves either the old file or the new one, never half of one."""
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        torch.save(obj, f)
-        if os.environ.get('MIRIM_TEST_SAVE_DELAY'):  # tests kill -9 the process here, mid-write
-            f.flush()
-            time.sleep(float(os.environ['MIRIM_TEST_SAVE_DELAY']))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(path))
-
-
-def fsync_dir(path):
-    """Make a rename inside `path` durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(path or '.', os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def link_atomic(src, dst):
-    """dst becomes the same file as src: a hard link (no second write of a big checkpoint), or a copy
-    where the file system has no hard links; renamed into place, so also atomic."""
-    tmp = dst + '.tmp'
-    if os.path.exists(tmp):
-        os.remove(tmp)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
-def clean_state_dict(state):
-    """Drop the prefixes torch.compile ('_orig_mod.') and DDP ('module.') add to parameter names."""
-    clean = {}
-    for name, value in state.items():
-        while name.startswith(('_orig_mod.', 'module.')):
-            name = name.split('.', 1)[1]
-        clean[name] = value
-    return clean
-
-
-def rng_state():
-    """This process's random states as plain tensors, lists and ints (safe for weights_only loading)."""
-    np_state = np.random.get_state()
-    version, internal, gauss = random.getstate()
-    state = {'torch': torch.get_rng_state(), 'numpy': [np_state[0], np_state[1].tolist(), *np_state[2:]],
-             'python': [version, list(internal), gauss]}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state['cuda'] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state['torch'])
-    name, keys, *rest = state['numpy']
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
-    version, internal, gauss = state['python']
-    random.setstate((version, tuple(internal), gauss))
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state['cuda'])
-
-
-def load_checkpoint(path):
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        fail(f"cannot load checkpoint {path}: {type(e).__name__}: {e}")
-
-
-# -----------------------------------------------------------------------------
-# the model
-
-def requested_model_config(cfg, meta):
-    """The model a scratch run builds: the preset, then the shape keys set in the config, with the
-    data's vocab size (unless vocab_size is set) and the data's special token ids."""
-    from model import PRESETS, LlamaConfig
-    if cfg['model'] not in PRESETS:
-        fail(f"model={cfg['model']!r} is not a preset; choose one of {', '.join(sorted(PRESETS))}")
-    shape = {**dataclasses.asdict(LlamaConfig()), **PRESETS[cfg['model']]}
-    shape.update({k: cfg[k] for k in SHAPE_KEYS + ('block_size',) if cfg[k] is not None})
-    if cfg['vocab_size'] and cfg['vocab_size'] < meta['vocab_size']:
-        fail(f"vocab_size={cfg['vocab_size']} is smaller than the data's vocab of {meta['vocab_size']} tokens "
-             f"(leave vocab_size unset to use the data's)")
-    shape['vocab_size'] = cfg['vocab_size'] or meta['vocab_size']
-    shape['dropout'] = cfg['dropout']
-    for key in ('bos_id', 'eos_id', 'pad_id'):
-        if key in meta:
-            shape[key] = meta[key]
-    try:
-        return LlamaConfig(**shape)
-    except (TypeError, ValueError) as e:
-        fail(f"model shape: {e}")
-
-
-def differences(want, have, keys):
-    return [f"{k}={have.get(k)!r} (this config: {want.get(k)!r})" for k in keys if want.get(k) != have.get(k)]
-
-
-def build_model(cfg, meta, say, tokenizer):
-    """-> (model on CPU in float32, checkpoint dict when resuming else None). tokenizer is the data's:
-    a model fine-tuned on data from another tokenizer would read the wrong ids."""
-    from model import Llama, LlamaConfig
-    want = requested_model_config(cfg, meta) if cfg['init_from'] in ('scratch', 'resume') else None
-    if cfg['init_from'] == 'scratch':
-        return Llama(want, seed=cfg['seed']), None
-
-    if cfg['init_from'] == 'resume':
-        path = os.path.join(cfg['out_dir'], 'ckpt.pt')
-        if not os.path.exists(path):
-            fail(f"init_from='resume' but {path} does not exist; start with --init_from=scratch")
-        checkpoint = load_checkpoint(path)
-        have = checkpoint['model_config']
-        keys = [f.name for f in dataclasses.fields(LlamaConfig) if f.name != 'dropout']
-        diff = differences(dataclasses.asdict(want), have, keys)
-        if diff:
-            fail(f"{path} holds a model of a different shape: {'; '.join(diff)}. Resume with the config "
-                 f"that started the run, or train this one in another out_dir")
-        model = Llama(LlamaConfig.from_dict({**have, 'dropout': cfg['dropout']}))
-        model.load_state_dict(clean_state_dict(checkpoint['model']))
-        return model, checkpoint
-
-    # fine-tuning: weights from a mirim checkpoint or a Hugging Face folder, the rest starts fresh
-    path = cfg['init_from']
-    is_hf = os.path.isdir(path) and not os.path.exists(os.path.join(path, 'ckpt.pt')) \
-        and os.path.exists(os.path.join(path, 'config.json'))
-    if is_hf:
-        try:
-            from export import load_hf
-        except ImportError as e:
-            fail(f"init_from={path!r} is a Hugging Face folder, which needs export.py's load_hf ({e})")
-        try:
-            model, _ = load_hf(path, tokenizer=False)
-        except (OSError, ValueError, KeyError) as e:
-            fail(f"cannot load the Hugging Face model in {path}: {e}")
-        source = dataclasses.asdict(model.config)
-        state = model.state_dict()
-    else:
-        file = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
-        if not os.path.isfile(file):
-            fail(f"init_from={path!r} is neither 'scratch', 'resume', a mirim checkpoint (file or out_dir with "
-                 f"ckpt.pt) nor a Hugging Face folder (with config.json)")
-        checkpoint = load_checkpoint(file)
-        source, state = checkpoint['model_config'], clean_state_dict(checkpoint['model'])
-        if 'tokenizer' in checkpoint and not same_tokenizer(load_tokenizer(checkpoint['tokenizer']), tokenizer):
-            fail(f"{cfg['data_dir']} was tokenized with another tokenizer than the model in {path}: prepare the data "
-                 f"with the model's tokenizer (data/prepare.py --tokenizer <the model's data dir>/tokenizer.model)")
-    asked = {k: cfg[k] for k in SHAPE_KEYS + ('vocab_size',) if cfg[k] is not None}
-    diff = differences(asked, source, asked)
-    if diff:
-        fail(f"{path} holds a model with {'; '.join(diff)}; fine-tuning keeps the model's shape, so leave "
-             f"those keys unset")
-    say(f"fine-tuning the weights of {path} (its shape; the 'model' preset is not used; optimizer fresh)")
-    model = Llama(LlamaConfig.from_dict({**source, 'dropout': cfg['dropout']}))
-    model.load_state_dict(state)
-    return model, None
+        return c.min_lr
+    progress = (step - c.warmup_iters) / max(1, end - c.warmup_iters)
+    return c.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (c.learning_rate - c.min_lr)
 
 
 # -----------------------------------------------------------------------------
 # evaluation
 
 @torch.no_grad()
-def evaluate(model, sampler, iters, rank, world_size, device, autocast):
+def evaluate(model, sampler, iters, rank, world_size, device, amp):
     """Mean loss over `iters` batches that are the same at every call (the sampler is reset); under
     DDP each process takes every world_size-th batch and the sums are added up."""
     model.eval()
@@ -369,7 +127,7 @@ def evaluate(model, sampler, iters, rank, world_size, device, autocast):
         x, y = sampler.next_batch()  # every rank draws every batch, to stay in step
         if i % world_size != rank:
             continue
-        with autocast:
+        with amp:
             _, loss = model(x.to(device), y.to(device), return_logits=False)
         total += loss.float()
     if world_size > 1:
@@ -391,353 +149,465 @@ def bpb_text(bpb):
 
 
 # -----------------------------------------------------------------------------
-# main
+# set-up: config, processes, out_dir, data, model, optimizer
 
-def check_config(cfg):
+def check_config(c):
     checks = [
-        (cfg['lr_schedule'] in ('cosine', 'wsd', 'constant'), "lr_schedule must be 'cosine', 'wsd' or 'constant'"),
-        (cfg['batch_size'] >= 1, "batch_size must be at least 1"),
-        (cfg['gradient_accumulation_steps'] >= 1, "gradient_accumulation_steps must be at least 1"),
-        (cfg['max_iters'] >= 1, "max_iters must be at least 1"),
-        (cfg['eval_interval'] >= 1 and cfg['eval_iters'] >= 1 and cfg['log_interval'] >= 1,
+        (c.lr_schedule in ('cosine', 'wsd', 'constant'), "lr_schedule must be 'cosine', 'wsd' or 'constant'"),
+        (c.batch_size >= 1, "batch_size must be at least 1"),
+        (c.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be at least 1"),
+        (c.max_iters >= 1, "max_iters must be at least 1"),
+        (c.eval_interval >= 1 and c.eval_iters >= 1 and c.log_interval >= 1,
          "eval_interval, eval_iters and log_interval must be at least 1"),
-        (cfg['block_size'] is None or (isinstance(cfg['block_size'], int) and cfg['block_size'] >= 1),
+        (c.block_size is None or (isinstance(c.block_size, int) and c.block_size >= 1),
          "block_size must be a positive integer (or None: the model's)"),
-        (cfg['vocab_size'] is None or (isinstance(cfg['vocab_size'], int) and cfg['vocab_size'] >= 1),
+        (c.vocab_size is None or (isinstance(c.vocab_size, int) and c.vocab_size >= 1),
          "vocab_size must be a positive integer (or None: the data's)"),
-        (0 <= cfg['wsd_decay_fraction'] <= 1, "wsd_decay_fraction must be between 0 and 1"),
-        (cfg['learning_rate'] >= 0 and cfg['min_lr'] >= 0 and cfg['warmup_iters'] >= 0, "learning rates and "
-         "warmup_iters must not be negative"),
+        (0 <= c.wsd_decay_fraction <= 1, "wsd_decay_fraction must be between 0 and 1"),
+        (c.learning_rate >= 0 and c.min_lr >= 0 and c.warmup_iters >= 0 and c.lr_decay_iters >= 0,
+         "learning rates, warmup_iters and lr_decay_iters must not be negative"),
+        (0 <= c.beta1 < 1 and 0 <= c.beta2 < 1, "beta1 and beta2 must be in [0, 1)"),
+        (c.weight_decay >= 0, "weight_decay must not be negative"),
+        (c.grad_clip >= 0, "grad_clip must not be negative (0 = no clipping)"),
+        (c.max_time >= 0, "max_time must not be negative (0 = no limit)"),
+        (c.ddp_timeout > 0, "ddp_timeout must be positive (seconds)"),
+        (c.device_peak_flops >= 0, "device_peak_flops must not be negative (0 = look it up)"),
     ]
     for ok, message in checks:
         if not ok:
             fail(message)
 
 
-def main(argv):
-    start_time = time.time()
+def claim_out_dir(c):
+    """Make out_dir, check it can be written, and lock it for this run: a second train.py into the
+    same out_dir is refused while this one runs (the lock is the folder's own flock, so it leaves no
+    file behind and goes with the process, even on kill -9). A scratch run never writes over a
+    previous run's checkpoints. -> the locked folder's file descriptor (keep it open)."""
     try:
-        cfg = configure(DEFAULTS, argv)
-    except ConfigError as e:
-        fail(str(e))
-    check_config(cfg)
-
-    # --- processes: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE for each one
-    ddp = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
-    rank, local_rank, world_size = (int(os.environ['RANK']), int(os.environ['LOCAL_RANK']),
-                                    int(os.environ['WORLD_SIZE'])) if ddp else (0, None, 1)
-    master = rank == 0
-    say = print if master else (lambda *a, **k: None)
-    accumulation = cfg['gradient_accumulation_steps']
-    if accumulation % world_size:
-        fail(f"gradient_accumulation_steps={accumulation} counts micro-batches over all {world_size} processes, "
-             f"so it must be a multiple of {world_size}")
-    device = device_for(cfg['device'], local_rank)
-    device_type = device.split(':')[0]
-    if ddp:
-        if device_type == 'cuda':
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo')
-    old_handlers = {}
-    try:
-        return train(cfg, rank, world_size, master, say, device, device_type, start_time, old_handlers)
-    finally:
-        for signum, handler in old_handlers.items():
-            signal.signal(signum, handler)
-        if ddp:
-            torch.distributed.destroy_process_group()
-
-
-def train(cfg, rank, world_size, master, say, device, device_type, start_time, old_handlers):
-    from shards import BatchSampler, ShardError, load_meta
-    ddp = world_size > 1 or 'RANK' in os.environ
-    out_dir = cfg['out_dir']
-    torch.manual_seed(cfg['seed'] + rank)  # dropout differs between ranks; the weights come from `seed` alone
-    if device_type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    # --- out_dir: make sure it can be written before spending any time
-    if master:
+        os.makedirs(c.out_dir, exist_ok=True)
+        probe = os.path.join(c.out_dir, f'.write_test_{os.getpid()}')
         try:
-            os.makedirs(out_dir, exist_ok=True)
-            probe = os.path.join(out_dir, f'.write_test_{os.getpid()}')
             with open(probe, 'w') as f:
                 f.write('ok')
-            os.remove(probe)
-        except OSError as e:
-            fail(f"out_dir {out_dir!r} is not writable: {e.strerror or e}")
-        if cfg['init_from'] != 'resume' and os.path.exists(os.path.join(out_dir, 'ckpt.pt')):
-            fail(f"{out_dir} already holds a checkpoint (ckpt.pt): continue it with --init_from=resume, or choose "
-                 f"another --out_dir (or delete it) to start over")
-
-    # --- data and tokenizer
-    data_dir = cfg['data_dir']
+        finally:
+            if os.path.exists(probe):
+                os.remove(probe)
+        lock = os.open(c.out_dir, os.O_RDONLY)
+    except OSError as e:
+        fail(f"out_dir {c.out_dir!r} is not writable: {e.strerror or e}")
     try:
-        meta = load_meta(data_dir)
-        tokenizer = load_tokenizer(meta['tokenizer'], base_dir=data_dir)
-    except (FileNotFoundError, ShardError, KeyError, ValueError) as e:
-        fail(f"data {data_dir}: {e}")
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(lock)
+        fail(f"another train.py is running in {c.out_dir}; wait for it to end, or choose another --out_dir")
+    if c.init_from != 'resume':
+        previous = [f for f in ('ckpt.pt', 'best.pt') if os.path.exists(os.path.join(c.out_dir, f))]
+        if previous:
+            fail(f"{c.out_dir} already holds a run ({', '.join(previous)}): continue it with --init_from=resume, "
+                 f"or choose another --out_dir (or delete it) to start over")
+    return lock
 
-    # --- model
-    model, checkpoint = build_model(cfg, meta, say, tokenizer)
+
+def training_dtype(c, device, say):
+    try:
+        dtype = resolve_dtype(c.dtype, device)
+    except ValueError as e:
+        fail(str(e))
+    if device == 'cpu' and dtype == torch.bfloat16:
+        slowdown = cpu_bf16_slowdown()
+        if slowdown > 2.0:
+            say(f"note: dtype='bfloat16' asked for, but this CPU has no native bf16 (a bf16 matmul measured "
+                f"{slowdown:.1f}x slower than float32; it needs AVX512-BF16, AMX or Arm BF16): training in float32")
+            return torch.float32
+    return dtype
+
+
+def set_up(c, rank, world_size, device, say):
+    """Everything the loop needs, in one namespace: data, samplers, model (raw, compiled, DDP-wrapped),
+    optimizer, scaler, and the counters a checkpoint restores."""
+    torch.manual_seed(c.seed + rank)  # dropout differs between ranks; the weights come from `seed` alone
+    if device.startswith('cuda'):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    try:
+        meta = load_meta(c.data_dir)
+        tokenizer = load_tokenizer(meta['tokenizer'], base_dir=c.data_dir)
+    except (FileNotFoundError, ShardError, KeyError, ValueError) as e:
+        fail(f"data {c.data_dir}: {e}")
+    try:
+        model, checkpoint = build_model(vars(c), meta, tokenizer, say)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
     config = model.config
     if meta['vocab_size'] > config.vocab_size:
-        fail(f"the data in {data_dir} has a vocab of {meta['vocab_size']} tokens but the model only "
+        fail(f"the data in {c.data_dir} has a vocab of {meta['vocab_size']} tokens but the model only "
              f"{config.vocab_size} embeddings; use a model with vocab_size >= {meta['vocab_size']}")
-    block_size = cfg['block_size'] or config.block_size
+    block_size = c.block_size or config.block_size
     if block_size > config.block_size:
         fail(f"block_size={block_size} is longer than the model's context ({config.block_size} positions)")
 
-    # --- batches: micro-batch j of every step comes from stream j (see the docstring)
-    local_steps = cfg['gradient_accumulation_steps'] // world_size
-    slots = range(rank * local_steps, (rank + 1) * local_steps)
+    # micro-batch j of every step comes from stream j (see the docstring); evaluation reads fixed
+    # windows of each split, from a seed of their own
+    local_steps = c.gradient_accumulation_steps // world_size
     try:
-        samplers = [BatchSampler(data_dir, 'train', cfg['batch_size'], block_size, seed=cfg['seed'], rank=j,
-                                 world_size=cfg['gradient_accumulation_steps']) for j in slots]
-        # evaluation: fixed windows of each split, from a seed of their own
-        eval_samplers = {split: BatchSampler(data_dir, split, cfg['batch_size'], block_size, seed=cfg['seed'] + 1)
+        samplers = [BatchSampler(c.data_dir, 'train', c.batch_size, block_size, seed=c.seed, rank=j,
+                                 world_size=c.gradient_accumulation_steps)
+                    for j in range(rank * local_steps, (rank + 1) * local_steps)]
+        eval_samplers = {split: BatchSampler(c.data_dir, split, c.batch_size, block_size, seed=c.seed + 1)
                          for split in ('train', 'val')}
     except (FileNotFoundError, ShardError) as e:
         fail(str(e))
-    tokens_per_step = cfg['batch_size'] * block_size * cfg['gradient_accumulation_steps']
 
-    # --- precision, optimizer
-    dtype_name = resolve_dtype(cfg['dtype'], device_type, say)
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype_name]
-    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+    dtype = training_dtype(c, device, say)
     model.to(device)
-    optimizer = model.configure_optimizer(cfg['weight_decay'], cfg['learning_rate'], (cfg['beta1'], cfg['beta2']),
-                                          device_type)
-    scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
-    step, tokens_seen, best_val_loss, val_loss, val_bpb = 0, 0, float('inf'), None, None
-    if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint['optimizer'])
-        scaler.load_state_dict(checkpoint['scaler'])
-        for sampler in samplers:  # every stream has drawn as many batches as stream 0
-            sampler.load_state_dict(checkpoint['sampler'])
-        step, tokens_seen = checkpoint['step'], checkpoint['tokens_seen']
-        best_val_loss, val_loss, val_bpb = checkpoint['best_val_loss'], checkpoint['val_loss'], checkpoint['val_bpb']
-        rng = checkpoint['rng']
-        set_rng_state(rng[rank] if rank < len(rng) else rng[0])
-        changed = [f"{k}: {checkpoint['config'].get(k)!r} -> {cfg[k]!r}" for k in cfg
-                   if k in checkpoint['config'] and checkpoint['config'][k] != cfg[k] and k != 'init_from']
-        say(f"resuming {out_dir}/ckpt.pt at step {step} ({tokens_seen:,} tokens seen)"
-            + (f"; changed since: {', '.join(changed)}" if changed else ""))
-        checkpoint = None  # free the memory
-        if step >= cfg['max_iters']:
-            say(f"nothing to do: the checkpoint is at step {step}, max_iters is {cfg['max_iters']}")
-            return
+    device_type = device.split(':')[0]
+    optimizer = model.configure_optimizer(c.weight_decay, c.learning_rate, (c.beta1, c.beta2), device_type)
+    return SimpleNamespace(
+        meta=meta, tokenizer=tokenizer, raw_model=model, model=model, eval_model=model, checkpoint=checkpoint,
+        samplers=samplers, eval_samplers=eval_samplers, block_size=block_size, dtype=dtype,
+        amp=autocast(device, dtype), optimizer=optimizer,
+        scaler=torch.amp.GradScaler(device_type, enabled=dtype == torch.float16),
+        tokens_per_step=c.batch_size * block_size * c.gradient_accumulation_steps,
+        step=0, tokens_seen=0, best_val_loss=float('inf'), val_loss=None, val_bpb=None, elapsed_before=0.0)
 
-    raw_model = model
-    if cfg['compile']:
+
+def restore(run, c, rank, say):
+    """Continue a run from its checkpoint: optimizer, scaler, data position, counters, random state."""
+    checkpoint, run.checkpoint = run.checkpoint, None  # free the memory once restored
+    run.optimizer.load_state_dict(checkpoint['optimizer'])
+    run.scaler.load_state_dict(checkpoint['scaler'])
+    for sampler in run.samplers:  # every stream has drawn as many batches as stream 0
+        sampler.load_state_dict(checkpoint['sampler'])
+    run.step, run.tokens_seen = checkpoint['step'], checkpoint['tokens_seen']
+    run.best_val_loss, run.val_loss, run.val_bpb = (checkpoint['best_val_loss'], checkpoint['val_loss'],
+                                                    checkpoint['val_bpb'])
+    run.elapsed_before = checkpoint.get('elapsed', 0.0)
+    rng = checkpoint['rng']
+    set_rng_state(rng[rank] if rank < len(rng) else rng[0])
+    before = checkpoint['config']
+    changed = [f"{k}: {before[k]!r} -> {v!r}" for k, v in vars(c).items()
+               if k in before and before[k] != v and k != 'init_from']
+    say(f"resuming {c.out_dir}/ckpt.pt at step {run.step} ({run.tokens_seen:,} tokens seen)"
+        + (f"; changed since: {', '.join(changed)}" if changed else ""))
+
+
+def wrap_model(run, c, ddp, device, say):
+    if c.compile:
         say("compiling the model (torch.compile)...")
-        model = torch.compile(model)
-    eval_model = model
+        run.model = run.eval_model = torch.compile(run.raw_model)
     if ddp:
         from torch.nn.parallel import DistributedDataParallel
         # broadcast_buffers off: the only buffers are RoPE tables, identical everywhere
-        model = DistributedDataParallel(model, device_ids=[device] if device_type == 'cuda' else None,
-                                        broadcast_buffers=False)
-    peak = peak_flops(cfg, device, dtype_name)
+        run.model = DistributedDataParallel(run.model, device_ids=[device] if device.startswith('cuda') else None,
+                                            broadcast_buffers=False)
 
-    # --- tell the user what is about to happen; save the resolved config
-    splits = meta['splits']
+
+def describe(run, c, world_size, device, say):
+    config, splits = run.raw_model.config, run.meta['splits']
     say("config:")
-    print_config(cfg, say)
-    say(f"model: {raw_model.num_params() / 1e6:.2f}M parameters without embeddings "
-        f"({raw_model.num_params(non_embedding=False) / 1e6:.2f}M in all): {config.n_layer} layers, "
+    print_config(vars(c), say)
+    say(f"model: {run.raw_model.num_params() / 1e6:.2f}M parameters without embeddings "
+        f"({run.raw_model.num_params(non_embedding=False) / 1e6:.2f}M in all): {config.n_layer} layers, "
         f"width {config.n_embd}, {config.n_head} heads ({config.n_kv_head} kv), vocab {config.vocab_size}, "
         f"context {config.block_size}")
-    say(f"data: {data_dir}: {splits['train']['tokens']:,} train tokens, {splits['val']['tokens']:,} val tokens; "
-        f"tokenizer {tokenizer.kind}, vocab {meta['vocab_size']}")
-    total_tokens = tokens_per_step * cfg['max_iters']
-    say(f"tokens per step: {cfg['batch_size']} x {block_size} x {cfg['gradient_accumulation_steps']} = "
-        f"{tokens_per_step:,}; {cfg['max_iters']} steps = {total_tokens:,} tokens "
+    say(f"data: {c.data_dir}: {splits['train']['tokens']:,} train tokens, {splits['val']['tokens']:,} val tokens; "
+        f"tokenizer {run.tokenizer.kind}, vocab {run.meta['vocab_size']}")
+    total_tokens = run.tokens_per_step * c.max_iters
+    say(f"tokens per step: {c.batch_size} x {run.block_size} x {c.gradient_accumulation_steps} = "
+        f"{run.tokens_per_step:,}; {c.max_iters} steps = {total_tokens:,} tokens "
         f"({total_tokens / splits['train']['tokens']:.1f} epochs)")
-    say(f"device {device}, dtype {dtype_name}, {world_size} process{'es' if world_size > 1 else ''}, "
-        f"compile {'on' if cfg['compile'] else 'off'}")
-    resumed = step > 0 and cfg['init_from'] == 'resume'
-    if master:
-        write_atomic(os.path.join(out_dir, 'config.json'), (json.dumps(cfg, indent=2) + '\n').encode('utf-8'))
-        log_file = open(os.path.join(out_dir, 'log.jsonl'), 'a' if resumed else 'w', encoding='utf-8')
-    wandb_run = None
-    if master and cfg['wandb_log']:
-        import wandb  # only when asked for: a slow import
-        wandb_run = wandb.init(project=cfg['wandb_project'],
-                               name=cfg['wandb_run_name'] or os.path.basename(os.path.abspath(out_dir)), config=cfg)
+    say(f"device {device}, dtype {dtype_name(run.dtype)}, {world_size} process{'es' if world_size > 1 else ''}, "
+        f"compile {'on' if c.compile else 'off'}")
 
-    def log(record):
-        if master:
-            log_file.write(json.dumps(record) + '\n')
-            log_file.flush()
-            if wandb_run is not None:
-                wandb_run.log({k: v for k, v in record.items() if v is not None}, step=record['step'])
+
+# -----------------------------------------------------------------------------
+# logging and saving
+
+def clean_record(record):
+    """JSON has no NaN or infinity: such numbers are logged as null."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+
+
+def open_log(c, step):
+    """log.jsonl for appending; on resume, lines past the checkpoint's step are dropped first (the
+    steps after the last save are trained again, and logged again)."""
+    path = os.path.join(c.out_dir, 'log.jsonl')
+    if step > 0 and os.path.exists(path):
+        with open(path, encoding='utf-8') as f:
+            kept = [line for line in f if line.strip() and json.loads(line).get('step', 0) <= step]
+        with open(path, 'w', encoding='utf-8') as f:
+            f.writelines(kept)
+    return open(path, 'a' if step > 0 else 'w', encoding='utf-8')
+
+
+def save(run, c, rank, world_size, val_losses, elapsed):
+    """Write ckpt.pt (and best.pt when validation improved). Every rank calls this (to hand rank 0
+    its random state); only rank 0 writes. Weights that are no longer finite are never saved."""
+    states = [None] * world_size
+    if world_size > 1:
+        torch.distributed.all_gather_object(states, rng_state())
+    else:
+        states = [rng_state()]
+    if not all(torch.isfinite(p).all() for p in run.raw_model.parameters()):
+        fail(f"the weights are no longer finite at step {run.step} (the training diverged); stopped without "
+             f"saving, so {last_good(c)}. Try a lower learning_rate, a longer warmup_iters or grad_clip")
+    improved = val_losses is not None and val_losses['val_loss'] < run.best_val_loss
+    if improved:
+        run.best_val_loss = val_losses['val_loss']
+    if rank != 0:
+        return ''
+    ckpt = {'model': run.raw_model.state_dict(), 'model_config': dataclasses.asdict(run.raw_model.config),
+            'config': vars(c), 'tokenizer': run.tokenizer.to_dict(), 'step': run.step,
+            'tokens_seen': run.tokens_seen, 'best_val_loss': run.best_val_loss, 'val_loss': run.val_loss,
+            'val_bpb': run.val_bpb, 'optimizer': run.optimizer.state_dict(), 'scaler': run.scaler.state_dict(),
+            'sampler': run.samplers[0].state_dict(), 'rng': states, 'data_dir': c.data_dir, 'elapsed': elapsed}
+    path = os.path.join(c.out_dir, 'ckpt.pt')
+    try:
+        save_atomic(ckpt, path)
+        if improved:
+            link_atomic(path, os.path.join(c.out_dir, 'best.pt'))
+    except (OSError, RuntimeError) as e:  # a full disk shows up as either
+        fail(f"cannot write {path}: {e}; {last_good(c)} (free some space, then --init_from=resume)")
+    return 'saved ckpt.pt' + (' and best.pt' if improved else '')
+
+
+def last_good(c):
+    path = os.path.join(c.out_dir, 'ckpt.pt')
+    return f"{path} still holds the last good checkpoint" if os.path.exists(path) else "no checkpoint was written"
+
+
+@contextmanager
+def stop_signals():
+    """Ctrl-C / SIGTERM inside the block: the list it yields gets the signal's name, and the loop
+    finishes its step, saves and exits. A second Ctrl-C stops at once."""
+    received = []
+
+    def on_signal(signum, frame):
+        if received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        received.append(signal.Signals(signum).name)
+    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+# -----------------------------------------------------------------------------
+# the loop
+
+def train_loop(run, c, rank, world_size, device, signals, start_time, log, say):
+    """Train from run.step to max_iters, evaluating, logging and saving on the way. -> (why it
+    stopped early (a signal, max_time) or None when the schedule was completed, seconds the whole
+    run has taken so far)."""
+    from tqdm import tqdm
+    ddp = isinstance(run.model, torch.nn.parallel.DistributedDataParallel)
+    model, optimizer, scaler = run.model, run.optimizer, run.scaler
+    peak = c.device_peak_flops or peak_flops(device, run.dtype)
+    params = [p for p in run.raw_model.parameters() if p.requires_grad]
+    bar = tqdm(total=c.max_iters, initial=run.step, unit='step', dynamic_ncols=True,
+               disable=not (rank == 0 and sys.stderr.isatty()))
+    say_line = bar.write if not bar.disable else say
+    elapsed = lambda: run.elapsed_before + time.time() - start_time  # noqa: E731  (over all sessions of the run)
 
     def run_eval():
         losses = {}
-        for split, sampler in eval_samplers.items():
-            loss = evaluate(eval_model, sampler, cfg['eval_iters'], rank, world_size, device, autocast)
-            losses[f'{split}_loss'], losses[f'{split}_bpb'] = loss, bits_per_byte(loss, splits[split])
+        for split, sampler in run.eval_samplers.items():
+            loss = evaluate(run.eval_model, sampler, c.eval_iters, rank, world_size, device, run.amp)
+            losses[f'{split}_loss'], losses[f'{split}_bpb'] = loss, bits_per_byte(loss, run.meta['splits'][split])
+        if not math.isfinite(losses['val_loss']):
+            bar.close()
+            fail(f"the validation loss became {losses['val_loss']} at step {run.step}; stopped without saving, "
+                 f"so {last_good(c)}")
+        run.val_loss, run.val_bpb = losses['val_loss'], losses['val_bpb']
         return losses
 
-    def save(val_losses):
-        """Write ckpt.pt (and best.pt when validation improved). Every rank calls this (to hand
-        rank 0 its random state); only rank 0 writes."""
-        nonlocal best_val_loss
-        states = [None] * world_size
-        if world_size > 1:
-            torch.distributed.all_gather_object(states, rng_state())
-        else:
-            states = [rng_state()]
-        improved = val_losses is not None and val_losses['val_loss'] < best_val_loss
-        if improved:
-            best_val_loss = val_losses['val_loss']
-        if not master:
-            return ''
-        ckpt = {'model': raw_model.state_dict(), 'model_config': dataclasses.asdict(raw_model.config),
-                'config': cfg, 'tokenizer': tokenizer.to_dict(), 'step': step, 'tokens_seen': tokens_seen,
-                'best_val_loss': best_val_loss, 'val_loss': val_loss, 'val_bpb': val_bpb,
-                'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
-                'sampler': samplers[0].state_dict(), 'rng': states, 'data_dir': data_dir}
-        path = os.path.join(out_dir, 'ckpt.pt')
-        save_atomic(ckpt, path)
-        if improved:
-            link_atomic(path, os.path.join(out_dir, 'best.pt'))
-        return 'saved ckpt.pt' + (' and best.pt' if improved else '')
-
-    # --- Ctrl-C / SIGTERM: finish the step, save, exit cleanly. A second Ctrl-C stops at once.
-    stop_signal = []
-
-    def on_signal(signum, frame):
-        if stop_signal and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        stop_signal.append(signal.Signals(signum).name)
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        old_handlers[signum] = signal.signal(signum, on_signal)
-
-    from tqdm import tqdm
-    bar = tqdm(total=cfg['max_iters'], initial=step, unit='step', dynamic_ncols=True,
-               disable=not (master and sys.stderr.isatty()))
-    say_line = bar.write if not bar.disable else say
-
-    if step == 0:  # where the run starts from
+    if run.step == 0:  # where the run starts from
         losses = run_eval()
-        val_loss, val_bpb = losses['val_loss'], losses['val_bpb']
-        log({'step': 0, 'tokens': tokens_seen, 'train_loss': None, 'lr': None, 'val_loss': val_loss,
-             'val_bpb': val_bpb, 'eval_train_loss': losses['train_loss'], 'eval_train_bpb': losses['train_bpb'],
-             'elapsed': time.time() - start_time})
-        say_line(f"step 0: val loss {val_loss:.4f}{bpb_text(val_bpb)}, "
-                 f"train loss {losses['train_loss']:.4f}")
+        log({'step': 0, 'tokens': 0, 'train_loss': None, 'lr': None, 'val_loss': run.val_loss,
+             'val_bpb': run.val_bpb, 'eval_train_loss': losses['train_loss'], 'eval_train_bpb': losses['train_bpb'],
+             'elapsed': elapsed()})
+        say_line(f"step 0: val loss {run.val_loss:.4f}{bpb_text(run.val_bpb)}, train loss {losses['train_loss']:.4f}")
 
-    params = [p for p in raw_model.parameters() if p.requires_grad]
     interval_start, interval_tokens, interval_steps = time.time(), 0, 0
-    tokens_per_sec = 0.0
+    tokens_per_sec = None
     stop_reason = None
-    while step < cfg['max_iters']:
-        lr = get_lr(step, cfg)
+    while run.step < c.max_iters:
+        lr = get_lr(run.step, c)
         for group in optimizer.param_groups:
             group['lr'] = lr
         loss_sum = torch.zeros((), device=device)
-        for micro, sampler in enumerate(samplers):
+        for micro, sampler in enumerate(run.samplers):
             x, y = sampler.next_batch()
-            if device_type == 'cuda':
+            if device.startswith('cuda'):
                 x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
             else:
                 x, y = x.to(device), y.to(device)
             # gradients are averaged across processes only on the last micro-step; syncing on every
             # one would be wasted communication
-            last_micro = micro == len(samplers) - 1
+            last_micro = micro == len(run.samplers) - 1
             with nullcontext() if last_micro or not ddp else model.no_sync():
-                with autocast:
+                with run.amp:
                     _, loss = model(x, y, return_logits=False)
-                scaler.scale(loss / len(samplers)).backward()
+                scaler.scale(loss / len(run.samplers)).backward()
             loss_sum += loss.detach()
         # one small all-reduce a step: the mean loss over all processes, and whether any of them got a
         # signal or ran out of time (so that all of them take the same decisions below)
-        timed_out = cfg['max_time'] > 0 and time.time() - start_time >= cfg['max_time']
-        flags = torch.tensor([float(bool(stop_signal)), float(timed_out)], device=device)
-        status = torch.cat([(loss_sum / len(samplers)).view(1), flags])
+        timed_out = c.max_time > 0 and time.time() - start_time >= c.max_time
+        status = torch.cat([(loss_sum / len(run.samplers)).view(1),
+                            torch.tensor([float(bool(signals)), float(timed_out)], device=device)])
         if world_size > 1:
             torch.distributed.all_reduce(status)
-        loss_total, signals, timeouts = status.tolist()  # one device-to-host copy, the step's one sync
-        train_loss, signalled, timed_out = loss_total / world_size, signals > 0, timeouts > 0
+        loss_total, signalled, timed_out = status.tolist()  # one device-to-host copy, the step's one sync
+        train_loss = loss_total / world_size
         if not math.isfinite(train_loss):
             bar.close()
-            fail(f"the training loss became {train_loss} at step {step + 1} (lr {lr:.3g}); stopped without "
-                 f"saving, so {out_dir}/ckpt.pt still holds the last good checkpoint. Try a lower learning_rate, "
-                 f"a longer warmup_iters, grad_clip, or dtype='bfloat16' instead of 'float16'")
-        if cfg['grad_clip'] > 0:
+            fail(f"the training loss became {train_loss} at step {run.step + 1} (lr {lr:.3g}); stopped without "
+                 f"saving, so {last_good(c)}. Try a lower learning_rate, a longer warmup_iters, grad_clip, or "
+                 f"dtype='bfloat16' instead of 'float16'")
+        grad_norm = None
+        if c.grad_clip > 0:
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg['grad_clip'])
-        else:
-            grad_norm = None
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens_seen += tokens_per_step
-        interval_tokens += tokens_per_step
+        run.step += 1
+        run.tokens_seen += run.tokens_per_step
+        interval_tokens += run.tokens_per_step
         interval_steps += 1
         if signalled:
-            stop_reason = f"stopped by {stop_signal[0] if stop_signal else 'a signal to another process'}"
+            stop_reason = f"stopped by {signals[0] if signals else 'a signal to another process'}"
         elif timed_out:
-            stop_reason = f"max_time ({cfg['max_time']:g} s) reached"
-        last = step >= cfg['max_iters'] or stop_reason is not None
-        eval_now = (step % cfg['eval_interval'] == 0 or last) and not signalled  # a signal wants out quickly
+            stop_reason = f"max_time ({c.max_time:g} s) reached"
+        last = run.step >= c.max_iters or stop_reason is not None
+        eval_now = (run.step % c.eval_interval == 0 or last) and not signalled  # a signal wants out quickly
 
-        if step % cfg['log_interval'] == 0 or last or eval_now:
-            elapsed = time.time() - interval_start
-            tokens_per_sec = interval_tokens / max(elapsed, 1e-9)
-            mfu = raw_model.estimate_mfu(tokens_per_sec / world_size, peak, block_size) if peak else None
-            record = {'step': step, 'tokens': tokens_seen, 'train_loss': train_loss, 'lr': lr,
-                      'grad_norm': grad_norm.item() if grad_norm is not None else None,
-                      'tokens_per_sec': tokens_per_sec, 'mfu': mfu, 'memory_gb': memory_gb(device),
-                      'elapsed': time.time() - start_time, 'val_loss': None, 'val_bpb': None}
+        record = None
+        if run.step % c.log_interval == 0 or last or eval_now:
+            seconds = time.time() - interval_start
+            tokens_per_sec = interval_tokens / max(seconds, 1e-9)
+            mfu = run.raw_model.estimate_mfu(tokens_per_sec / world_size, peak, run.block_size) if peak else None
+            record = {'step': run.step, 'tokens': run.tokens_seen, 'train_loss': train_loss, 'lr': lr,
+                      'grad_norm': grad_norm.item() if grad_norm is not None else None, 'tokens_per_sec': tokens_per_sec, 'mfu': mfu,
+                      'memory_gb': memory_gb(device), 'elapsed': elapsed(), 'val_loss': None, 'val_bpb': None}
             if bar.disable:
-                left = (cfg['max_iters'] - step) * elapsed / interval_steps
-                if cfg['max_time'] > 0:
-                    left = min(left, cfg['max_time'] - (time.time() - start_time))
-                say(f"step {step}/{cfg['max_iters']} | loss {train_loss:.4f} | lr {lr:.2e} | "
+                left = (c.max_iters - run.step) * seconds / interval_steps
+                if c.max_time > 0:
+                    left = min(left, c.max_time - (time.time() - start_time))
+                say(f"step {run.step}/{c.max_iters} | loss {train_loss:.4f} | lr {lr:.2e} | "
                     f"{tokens_per_sec:,.0f} tok/s" + (f" | mfu {mfu:.1%}" if mfu else "")
                     + f" | eta {max(0, left) / 60:.1f} min")
             interval_start, interval_tokens, interval_steps = time.time(), 0, 0
-        else:
-            record = None
         bar.update(1)
-        bar.set_postfix_str(f"loss {train_loss:.4f} lr {lr:.2e} {tokens_per_sec:,.0f} tok/s", refresh=False)
+        speed = f" {tokens_per_sec:,.0f} tok/s" if tokens_per_sec is not None else ""
+        bar.set_postfix_str(f"loss {train_loss:.4f} lr {lr:.2e}{speed}", refresh=False)
 
         if eval_now:
             losses = run_eval()
-            val_loss, val_bpb = losses['val_loss'], losses['val_bpb']
-            if not math.isfinite(val_loss):
-                bar.close()
-                fail(f"the validation loss became {val_loss} at step {step}; stopped without saving")
-            record.update(val_loss=val_loss, val_bpb=val_bpb, eval_train_loss=losses['train_loss'],
+            record.update(val_loss=run.val_loss, val_bpb=run.val_bpb, eval_train_loss=losses['train_loss'],
                           eval_train_bpb=losses['train_bpb'])
-            saved = save(losses)
-            say_line(f"step {step}: val loss {val_loss:.4f}{bpb_text(val_bpb)}, "
+            log(record)  # before the save: a resume drops log lines past its checkpoint, never misses one
+            saved = save(run, c, rank, world_size, losses, elapsed())
+            say_line(f"step {run.step}: val loss {run.val_loss:.4f}{bpb_text(run.val_bpb)}, "
                      f"train loss {losses['train_loss']:.4f} | {saved}")
             interval_start = time.time()  # evaluation and saving are not training time
-        elif signalled:
-            save(None)
-        if record is not None:
-            log(record)
+        else:
+            if record is not None:
+                log(record)
+            if signalled:
+                save(run, c, rank, world_size, None, elapsed())
         if stop_reason:
             break
     bar.close()
-    if master:
-        log_file.close()
-        if wandb_run is not None:
-            wandb_run.finish()
-    minutes = (time.time() - start_time) / 60
-    if stop_reason:
-        say(f"{stop_reason} at step {step}: saved {out_dir}/ckpt.pt ({minutes:.1f} min); continue with "
-            f"--init_from=resume")
-    else:
-        say(f"done: {step} steps, {tokens_seen:,} tokens in {minutes:.1f} min; val loss {val_loss:.4f}"
-            + bpb_text(val_bpb) + f"; best {best_val_loss:.4f}; checkpoint "
-            f"{out_dir}/ckpt.pt")
+    return stop_reason, elapsed()
+
+
+# -----------------------------------------------------------------------------
+# main
+
+def main(argv):
+    start_time = time.time()
+    try:
+        c = SimpleNamespace(**configure(DEFAULTS, argv))
+    except ConfigError as e:
+        fail(str(e))
+    check_config(c)
+
+    # processes: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE for each one
+    ddp = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
+    rank, local_rank, world_size = (int(os.environ['RANK']), int(os.environ['LOCAL_RANK']),
+                                    int(os.environ['WORLD_SIZE'])) if ddp else (0, None, 1)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    if c.gradient_accumulation_steps % world_size:
+        fail(f"gradient_accumulation_steps={c.gradient_accumulation_steps} counts micro-batches over all "
+             f"{world_size} processes, so it must be a multiple of {world_size}")
+    try:
+        device = resolve_device(c.device)
+    except ValueError as e:
+        fail(str(e))
+    if device.startswith('cuda') and local_rank is not None:
+        device = f'cuda:{local_rank}'  # torchrun: one GPU per process
+    if ddp:
+        if device.startswith('cuda'):
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo',
+                                             timeout=timedelta(seconds=c.ddp_timeout))
+    lock = claim_out_dir(c) if rank == 0 else None
+    try:
+        run = set_up(c, rank, world_size, device, say)
+        if run.checkpoint is not None:
+            restore(run, c, rank, say)
+            if run.step >= c.max_iters:
+                say(f"nothing to do: the checkpoint is at step {run.step}, max_iters is {c.max_iters}")
+                return
+        wrap_model(run, c, ddp, device, say)
+        describe(run, c, world_size, device, say)
+        log_file, wandb_run = None, None
+        if rank == 0:
+            write_json(os.path.join(c.out_dir, 'config.json'), vars(c))
+            log_file = open_log(c, run.step)
+            if c.wandb_log:
+                import wandb  # only when asked for: a slow import
+                wandb_run = wandb.init(project=c.wandb_project, config=vars(c),
+                                       name=c.wandb_run_name or os.path.basename(os.path.abspath(c.out_dir)))
+
+        def log(record):
+            if log_file is not None:
+                log_file.write(json.dumps(clean_record(record)) + '\n')
+                log_file.flush()
+            if wandb_run is not None:
+                wandb_run.log({k: v for k, v in record.items() if v is not None}, step=record['step'])
+
+        steps_before = run.step
+        try:
+            with stop_signals() as signals:
+                stop_reason, elapsed = train_loop(run, c, rank, world_size, device, signals, start_time, log, say)
+        except RuntimeError as e:
+            if ddp and ('timed out' in str(e).lower() or 'timeout' in str(e).lower()):
+                fail(f"rank {rank}: no answer from the other processes for ddp_timeout={c.ddp_timeout:g} s "
+                     f"(one of them stopped or hangs): {str(e).splitlines()[0]}")
+            raise
+        finally:
+            if log_file is not None:
+                log_file.close()
+            if wandb_run is not None:
+                wandb_run.finish()
+        minutes = (time.time() - start_time) / 60
+        if stop_reason:
+            say(f"{stop_reason} at step {run.step}: saved {c.out_dir}/ckpt.pt ({minutes:.1f} min); continue with "
+                f"--init_from=resume")
+        else:
+            session = f" (this session: {run.step - steps_before} steps, {minutes:.1f} min)" if steps_before else ""
+            say(f"done: {run.step} steps, {run.tokens_seen:,} tokens in {elapsed / 60:.1f} min{session}; "
+                f"val loss {run.val_loss:.4f}" + bpb_text(run.val_bpb) + f"; best {run.best_val_loss:.4f}; "
+                f"checkpoint {c.out_dir}/ckpt.pt")
+    finally:
+        if lock is not None:
+            os.close(lock)
+        if ddp:
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == '__main__':

@@ -49,8 +49,9 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+from checkpoint import write_atomic
 from shards import ShardWriter, mask_path, token_dtype, write_meta
-from tokenizer import load_tokenizer, train_sentencepiece, write_atomic
+from tokenizer import load_tokenizer, train_sentencepiece
 
 TEXT_SUFFIXES = ('.txt', '.md', '.txt.gz', '.md.gz')
 JSONL_SUFFIXES = ('.jsonl', '.json', '.jsonl.gz', '.json.gz')

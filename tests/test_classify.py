@@ -64,7 +64,7 @@ def test_saved_classifier_predicts_what_training_scored(trained):
 
 
 def test_classifier_checkpoint_is_also_a_mirim_checkpoint(trained):
-    from model import load_model
+    from checkpoint import load_model
     cfg, _ = trained
     model, tok, _ = load_model(os.path.join(cfg['out_dir'], 'classifier.pt'))
     assert model.config.n_layer == 1 and tok.kind == 'bytes'

@@ -10,7 +10,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 import export  # noqa: E402
 from chat import CHAT_TEMPLATES, chat_ids  # noqa: E402
-from model import Llama, LlamaConfig, load_model  # noqa: E402
+from checkpoint import load_model  # noqa: E402
+from generate import generate  # noqa: E402
+from hf import load_hf  # noqa: E402
+from model import Llama, LlamaConfig  # noqa: E402
 from conftest import tiny_sentencepieces, word_rotations  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
@@ -93,7 +96,7 @@ def test_exported_greedy_generation_matches_mirim_for_32_tokens(exported):
     model, hf_model = exported
     idx = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(1))
     hf_model.generation_config.eos_token_id = None  # mirim's generate below does not stop at eos either
-    ours = model.generate(idx, max_new_tokens=32, temperature=0)
+    ours = generate(model, idx, max_new_tokens=32, temperature=0)
     theirs = hf_model.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=32, do_sample=False,
                                pad_token_id=3)
     assert ours.tolist() == theirs.tolist()
@@ -260,7 +263,7 @@ def random_hf_model(tmp_path, tied=False, kv_heads=2, **overrides):
 @pytest.mark.parametrize('tied,kv_heads', [(False, 2), (True, 4), (False, 1)])
 def test_imported_model_gives_transformers_logits(tmp_path, tied, kv_heads):
     hf_model = random_hf_model(tmp_path, tied=tied, kv_heads=kv_heads, hidden_act='gelu_pytorch_tanh')
-    model, _ = export.load_hf(str(tmp_path), tokenizer=False)
+    model, _ = load_hf(str(tmp_path), tokenizer=False)
     idx = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (model(idx)[0] - hf_model(idx).logits).abs().max().item() < 1e-4
@@ -278,7 +281,7 @@ def test_import_reads_sharded_pytorch_bin(tmp_path):
         weight_map.update({n: file for n in part})
     (tmp_path / 'bin' / 'pytorch_model.bin.index.json').write_text(json.dumps({'weight_map': weight_map}))
     (tmp_path / 'bin' / 'config.json').write_text((tmp_path / 'src' / 'config.json').read_text())
-    model, _ = export.load_hf(str(tmp_path / 'bin'), tokenizer=False)
+    model, _ = load_hf(str(tmp_path / 'bin'), tokenizer=False)
     idx = torch.arange(20)[None]
     with torch.no_grad():
         assert (model(idx)[0] - hf_model(idx).logits).abs().max().item() < 1e-4
@@ -286,7 +289,7 @@ def test_import_reads_sharded_pytorch_bin(tmp_path):
 
 def test_export_of_import_reproduces_the_tensors(tmp_path, sp_toks):
     random_hf_model(tmp_path / 'src')
-    model, _ = export.load_hf(str(tmp_path / 'src'), tokenizer=False)
+    model, _ = load_hf(str(tmp_path / 'src'), tokenizer=False)
     save_checkpoint(str(tmp_path / 'out'), model, sp_toks['bpe'])
     export.export(str(tmp_path / 'out'), str(tmp_path / 'back'))
     original = safetensors_torch.load_file(str(tmp_path / 'src' / 'model.safetensors'))
@@ -297,7 +300,7 @@ def test_export_of_import_reproduces_the_tensors(tmp_path, sp_toks):
 
 def test_import_of_an_export_gives_back_model_and_tokenizer(tiny_export):
     dest, tok = tiny_export
-    model, back = export.load_hf(dest)
+    model, back = load_hf(dest)
     original, _, _ = load_model(os.path.join(os.path.dirname(dest), 'out'))
     assert all(torch.equal(a.to(torch.bfloat16).float(), b) for a, b in
                zip(original.state_dict().values(), model.state_dict().values()))
@@ -307,7 +310,7 @@ def test_import_of_an_export_gives_back_model_and_tokenizer(tiny_export):
 def test_import_without_tokenizer_model_says_how_to_load_weights_only(tmp_path):
     random_hf_model(tmp_path)
     with pytest.raises(FileNotFoundError, match='tokenizer=False'):
-        export.load_hf(str(tmp_path))
+        load_hf(str(tmp_path))
 
 
 @pytest.mark.parametrize('change,named', [
@@ -325,7 +328,7 @@ def test_import_refuses_unsupported_config(tmp_path, change, named):
               **change}
     (tmp_path / 'config.json').write_text(json.dumps(config))
     with pytest.raises(ValueError, match=named):
-        export.load_hf(str(tmp_path), tokenizer=False)
+        load_hf(str(tmp_path), tokenizer=False)
 
 
 def test_import_refuses_a_tensor_of_the_wrong_shape(tmp_path):
@@ -334,7 +337,7 @@ def test_import_refuses_a_tensor_of_the_wrong_shape(tmp_path):
     tensors['model.layers.1.mlp.up_proj.weight'] = torch.zeros(40, 32)
     safetensors_torch.save_file(tensors, str(tmp_path / 'model.safetensors'))
     with pytest.raises(ValueError, match=r'model.layers.1.mlp.up_proj.weight \(40, 32\)'):
-        export.load_hf(str(tmp_path), tokenizer=False)
+        load_hf(str(tmp_path), tokenizer=False)
 
 
 def test_import_refuses_missing_and_unexpected_tensors(tmp_path):
@@ -343,7 +346,7 @@ def test_import_refuses_missing_and_unexpected_tensors(tmp_path):
     tensors['model.layers.0.self_attn.q_proj.bias'] = tensors.pop('model.norm.weight')
     safetensors_torch.save_file(tensors, str(tmp_path / 'model.safetensors'))
     with pytest.raises(ValueError, match=r"missing \['model.norm.weight'\].*q_proj.bias"):
-        export.load_hf(str(tmp_path), tokenizer=False)
+        load_hf(str(tmp_path), tokenizer=False)
 
 
 def test_import_keeps_tokens_added_after_the_sentencepiece_vocab(tmp_path, sp_toks):
@@ -354,7 +357,7 @@ def test_import_keeps_tokens_added_after_the_sentencepiece_vocab(tmp_path, sp_to
     added = {str(VOCAB): {'content': '<instruction>', 'special': True},
              str(VOCAB + 1): {'content': '</instruction>', 'special': True}}
     (tmp_path / 'tokenizer_config.json').write_text(json.dumps({'added_tokens_decoder': added}))
-    _, tok = export.load_hf(str(tmp_path))
+    _, tok = load_hf(str(tmp_path))
     ids = tok.encode('Pergunta: <instruction>Oi?</instruction> Olá')
     assert ids.count(VOCAB) == 1 and ids.count(VOCAB + 1) == 1
     assert tok.decode(ids) == 'Pergunta: <instruction>Oi?</instruction> Olá'
@@ -363,6 +366,6 @@ def test_import_keeps_tokens_added_after_the_sentencepiece_vocab(tmp_path, sp_to
 def test_load_model_reads_a_hugging_face_folder(tiny_export):
     dest, tok = tiny_export
     model, tokenizer, checkpoint = load_model(dest)
-    same, _ = export.load_hf(dest)
+    same, _ = load_hf(dest)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), same.state_dict().values()))
     assert checkpoint['model_config'] == asdict(same.config)

@@ -9,6 +9,8 @@ import torch
 
 import sample
 from chat import CHAT_TEMPLATES
+from common import resolve_dtype
+from generate import generate
 from model import Llama, LlamaConfig
 from tokenizer import load_tokenizer
 
@@ -102,7 +104,7 @@ def test_same_seed_gives_same_samples_and_another_seed_differs(model, tok):
 def test_greedy_sample_matches_model_generate(model, tok):
     [record] = sample.sample_prompts(model, tok, ['Era uma vez'], max_new_tokens=20, temperature=0, progress=False)
     prompt = torch.tensor([tok.encode('Era uma vez', bos=True)])
-    expected = model.generate(prompt, 20, temperature=0, eos_id=tok.eos_id)[0, prompt.size(1):].tolist()
+    expected = generate(model, prompt, 20, temperature=0, eos_id=tok.eos_id)[0, prompt.size(1):].tolist()
     if tok.eos_id in expected:
         expected = expected[:expected.index(tok.eos_id)]
     assert record['tokens'] == expected
@@ -139,7 +141,7 @@ def test_prompt_longer_than_context_is_cut_from_the_left_with_a_warning(model, t
     [record] = sample.sample_prompts(model, tok, [long_prompt], max_new_tokens=8, temperature=0, progress=False)
     budget = sample.prompt_budget(model.config.block_size, 8)
     kept = tok.encode(long_prompt, bos=True)[-budget:]
-    expected = model.generate(torch.tensor([kept]), 8, temperature=0, eos_id=tok.eos_id)[0, budget:].tolist()
+    expected = generate(model, torch.tensor([kept]), 8, temperature=0, eos_id=tok.eos_id)[0, budget:].tolist()
     if tok.eos_id in expected:
         expected = expected[:expected.index(tok.eos_id)]
     assert record['tokens'] == expected
@@ -155,7 +157,7 @@ def test_stream_never_shows_a_replacement_character_for_a_split_character(tok):
 
 def test_float16_on_cpu_is_refused_with_advice():
     with pytest.raises(ValueError, match='bfloat16'):
-        sample.resolve_dtype('float16', 'cpu')
+        resolve_dtype('float16', 'cpu')
 
 
 # ---------------------------------------------------------------- command line

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -54,10 +55,10 @@ def run(data_dir, out_dir, *args):
     train.main(TINY + [f'--data_dir={data_dir}', f'--out_dir={out_dir}', *args])
 
 
-def train_py(data_dir, out_dir, *args, torchrun=0, env=None, **popen):
+def train_py(data_dir, out_dir, *args, torchrun=0, env=None, script=None, **popen):
     launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun}'] \
         if torchrun else [sys.executable]
-    command = launcher + [os.path.join(ROOT, 'train.py')] + TINY + [f'--data_dir={data_dir}', f'--out_dir={out_dir}',
+    command = launcher + [script or os.path.join(ROOT, 'train.py')] + TINY + [f'--data_dir={data_dir}', f'--out_dir={out_dir}',
                                                                    *args]
     return subprocess.Popen(command, cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1', **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
@@ -101,7 +102,7 @@ def test_loss_falls_over_a_few_steps(data_dir, tmp_path):
 
 
 def test_checkpoint_loads_with_model_load_model(data_dir, tmp_path):
-    from model import load_model
+    from checkpoint import load_model
     run(data_dir, tmp_path, '--max_iters=2', '--eval_interval=2')
     model, tokenizer, checkpoint = load_model(str(tmp_path))
     assert checkpoint['step'] == 2 and tokenizer.kind == 'bytes'
@@ -142,12 +143,29 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
     assert load(tmp_path / 'ckpt.pt')['step'] >= 2
 
 
+# train.py with torch.save slowed down: it sleeps inside every checkpoint write, after the temp file is written
+SLOW_SAVE = """import sys, time
+sys.path.insert(0, {root!r})
+import torch
+import train
+save = torch.save
+def slow_save(obj, f, *args, **kwargs):
+    save(obj, f, *args, **kwargs)
+    f.flush()
+    time.sleep(1)
+torch.save = slow_save
+train.main(sys.argv[1:])
+"""
+
+
 def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(data_dir, tmp_path):
-    # the test hook sleeps inside every checkpoint write, after the temp file is written
-    process = train_py(data_dir, tmp_path, '--max_iters=100000', '--eval_interval=2',
-                       env={'MIRIM_TEST_SAVE_DELAY': '1'})
-    ckpt, tmp = tmp_path / 'ckpt.pt', tmp_path / 'ckpt.pt.tmp'
-    wait_for(lambda: ckpt.exists() and tmp.exists(), process=process)  # the second save is under way
+    script = tmp_path / 'slow_save.py'
+    script.write_text(SLOW_SAVE.format(root=ROOT))
+    out = tmp_path / 'out'
+    process = train_py(data_dir, out, '--max_iters=100000', '--eval_interval=2', script=str(script))
+    ckpt = out / 'ckpt.pt'
+    writing = lambda: any(p.name.startswith('ckpt.pt.tmp') for p in out.iterdir())  # noqa: E731
+    wait_for(lambda: ckpt.exists() and writing(), process=process)  # the second save is under way
     process.kill()
     process.communicate(timeout=60)
     assert load(ckpt)['step'] == 2
@@ -193,12 +211,13 @@ def test_fine_tuning_on_data_from_another_tokenizer_is_refused(data_dir, tmp_pat
 def test_lr_schedules_warm_up_then_end_at_min_lr():
     cfg = dict(train.DEFAULTS, learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=100, lr_decay_iters=0,
                wsd_decay_fraction=0.2)
+    del cfg['lr_schedule']
     for schedule in ('cosine', 'wsd'):
-        lrs = [train.get_lr(s, dict(cfg, lr_schedule=schedule)) for s in range(101)]
+        lrs = [train.get_lr(s, SimpleNamespace(**cfg, lr_schedule=schedule)) for s in range(101)]
         assert lrs[0] < lrs[5] < lrs[10] == 1.0 and lrs[100] == pytest.approx(0.1)
-    wsd = [train.get_lr(s, dict(cfg, lr_schedule='wsd')) for s in range(101)]
+    wsd = [train.get_lr(s, SimpleNamespace(**cfg, lr_schedule='wsd')) for s in range(101)]
     assert wsd[10] == wsd[80] == 1.0 and wsd[81] < 1.0
-    assert train.get_lr(99, dict(cfg, lr_schedule='constant')) == 1.0
+    assert train.get_lr(99, SimpleNamespace(**cfg, lr_schedule='constant')) == 1.0
 
 
 # --- errors users hit

@@ -1,0 +1,105 @@
+"""
+What every script needs from the machine it runs on: the device, the precision, autocast, the
+GPU's peak FLOP/s (for MFU), memory in use, rank-0 printing, and one way to stop with an error.
+
+`auto` means the same everywhere (train, sample, eval, classify, bench):
+    device: cuda if PyTorch sees a GPU, else mps (Apple), else cpu
+    dtype:  bfloat16 on a CUDA GPU that has it, float16 on an older CUDA GPU, float32 elsewhere
+"""
+import os
+import resource
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
+# dense bf16 tensor-core peaks (FLOP/s) from NVIDIA's data sheets (their sparse figures are 2x these);
+# matched in this order against torch.cuda.get_device_name(), so 'H100 PCIe' comes before 'H100'
+PEAK_FLOPS = {'H100 PCIe': 756e12, 'H100': 989e12, 'H200': 989e12, 'A100': 312e12}
+
+
+def fail(message):
+    """Stop a command line with one error line (printed by rank 0 only, so torchrun shows it once)."""
+    program = os.path.basename(sys.argv[0]) or 'mirim'
+    raise SystemExit(f"{program}: error: {message}" if int(os.environ.get('RANK', 0)) == 0 else 1)
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only (or when not under torchrun)."""
+    if int(os.environ.get('RANK', 0)) == 0:
+        print(*args, **kwargs)
+
+
+def resolve_device(name):
+    """'auto' -> cuda, else mps, else cpu. Any other name is checked here, so that asking for a GPU
+    that is not there is a clear ValueError, not an error deep inside PyTorch."""
+    if name == 'auto':
+        return 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    kind = name.split(':')[0]
+    if kind not in ('cpu', 'cuda', 'mps'):
+        raise ValueError(f"device={name!r}: expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    if kind == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but PyTorch sees no CUDA GPU; use --device=cpu")
+    if kind == 'mps' and not torch.backends.mps.is_available():
+        raise ValueError(f"device={name!r} but MPS is not available here; use --device=cpu")
+    return name
+
+
+def resolve_dtype(name, device):
+    """A dtype name ('auto' or a key of DTYPES) -> the torch dtype to compute in on `device`."""
+    if name == 'auto':
+        if device.startswith('cuda'):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype={name!r}: expected 'auto', 'float32', 'bfloat16' or 'float16'")
+    if name == 'float16' and device.startswith('cpu'):
+        # PyTorch's CPU kernels for float16 are slow or missing; bfloat16 halves memory just as well
+        raise ValueError("dtype='float16' is for GPUs; on the CPU use 'bfloat16' (where the CPU has it) or 'float32'")
+    return DTYPES[name]
+
+
+def dtype_name(dtype):
+    return str(dtype).replace('torch.', '')
+
+
+def autocast(device, dtype):
+    """The context that runs matmuls in `dtype` while weights stay float32 (nothing for float32)."""
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device.split(':')[0], dtype=dtype)
+
+
+def cpu_bf16_slowdown():
+    """How many times slower a bf16 matmul is than a float32 one on this CPU: about 1 or less with
+    native bf16 (AVX512-BF16, AMX, Arm BF16), 10-20x where PyTorch has to emulate it."""
+    a = torch.randn(256, 256)
+    b = a.bfloat16()
+
+    def fastest(m):
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            m @ m
+            times.append(time.perf_counter() - start)
+        return min(times)
+    return fastest(b) / fastest(a)
+
+
+def peak_flops(device, dtype):
+    """The device's dense peak FLOP/s in dtype, or None when unknown (CPU, fp32, an unlisted GPU)."""
+    if not device.startswith('cuda') or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+
+
+def memory_gb(device):
+    """Peak memory of this process: allocated on the GPU, resident set on the CPU."""
+    if device.startswith('cuda'):
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 1e9 if sys.platform == 'darwin' else peak * 1024 / 1e9
