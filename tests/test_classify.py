@@ -70,6 +70,15 @@ def test_classifier_checkpoint_is_also_a_mirim_checkpoint(trained):
     assert model.config.n_layer == 1 and tok.kind == 'bytes'
 
 
+def test_a_diverging_run_stops_without_saving_a_classifier(setup):
+    tmp, cfg, _ = setup
+    out = tmp / 'diverged'
+    with pytest.raises(ValueError, match='stopped without saving'):
+        train_classifier({**cfg, 'learning_rate': 1e4, 'head_learning_rate': 1e30, 'grad_clip': 0.0, 'epochs': 1,
+                          'out_dir': str(out)}, say=lambda *a: None)
+    assert not os.path.exists(out / 'classifier.pt')
+
+
 def test_frozen_backbone_leaves_the_pretrained_weights_unchanged(setup):
     tmp, cfg, ckpt = setup
     train_classifier({**cfg, 'freeze_backbone': True, 'epochs': 1, 'out_dir': str(tmp / 'frozen')},

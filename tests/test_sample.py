@@ -205,6 +205,25 @@ def test_out_dir_without_checkpoint_is_a_clear_error(tmp_path):
         sample.main([f'--out_dir={tmp_path}', '--start=a'])
 
 
+def test_training_out_dir_without_best_pt_is_not_taken_for_a_hugging_face_folder(out_dir, tmp_path):
+    # train.py writes config.json (its settings) into out_dir; a run stopped before its first
+    # evaluation has ckpt.pt and no best.pt
+    import shutil
+    run = shutil.copytree(out_dir, tmp_path / 'run')
+    (run / 'config.json').write_text(json.dumps({'out_dir': str(run), 'model': 'tiny'}))
+    with pytest.raises(FileNotFoundError, match='no best.pt.*ckpt.pt.*--checkpoint'):
+        sample.main([f'--out_dir={run}', '--checkpoint=best.pt', '--start=a'])
+
+
+def test_a_file_that_is_not_a_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / 'notes.txt').write_text('not a checkpoint')
+    with pytest.raises(ValueError, match='not a mirim checkpoint'):
+        sample.main([f'--out_dir={tmp_path / "notes.txt"}', '--start=a'])
+    torch.save({'weights': torch.zeros(1)}, tmp_path / 'dict.pt')
+    with pytest.raises(ValueError, match="lacks.*'model'"):
+        sample.main([f'--out_dir={tmp_path / "dict.pt"}', '--start=a'])
+
+
 def test_bad_flag_exits_nonzero_with_a_message_naming_it_and_no_traceback(out_dir):
     result = run_cli(f'--out_dir={out_dir}', '--temprature=0.5')
     assert result.returncode != 0

@@ -266,3 +266,134 @@ def test_scratch_run_refuses_to_overwrite_a_checkpoint(data_dir, tmp_path):
 def test_bits_per_byte_is_loss_times_tokens_over_bytes_and_none_for_loss_masked_data():
     assert train.bits_per_byte(2.0, {'tokens': 100, 'bytes': 400}) == pytest.approx(2.0 / 0.6931471805599453 / 4)
     assert train.bits_per_byte(2.0, {'tokens': 100, 'bytes': 400, 'trained_tokens': 30}) is None
+
+
+# --- nothing lost, nothing silent (issue 19)
+
+def sha(path):
+    return hashlib.sha256(open(path, 'rb').read()).hexdigest()
+
+
+def test_a_signal_during_a_diverging_step_never_saves_non_finite_weights(data_dir, tmp_path, monkeypatch):
+    run(data_dir, tmp_path, '--max_iters=2', '--eval_interval=2')
+    before = sha(tmp_path / 'ckpt.pt')
+    get_lr = train.get_lr
+
+    def lr_then_sigterm(step, c):  # SIGTERM arrives during the first resumed step, whose update blows up
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return get_lr(step, c)
+    monkeypatch.setattr(train, 'get_lr', lr_then_sigterm)
+    message = error_of(data_dir, tmp_path, '--init_from=resume', '--max_iters=10', '--learning_rate=1e40',
+                       '--warmup_iters=0', '--grad_clip=0.0')
+    assert 'no longer finite' in message and 'still holds the last good checkpoint' in message
+    assert sha(tmp_path / 'ckpt.pt') == before
+
+
+def test_resume_on_data_from_another_tokenizer_is_refused(data_dir, tmp_path):
+    import shutil
+    run(data_dir, tmp_path / 'run', '--max_iters=1', '--eval_interval=1')
+    other = shutil.copytree(data_dir, tmp_path / 'other')
+    meta = json.loads((other / 'meta.json').read_text())
+    meta['tokenizer'] = {'kind': 'bytes', 'vocab_size': 261, 'special_tokens': {
+        '<s>': 256, '</s>': 257, '<pad>': 258, '<|user|>': 259, '<|end|>': 260}}  # same size, other tokens
+    write_meta(str(other), meta)
+    before = sha(tmp_path / 'run' / 'ckpt.pt')
+    assert 'another tokenizer' in error_of(other, tmp_path / 'run', '--init_from=resume', '--max_iters=2')
+    assert sha(tmp_path / 'run' / 'ckpt.pt') == before
+
+
+@pytest.mark.parametrize('setting, words', [('--grad_clip=-1', 'grad_clip'), ('--max_time=-5', 'max_time'),
+                                            ('--weight_decay=-1', 'weight_decay'), ('--beta1=1.5', 'beta1'),
+                                            ('--ddp_timeout=0', 'ddp_timeout')])
+def test_out_of_range_settings_are_refused(data_dir, tmp_path, setting, words):
+    assert words in error_of(data_dir, tmp_path, setting)
+
+
+def test_scratch_run_refuses_an_out_dir_holding_only_best_pt(data_dir, tmp_path):
+    run(data_dir, tmp_path, '--max_iters=1', '--eval_interval=1')
+    os.remove(tmp_path / 'ckpt.pt')
+    before = sha(tmp_path / 'best.pt')
+    assert 'best.pt' in error_of(data_dir, tmp_path, '--max_iters=1')
+    assert sha(tmp_path / 'best.pt') == before
+
+
+def test_a_second_run_into_a_busy_out_dir_is_refused(data_dir, tmp_path):
+    import fcntl
+    os.makedirs(tmp_path / 'out')
+    held = os.open(tmp_path / 'out', os.O_RDONLY)  # as a running train.py holds it
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert 'another train.py is running' in error_of(data_dir, tmp_path / 'out', '--max_iters=1')
+    finally:
+        os.close(held)
+    run(data_dir, tmp_path / 'out', '--max_iters=1')  # free again once the other one is gone
+    assert sorted(os.listdir(tmp_path / 'out')) == ['best.pt', 'ckpt.pt', 'config.json', 'log.jsonl']
+
+
+def test_log_is_plain_json_and_a_resume_logs_each_step_once(data_dir, tmp_path):
+    run(data_dir, tmp_path, '--max_iters=4', '--eval_interval=2')
+    with open(tmp_path / 'log.jsonl', 'a') as f:  # a run killed after logging step 5, before saving it
+        f.write(json.dumps({'step': 5, 'train_loss': 1.0}) + '\n')
+    run(data_dir, tmp_path, '--max_iters=6', '--eval_interval=2', '--init_from=resume')
+    text = (tmp_path / 'log.jsonl').read_text()
+    assert 'NaN' not in text and 'Infinity' not in text
+    assert [r['step'] for r in log_lines(tmp_path)] == [0, 1, 2, 3, 4, 5, 6]
+    assert train.clean_record({'a': float('nan'), 'b': float('inf'), 'c': 1.5}) == {'a': None, 'b': None, 'c': 1.5}
+
+
+def test_nan_in_a_scratch_run_does_not_name_a_checkpoint_that_is_not_there(data_dir, tmp_path):
+    message = error_of(data_dir, tmp_path, '--max_iters=12', '--eval_interval=100', '--learning_rate=1e40',
+                       '--warmup_iters=0', '--grad_clip=0.0')
+    assert 'no checkpoint was written' in message and 'still holds' not in message
+
+
+def test_done_after_a_resume_counts_the_whole_run_and_this_session_apart(data_dir, tmp_path, capsys):
+    run(data_dir, tmp_path, '--max_iters=2', '--eval_interval=2')
+    run(data_dir, tmp_path, '--max_iters=4', '--eval_interval=2', '--init_from=resume')
+    done = [line for line in capsys.readouterr().out.splitlines() if line.startswith('done:')][-1]
+    assert done.startswith('done: 4 steps') and 'this session: 2 steps' in done
+
+
+def descendants(root):
+    """The processes below root (from /proc: each stat line names its parent)."""
+    parents = {}
+    for entry in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            parents[int(entry)] = int(open(f'/proc/{entry}/stat').read().rsplit(')', 1)[1].split()[1])
+        except (OSError, ValueError):
+            pass
+    found, frontier = [], [root]
+    while frontier:
+        children = [pid for pid, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc'), reason='finds the worker processes in /proc')
+def test_a_frozen_ddp_peer_ends_the_run_with_a_message_within_the_timeout(data_dir, tmp_path):
+    process = train_py(data_dir, tmp_path, '--max_iters=100000', '--eval_interval=100000', '--ddp_timeout=5',
+                       '--gradient_accumulation_steps=2', torchrun=2)
+    wait_for(lambda: (tmp_path / 'log.jsonl').exists() and (tmp_path / 'log.jsonl').read_text().count('\n') >= 3,
+             timeout=120, process=process)
+    pids = sorted(pid for pid in descendants(process.pid) if b'train.py' in open(f'/proc/{pid}/cmdline', 'rb').read())
+    frozen = pids[-1]  # the last worker started: rank 1
+    os.kill(frozen, signal.SIGSTOP)
+    started, output = time.time(), ''
+    try:
+        for line in process.stdout:  # until rank 0 gives up; then the frozen one need not hold torchrun up
+            output += line
+            if 'no answer' in line:
+                break
+        waited = time.time() - started
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        output += process.communicate(timeout=60)[0]
+    assert process.returncode != 0
+    assert waited < 30, waited
+    assert 'no answer from the other processes for ddp_timeout=5 s' in output
