@@ -8,7 +8,9 @@ must be config keys (it may also import modules and define helpers or names star
 It sees the config so far, so `out_dir = out_dir + '-big'` works. A --key=value is parsed with
 ast.literal_eval (3e-4, True, None, 'x' all work) and falls back to the plain string, so
 --out_dir=out/x needs no quotes. An unknown key or a value of the wrong type is an error that says
-what was expected: a typo must never silently train the wrong model.
+what was expected: a typo must never silently train the wrong model. A config file that cannot
+be run (a syntax error, an exception, bytes that are not UTF-8) is a one-line error naming its file
+and line.
 """
 
 import ast
@@ -52,13 +54,36 @@ def parse_value(text):
 
 def run_config_file(path, config):
     """Run a config file with the config so far in scope -> {name: value} for the names it set."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{path} is a directory, not a config file")
     if not os.path.isfile(path):
         hint = " (--key=value arguments start with two dashes)" if '=' in path else ""
         raise ConfigError(f"config file {path} not found{hint}")
-    with open(path, encoding='utf-8') as f:
-        source = f.read()
+    try:
+        with open(path, encoding='utf-8') as f:
+            source = f.read()
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b'\n') + 1
+        raise ConfigError(f"{path}:{line}: config file is not UTF-8 text ({e.reason}); save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path}: {e.strerror}") from None
+    try:
+        code = compile(source, path, 'exec')
+    except SyntaxError as e:
+        raise ConfigError(f"{path}:{e.lineno}: syntax error: {e.msg}") from None
+    except ValueError as e:  # null bytes, on Pythons before 3.12
+        raise ConfigError(f"{path}: {e}") from None
     namespace = dict(config)
-    exec(compile(source, path, 'exec'), namespace)
+    try:
+        exec(code, namespace)
+    except Exception as e:  # the user's code: say where it failed in their file, not a traceback through ours
+        tb, line = e.__traceback__, None
+        while tb is not None:  # the innermost frame in the config file itself (it may have called a helper)
+            if tb.tb_frame.f_code.co_filename == path:
+                line = tb.tb_lineno
+            tb = tb.tb_next
+        where = f"{path}:{line}" if line else path
+        raise ConfigError(f"{where}: {type(e).__name__}: {e}") from None
     helpers = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, type)
     return {name: value for name, value in namespace.items()
             if not name.startswith('_') and not isinstance(value, helpers)

@@ -1,9 +1,11 @@
 import os
+import subprocess
 import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 from configurator import ConfigError, configure  # noqa: E402
 
 DEFAULTS = {'out_dir': 'out', 'batch_size': 16, 'learning_rate': 1e-3, 'compile': False, 'n_layer': None}
@@ -99,3 +101,52 @@ def test_a_text_setting_takes_numbers_and_dots_as_typed():
     config = configure({'start': '', 'batch_size': 8}, ['--start=1984', '--start=...'])
     assert config['start'] == '...'
     assert configure({'start': ''}, ['--start=1984'])['start'] == '1984'
+
+
+# -----------------------------------------------------------------------------
+# a config file that cannot be run is one line naming the file (and the line), never a traceback
+
+def test_config_file_with_a_syntax_error_names_file_and_line(tmp_path):
+    path = write(tmp_path, "batch_size = 8\nout_dir = 'out/x\n")
+    with pytest.raises(ConfigError, match=r"cfg\.py:2: syntax error: unterminated string"):
+        configure(DEFAULTS, [path])
+
+
+def test_config_file_with_a_name_error_names_file_line_and_exception(tmp_path):
+    path = write(tmp_path, "batch_size = 8\nout_dir = base + '/x'\n")
+    with pytest.raises(ConfigError, match=r"cfg\.py:2: NameError: name 'base' is not defined"):
+        configure(DEFAULTS, [path])
+
+
+def test_config_file_whose_call_raises_names_its_own_line(tmp_path):
+    path = write(tmp_path, "import json\n\nbatch_size = json.loads('eight')\n")  # raised inside json, not the file
+    with pytest.raises(ConfigError, match=r"cfg\.py:3: JSONDecodeError: Expecting value"):
+        configure(DEFAULTS, [path])
+
+
+def test_config_file_that_is_not_utf8_is_an_error(tmp_path):
+    path = tmp_path / 'latin1.py'
+    path.write_bytes("batch_size = 8\nout_dir = 'saída'\n".encode('latin-1'))
+    with pytest.raises(ConfigError, match=r"latin1\.py:2: config file is not UTF-8 text"):
+        configure(DEFAULTS, [str(path)])
+
+
+def test_config_file_with_a_null_byte_is_an_error(tmp_path):
+    path = tmp_path / 'null.py'
+    path.write_bytes(b"batch_size = 8\x00\n")
+    with pytest.raises(ConfigError, match=r"null\.py.*null bytes"):
+        configure(DEFAULTS, [str(path)])
+
+
+def test_directory_given_as_a_config_file_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"is a directory, not a config file"):
+        configure(DEFAULTS, [str(tmp_path)])
+
+
+@pytest.mark.parametrize('script', ['train.py', 'bench.py'])
+def test_script_reports_a_broken_config_file_in_one_line(tmp_path, script):
+    path = write(tmp_path, "batch_size = 8\nlearning_rate = lr / 10\n")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), path], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, env={**os.environ, 'WANDB_MODE': 'disabled'})
+    assert result.returncode != 0 and 'Traceback' not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines() == [f"{script}: error: {path}:2: NameError: name 'lr' is not defined"]
