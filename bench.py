@@ -60,7 +60,8 @@ if __name__ == '__main__':
     from configurator import ConfigError, configure
     try:
         globals().update(configure({k: v for k, v in globals().items()
-                                    if not k.startswith('_') and isinstance(v, (int, float, bool, str))}, sys.argv[1:]))
+                                    if not k.startswith('_') and isinstance(v, (int, float, bool, str))}, sys.argv[1:],
+                                    help_source=__file__))  # --help reads the comments above
     except ConfigError as e:
         sys.exit(f"bench.py: error: {e}")
 

@@ -417,7 +417,7 @@ def check_config(cfg):
 def main(argv):
     start_time = time.time()
     try:
-        cfg = configure(DEFAULTS, argv)
+        cfg = configure(DEFAULTS, argv, help_source=__file__)  # --help reads the comments above
     except ConfigError as e:
         fail(str(e))
     check_config(cfg)
