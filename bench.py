@@ -58,9 +58,13 @@ seed = 1337
 peak_flops = 0.0           # device peak FLOP/s, to print MFU (e.g. 989e12 for an H100 SXM in bf16)
 
 if __name__ == '__main__':
-    from configurator import configure
-    globals().update(configure({k: v for k, v in globals().items()
-                                if not k.startswith('_') and isinstance(v, (int, float, bool, str))}, sys.argv[1:]))
+    from configurator import ConfigError, configure
+    try:
+        globals().update(configure({k: v for k, v in globals().items()
+                                    if not k.startswith('_') and isinstance(v, (int, float, bool, str))}, sys.argv[1:],
+                                    help_source=__file__))  # --help reads the comments above
+    except ConfigError as e:
+        sys.exit(f"bench.py: error: {e}")
 
 
 def timed_turns(runs, count, repeats):

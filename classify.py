@@ -318,7 +318,7 @@ def predict(path_or_loaded, texts, pairs=None, batch_size=32, device='cpu'):
 def main(argv):
     from configurator import ConfigError, configure
     try:
-        cfg = configure(DEFAULTS, argv)
+        cfg = configure(DEFAULTS, argv, help_source=__file__)  # --help reads the comments in DEFAULTS
         train_classifier(cfg)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
         sys.exit(f"classify.py: error: {e}")

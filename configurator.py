@@ -8,12 +8,17 @@ must be config keys (it may also import modules and define helpers or names star
 It sees the config so far, so `out_dir = out_dir + '-big'` works. A --key=value is parsed with
 ast.literal_eval (3e-4, True, None, 'x' all work) and falls back to the plain string, so
 --out_dir=out/x needs no quotes. An unknown key or a value of the wrong type is an error that says
-what was expected: a typo must never silently train the wrong model.
+what was expected: a typo must never silently train the wrong model. A config file that cannot
+be run (a syntax error, an exception, bytes that are not UTF-8) is a one-line error naming its file
+and line. --help (or -h) prints every key with its default and the comment beside it in the script.
 """
 
 import ast
 import difflib
+import io
 import os
+import sys
+import tokenize
 import types
 
 
@@ -21,10 +26,16 @@ class ConfigError(ValueError):
     """A config file or --key=value that cannot be used; the message says why."""
 
 
-def configure(defaults, argv):
+def configure(defaults, argv, help_source=None, usage=None):
     """Resolve `argv` (config file paths, --key=value, and --flag for a boolean) against `defaults` -> a new dict.
     A key whose default is None takes any value; otherwise the type must match the default's
-    (an int is accepted, and converted, where a float is expected)."""
+    (an int is accepted, and converted, where a float is expected). --help or -h anywhere prints
+    `usage` and the keys, with the comments written beside them in the file `help_source`, and exits."""
+    if ('--help' in argv or '-h' in argv) and 'help' not in defaults:
+        script = os.path.basename(sys.argv[0]) or 'script.py'
+        print(usage or f"usage: python {script} [config.py ...] [--key=value ...]")
+        print(describe(defaults, help_source))
+        raise SystemExit(0)
     config = dict(defaults)
     for arg in argv:
         if arg.startswith('--'):
@@ -52,13 +63,36 @@ def parse_value(text):
 
 def run_config_file(path, config):
     """Run a config file with the config so far in scope -> {name: value} for the names it set."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{path} is a directory, not a config file")
     if not os.path.isfile(path):
         hint = " (--key=value arguments start with two dashes)" if '=' in path else ""
         raise ConfigError(f"config file {path} not found{hint}")
-    with open(path, encoding='utf-8') as f:
-        source = f.read()
+    try:
+        with open(path, encoding='utf-8') as f:
+            source = f.read()
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b'\n') + 1
+        raise ConfigError(f"{path}:{line}: config file is not UTF-8 text ({e.reason}); save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path}: {e.strerror}") from None
+    try:
+        code = compile(source, path, 'exec')
+    except SyntaxError as e:
+        raise ConfigError(f"{path}:{e.lineno}: syntax error: {e.msg}") from None
+    except ValueError as e:  # null bytes, on Pythons before 3.12
+        raise ConfigError(f"{path}: {e}") from None
     namespace = dict(config)
-    exec(compile(source, path, 'exec'), namespace)
+    try:
+        exec(code, namespace)
+    except Exception as e:  # the user's code: say where it failed in their file, not a traceback through ours
+        tb, line = e.__traceback__, None
+        while tb is not None:  # the innermost frame in the config file itself (it may have called a helper)
+            if tb.tb_frame.f_code.co_filename == path:
+                line = tb.tb_lineno
+            tb = tb.tb_next
+        where = f"{path}:{line}" if line else path
+        raise ConfigError(f"{where}: {type(e).__name__}: {e}") from None
     helpers = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, type)
     return {name: value for name, value in namespace.items()
             if not name.startswith('_') and not isinstance(value, helpers)
@@ -90,3 +124,53 @@ def print_config(config, print_fn=print, width=110):
         line = f"{line}  {item}" if line else item
     if line:
         print_fn(line)
+
+
+def comments(path):
+    """{name: (heading, comment)} for the config keys declared at the top level of the Python file `path`:
+    `key = value`, or `key=value,` inside `DEFAULTS = dict(...)`. The comment is the # comment ending its
+    line, joined with the comment-only lines below that continue it (their # in the same column); the
+    heading, the comment-only lines just above it in the key's own column (a section: '# optimizer: ...')."""
+    with open(path, encoding='utf-8') as f:
+        source = f.read()
+    found = {}  # line -> (column, text, comment only?); tokenize, so a '#' inside a string is no comment
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            only = not token.line[:token.start[1]].strip()
+            found[token.start[0]] = (token.start[1], token.string.lstrip('#').strip(), only)
+    comment_only = lambda line, column: line in found and found[line][2] and found[line][0] == column
+    declared = []  # (name, its ast node, the line its value ends on)
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign):
+            declared += [(t.id, t, node.end_lineno) for t in node.targets if isinstance(t, ast.Name)]
+            if isinstance(node.value, ast.Call):
+                declared += [(k.arg, k, k.value.end_lineno) for k in node.value.keywords if k.arg]
+    result = {}
+    for name, node, line in declared:
+        heading, above = [], node.lineno - 1
+        while comment_only(above, node.col_offset):
+            if any(c.isalnum() for c in found[above][1]):  # not a # ------ rule
+                heading.insert(0, found[above][1])
+            above -= 1
+        comment = ''
+        if line in found and not found[line][2]:
+            column, comment, _ = found[line]
+            while comment_only(line + 1, column):
+                line += 1
+                comment += ' ' + found[line][1]
+        result.setdefault(name, (heading, comment))
+    return result
+
+
+def describe(defaults, source=None):
+    """One line per key: --key=default, then the comment beside it in the file `source` (if given),
+    under the section headings written above the keys."""
+    notes = comments(source) if source else {}
+    items = [f"  --{key}={value!r}" for key, value in defaults.items()]
+    width = min(40, max(map(len, items), default=0))
+    lines = []
+    for key, item in zip(defaults, items):
+        heading, comment = notes.get(key, ([], ''))
+        lines += ([''] if heading and lines else []) + heading
+        lines.append(f"{item:<{width}}  {comment}".rstrip())
+    return '\n'.join(lines)

@@ -377,7 +377,7 @@ def verse_examples(books, count=500, seed=1234, choices=4):
 def parse_args(argv):
     """DEFAULTS, then --key=value (or config files), checked by the project's configurator."""
     try:
-        return configure(DEFAULTS, argv)
+        return configure(DEFAULTS, argv, help_source=__file__)  # --help reads the comments in DEFAULTS
     except ConfigError as e:
         raise SystemExit(f"eval.py: {e}") from None
 

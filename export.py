@@ -352,7 +352,7 @@ DEFAULTS = dict(
 
 def main(argv):
     from configurator import configure
-    config = configure(DEFAULTS, argv)
+    config = configure(DEFAULTS, argv, help_source=__file__)  # --help reads the comments in DEFAULTS
     if not config['dest']:
         raise ValueError("say where to write the Hugging Face folder: --dest=hf/NAME")
     dest = export(config['out_dir'], config['dest'], config['dtype'], config['checkpoint'], config['license'],

@@ -122,10 +122,14 @@ def token_rules(params):
 
 def training_config(argv):
     """train.py's resolved config for these config files and --key=value, as train.py resolves it."""
-    from configurator import ConfigError, configure
-    from train import DEFAULTS as TRAIN_DEFAULTS
+    from configurator import ConfigError, configure, describe
+    import train
+    usage = None
+    if '--help' in argv or '-h' in argv:  # plan.py's own options, then train.py's keys
+        usage = (f"usage: python plan.py [config.py ...] [--key=value ...]\n\nplan.py's options:\n"
+                 f"{describe(DEFAULTS, __file__)}\n\nand train.py's, read as train.py reads them:")
     try:
-        return configure(TRAIN_DEFAULTS, argv)
+        return configure(train.DEFAULTS, argv, help_source=train.__file__, usage=usage)
     except ConfigError as e:
         raise SystemExit(f"plan.py: {e} (plan.py's own options: {', '.join(DEFAULTS)})") from None
 

@@ -278,7 +278,7 @@ def format_records(records, fmt):
 
 
 def main(argv):
-    config = configure(DEFAULTS, argv)
+    config = configure(DEFAULTS, argv, help_source=__file__)  # --help reads the comments in DEFAULTS
     if config['format'] not in ('text', 'jsonl'):
         raise ValueError(f"format={config['format']!r}: expected 'text' or 'jsonl'")
     knobs = {k: config[k] for k in ('temperature', 'top_k', 'top_p', 'repetition_penalty')}

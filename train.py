@@ -67,7 +67,7 @@ dropout = 0.0
 batch_size = 16                   # sequences per micro-batch, per process
 gradient_accumulation_steps = 1   # micro-batches per step over ALL processes (divided among DDP ranks)
 # optimizer: AdamW, weight decay on matrices only
-learning_rate = 1e-3
+learning_rate = 1e-3              # peak learning rate, reached after warmup_iters
 min_lr = 1e-4                     # the schedule ends here
 lr_schedule = 'cosine'            # 'cosine' | 'wsd' (warmup-stable-decay) | 'constant', after a linear warmup
 warmup_iters = 100
@@ -530,7 +530,7 @@ def train_loop(run, c, rank, world_size, device, signals, start_time, log, say):
 def main(argv):
     start_time = time.time()
     try:
-        c = SimpleNamespace(**configure(DEFAULTS, argv))
+        c = SimpleNamespace(**configure(DEFAULTS, argv, help_source=__file__))  # --help reads the comments above
     except ConfigError as e:
         fail(str(e))
     check_config(c)

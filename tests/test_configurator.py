@@ -1,9 +1,12 @@
+import json
 import os
+import subprocess
 import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 from configurator import ConfigError, configure  # noqa: E402
 
 DEFAULTS = {'out_dir': 'out', 'batch_size': 16, 'learning_rate': 1e-3, 'compile': False, 'n_layer': None}
@@ -99,3 +102,147 @@ def test_a_text_setting_takes_numbers_and_dots_as_typed():
     config = configure({'start': '', 'batch_size': 8}, ['--start=1984', '--start=...'])
     assert config['start'] == '...'
     assert configure({'start': ''}, ['--start=1984'])['start'] == '1984'
+
+
+# -----------------------------------------------------------------------------
+# a config file that cannot be run is one line naming the file (and the line), never a traceback
+
+def test_config_file_with_a_syntax_error_names_file_and_line(tmp_path):
+    path = write(tmp_path, "batch_size = 8\nout_dir = 'out/x\n")
+    with pytest.raises(ConfigError, match=r"cfg\.py:2: syntax error: unterminated string"):
+        configure(DEFAULTS, [path])
+
+
+def test_config_file_with_a_name_error_names_file_line_and_exception(tmp_path):
+    path = write(tmp_path, "batch_size = 8\nout_dir = base + '/x'\n")
+    with pytest.raises(ConfigError, match=r"cfg\.py:2: NameError: name 'base' is not defined"):
+        configure(DEFAULTS, [path])
+
+
+def test_config_file_whose_call_raises_names_its_own_line(tmp_path):
+    path = write(tmp_path, "import json\n\nbatch_size = json.loads('eight')\n")  # raised inside json, not the file
+    with pytest.raises(ConfigError, match=r"cfg\.py:3: JSONDecodeError: Expecting value"):
+        configure(DEFAULTS, [path])
+
+
+def test_config_file_that_is_not_utf8_is_an_error(tmp_path):
+    path = tmp_path / 'latin1.py'
+    path.write_bytes("batch_size = 8\nout_dir = 'saída'\n".encode('latin-1'))
+    with pytest.raises(ConfigError, match=r"latin1\.py:2: config file is not UTF-8 text"):
+        configure(DEFAULTS, [str(path)])
+
+
+def test_config_file_with_a_null_byte_is_an_error(tmp_path):
+    path = tmp_path / 'null.py'
+    path.write_bytes(b"batch_size = 8\x00\n")
+    with pytest.raises(ConfigError, match=r"null\.py.*null bytes"):
+        configure(DEFAULTS, [str(path)])
+
+
+def test_directory_given_as_a_config_file_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"is a directory, not a config file"):
+        configure(DEFAULTS, [str(tmp_path)])
+
+
+def test_train_py_reports_a_broken_config_file_in_one_line(tmp_path):
+    path = write(tmp_path, "batch_size = 8\nlearning_rate = lr / 10\n")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), path], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, env={**os.environ, 'WANDB_MODE': 'disabled'})
+    assert result.returncode != 0 and 'Traceback' not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines() == [f"train.py: error: {path}:2: NameError: name 'lr' is not defined"]
+
+
+# -----------------------------------------------------------------------------
+# --help: every key with its default and the comment beside it in the script
+
+def test_help_prints_keys_defaults_and_the_comments_beside_them(tmp_path, capsys):
+    source = write(tmp_path, "# I/O\n"
+                             "out_dir = 'out'   # where the # checkpoints go\n"
+                             "                  # (and the log)\n"
+                             "# ----------\n"
+                             "# optimizer\n"
+                             "batch_size = 16\n"
+                             "learning_rate = 1e-3  # peak\n"
+                             "SETTINGS = dict(\n"
+                             "    compile=False,    # torch.compile\n"
+                             "    n_layer=None,\n"
+                             ")\n", name='script.py')
+    for flag in ('--help', '-h'):
+        with pytest.raises(SystemExit) as exit:
+            configure(DEFAULTS, ['--batch_size=3', flag], help_source=source, usage='usage: script.py [--key=value]')
+        assert exit.value.code == 0
+        assert capsys.readouterr().out.splitlines() == [
+            'usage: script.py [--key=value]',
+            'I/O',
+            "  --out_dir='out'        where the # checkpoints go (and the log)",
+            '',
+            'optimizer',
+            '  --batch_size=16',
+            '  --learning_rate=0.001  peak',
+            '  --compile=False        torch.compile',
+            '  --n_layer=None']
+
+
+def test_help_without_a_source_still_lists_the_keys(capsys):
+    with pytest.raises(SystemExit):
+        configure(DEFAULTS, ['--help'])
+    out = capsys.readouterr().out
+    assert out.startswith('usage: python ') and "  --out_dir='out'" in out and '  --n_layer=None' in out
+
+
+HELP = {  # script -> lines its --help must show: a key, its default and the comment beside it
+    'train.py': ["--learning_rate=0.001", "--grad_clip=1.0 ", "clip the global gradient norm to this; 0 = no clipping",
+                 "--init_from='scratch' ", "(out_dir/ckpt.pt) | a mirim checkpoint (file or out_dir) or a Hugging",
+                 "optimizer: AdamW, weight decay on matrices only"],
+    'sample.py': ["--temperature=0.8 ", "0 = greedy (always the most likely token)", "--chat=False "],
+    'eval.py': ["--task='' ", "'' = loss; 'biblia-<lang>' = built-in verse task", "--n=500 "],
+    'plan.py': ["--gpu='' ", "A100 | H100 | H100-PCIe | H200", "--learning_rate=0.001", "--max_iters=5000 ",
+                "optimizer steps in all"],
+    'export.py': ["--dest='' ", "the Hugging Face folder to write", "--check_tokenizer=True "],
+    'classify.py': ["--freeze_backbone=False ", "True: train only the head (a linear probe)"],
+    'bench.py': ["--what='all' ", "train | generate | loop | all", "--loop_iters=60"],
+}
+
+
+# Runs each script as `python SCRIPT ARGS...` would (its __main__ block, with sys.argv set), all in one
+# subprocess so that torch is imported once, not once per script -> {label: [exit code, stdout]}.
+DRIVER = """
+import contextlib, io, json, runpy, sys
+results = {}
+for label, argv in json.loads(sys.argv[1]).items():
+    sys.argv, out, code = argv, io.StringIO(), 0
+    try:
+        with contextlib.redirect_stdout(out):
+            runpy.run_path(argv[0], run_name='__main__')
+    except SystemExit as e:
+        code = e.code
+    except BaseException as e:
+        code = f'Traceback: {type(e).__name__}: {e}'
+    results[label] = [code, out.getvalue()]
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+    broken = write(tmp_path_factory.mktemp('broken'), "batch_size = 8\nlearning_rate = lr / 10\n")
+    commands = {script: [script, '--help'] for script in HELP}
+    commands['bench.py broken'] = ['bench.py', broken]
+    env = {**os.environ, 'WANDB_MODE': 'disabled', 'HF_HUB_OFFLINE': '1', 'TRANSFORMERS_OFFLINE': '1'}
+    result = subprocess.run([sys.executable, '-c', DRIVER, json.dumps(commands)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return {**json.loads(result.stdout.splitlines()[-1]), 'broken': broken}
+
+
+@pytest.mark.parametrize('script', list(HELP))
+def test_every_script_prints_its_keys_with_help(runs, script):
+    code, out = runs[script]
+    assert code == 0, code
+    assert out.startswith(f'usage: python {script} ')
+    for text in HELP[script]:
+        assert text in out, f"{text!r} not in {script} --help:\n{out}"
+
+
+def test_bench_py_reports_a_broken_config_file_in_one_line(runs):
+    assert runs['bench.py broken'][0] == f"bench.py: error: {runs['broken']}:2: NameError: name 'lr' is not defined"
