@@ -272,3 +272,78 @@ def test_unknown_option_is_an_error_naming_the_closest():
 def test_option_of_the_wrong_type_is_an_error():
     with pytest.raises(SystemExit, match='n expects int'):
         evaluation.parse_args(['--n=many'])
+
+
+# --------------------------------------------------------------------------- user errors: one line, nothing written
+
+@pytest.fixture(scope='module')
+def bad_inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp('bad_inputs')
+    write_data(str(root / 'data'))
+    save_checkpoint(str(root / 'out'), uniform_model(), data_dir=str(root / 'data'))
+    write_data(str(root / 'other'))
+    meta = json.loads((root / 'other' / 'meta.json').read_text())
+    meta['tokenizer'] = {'kind': 'bytes', 'special_tokens': ['<s>', '</s>', '<pad>', '<a>', '<b>']}
+    write_meta(str(root / 'other'), meta)
+    (root / 'latin1.txt').write_bytes('Ação'.encode('latin-1'))
+    (root / 'empty.txt').write_text('')
+    (root / 'ok.txt').write_text('E disse Deus: Haja luz.')
+    (root / 'broken.jsonl').write_text('{"context": "a", "choices": [" b"\n')
+    (root / 'gold.jsonl').write_text('{"context": "a", "choices": [" b", " c"], "gold": 2}\n')
+    (root / 'ok.jsonl').write_text('{"context": "a", "choices": [" b", " c"], "gold": 1}\n')
+    (root / 'notes.pt').write_text('not a checkpoint\n')
+    torch.save({'model': {}, 'tokenizer': 'bytes'}, str(root / 'dict.pt'))
+    return root
+
+
+USER_ERRORS = {  # id: (arguments, with {root} for the fixture's folder; what the message must say)
+    'text-not-utf8': ('--text_file={root}/latin1.txt', 'not UTF-8'),
+    'text-empty': ('--text_file={root}/empty.txt', 'is empty'),  # was ZeroDivisionError
+    'text-missing': ('--text_file={root}/nowhere.txt', 'No such file'),
+    'jsonl-malformed': ('--task={root}/broken.jsonl', 'broken.jsonl:1: not valid JSON'),
+    'jsonl-gold-out-of-range': ('--task={root}/gold.jsonl', 'gold must be'),
+    'jsonl-missing': ('--task={root}/nowhere.jsonl', 'No such file'),
+    'other-tokenizer': ('--data_dir={root}/other', 'different tokenizer'),
+    'unknown-task': ('--task=nope', 'unknown --task'),
+    'missing-split': ('--split=train', "no 'train' shards"),
+    'batch-size-0': ('--batch_size=0', 'batch_size must be >= 1'),
+    'negative-n': ('--n=-1 --task={root}/ok.jsonl', 'n must be >= 0'),
+    'negative-max-tokens': ('--max_tokens=-5', 'max_tokens must be >= 0'),
+    'negative-block-size': ('--block_size=-3', 'block_size must be >= 0'),
+    'block-size-too-long': ('--block_size=99', "longer than the model's context"),
+    'bad-dtype': ('--dtype=fp8', '--dtype must be'),
+    'text-file-and-task': ('--text_file={root}/ok.txt --task={root}/ok.jsonl', 'give one of them'),
+    'task-and-data-dir': ('--task={root}/ok.jsonl --data_dir={root}/data', 'give one of them'),
+    'output-under-a-file': ('--output={root}/ok.txt/results.json', 'ok.txt is not a directory'),
+    'output-is-a-directory': ('--output={root}', 'is a directory'),
+    'checkpoint-is-text': ('--checkpoint={root}/notes.pt', 'cannot load'),
+    'checkpoint-dict-missing-keys': ('--checkpoint={root}/dict.pt', "'model_config'"),
+    'checkpoint-missing': ('--out_dir={root}/nowhere', 'no checkpoint at'),
+}
+
+
+@pytest.mark.parametrize('case', USER_ERRORS)
+def test_user_errors_are_one_line_and_write_nothing(bad_inputs, case):
+    args, says = USER_ERRORS[case]
+    argv = [f'--out_dir={bad_inputs}/out', '--device=cpu'] + args.format(root=bad_inputs).split()
+    with pytest.raises(SystemExit) as stopped:
+        evaluation.main(argv)
+    message = str(stopped.value.code)
+    assert message.startswith('eval.py: error: ') and '\n' not in message and says in message, message
+    assert not list(bad_inputs.rglob('eval_*.json')) and not list(bad_inputs.rglob('*.tmp*'))
+
+
+@pytest.mark.parametrize('case', ['text-empty', 'checkpoint-is-text'])
+def test_command_line_user_error_is_one_stderr_line_without_traceback(bad_inputs, case):
+    import subprocess
+    args, says = USER_ERRORS[case]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [sys.executable, os.path.join(root, 'eval.py'), f'--out_dir={bad_inputs}/out', '--device=cpu',
+               *args.format(root=bad_inputs).split()]
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert done.returncode != 0 and 'Traceback' not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('eval.py: error: ') and says in lines[0], done.stderr
+    assert not list(bad_inputs.rglob('eval_*.json'))
+
