@@ -326,11 +326,12 @@ USER_ERRORS = {  # id: (arguments, with {root} for the fixture's folder; what th
 def test_user_errors_are_one_line_and_write_nothing(bad_inputs, case):
     args, says = USER_ERRORS[case]
     argv = [f'--out_dir={bad_inputs}/out', '--device=cpu'] + args.format(root=bad_inputs).split()
+    files = set(bad_inputs.rglob('*'))
     with pytest.raises(SystemExit) as stopped:
         evaluation.main(argv)
     message = str(stopped.value.code)
     assert message.startswith('eval.py: error: ') and '\n' not in message and says in message, message
-    assert not list(bad_inputs.rglob('eval_*.json')) and not list(bad_inputs.rglob('*.tmp*'))
+    assert set(bad_inputs.rglob('*')) == files  # no results, no temp file
 
 
 @pytest.mark.parametrize('case', ['text-empty', 'checkpoint-is-text'])
@@ -340,10 +341,11 @@ def test_command_line_user_error_is_one_stderr_line_without_traceback(bad_inputs
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     command = [sys.executable, os.path.join(root, 'eval.py'), f'--out_dir={bad_inputs}/out', '--device=cpu',
                *args.format(root=bad_inputs).split()]
+    files = set(bad_inputs.rglob('*'))
     done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=120,
                           env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert done.returncode != 0 and 'Traceback' not in done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('eval.py: error: ') and says in lines[0], done.stderr
-    assert not list(bad_inputs.rglob('eval_*.json'))
+    assert set(bad_inputs.rglob('*')) == files
 
