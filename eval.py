@@ -406,7 +406,8 @@ def check_options(config):
 
 
 def load_checkpoint(path, device):
-    """load_model, with every way of not being a checkpoint said in one line."""
+    """load_model, with every way of not being a checkpoint said in one line, and weights that are
+    not finite refused: a diverged run's checkpoint would otherwise report 'loss nan' as a result."""
     try:
         model, tokenizer, ckpt = load_model(path, device=device)
     except FileNotFoundError as e:
@@ -415,6 +416,10 @@ def load_checkpoint(path, device):
         why = (str(e).strip().splitlines() or [''])[0].split('. ')[0]  # its first sentence: torch's run on for lines
         raise ValueError(f"cannot load {path} ({type(e).__name__}: {why}): expected a checkpoint saved by "
                          f"train.py, an out_dir holding ckpt.pt, or a Hugging Face Llama folder") from None
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise ValueError(f"{path} holds non-finite weights (NaN or inf in {len(bad)} tensors, e.g. {bad[0]}): the run "
+                         f"that saved it diverged; evaluate an earlier checkpoint")
     return model, tokenizer, ckpt
 
 
@@ -430,6 +435,14 @@ def check_writable(path):
     except OSError as e:
         why = f"{e.filename} is not a directory" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror
         raise ValueError(f"cannot write the results to {path}: {why}; choose another --output") from None
+
+
+def check_finite(metrics, scores, dtype_name):
+    """Finite weights can still give a non-finite loss (float16 overflow); such a number is no result."""
+    values = [metrics['loss']] if scores is None else [s for row in scores for s in row]
+    if not all(math.isfinite(v) for v in values):
+        hint = " (float16 may overflow: try --dtype=float32 or bfloat16)" if dtype_name == 'float16' else ""
+        raise ValueError(f"the loss is not finite (the model gives NaN or inf log-probabilities){hint}")
 
 
 def autocast_for(device, dtype_name):
@@ -521,6 +534,7 @@ def evaluate(config):
                                  max_tokens=config['max_tokens'] or None, **common)
     else:
         metrics, per_example = evaluate_multiple_choice(model, tokenizer, examples, desc=task_name, **common)
+    check_finite(metrics, per_example, dtype_name)
 
     results = {'task': task_name, 'checkpoint': path, 'step': ckpt.get('step'), 'tokens_seen': ckpt.get('tokens_seen'),
                'metrics': metrics, 'block_size': block, 'device': run_device, 'dtype': dtype_name,

@@ -276,11 +276,24 @@ def test_option_of_the_wrong_type_is_an_error():
 
 # --------------------------------------------------------------------------- user errors: one line, nothing written
 
+def model_with_infinite_logits():
+    """Finite weights whose logits overflow float32 (32 x 3e38): the loss is NaN though no weight is."""
+    model = model_that_prefers('a')
+    with torch.no_grad():
+        model.output.weight[TOKENIZER.token_to_id('a')] = 3e38
+    return model
+
+
 @pytest.fixture(scope='module')
 def bad_inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp('bad_inputs')
     write_data(str(root / 'data'))
     save_checkpoint(str(root / 'out'), uniform_model(), data_dir=str(root / 'data'))
+    nan_model = uniform_model()
+    with torch.no_grad():
+        nan_model.output.weight.fill_(float('nan'))  # what a diverged run saves
+    save_checkpoint(str(root / 'nan'), nan_model)
+    save_checkpoint(str(root / 'inf'), model_with_infinite_logits())
     write_data(str(root / 'other'))
     meta = json.loads((root / 'other' / 'meta.json').read_text())
     meta['tokenizer'] = {'kind': 'bytes', 'special_tokens': ['<s>', '</s>', '<pad>', '<a>', '<b>']}
@@ -319,6 +332,9 @@ USER_ERRORS = {  # id: (arguments, with {root} for the fixture's folder; what th
     'checkpoint-is-text': ('--checkpoint={root}/notes.pt', 'cannot load'),
     'checkpoint-dict-missing-keys': ('--checkpoint={root}/dict.pt', "'model_config'"),
     'checkpoint-missing': ('--out_dir={root}/nowhere', 'no checkpoint at'),
+    'nan-weights': ('--out_dir={root}/nan --data_dir={root}/data', 'non-finite weights'),  # was "loss nan", exit 0
+    'nan-loss': ('--out_dir={root}/inf --text_file={root}/ok.txt', 'loss is not finite'),
+    'nan-loglikelihoods': ('--out_dir={root}/inf --task={root}/ok.jsonl', 'loss is not finite'),
 }
 
 
@@ -334,7 +350,7 @@ def test_user_errors_are_one_line_and_write_nothing(bad_inputs, case):
     assert set(bad_inputs.rglob('*')) == files  # no results, no temp file
 
 
-@pytest.mark.parametrize('case', ['text-empty', 'checkpoint-is-text'])
+@pytest.mark.parametrize('case', ['text-empty', 'nan-weights', 'checkpoint-is-text'])
 def test_command_line_user_error_is_one_stderr_line_without_traceback(bad_inputs, case):
     import subprocess
     args, says = USER_ERRORS[case]
