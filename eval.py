@@ -39,8 +39,9 @@ takes verses from the books that data/biblia/prepare.py holds out of training: c
 choices = the real next verse of its chapter and 3 other verses of the same book, picked with a
 fixed seed (each choice starts with a newline: the corpus joins verses with one). Chance is 25%.
 
-Results are printed as a table and written as JSON to --output (default: eval_<task>.json beside
-the checkpoint), with the per-example log-likelihoods of multiple-choice tasks.
+Results are printed as a table and written as JSON to --output (default: eval_<task>.json with the
+model: inside its folder, an out_dir or a Hugging Face folder, or beside a checkpoint file), with the
+per-example log-likelihoods of multiple-choice tasks.
 """
 import json
 import math
@@ -74,7 +75,7 @@ DEFAULTS = dict(
     block_size=0,        # context length; 0 = the model's
     device='auto',       # 'auto' = cuda, else mps, else cpu
     dtype='auto',        # 'float32' | 'bfloat16' | 'float16'; 'auto' = bfloat16 on GPUs that have it, else float32
-    output='',           # JSON results path; empty = eval_<task>.json beside the checkpoint
+    output='',           # JSON results path; empty = eval_<task>.json in the model's folder, or beside its file
 )
 
 LN2 = math.log(2)
@@ -459,7 +460,8 @@ def autocast_for(device, dtype_name):
 def format_table(results):
     """A small readable table of the numbers in results['metrics']."""
     metrics = results['metrics']
-    lines = [f"{results['task']}  ({results['checkpoint']}, step {results.get('step')})"]
+    step = 'n/a' if results.get('step') is None else results['step']  # a Hugging Face folder has no step
+    lines = [f"{results['task']}  ({results['checkpoint']}, step {step})"]
     if 'acc' in metrics:
         lines.append(f"  {'metric':<10} {'value':>8} {'stderr':>8}")
         for name in ('acc', 'acc_norm'):
@@ -520,7 +522,8 @@ def evaluate(config):
         if not data:
             raise ValueError("no data to evaluate on: pass --data_dir=..., --text_file=... or --task=...")
         task_name = f"loss_{os.path.basename(os.path.normpath(data))}_{config['split']}"
-    results_dir = os.path.dirname(config['checkpoint']) if config['checkpoint'] else config['out_dir']
+    # results go with the model: inside a folder (an out_dir or a Hugging Face folder), beside a file
+    results_dir = path if os.path.isdir(path) else os.path.dirname(path)
     destination = config['output'] or os.path.join(results_dir, f"eval_{task_name}.json")
     check_writable(destination)
 

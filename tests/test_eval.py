@@ -365,3 +365,25 @@ def test_command_line_user_error_is_one_stderr_line_without_traceback(bad_inputs
     assert len(lines) == 1 and lines[0].startswith('eval.py: error: ') and says in lines[0], done.stderr
     assert set(bad_inputs.rglob('*')) == files
 
+
+# --------------------------------------------------------------------------- where the results go
+
+def test_results_of_a_folder_go_inside_it_and_a_missing_step_reads_n_a(tmp_path, capsys):
+    import export
+    from conftest import word_rotations
+    from tokenizer import train_sentencepiece
+    tok = train_sentencepiece(iter(word_rotations(DOCUMENTS)), str(tmp_path / 'sp.model'), vocab_size=300)
+    config = tiny_config(vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    os.makedirs(tmp_path / 'run')
+    torch.save({'model': Llama(config, seed=0).state_dict(), 'model_config': asdict(config), 'tokenizer': tok.to_dict(),
+                'step': 7, 'config': {}}, str(tmp_path / 'run' / 'ckpt.pt'))
+    (tmp_path / 'book.txt').write_text(DOCUMENTS[0])
+    for name in ('a', 'b'):  # two Hugging Face folders side by side: neither overwrites the other's results
+        folder = export.export(str(tmp_path / 'run'), str(tmp_path / 'models' / name))
+        evaluation.main([f'--checkpoint={folder}', f'--text_file={tmp_path}/book.txt', '--device=cpu'])
+        assert (tmp_path / 'models' / name / 'eval_loss_book.json').exists()
+        assert 'step n/a' in capsys.readouterr().out  # an HF folder has no training step
+    assert not (tmp_path / 'models' / 'eval_loss_book.json').exists()
+    # an out_dir given as --checkpoint is a folder too
+    evaluation.main([f'--checkpoint={tmp_path}/run', f'--text_file={tmp_path}/book.txt', '--device=cpu'])
+    assert (tmp_path / 'run' / 'eval_loss_book.json').exists() and 'step 7' in capsys.readouterr().out
