@@ -142,8 +142,9 @@ def load_checkpoint(path, keys=MODEL_KEYS):
     import torch
     try:
         checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError) as e:
-        first_line = str(e).strip().split('\n')[0][:200]
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, KeyError, IndexError,
+            OSError) as e:  # what torch.load raises for files that are not checkpoints, truncated ones among them
+        first_line = (str(e).strip().splitlines() or [''])[0].split('. ')[0][:200]
         raise CheckpointError(f"{path} is not a mirim checkpoint that can be loaded ({type(e).__name__}: "
                               f"{first_line})") from None
     if not isinstance(checkpoint, dict) or not all(k in checkpoint for k in keys):

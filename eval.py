@@ -39,8 +39,9 @@ takes verses from the books that data/biblia/prepare.py holds out of training: c
 choices = the real next verse of its chapter and 3 other verses of the same book, picked with a
 fixed seed (each choice starts with a newline: the corpus joins verses with one). Chance is 25%.
 
-Results are printed as a table and written as JSON to --output (default: eval_<task>.json beside
-the checkpoint), with the per-example log-likelihoods of multiple-choice tasks.
+Results are printed as a table and written as JSON to --output (default: eval_<task>.json with the
+model: inside its folder, an out_dir or a Hugging Face folder, or beside a checkpoint file), with the
+per-example log-likelihoods of multiple-choice tasks.
 """
 import json
 import math
@@ -75,7 +76,7 @@ DEFAULTS = dict(
     block_size=0,        # context length; 0 = the model's
     device='auto',       # 'auto' = cuda, else mps, else cpu
     dtype='auto',        # 'float32' | 'bfloat16' | 'float16'; 'auto' = bfloat16 on GPUs that have it, else float32
-    output='',           # JSON results path; empty = eval_<task>.json beside the checkpoint
+    output='',           # JSON results path; empty = eval_<task>.json in the model's folder, or beside its file
 )
 
 LN2 = math.log(2)
@@ -305,20 +306,31 @@ def validate_example(example, where):
     return {'context': context, 'choices': choices, 'gold': gold}
 
 
+def read_utf8(path, what):
+    """The text of a file; a missing, unreadable or non-UTF-8 file is a ValueError naming it."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                         f"convert it first, e.g. iconv -f latin1 -t utf-8") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {what} {path}: {e.strerror}") from None
+
+
 def read_multiple_choice(path, limit=None):
     """Examples from a JSONL file ({"context", "choices", "gold"} per line); errors name the line."""
     examples = []
-    with open(path, encoding='utf-8') as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not valid JSON ({e})") from None
-            examples.append(validate_example(record, f"{path}:{number}"))
-            if limit and len(examples) == limit:
-                break
+    for number, line in enumerate(read_utf8(path, 'task file').split('\n'), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number}: not valid JSON ({e})") from None
+        examples.append(validate_example(record, f"{path}:{number}"))
+        if limit and len(examples) == limit:
+            break
     if not examples:
         raise ValueError(f"{path}: no examples")
     return examples
@@ -379,13 +391,60 @@ def parse_args(argv):
     try:
         return configure(DEFAULTS, argv, help_source=__file__)  # --help reads the comments in DEFAULTS
     except ConfigError as e:
-        raise SystemExit(f"eval.py: {e}") from None
+        raise SystemExit(f"eval.py: error: {e}") from None
+
+
+def check_options(config):
+    """Nonsense numbers and unknown tasks are refused before the (slow) model load, not deep inside it."""
+    for key, low in (('batch_size', 1), ('n', 0), ('max_tokens', 0), ('block_size', 0)):
+        if config[key] < low:
+            raise ValueError(f"--{key} must be >= {low}, got {config[key]}")
+    task = config['task']
+    if task and not task.startswith('biblia-') and not task.endswith('.jsonl'):
+        raise ValueError(f"unknown --task={task!r}: use biblia-<lang> (e.g. biblia-pt) or a path to a .jsonl file")
+    given = [f'--{key}' for key in ('text_file', 'task', 'data_dir') if config[key]]
+    if len(given) > 1:  # all but one would be ignored without a word
+        raise ValueError(f"{' and '.join(given)} each name what to evaluate: give one of them")
+
+
+def load_finite_model(path, device):
+    """load_model, with weights that are not finite refused: a diverged run's checkpoint would
+    otherwise report 'loss nan' as a result."""
+    model, tokenizer, ckpt = load_model(path, device=device)  # its errors name the path and what is wrong
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise ValueError(f"{path} holds non-finite weights (NaN or inf in {len(bad)} tensors, e.g. {bad[0]}): the run "
+                         f"that saved it diverged; evaluate an earlier checkpoint")
+    return model, tokenizer, ckpt
+
+
+def check_writable(path):
+    """Fail before the evaluation, not after it, when its results could not be written."""
+    if os.path.isdir(path):
+        raise ValueError(f"--output={path} is a directory: name a file in it, e.g. {os.path.join(path, 'eval.json')}")
+    probe = f"{path}.tmp{os.getpid()}"  # the name write_atomic writes first
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        open(probe, 'wb').close()
+        os.remove(probe)
+    except OSError as e:
+        why = f"{e.filename} is not a directory" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror
+        raise ValueError(f"cannot write the results to {path}: {why}; choose another --output") from None
+
+
+def check_finite(metrics, scores, dtype_name):
+    """Finite weights can still give a non-finite loss (float16 overflow); such a number is no result."""
+    values = [metrics['loss']] if scores is None else [s for row in scores for s in row]
+    if not all(math.isfinite(v) for v in values):
+        hint = " (float16 may overflow: try --dtype=float32 or bfloat16)" if dtype_name == 'float16' else ""
+        raise ValueError(f"the loss is not finite (the model gives NaN or inf log-probabilities){hint}")
 
 
 def format_table(results):
     """A small readable table of the numbers in results['metrics']."""
     metrics = results['metrics']
-    lines = [f"{results['task']}  ({results['checkpoint']}, step {results.get('step')})"]
+    step = 'n/a' if results.get('step') is None else results['step']  # a Hugging Face folder has no step
+    lines = [f"{results['task']}  ({results['checkpoint']}, step {step})"]
     if 'acc' in metrics:
         lines.append(f"  {'metric':<10} {'value':>8} {'stderr':>8}")
         for name in ('acc', 'acc_norm'):
@@ -407,44 +466,58 @@ def format_table(results):
 def main(argv=None):
     config = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        run_device = resolve_device(config['device'])
-        dtype = resolve_dtype(config['dtype'], run_device)
-    except ValueError as e:
-        raise SystemExit(f"eval.py: {e}") from None
+        return evaluate(config)
+    except (ValueError, OSError) as e:  # the user's input (a ShardError is a ValueError): one line, no traceback
+        raise SystemExit(f"eval.py: error: {e}") from None
+
+
+def evaluate(config):
+    check_options(config)
+    run_device = resolve_device(config['device'])
+    dtype = resolve_dtype(config['dtype'], run_device)
     amp = autocast(run_device, dtype)
-    path = config['checkpoint'] or os.path.join(config['out_dir'], 'ckpt.pt')
-    model, tokenizer, ckpt = load_model(path, device=run_device)
+    task_name = config['task']
+    text = examples = None
+    if config['text_file']:  # inputs are read before the model: a bad file is found in a second
+        text = read_utf8(config['text_file'], '--text_file')
+        if not text:
+            raise ValueError(f"--text_file {config['text_file']} is empty: there is nothing to score")
+    elif task_name.startswith('biblia-'):
+        examples = verse_examples(held_out_books(task_name[len('biblia-'):]), config['n'], config['seed'])
+    elif task_name:
+        examples = read_multiple_choice(task_name, config['n'] or None)
+        task_name = os.path.splitext(os.path.basename(task_name))[0]
+    path = config['checkpoint'] or config['out_dir']
+    model, tokenizer, ckpt = load_finite_model(path, run_device)
     if config['block_size'] > model.config.block_size:
-        raise SystemExit(f"--block_size={config['block_size']} is longer than the model's context {model.config.block_size}")
+        raise ValueError(f"--block_size={config['block_size']} is longer than the model's context {model.config.block_size}")
     block = config['block_size'] or model.config.block_size
     common = dict(batch_size=config['batch_size'], device=run_device, autocast=amp)
-    started = time.time()
 
-    task_name = config['task']
-    if not task_name:
-        if config['text_file']:
-            with open(config['text_file'], encoding='utf-8') as f:
-                text = f.read()
-            metrics = evaluate_text(model, tokenizer, text, block, max_tokens=config['max_tokens'] or None,
-                                    source=config['text_file'], **common)
-            task_name = 'loss_' + os.path.splitext(os.path.basename(config['text_file']))[0]
-        else:
-            data = config['data_dir'] or ckpt.get('data_dir') or ckpt.get('config', {}).get('data_dir')
-            if not data:
-                raise SystemExit("no data to evaluate on: pass --data_dir=..., --text_file=... or --task=...")
-            metrics = evaluate_split(model, tokenizer, data, config['split'], block,
-                                     max_tokens=config['max_tokens'] or None, **common)
-            task_name = f"loss_{os.path.basename(os.path.normpath(data))}_{config['split']}"
-        per_example = None
+    data = None
+    if text is not None:
+        task_name = 'loss_' + os.path.splitext(os.path.basename(config['text_file']))[0]
+    elif examples is None:
+        data = config['data_dir'] or ckpt.get('data_dir') or ckpt.get('config', {}).get('data_dir')
+        if not data:
+            raise ValueError("no data to evaluate on: pass --data_dir=..., --text_file=... or --task=...")
+        task_name = f"loss_{os.path.basename(os.path.normpath(data))}_{config['split']}"
+    # results go with the model: inside a folder (an out_dir or a Hugging Face folder), beside a file
+    results_dir = path if os.path.isdir(path) else os.path.dirname(path)
+    destination = config['output'] or os.path.join(results_dir, f"eval_{task_name}.json")
+    check_writable(destination)
+
+    started = time.time()
+    per_example = None
+    if text is not None:
+        metrics = evaluate_text(model, tokenizer, text, block, max_tokens=config['max_tokens'] or None,
+                                source=config['text_file'], **common)
+    elif data is not None:
+        metrics = evaluate_split(model, tokenizer, data, config['split'], block,
+                                 max_tokens=config['max_tokens'] or None, **common)
     else:
-        if task_name.startswith('biblia-'):
-            examples = verse_examples(held_out_books(task_name[len('biblia-'):]), config['n'], config['seed'])
-        elif task_name.endswith('.jsonl'):
-            examples = read_multiple_choice(task_name, config['n'] or None)
-            task_name = os.path.splitext(os.path.basename(task_name))[0]
-        else:
-            raise SystemExit(f"unknown --task={task_name!r}: use biblia-<lang> (e.g. biblia-pt) or a path to a .jsonl file")
         metrics, per_example = evaluate_multiple_choice(model, tokenizer, examples, desc=task_name, **common)
+    check_finite(metrics, per_example, dtype_name(dtype))
 
     results = {'task': task_name, 'checkpoint': path, 'step': ckpt.get('step'), 'tokens_seen': ckpt.get('tokens_seen'),
                'metrics': metrics, 'block_size': block, 'device': run_device, 'dtype': dtype_name(dtype),
@@ -452,8 +525,6 @@ def main(argv=None):
     if per_example is not None:
         results['loglikelihoods'] = per_example
     print(format_table(results))
-    results_dir = os.path.dirname(config['checkpoint']) if config['checkpoint'] else config['out_dir']
-    destination = config['output'] or os.path.join(results_dir, f"eval_{task_name}.json")
     write_json(destination, results)
     print(f"wrote {destination}")
     return results

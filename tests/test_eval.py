@@ -272,3 +272,118 @@ def test_unknown_option_is_an_error_naming_the_closest():
 def test_option_of_the_wrong_type_is_an_error():
     with pytest.raises(SystemExit, match='n expects int'):
         evaluation.parse_args(['--n=many'])
+
+
+# --------------------------------------------------------------------------- user errors: one line, nothing written
+
+def model_with_infinite_logits():
+    """Finite weights whose logits overflow float32 (32 x 3e38): the loss is NaN though no weight is."""
+    model = model_that_prefers('a')
+    with torch.no_grad():
+        model.output.weight[TOKENIZER.token_to_id('a')] = 3e38
+    return model
+
+
+@pytest.fixture(scope='module')
+def bad_inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp('bad_inputs')
+    write_data(str(root / 'data'))
+    save_checkpoint(str(root / 'out'), uniform_model(), data_dir=str(root / 'data'))
+    nan_model = uniform_model()
+    with torch.no_grad():
+        nan_model.output.weight.fill_(float('nan'))  # what a diverged run saves
+    save_checkpoint(str(root / 'nan'), nan_model)
+    save_checkpoint(str(root / 'inf'), model_with_infinite_logits())
+    write_data(str(root / 'other'))
+    meta = json.loads((root / 'other' / 'meta.json').read_text())
+    meta['tokenizer'] = {'kind': 'bytes', 'special_tokens': ['<s>', '</s>', '<pad>', '<a>', '<b>']}
+    write_meta(str(root / 'other'), meta)
+    (root / 'latin1.txt').write_bytes('Ação'.encode('latin-1'))
+    (root / 'empty.txt').write_text('')
+    (root / 'ok.txt').write_text('E disse Deus: Haja luz.')
+    (root / 'broken.jsonl').write_text('{"context": "a", "choices": [" b"\n')
+    (root / 'gold.jsonl').write_text('{"context": "a", "choices": [" b", " c"], "gold": 2}\n')
+    (root / 'ok.jsonl').write_text('{"context": "a", "choices": [" b", " c"], "gold": 1}\n')
+    (root / 'notes.pt').write_text('not a checkpoint\n')
+    torch.save({'model': {}, 'tokenizer': 'bytes'}, str(root / 'dict.pt'))
+    return root
+
+
+USER_ERRORS = {  # id: (arguments, with {root} for the fixture's folder; what the message must say)
+    'text-not-utf8': ('--text_file={root}/latin1.txt', 'not UTF-8'),
+    'text-empty': ('--text_file={root}/empty.txt', 'is empty'),  # was ZeroDivisionError
+    'text-missing': ('--text_file={root}/nowhere.txt', 'No such file'),
+    'jsonl-malformed': ('--task={root}/broken.jsonl', 'broken.jsonl:1: not valid JSON'),
+    'jsonl-gold-out-of-range': ('--task={root}/gold.jsonl', 'gold must be'),
+    'jsonl-missing': ('--task={root}/nowhere.jsonl', 'No such file'),
+    'other-tokenizer': ('--data_dir={root}/other', 'different tokenizer'),
+    'unknown-task': ('--task=nope', 'unknown --task'),
+    'missing-split': ('--split=train', "no 'train' shards"),
+    'batch-size-0': ('--batch_size=0', 'batch_size must be >= 1'),
+    'negative-n': ('--n=-1 --task={root}/ok.jsonl', 'n must be >= 0'),
+    'negative-max-tokens': ('--max_tokens=-5', 'max_tokens must be >= 0'),
+    'negative-block-size': ('--block_size=-3', 'block_size must be >= 0'),
+    'block-size-too-long': ('--block_size=99', "longer than the model's context"),
+    'bad-dtype': ('--dtype=fp8', "expected 'auto'"),
+    'text-file-and-task': ('--text_file={root}/ok.txt --task={root}/ok.jsonl', 'give one of them'),
+    'task-and-data-dir': ('--task={root}/ok.jsonl --data_dir={root}/data', 'give one of them'),
+    'output-under-a-file': ('--output={root}/ok.txt/results.json', 'ok.txt is not a directory'),
+    'output-is-a-directory': ('--output={root}', 'is a directory'),
+    'checkpoint-is-text': ('--checkpoint={root}/notes.pt', 'not a mirim checkpoint'),
+    'checkpoint-dict-missing-keys': ('--checkpoint={root}/dict.pt', "'model_config'"),
+    'checkpoint-missing': ('--out_dir={root}/nowhere', 'does not exist'),
+    'nan-weights': ('--out_dir={root}/nan --data_dir={root}/data', 'non-finite weights'),  # was "loss nan", exit 0
+    'nan-loss': ('--out_dir={root}/inf --text_file={root}/ok.txt', 'loss is not finite'),
+    'nan-loglikelihoods': ('--out_dir={root}/inf --task={root}/ok.jsonl', 'loss is not finite'),
+}
+
+
+@pytest.mark.parametrize('case', USER_ERRORS)
+def test_user_errors_are_one_line_and_write_nothing(bad_inputs, case):
+    args, says = USER_ERRORS[case]
+    argv = [f'--out_dir={bad_inputs}/out', '--device=cpu'] + args.format(root=bad_inputs).split()
+    files = set(bad_inputs.rglob('*'))
+    with pytest.raises(SystemExit) as stopped:
+        evaluation.main(argv)
+    message = str(stopped.value.code)
+    assert message.startswith('eval.py: error: ') and '\n' not in message and says in message, message
+    assert set(bad_inputs.rglob('*')) == files  # no results, no temp file
+
+
+@pytest.mark.parametrize('case', ['text-empty', 'nan-weights', 'checkpoint-is-text'])
+def test_command_line_user_error_is_one_stderr_line_without_traceback(bad_inputs, case):
+    import subprocess
+    args, says = USER_ERRORS[case]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [sys.executable, os.path.join(root, 'eval.py'), f'--out_dir={bad_inputs}/out', '--device=cpu',
+               *args.format(root=bad_inputs).split()]
+    files = set(bad_inputs.rglob('*'))
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert done.returncode != 0 and 'Traceback' not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('eval.py: error: ') and says in lines[0], done.stderr
+    assert set(bad_inputs.rglob('*')) == files
+
+
+# --------------------------------------------------------------------------- where the results go
+
+def test_results_of_a_folder_go_inside_it_and_a_missing_step_reads_n_a(tmp_path, capsys):
+    import export
+    from conftest import word_rotations
+    from tokenizer import train_sentencepiece
+    tok = train_sentencepiece(iter(word_rotations(DOCUMENTS)), str(tmp_path / 'sp.model'), vocab_size=300)
+    config = tiny_config(vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    os.makedirs(tmp_path / 'run')
+    torch.save({'model': Llama(config, seed=0).state_dict(), 'model_config': asdict(config), 'tokenizer': tok.to_dict(),
+                'step': 7, 'config': {}}, str(tmp_path / 'run' / 'ckpt.pt'))
+    (tmp_path / 'book.txt').write_text(DOCUMENTS[0])
+    for name in ('a', 'b'):  # two Hugging Face folders side by side: neither overwrites the other's results
+        folder = export.export(str(tmp_path / 'run'), str(tmp_path / 'models' / name))
+        evaluation.main([f'--checkpoint={folder}', f'--text_file={tmp_path}/book.txt', '--device=cpu'])
+        assert (tmp_path / 'models' / name / 'eval_loss_book.json').exists()
+        assert 'step n/a' in capsys.readouterr().out  # an HF folder has no training step
+    assert not (tmp_path / 'models' / 'eval_loss_book.json').exists()
+    # an out_dir given as --checkpoint is a folder too
+    evaluation.main([f'--checkpoint={tmp_path}/run', f'--text_file={tmp_path}/book.txt', '--device=cpu'])
+    assert (tmp_path / 'run' / 'eval_loss_book.json').exists() and 'step 7' in capsys.readouterr().out
