@@ -65,6 +65,14 @@ if __name__ == '__main__':
                                     help_source=__file__))  # --help reads the comments above
     except ConfigError as e:
         sys.exit(f"bench.py: error: {e}")
+    checks = [(what in ('train', 'generate', 'loop', 'prompts', 'all'), "what must be train, generate, loop, prompts or all"),
+              (dtype in ('float32', 'bfloat16'), "dtype must be float32 or bfloat16"),
+              (min(repeats, train_steps, new_tokens, prompt_tokens, batch_size, block_size, loop_iters, num_prompts,
+                   prompt_batch) >= 1, "repeats, train_steps, new_tokens, prompt_tokens, batch_size, block_size, "
+                                      "loop_iters, num_prompts and prompt_batch must be at least 1")]
+    for ok, message in checks:
+        if not ok:
+            sys.exit(f"bench.py: error: {message}")
 
 
 def timed_turns(runs, count, repeats):
@@ -74,7 +82,8 @@ def timed_turns(runs, count, repeats):
     for run in runs.values():
         run()  # warm-up (allocations, autotuning, compile)
     rates = {name: [] for name in runs}
-    for _ in range(repeats):
+    for turn in range(repeats):
+        print(f"  turn {turn + 1}/{repeats}", end='\r', file=sys.stderr, flush=True)  # minutes of silence otherwise
         for name, run in runs.items():
             if device == 'cuda':
                 torch.cuda.synchronize()
@@ -216,7 +225,8 @@ def same_logits(mirim, twin):
 
 if __name__ == '__main__':
     torch.manual_seed(seed)
-    print(f"device {device} ({torch.get_num_threads()} threads), dtype {dtype}, torch {torch.__version__}")
+    print(f"device {device} ({torch.get_num_threads()} threads), dtype {dtype}, torch {torch.__version__}, "
+          f"compile {'on' if compile else 'off'} (mirim)")
     rows = []
     if what == 'loop':
         loop, bare = loop_rates()
@@ -235,7 +245,9 @@ if __name__ == '__main__':
               f"{mirim.num_params(non_embedding=False) / 1e6:.2f}M params; batch {batch_size} x {block_size}")
         twin = build_hf_twin(mirim)
         if twin is not None:
-            print(f"max |logit difference| mirim vs HF on the same weights: {same_logits(mirim, twin):.2e}")
+            import transformers
+            print(f"HF: transformers {transformers.__version__}; max |logit difference| mirim vs HF on the same "
+                  f"weights: {same_logits(mirim, twin):.2e}")
         if what in ('train', 'all'):
             runs = {'mirim': train_run(torch.compile(mirim) if compile else mirim, False)}
             if twin is not None:

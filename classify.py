@@ -236,7 +236,8 @@ def train_classifier(cfg, say=print):
         order = list(range(len(train_ids)))
         rng.shuffle(order)
         total_loss, correct = 0.0, 0
-        bar = tqdm(range(0, len(order), cfg['batch_size']), desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False)
+        bar = tqdm(range(0, len(order), cfg['batch_size']), desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False,
+                   disable=not sys.stderr.isatty())  # no bar lines in a log file
         for start in bar:
             rows = order[start:start + cfg['batch_size']]
             idx, lengths = padded([train_ids[i] for i in rows], pad_id)

@@ -112,7 +112,8 @@ def score_sequences(model, sequences, block_size, batch_size=8, device='cpu', au
     windows = loss_windows([len(s) for s in sequences], block_size, max_tokens)
     windows.sort(key=lambda w: -w[2])  # full windows first; the few short ones batch together at the end
     nll, count = 0.0, 0
-    for b in tqdm(range(0, len(windows), batch_size), desc=desc, unit='batch', leave=False):
+    for b in tqdm(range(0, len(windows), batch_size), desc=desc, unit='batch', leave=False,
+                  disable=not sys.stderr.isatty()):  # no bar lines in a log file
         batch = windows[b:b + batch_size]
         width = batch[0][2]
         x = torch.zeros(len(batch), width, dtype=torch.long)
@@ -228,7 +229,8 @@ def loglikelihoods(model, requests, batch_size=8, device='cpu', autocast=None, d
         rows.append((tokens[:-1], continuation_ids))
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # similar lengths share a batch: less padding
     scores = [0.0] * len(rows)
-    for b in tqdm(range(0, len(order), batch_size), desc=desc, unit='batch', leave=False):
+    for b in tqdm(range(0, len(order), batch_size), desc=desc, unit='batch', leave=False,
+                  disable=not sys.stderr.isatty()):
         batch = order[b:b + batch_size]
         width = len(rows[batch[0]][0])
         x = torch.zeros(len(batch), width, dtype=torch.long)

@@ -140,7 +140,8 @@ def sample_prompts(model, tokenizer, prompts, num_samples=1, max_new_tokens=200,
                   key=lambda row: len(encoded[row[0]][0]))
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     records = {}
-    with tqdm(total=len(rows), unit='sample', disable=not progress, file=sys.stderr) as bar:
+    # a bar only on a terminal: in a log file every redraw would be a line
+    with tqdm(total=len(rows), unit='sample', disable=not (progress and sys.stderr.isatty()), file=sys.stderr) as bar:
         for batch_number, start in enumerate(range(0, len(rows), batch_size)):
             batch = rows[start:start + batch_size]
             lengths = [len(encoded[i][0]) for i, _ in batch]

@@ -297,9 +297,9 @@ def wrap_model(run, c, ddp, device, say):
         run.model = run.eval_model = torch.compile(run.raw_model)
     if ddp:
         from torch.nn.parallel import DistributedDataParallel
-        # broadcast_buffers off: the only buffers are RoPE tables, identical everywhere
+        # no buffer sync before each forward: the only buffers are RoPE tables, identical everywhere
         run.model = DistributedDataParallel(run.model, device_ids=[device] if device.startswith('cuda') else None,
-                                            broadcast_buffers=False)
+                                            forward_sync_buffers=False)
 
 
 def describe(run, c, world_size, device, say):

@@ -14,7 +14,6 @@ learning_rate = 3e-4              # a third of pre-training's: adapt the model, 
 min_lr = 3e-5
 warmup_iters = 20
 max_iters = 300                   # ~0.6M tokens, a quarter of the 2.4M-token set: ~5-7 minutes on 2 cores
-max_time = 540.0                  # a safety net on a slower machine: evaluate, save and stop after 9 minutes
 eval_interval = 50
 eval_iters = 10
 weight_decay = 0.1

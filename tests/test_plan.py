@@ -158,3 +158,11 @@ def test_series_skips_lines_without_the_key():
 def test_plot_of_a_missing_run_names_the_file(tmp_path):
     with pytest.raises(SystemExit, match='log.jsonl not found'):
         plot.read_log(str(tmp_path / 'nowhere'))
+
+
+@pytest.mark.parametrize('setting', ['--what=nope', '--repeats=0', '--dtype=float16'])
+def test_bench_refuses_bad_settings_in_one_line(setting):
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, 'bench.py', setting], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and done.stderr.startswith('bench.py: error: ') and 'Traceback' not in done.stderr

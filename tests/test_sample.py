@@ -276,3 +276,8 @@ def test_chat_without_a_template_is_a_clear_error(out_dir, monkeypatch):
     monkeypatch.setattr(sys, 'stdin', io.StringIO('hi\n'))
     with pytest.raises(ValueError, match='no chat template'):
         sample.main([f'--out_dir={out_dir}', '--chat=True'])
+
+
+def test_no_progress_bar_lines_when_stderr_is_not_a_terminal(model, tok, capsys):
+    sample.sample_prompts(model, tok, PROMPTS[:3], max_new_tokens=4, temperature=0, batch_size=1)
+    assert '%|' not in capsys.readouterr().err  # capsys's stderr is no terminal, like a log file

@@ -130,6 +130,7 @@ def test_two_processes_match_one_with_twice_the_accumulation(data_dir, tmp_path)
     # only rank 0 writes: one set of files, one log line per step, one config printout
     assert sorted(os.listdir(tmp_path / 'ddp')) == ['best.pt', 'ckpt.pt', 'config.json', 'log.jsonl']
     assert output.count('config:') == 1
+    assert 'Warning' not in output  # nothing printed once per rank
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
