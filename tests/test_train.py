@@ -398,3 +398,19 @@ def test_a_frozen_ddp_peer_ends_the_run_with_a_message_within_the_timeout(data_d
     assert process.returncode != 0
     assert waited < 30, waited
     assert 'no answer from the other processes for ddp_timeout=5 s' in output
+
+
+def test_a_full_disk_while_saving_is_one_line_and_leaves_the_last_checkpoint_and_no_temp_file(data_dir, tmp_path,
+                                                                                               monkeypatch):
+    import errno
+    run(data_dir, tmp_path, '--max_iters=2', '--eval_interval=2')
+    before = sha(tmp_path / 'ckpt.pt')
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b'x' * 1000)  # part of it got written
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(torch, 'save', disk_full)
+    message = error_of(data_dir, tmp_path, '--init_from=resume', '--max_iters=4', '--eval_interval=2')
+    assert 'No space left on device' in message and 'still holds the last good checkpoint' in message
+    assert sha(tmp_path / 'ckpt.pt') == before
+    assert sorted(os.listdir(tmp_path)) == ['best.pt', 'ckpt.pt', 'config.json', 'log.jsonl']
