@@ -115,13 +115,11 @@ def test_bad_jsonl_record_is_an_error_naming_file_and_line(tmp_path, line, messa
 
 
 def test_masked_fine_tuning_lowers_the_reply_loss_and_never_trains_the_prompt(tmp_path, tok):
-    from model import Llama, LlamaConfig
+    from conftest import tiny_model
     conversations = [[{'role': 'user', 'content': f'Cite {n}.'}, {'role': 'assistant', 'content': 'a' * n}]
                      for n in range(1, 9)]
     out, meta, tokens, mask = prepared(tmp_path, tok, conversations)
-    config = LlamaConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_kv_head=1, n_embd=32,
-                         ffn_hidden=64)
-    model = Llama(config, seed=0)
+    model = tiny_model(tokenizer=tok, n_layer=1, n_head=2, n_kv_head=1, ffn_hidden=64).train()
     sampler = BatchSampler(out, 'train', 8, 32, seed=0)
     fixed = BatchSampler(out, 'train', 16, 32, seed=1).next_batch()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)

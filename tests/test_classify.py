@@ -12,6 +12,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 from classify import (Classifier, DataError, encode_example, load_classifier, padded, predict,  # noqa: E402
                       read_examples, scores, train_classifier)
+from conftest import tiny_config  # noqa: E402
 from model import Llama, LlamaConfig  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
@@ -34,8 +35,7 @@ def synthetic(n, seed):
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp('classify')
     tok = load_tokenizer('bytes')
-    config = LlamaConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_kv_head=1, n_embd=32,
-                         ffn_hidden=64, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    config = tiny_config(tok, n_layer=1, n_head=2, n_kv_head=1, ffn_hidden=64)
     model = Llama(config, seed=0)
     ckpt = str(tmp / 'ckpt.pt')
     torch.save({'model': model.state_dict(), 'model_config': asdict(config), 'tokenizer': tok.to_dict()}, ckpt)

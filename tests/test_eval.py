@@ -9,6 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import conftest
 import eval as evaluation
 from model import Llama, LlamaConfig
 from shards import write_meta, write_shard
@@ -20,10 +21,8 @@ DOCUMENTS = ["No princípio criou Deus os céus e a terra.", "E disse Deus: Haja
 
 
 def tiny_config(**overrides):
-    shape = dict(vocab_size=TOKENIZER.vocab_size, block_size=16, n_layer=1, n_head=4, n_kv_head=2, n_embd=32,
-                 ffn_hidden=64, tie_embeddings=False, bos_id=TOKENIZER.bos_id, eos_id=TOKENIZER.eos_id,
-                 pad_id=TOKENIZER.pad_id)
-    return LlamaConfig(**{**shape, **overrides})
+    shape = dict(block_size=16, n_layer=1, ffn_hidden=64, tie_embeddings=False)
+    return conftest.tiny_config(TOKENIZER, **{**shape, **overrides})
 
 
 def uniform_model():

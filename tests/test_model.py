@@ -5,17 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from generate import generate, sample_next, vector_layout
+from conftest import tiny_config, tiny_model
 from model import Llama, LlamaConfig, PRESETS, config_from_preset
-
-
-def tiny_config(**overrides):
-    shape = dict(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, ffn_hidden=48,
-                 activation='silu', bos_id=1, eos_id=2, pad_id=3)
-    return LlamaConfig(**{**shape, **overrides})
-
-
-def tiny_model(seed=0, **overrides):
-    return Llama(tiny_config(**overrides), seed=seed).eval()
 
 
 # ---------------------------------------------------------------- presets and config
