@@ -16,6 +16,7 @@ Bengali than on English; a tokenizer trained on your own language is the cheapes
 
 import argparse
 import base64
+import contextlib
 import glob
 import io
 import os
@@ -65,7 +66,11 @@ class Tokenizer:
     def _init_sentencepiece(self, d):
         import sentencepiece as spm
         from sentencepiece import sentencepiece_model_pb2  # protobuf: finds the user-defined pieces
-        self._sp = spm.SentencePieceProcessor(model_proto=d['model_proto'])
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=d['model_proto'])
+        except RuntimeError:  # protobuf's "INTERNAL: ... ParseFromArray" says nothing about which file
+            where = d.get('path') or 'model_proto'
+            raise ValueError(f"{where} is not a SentencePiece model file: {SPEC_HELP}") from None
         self.vocab_size = self._sp.vocab_size()
         self.bos_id, self.eos_id, self._unk_id = self._sp.bos_id(), self._sp.eos_id(), self._sp.unk_id()
         self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else None
@@ -285,10 +290,7 @@ def train_sentencepiece(input_paths_or_iter, out_path, vocab_size=8192, model_ty
     strings (e.g. a generator; it is consumed once, streaming). Returns the Tokenizer.
     """
     import sentencepiece as spm
-    reserved = 4 + len(special_tokens) + 256  # unk bos eos pad, specials, 256 byte pieces
-    if vocab_size <= reserved:
-        raise ValueError(f"vocab_size {vocab_size} is too small: byte fallback and special tokens alone "
-                         f"take {reserved} ids; use at least a few hundred more")
+    check_vocab_size(vocab_size, special_tokens)
     if model_type not in ('bpe', 'unigram'):
         raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
     if isinstance(input_paths_or_iter, (str, os.PathLike, list, tuple)):
@@ -323,6 +325,15 @@ def train_sentencepiece(input_paths_or_iter, out_path, vocab_size=8192, model_ty
     vocab_lines = (f"{tok._sp.id_to_piece(i)}\t{tok._sp.get_score(i)}" for i in range(tok.vocab_size))
     write_atomic(os.path.splitext(out_path)[0] + '.vocab', ('\n'.join(vocab_lines) + '\n').encode('utf-8'))
     return tok
+
+
+def check_vocab_size(vocab_size, special_tokens=DEFAULT_SPECIAL_TOKENS):
+    """ValueError unless vocab_size leaves room for pieces beyond the reserved ids (callers check it
+    before they touch an output folder)."""
+    reserved = 4 + len(special_tokens) + 256  # unk bos eos pad, specials, 256 byte pieces
+    if vocab_size <= reserved:
+        raise ValueError(f"vocab_size {vocab_size} is too small: byte fallback and special tokens alone "
+                         f"take {reserved} ids; use at least a few hundred more")
 
 
 def _with_progress(sentences, model_type, vocab_size):
@@ -385,14 +396,20 @@ def expand_paths(patterns):
 
 
 def write_atomic(path, data):
-    """Write to a temp name, fsync, rename: a crash never leaves a half-written file behind."""
+    """Write to a temp name, fsync, rename: a crash never leaves a half-written file behind. On an
+    error (a full disk) or Ctrl-C the temp file is removed: left behind, it would keep the disk full."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, 'wb') as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 # -----------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 import base64
+import errno
 import os
 import pickle
 import subprocess
@@ -9,8 +10,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 from conftest import tiny_sentencepieces, word_rotations  # noqa: E402
+import tokenizer  # noqa: E402
 from tokenizer import (load_tokenizer, tokenizer_stats, train_sentencepiece,  # noqa: E402
-                       training_sentences)
+                       training_sentences, write_atomic)
 
 SAMPLES = {
     'portuguese': "No princípio criou Deus os céus e a terra. Ação, coração, pão e avó!",
@@ -210,3 +212,20 @@ def test_command_line_says_in_one_line_why_training_failed(tmp_path):
     assert missing.returncode == 1 and 'Traceback' not in missing.stderr
     assert 'no input file matches' in missing.stderr
     assert not (tmp_path / 'x.model').exists() and not (tmp_path / 'y.model').exists()
+
+
+# --- issue 19 ---
+
+def test_a_file_that_is_not_a_sentencepiece_model_is_named(tmp_path):
+    (tmp_path / 'notes.txt').write_text('not a model')
+    with pytest.raises(ValueError, match=r'notes\.txt is not a SentencePiece model file'):
+        load_tokenizer(str(tmp_path / 'notes.txt'))
+
+
+def test_write_atomic_leaves_no_temp_file_when_the_disk_is_full(tmp_path, monkeypatch):
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(tokenizer.os, 'fsync', full)
+    with pytest.raises(OSError, match='No space left'):
+        write_atomic(str(tmp_path / 'meta.json'), b'{}')
+    assert os.listdir(tmp_path) == []
