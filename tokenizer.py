@@ -21,6 +21,7 @@ import glob
 import io
 import os
 import re
+import sys
 import time
 
 DEFAULT_SPECIAL_TOKENS = ('<|im_start|>', '<|im_end|>')  # ChatML, for chat fine-tuning
@@ -365,12 +366,21 @@ def training_sentences(documents, max_bytes=4192):
 
 
 def read_blocks(paths, max_chars=1 << 20):
-    """Text files -> blank-line-separated blocks (paragraphs), streaming, each at most ~max_chars."""
+    """Text files -> blank-line-separated blocks (paragraphs), streaming, each at most ~max_chars.
+    Lines that are not UTF-8 are read with U+FFFD replacement characters and reported on stderr,
+    once per file: a Latin-1 file would otherwise silently teach the tokenizer pieces of U+FFFD."""
     for path in paths:
         block = []
         size = 0
-        with open(path, encoding='utf-8', errors='replace') as f:
-            for line in f:
+        bad, first_bad = 0, None
+        with open(path, 'rb') as f:
+            for number, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode('utf-8')
+                except UnicodeDecodeError:
+                    line = raw.decode('utf-8', errors='replace')
+                    bad, first_bad = bad + 1, first_bad or number
+                line = line.replace('\r\n', '\n')  # as text mode read it
                 if line.strip():
                     block.append(line.rstrip('\n'))
                     size += len(line)
@@ -379,6 +389,10 @@ def read_blocks(paths, max_chars=1 << 20):
                     block, size = [], 0
         if block:
             yield '\n'.join(block)
+        if bad:
+            print(f"warning: {path}: {bad:,} line(s) are not valid UTF-8 (first: line {first_bad}) and were read with "
+                  f"U+FFFD replacement characters, which the tokenizer learns as text; convert the file to UTF-8 "
+                  f"first (e.g. iconv -f latin1 -t utf-8)", file=sys.stderr)
 
 
 def expand_paths(patterns):

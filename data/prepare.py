@@ -21,6 +21,9 @@ of (--seed, group), goes to val; in the first group it is document 0, so even a 
 val split. That is val_fraction of the documents, spread over the whole corpus, without the
 aliasing that "every k-th document" has on inputs with a periodic structure.
 
+A corpus of few documents (--doc_per file on two files) would lose much of its text to that first
+val document: when val holds more than twice val_fraction of the tokens, that is a warning.
+
 Bad input: no documents at all is an error and writes nothing. Invalid UTF-8 is decoded with
 U+FFFD replacement characters; JSONL lines that are not JSON, or records without a string
 --text_field, are skipped. Each of these is counted and reported at the end as one warning naming
@@ -330,6 +333,18 @@ def check_settings(val_fraction, shard_tokens, num_proc=1):
         raise PrepareError(f"num_proc must be at least 1, got {num_proc}")
 
 
+def val_share_warning(counts, val_fraction, unit, hint):
+    """A warning when val holds more than twice val_fraction of the tokens. The first document always
+    goes to val, so that even a tiny corpus has a val split; with a few big documents that is a lot."""
+    tokens = counts['train']['tokens'] + counts['val']['tokens']
+    share = counts['val']['tokens'] / max(tokens, 1)
+    if not val_fraction or share <= 2 * val_fraction:
+        return None
+    documents = counts['train']['documents'] + counts['val']['documents']
+    return (f"val holds {share:.1%} of the tokens ({counts['val']['documents']:,} of {documents:,} {unit}s), "
+            f"far more than --val_fraction {val_fraction}: at least one {unit} always goes to val; {hint}")
+
+
 def output_files(out_dir):
     """The files in out_dir that a preparation writes (OUTPUT_FILE); a missing folder has none."""
     return sorted(n for n in os.listdir(out_dir) if OUTPUT_FILE.match(n)) if os.path.isdir(out_dir) else []
@@ -542,7 +557,9 @@ def prepare(documents, tokenizer, out_dir, val_fraction=0.005, shard_tokens=100_
                                     f"train: give more documents (e.g. --doc_per line) or a smaller --val_fraction")
         seconds = time.time() - t0
 
-        warnings_found = describe_problems(problems or {})
+        val_warning = None if val_documents is not None else val_share_warning(
+            counts, val_fraction, 'document', "give more, smaller documents (e.g. --doc_per block or line)")
+        warnings_found = describe_problems(problems or {}) + ([val_warning] if val_warning else [])
         meta = {
             **tokenizer_fields(tokenizer, out_dir),
             'splits': {split: {**counts[split], 'shards': names[split]} for split in writers},

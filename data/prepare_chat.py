@@ -46,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from chat import CHAT_TEMPLATES, ROLES, chat_ids, get_template, render_chat  # noqa: E402
 from data.prepare import (PrepareError, abort_split_writers, check_settings, close_split_writers,  # noqa: E402
                           error_line, is_val_document, jsonl_records, open_split_writers, open_tokenizer,
-                          tokenizer_fields, write_output)
+                          tokenizer_fields, val_share_warning, write_output)
 from shards import write_meta  # noqa: E402
 from tokenizer import DEFAULT_SPECIAL_TOKENS, load_tokenizer  # noqa: E402
 
@@ -180,6 +180,8 @@ def prepare_chat(conversations, tokenizer, template, out_dir, val_fraction=0.05,
                                     f"to train: give more conversations or a smaller --val_fraction")
 
         conversations_total = counts['train']['documents'] + counts['val']['documents']
+        warning = None if val_conversations is not None else val_share_warning(
+            counts, val_fraction, 'conversation', "give more conversations, or your own with --val_input")
         meta = {
             **tokenizer_fields(tokenizer, out_dir),
             'chat_template': template,
@@ -194,6 +196,7 @@ def prepare_chat(conversations, tokenizer, template, out_dir, val_fraction=0.05,
                      'longest_conversation': longest[1],
                      'mean_conversation_tokens': round((counts['train']['tokens'] + counts['val']['tokens'])
                                                        / conversations_total, 1)},
+            'warnings': [warning] if warning else [],
             **(extra_meta or {}),
         }
         write_meta(out_dir, meta)
@@ -208,6 +211,8 @@ def prepare_chat(conversations, tokenizer, template, out_dir, val_fraction=0.05,
     print(f"conversations: {meta['chat']['mean_conversation_tokens']} tokens on average, the longest "
           f"{longest[0]} ({longest[1]}): use a block_size above most of them")
     print(f"wrote {out_dir} ({template.get('name', 'custom')} template) in {time.time() - t0:.1f}s")
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     return meta
 
 

@@ -225,7 +225,7 @@ def test_invalid_utf8_warning_is_saved_in_meta(tmp_path):
     (tmp_path / 'a.txt').write_bytes(b"one\n\ntwo \xff\n")
     problems = {}
     meta = prepare(prep.read_documents([str(tmp_path / 'a.txt')], problems=problems), 'bytes', str(tmp_path / 'out'),
-                   problems=problems)
+                   problems=problems, val_fraction=0.5)
     assert len(meta['warnings']) == 1 and meta['warnings'][0].startswith('1 line(s) with invalid UTF-8')
 
 
@@ -455,4 +455,22 @@ def test_sigint_to_the_command_line_is_a_short_message(tmp_path):
         _, err = process.communicate(timeout=30)
     assert process.returncode == 130 and 'Traceback' not in err and 'interrupted' in err, err
     assert not os.path.exists(tmp_path / 'out')
+
+
+# --- val share (issue 19, item 14) ---
+
+def test_doc_per_file_on_two_files_warns_that_val_holds_half(tmp_path, capsys):
+    os.makedirs(tmp_path / 'two')
+    write_text(tmp_path / 'two' / 'a.txt', '\n\n'.join(DOCUMENTS))
+    write_text(tmp_path / 'two' / 'b.txt', '\n\n'.join(DOCUMENTS))
+    prep.main(['--input', str(tmp_path / 'two'), '--doc_per', 'file', '--tokenizer', 'bytes',
+               '--out', str(tmp_path / 'out')])
+    warning = "val holds 50.0% of the tokens (1 of 2 documents), far more than --val_fraction 0.005"
+    assert warning in capsys.readouterr().err
+    assert any(w.startswith(warning) for w in load_meta(str(tmp_path / 'out'))['warnings'])
+
+
+def test_no_val_warning_when_val_is_about_val_fraction(tmp_path):
+    meta = prepare(DOCUMENTS * 10, 'bytes', str(tmp_path), val_fraction=0.1)
+    assert meta['warnings'] == []
 
