@@ -339,7 +339,8 @@ def check_vocab_size(vocab_size, special_tokens=DEFAULT_SPECIAL_TOKENS):
 
 def _with_progress(sentences, model_type, vocab_size):
     from tqdm import tqdm
-    yield from tqdm(sentences, desc='reading text for the tokenizer', unit=' pieces')
+    # no bar when stderr is a log file or a pipe: each redraw would be one more line in the log
+    yield from tqdm(sentences, desc='reading text for the tokenizer', unit=' pieces', disable=not sys.stderr.isatty())
     print(f"training a {vocab_size:,}-piece SentencePiece {model_type} model...", flush=True)  # silent for a while
 
 

@@ -36,7 +36,8 @@ touched. Then the old data set's files go, meta.json first (other files in the f
 alone; a tokenizer file that already holds the --tokenizer stays). Shards are written under .tmp
 names and renamed when complete, and meta.json is written last. Any error (a full disk, a
 read-only folder) or Ctrl-C removes what the run wrote and ends with one line (exit status 130
-after Ctrl-C), so the folder never holds a data set that looks complete and is not.
+after Ctrl-C), so the folder never holds a data set that looks complete and is not. On a terminal
+a progress bar shows; in a log (stderr not a terminal) a plain line every PROGRESS_EVERY seconds.
 
 The reusable core is prepare(documents, tokenizer, out_dir, ...); data/biblia/prepare.py calls it.
 """
@@ -71,6 +72,7 @@ TOKENIZER_FILES = ('tokenizer.model', 'tokenizer.vocab', 'tokenizer.tiktoken')
 # every file a preparation writes into its folder (write_atomic's temp names end in .tmp<pid>); nothing else is touched
 OUTPUT_FILE = re.compile(r'(train|val)_\d{6}(\.mask)?\.bin(\.tmp)?$'
                          r'|(meta\.json|tokenizer\.(model|vocab|tiktoken))(\.tmp\d+)?$')
+PROGRESS_EVERY = 60  # seconds between plain progress lines when stderr is not a terminal
 
 
 class PrepareError(ValueError):
@@ -333,6 +335,21 @@ def check_settings(val_fraction, shard_tokens, num_proc=1):
         raise PrepareError(f"num_proc must be at least 1, got {num_proc}")
 
 
+class PlainProgress:
+    """Progress for a log file or a pipe, where tqdm's redrawn bar would add a line per update: a plain
+    line on stderr every PROGRESS_EVERY seconds, its rate taken over all the time so far."""
+
+    def __init__(self, desc):
+        self.desc, self.start = desc, time.time()
+        self.last = self.start
+
+    def update(self, done, amount, unit):
+        now = time.time()
+        if now - self.last >= PROGRESS_EVERY:
+            self.last = now
+            print(f"{self.desc}: {done}, {amount / (now - self.start):,.0f} {unit}/s", file=sys.stderr, flush=True)
+
+
 def val_share_warning(counts, val_fraction, unit, hint):
     """A warning when val holds more than twice val_fraction of the tokens. The first document always
     goes to val, so that even a tiny corpus has a val split; with a few big documents that is a lot."""
@@ -535,7 +552,10 @@ def prepare(documents, tokenizer, out_dir, val_fraction=0.005, shard_tokens=100_
     pool = None
     if num_proc > 1:  # started before the progress bar's thread exists: forking a threaded process is fragile
         pool = multiprocessing.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer.to_dict(),))
-    bar = tqdm(total=progress_total, unit='B', unit_scale=True, desc=f"tokenizing -> {out_dir}")
+    # a bar on a terminal; in a log, where each redraw would be a line, a plain line now and then
+    terminal = sys.stderr.isatty()
+    bar = tqdm(total=progress_total, unit='B', unit_scale=True, desc=f"tokenizing -> {out_dir}", disable=not terminal)
+    plain = PlainProgress(f"tokenizing -> {out_dir}")
     try:
         tasks = itertools.chain([first], chunks)
         if pool is not None:
@@ -549,7 +569,11 @@ def prepare(documents, tokenizer, out_dir, val_fraction=0.005, shard_tokens=100_
                 counts[split]['documents'] += documents_in_chunk
                 counts[split]['bytes'] += text_bytes
                 bar.update(text_bytes)
-            bar.set_postfix(tokens=f"{counts['train']['tokens'] + counts['val']['tokens']:,}", refresh=False)
+            total_tokens = counts['train']['tokens'] + counts['val']['tokens']
+            bar.set_postfix(tokens=f"{total_tokens:,}", refresh=False)
+            if not terminal:
+                text_mb = (counts['train']['bytes'] + counts['val']['bytes']) / 1e6
+                plain.update(f"{text_mb:,.1f} MB of text, {total_tokens:,} tokens", total_tokens, 'tokens')
         if progress_total:
             bar.update(max(0, progress_total - bar.n))  # the bar counts text bytes, the total file bytes
         names = close_split_writers(writers, out_dir, counts,

@@ -44,9 +44,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 from chat import CHAT_TEMPLATES, ROLES, chat_ids, get_template, render_chat  # noqa: E402
-from data.prepare import (PrepareError, abort_split_writers, check_settings, close_split_writers,  # noqa: E402
-                          error_line, is_val_document, jsonl_records, open_split_writers, open_tokenizer,
-                          tokenizer_fields, val_share_warning, write_output)
+from data.prepare import (PlainProgress, PrepareError, abort_split_writers, check_settings,  # noqa: E402
+                          close_split_writers, error_line, is_val_document, jsonl_records, open_split_writers,
+                          open_tokenizer, tokenizer_fields, val_share_warning, write_output)
 from shards import write_meta  # noqa: E402
 from tokenizer import DEFAULT_SPECIAL_TOKENS, load_tokenizer  # noqa: E402
 
@@ -160,7 +160,10 @@ def prepare_chat(conversations, tokenizer, template, out_dir, val_fraction=0.05,
     writers = open_split_writers(out_dir, tokenizer.vocab_size, shard_tokens, with_mask=True)
     counts = {split: {'tokens': 0, 'trained_tokens': 0, 'bytes': 0, 'documents': 0} for split in writers}
     longest = (0, None)
-    bar = tqdm(itertools.chain([first], items), total=total, unit=' conversations', desc=f"tokenizing -> {out_dir}")
+    terminal = sys.stderr.isatty()  # no bar in a log, where each redraw is a line: a plain line now and then
+    bar = tqdm(itertools.chain([first], items), total=total, unit=' conversations', desc=f"tokenizing -> {out_dir}",
+               disable=not terminal)
+    plain = PlainProgress(f"tokenizing -> {out_dir}")
     try:
         for n, (split, conversation) in enumerate(bar):
             where, messages = conversation if isinstance(conversation, tuple) else (f"conversation {n}", conversation)
@@ -175,6 +178,8 @@ def prepare_chat(conversations, tokenizer, template, out_dir, val_fraction=0.05,
             c['bytes'] += len(render_chat(messages, template).encode('utf-8'))
             c['documents'] += 1
             longest = max(longest, (len(ids), where), key=lambda x: x[0])
+            if not terminal:
+                plain.update(f"{n + 1:,} conversations", n + 1, 'conversations')
         names = close_split_writers(writers, out_dir, counts,
                                     f"all {counts['val']['documents']} conversation(s) of {source} went to val, none "
                                     f"to train: give more conversations or a smaller --val_fraction")

@@ -175,6 +175,11 @@ def test_failure_removes_every_shard_and_mask_it_wrote(tmp_path, tok, monkeypatc
     assert os.listdir(tmp_path) == []
 
 
+def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path, tok, capsys):
+    prepared(tmp_path, tok, CONVERSATIONS)  # capsys: stderr is not a terminal
+    assert capsys.readouterr().err == ''
+
+
 def test_few_conversations_warn_that_val_holds_much_more_than_val_fraction(tmp_path, tok, capsys):
     meta = prepare_chat(CONVERSATIONS * 2, tok, 'chatml', str(tmp_path), val_fraction=0.05)
     assert meta['warnings'][0].startswith('val holds') and 'at least one conversation' in meta['warnings'][0]

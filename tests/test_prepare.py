@@ -474,3 +474,20 @@ def test_no_val_warning_when_val_is_about_val_fraction(tmp_path):
     meta = prepare(DOCUMENTS * 10, 'bytes', str(tmp_path), val_fraction=0.1)
     assert meta['warnings'] == []
 
+
+# --- progress (issue 19, item 16) ---
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    prepare(DOCUMENTS, 'bytes', str(tmp_path), val_fraction=0.25)  # capsys: stderr is not a terminal
+    assert capsys.readouterr().err == ''
+
+
+def test_plain_progress_lines_in_a_log(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(prep, 'PROGRESS_EVERY', 0)
+    prepare(DOCUMENTS * 20, 'bytes', str(tmp_path), chunk_chars=500)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) > 3 and '\r' not in ''.join(lines)
+    for line in lines:
+        pattern = rf"tokenizing -> {re.escape(str(tmp_path))}: [\d.]+ MB of text, [\d,]+ tokens, ([\d,]+) tokens/s"
+        rate = re.fullmatch(pattern, line).group(1)
+        assert int(rate.replace(',', '')) > 0

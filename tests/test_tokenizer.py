@@ -238,6 +238,11 @@ def test_read_blocks_keeps_crlf_files_as_before(tmp_path):
     assert list(read_blocks([str(tmp_path / 'a.txt')])) == ['one\ntwo', 'three']
 
 
+def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    train_sentencepiece(iter(training_text()), str(tmp_path / 't.model'), vocab_size=400)  # capsys: not a terminal
+    assert capsys.readouterr().err == ''
+
+
 def test_write_atomic_leaves_no_temp_file_when_the_disk_is_full(tmp_path, monkeypatch):
     def full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
