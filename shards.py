@@ -16,6 +16,7 @@ of shards), the shards, and the tokenizer file. Everything is written to a tempo
 renamed when complete, so a crash never leaves a half-written file that looks finished.
 """
 
+import contextlib
 import json
 import os
 import warnings
@@ -160,7 +161,9 @@ class ShardWriter:
             for f in self.files:
                 if f is not None:
                     f.close()
-                    os.remove(f.name)
+                    # gone already when Ctrl-C came inside _finish, after its rename
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(f.name)
             self.files = None
 
     def __enter__(self):

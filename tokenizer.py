@@ -20,6 +20,7 @@ import glob
 import io
 import os
 import re
+import sys
 import time
 
 from checkpoint import write_atomic
@@ -67,7 +68,11 @@ class Tokenizer:
     def _init_sentencepiece(self, d):
         import sentencepiece as spm
         from sentencepiece import sentencepiece_model_pb2  # protobuf: finds the user-defined pieces
-        self._sp = spm.SentencePieceProcessor(model_proto=d['model_proto'])
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=d['model_proto'])
+        except RuntimeError:  # protobuf's "INTERNAL: ... ParseFromArray" says nothing about which file
+            where = d.get('path') or 'model_proto'
+            raise ValueError(f"{where} is not a SentencePiece model file: {SPEC_HELP}") from None
         self.vocab_size = self._sp.vocab_size()
         self.bos_id, self.eos_id, self._unk_id = self._sp.bos_id(), self._sp.eos_id(), self._sp.unk_id()
         self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else None
@@ -287,10 +292,7 @@ def train_sentencepiece(input_paths_or_iter, out_path, vocab_size=8192, model_ty
     strings (e.g. a generator; it is consumed once, streaming). Returns the Tokenizer.
     """
     import sentencepiece as spm
-    reserved = 4 + len(special_tokens) + 256  # unk bos eos pad, specials, 256 byte pieces
-    if vocab_size <= reserved:
-        raise ValueError(f"vocab_size {vocab_size} is too small: byte fallback and special tokens alone "
-                         f"take {reserved} ids; use at least a few hundred more")
+    check_vocab_size(vocab_size, special_tokens)
     if model_type not in ('bpe', 'unigram'):
         raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
     if isinstance(input_paths_or_iter, (str, os.PathLike, list, tuple)):
@@ -327,9 +329,19 @@ def train_sentencepiece(input_paths_or_iter, out_path, vocab_size=8192, model_ty
     return tok
 
 
+def check_vocab_size(vocab_size, special_tokens=DEFAULT_SPECIAL_TOKENS):
+    """ValueError unless vocab_size leaves room for pieces beyond the reserved ids (callers check it
+    before they touch an output folder)."""
+    reserved = 4 + len(special_tokens) + 256  # unk bos eos pad, specials, 256 byte pieces
+    if vocab_size <= reserved:
+        raise ValueError(f"vocab_size {vocab_size} is too small: byte fallback and special tokens alone "
+                         f"take {reserved} ids; use at least a few hundred more")
+
+
 def _with_progress(sentences, model_type, vocab_size):
     from tqdm import tqdm
-    yield from tqdm(sentences, desc='reading text for the tokenizer', unit=' pieces')
+    # no bar when stderr is a log file or a pipe: each redraw would be one more line in the log
+    yield from tqdm(sentences, desc='reading text for the tokenizer', unit=' pieces', disable=not sys.stderr.isatty())
     print(f"training a {vocab_size:,}-piece SentencePiece {model_type} model...", flush=True)  # silent for a while
 
 
@@ -356,12 +368,21 @@ def training_sentences(documents, max_bytes=4192):
 
 
 def read_blocks(paths, max_chars=1 << 20):
-    """Text files -> blank-line-separated blocks (paragraphs), streaming, each at most ~max_chars."""
+    """Text files -> blank-line-separated blocks (paragraphs), streaming, each at most ~max_chars.
+    Lines that are not UTF-8 are read with U+FFFD replacement characters and reported on stderr,
+    once per file: a Latin-1 file would otherwise silently teach the tokenizer pieces of U+FFFD."""
     for path in paths:
         block = []
         size = 0
-        with open(path, encoding='utf-8', errors='replace') as f:
-            for line in f:
+        bad, first_bad = 0, None
+        with open(path, 'rb') as f:
+            for number, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode('utf-8')
+                except UnicodeDecodeError:
+                    line = raw.decode('utf-8', errors='replace')
+                    bad, first_bad = bad + 1, first_bad or number
+                line = line.replace('\r\n', '\n')  # as text mode read it
                 if line.strip():
                     block.append(line.rstrip('\n'))
                     size += len(line)
@@ -370,6 +391,10 @@ def read_blocks(paths, max_chars=1 << 20):
                     block, size = [], 0
         if block:
             yield '\n'.join(block)
+        if bad:
+            print(f"warning: {path}: {bad:,} line(s) are not valid UTF-8 (first: line {first_bad}) and were read with "
+                  f"U+FFFD replacement characters, which the tokenizer learns as text; convert the file to UTF-8 "
+                  f"first (e.g. iconv -f latin1 -t utf-8)", file=sys.stderr)
 
 
 def expand_paths(patterns):

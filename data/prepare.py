@@ -21,17 +21,29 @@ of (--seed, group), goes to val; in the first group it is document 0, so even a 
 val split. That is val_fraction of the documents, spread over the whole corpus, without the
 aliasing that "every k-th document" has on inputs with a periodic structure.
 
+A corpus of few documents (--doc_per file on two files) would lose much of its text to that first
+val document: when val holds more than twice val_fraction of the tokens, that is a warning.
+
 Bad input: no documents at all is an error and writes nothing. Invalid UTF-8 is decoded with
 U+FFFD replacement characters; JSONL lines that are not JSON, or records without a string
 --text_field, are skipped. Each of these is counted and reported at the end as one warning naming
 the first place it happened (and saved in meta.json under "warnings"); if every record lacks the
-field, that is the error. Shards are written under .tmp names and renamed when complete, and
-meta.json is written last, so an interrupted run leaves no data set that looks complete.
+field, that is the error.
+
+The output folder: one that already holds a data set (or part of one) is refused unless
+--overwrite. Every setting, the inputs and the tokenizer are checked before anything in it is
+touched. Then the old data set's files go, meta.json first (other files in the folder are left
+alone; a tokenizer file that already holds the --tokenizer stays). Shards are written under .tmp
+names and renamed when complete, and meta.json is written last. Any error (a full disk, a
+read-only folder) or Ctrl-C removes what the run wrote and ends with one line (exit status 130
+after Ctrl-C), so the folder never holds a data set that looks complete and is not. On a terminal
+a progress bar shows; in a log (stderr not a terminal) a plain line every PROGRESS_EVERY seconds.
 
 The reusable core is prepare(documents, tokenizer, out_dir, ...); data/biblia/prepare.py calls it.
 """
 
 import argparse
+import contextlib
 import glob
 import gzip
 import hashlib
@@ -41,6 +53,7 @@ import multiprocessing
 import os
 import random
 import re
+import signal
 import sys
 import time
 from collections import deque
@@ -51,11 +64,16 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 from checkpoint import write_atomic
 from shards import ShardWriter, mask_path, token_dtype, write_meta
-from tokenizer import load_tokenizer, train_sentencepiece
+from tokenizer import check_vocab_size, load_tokenizer, train_sentencepiece
 
 TEXT_SUFFIXES = ('.txt', '.md', '.txt.gz', '.md.gz')
 JSONL_SUFFIXES = ('.jsonl', '.json', '.jsonl.gz', '.json.gz')
 SHARD_FILE = re.compile(r'(train|val)_\d{6}(\.mask)?\.bin(\.tmp)?$')
+TOKENIZER_FILES = ('tokenizer.model', 'tokenizer.vocab', 'tokenizer.tiktoken')
+# every file a preparation writes into its folder (write_atomic's temp names end in .tmp<pid>); nothing else is touched
+OUTPUT_FILE = re.compile(r'(train|val)_\d{6}(\.mask)?\.bin(\.tmp)?$'
+                         r'|(meta\.json|tokenizer\.(model|vocab|tiktoken))(\.tmp\d+)?$')
+PROGRESS_EVERY = 60  # seconds between plain progress lines when stderr is not a terminal
 
 
 class PrepareError(ValueError):
@@ -259,6 +277,7 @@ _worker_tokenizer = None
 
 def _init_worker(description):
     global _worker_tokenizer
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops the pool; no traceback per worker
     _worker_tokenizer = load_tokenizer(description)  # each worker builds its own from the plain description
 
 
@@ -305,6 +324,125 @@ def ordered_map(pool, function, arguments, ahead):
 
 
 # -----------------------------------------------------------------------------
+# shared with data/prepare_chat.py: settings, the output folder, progress, warnings
+
+def check_settings(val_fraction, shard_tokens, num_proc=1):
+    """PrepareError for a setting out of range, raised before anything is written."""
+    if not 0 <= val_fraction < 1:
+        raise PrepareError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if not 0 < shard_tokens < 2**31:
+        raise PrepareError(f"shard_tokens must be in [1, 2**31), got {shard_tokens}")
+    if num_proc < 1:
+        raise PrepareError(f"num_proc must be at least 1, got {num_proc}")
+
+
+class PlainProgress:
+    """Progress for a log file or a pipe, where tqdm's redrawn bar would add a line per update: a plain
+    line on stderr every PROGRESS_EVERY seconds, its rate taken over all the time so far."""
+
+    def __init__(self, desc):
+        self.desc, self.start = desc, time.time()
+        self.last = self.start
+
+    def update(self, done, amount, unit):
+        now = time.time()
+        if now - self.last >= PROGRESS_EVERY:
+            self.last = now
+            print(f"{self.desc}: {done}, {amount / (now - self.start):,.0f} {unit}/s", file=sys.stderr, flush=True)
+
+
+def val_share_warning(counts, val_fraction, unit, hint):
+    """A warning when val holds more than twice val_fraction of the tokens. The first document always
+    goes to val, so that even a tiny corpus has a val split; with a few big documents that is a lot."""
+    tokens = counts['train']['tokens'] + counts['val']['tokens']
+    share = counts['val']['tokens'] / max(tokens, 1)
+    if not val_fraction or share <= 2 * val_fraction:
+        return None
+    documents = counts['train']['documents'] + counts['val']['documents']
+    return (f"val holds {share:.1%} of the tokens ({counts['val']['documents']:,} of {documents:,} {unit}s), "
+            f"far more than --val_fraction {val_fraction}: at least one {unit} always goes to val; {hint}")
+
+
+def output_files(out_dir):
+    """The files in out_dir that a preparation writes (OUTPUT_FILE); a missing folder has none."""
+    return sorted(n for n in os.listdir(out_dir) if OUTPUT_FILE.match(n)) if os.path.isdir(out_dir) else []
+
+
+def files_holding(out_dir, tokenizer):
+    """The tokenizer files in out_dir that already hold this tokenizer, e.g. after `tokenizer.py --out
+    data/x/tokenizer.model`: preparing data/x with it keeps them (and the .vocab beside the model)."""
+    if tokenizer is None:  # a tokenizer yet to be trained replaces them all
+        return set()
+    description = tokenizer.to_dict()
+    keep = set()
+    for field, name in (('model_proto', 'tokenizer.model'), ('ranks', 'tokenizer.tiktoken')):
+        data, path = description.get(field), os.path.join(out_dir, name)
+        if isinstance(data, bytes) and os.path.isfile(path) and read_bytes(path) == data:
+            keep |= {name, 'tokenizer.vocab'} if name == 'tokenizer.model' else {name}
+    return keep
+
+
+def remove_output(out_dir, names):
+    """Remove these files of out_dir, meta.json first: from then on the folder is no data set, never an old
+    meta.json with new files beside it."""
+    for name in sorted(names, key=lambda name: name != 'meta.json'):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out_dir, name))
+
+
+def error_line(e, out_dir):
+    """One line for an error; an OSError names its file (a failed write() names none: then the folder)."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename or out_dir}: {e.strerror}"
+    return str(e)
+
+
+def write_output(out_dir, overwrite, tokenizer, write):
+    """
+    Run write(), which prepares out_dir, the way the command lines do. A folder that already holds a data
+    set or part of one is refused unless overwrite; then its files go first (meta.json before anything
+    else; tokenizer files that already hold `tokenizer` stay; files that are not ours are never touched).
+    An error or Ctrl-C removes what was written, so the folder never holds a data set that looks complete
+    and is not, and exits with one line (130 after Ctrl-C).
+    """
+    try:
+        keep = files_holding(out_dir, tokenizer)
+        old = [name for name in output_files(out_dir) if name not in keep]
+    except OSError as e:  # an unreadable folder
+        sys.exit(f"error: {error_line(e, out_dir)}")
+    if old and not overwrite:
+        listing = ', '.join(old[:3]) + (f" and {len(old) - 3} more" if len(old) > 3 else '')
+        sys.exit(f"error: {out_dir} already holds a prepared data set or part of one ({listing}); "
+                 f"pass --overwrite to replace it, or choose another --out")
+    created = not os.path.isdir(out_dir)
+    try:
+        remove_output(out_dir, old)
+        write()
+    except BaseException as e:
+        with contextlib.suppress(OSError):  # best effort: the error that stopped the run is the one to report
+            remove_output(out_dir, [name for name in output_files(out_dir) if name not in keep])
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(out_dir)  # only if empty
+        if isinstance(e, KeyboardInterrupt):
+            print(f"interrupted: the partial output in {out_dir} was removed", file=sys.stderr)
+            sys.exit(130)
+        if isinstance(e, OSError):
+            sys.exit(f"error: {error_line(e, out_dir)} (the partial output in {out_dir} was removed)")
+        if isinstance(e, PrepareError):
+            sys.exit(f"error: {e}")
+        raise
+
+
+def open_tokenizer(spec):
+    """load_tokenizer for a command line: a bad file or an offline tiktoken is a PrepareError, one line."""
+    try:
+        return load_tokenizer(spec)
+    except (ValueError, RuntimeError) as e:
+        raise PrepareError(f"--tokenizer {spec}: {e}") from None
+
+
+# -----------------------------------------------------------------------------
 # the core: documents -> shards + meta.json
 
 def tokenizer_fields(tokenizer, out_dir):
@@ -315,15 +453,24 @@ def tokenizer_fields(tokenizer, out_dir):
 
 
 def tokenizer_meta(tokenizer, out_dir):
-    """The meta.json form of the tokenizer: to_dict() without bytes; its file is copied into out_dir."""
+    """The meta.json form of the tokenizer: to_dict() without bytes; its file is copied into out_dir.
+    Tokenizer files of an earlier data set that do not describe this one are removed (a tokenizer.model
+    beside shards of the bytes tokenizer, a tokenizer.vocab of another model)."""
     description = tokenizer.to_dict()
     files = {'model_proto': 'tokenizer.model', 'ranks': 'tokenizer.tiktoken'}
+    keep = set()
     for field, name in files.items():
         if isinstance(description.get(field), bytes):
             path = os.path.join(out_dir, name)
-            if not os.path.exists(path) or read_bytes(path) != description[field]:
+            if os.path.exists(path) and read_bytes(path) == description[field]:
+                keep.add('tokenizer.vocab')  # written beside this very model (tokenizer.py, train:VOCAB)
+            else:
                 write_atomic(path, description[field])
+            keep.add(name)
             description['path'] = name  # relative to the data folder
+    for name in TOKENIZER_FILES:
+        if name not in keep and os.path.exists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
     return {k: v for k, v in description.items() if not isinstance(v, bytes)}
 
 
@@ -340,12 +487,21 @@ def remove_stale_shards(out_dir, keep):
 
 def open_split_writers(out_dir, vocab_size, shard_tokens, with_mask=False):
     """The train and val ShardWriters of a data set being (re)written into out_dir. An old meta.json
-    is removed first: the directory is not a valid data set again until the new one is written."""
+    is removed first: the directory is not a valid data set again until the new one is written. Then
+    the old shards: they free their space for the new ones, and a failed run leaves none behind."""
     os.makedirs(out_dir, exist_ok=True)
     if os.path.exists(os.path.join(out_dir, 'meta.json')):
         os.remove(os.path.join(out_dir, 'meta.json'))
+    remove_stale_shards(out_dir, keep=())
     return {split: ShardWriter(out_dir, split, vocab_size, shard_tokens, with_mask=with_mask)
             for split in ('train', 'val')}
+
+
+def abort_split_writers(writers, out_dir):
+    """After an error or Ctrl-C: drop every shard of the run, finished or not (no orphans fill the disk)."""
+    for writer in writers.values():
+        writer.abort()
+    remove_stale_shards(out_dir, keep=())
 
 
 def close_split_writers(writers, out_dir, counts, all_val_error):
@@ -373,12 +529,12 @@ def prepare(documents, tokenizer, out_dir, val_fraction=0.005, shard_tokens=100_
     or, when val_documents is given, `documents` all go to train and `val_documents` all to val
     (data/biblia holds out whole books this way). The output does not depend on num_proc.
     problems: the dict the readers count input problems in; they become warnings at the end.
-    Raises PrepareError, before writing anything, if there is no non-empty document.
+    Raises PrepareError, before writing anything, if there is no non-empty document or a setting is out
+    of range. On any error or Ctrl-C while writing, every shard of the run is removed, and no meta.json.
     """
     t0 = time.time()
     tokenizer = load_tokenizer(tokenizer)
-    if not 0 <= val_fraction < 1:
-        raise PrepareError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    check_settings(val_fraction, shard_tokens, num_proc)
     documents = (text for text in documents if text.strip())  # readers count the empty ones
     if val_documents is None:
         labelled = (('val' if is_val_document(i, val_fraction, seed) else 'train', text)
@@ -397,7 +553,10 @@ def prepare(documents, tokenizer, out_dir, val_fraction=0.005, shard_tokens=100_
     pool = None
     if num_proc > 1:  # started before the progress bar's thread exists: forking a threaded process is fragile
         pool = multiprocessing.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer.to_dict(),))
-    bar = tqdm(total=progress_total, unit='B', unit_scale=True, desc=f"tokenizing -> {out_dir}")
+    # a bar on a terminal; in a log, where each redraw would be a line, a plain line now and then
+    terminal = sys.stderr.isatty()
+    bar = tqdm(total=progress_total, unit='B', unit_scale=True, desc=f"tokenizing -> {out_dir}", disable=not terminal)
+    plain = PlainProgress(f"tokenizing -> {out_dir}")
     try:
         tasks = itertools.chain([first], chunks)
         if pool is not None:
@@ -411,34 +570,39 @@ def prepare(documents, tokenizer, out_dir, val_fraction=0.005, shard_tokens=100_
                 counts[split]['documents'] += documents_in_chunk
                 counts[split]['bytes'] += text_bytes
                 bar.update(text_bytes)
-            bar.set_postfix(tokens=f"{counts['train']['tokens'] + counts['val']['tokens']:,}", refresh=False)
+            total_tokens = counts['train']['tokens'] + counts['val']['tokens']
+            bar.set_postfix(tokens=f"{total_tokens:,}", refresh=False)
+            if not terminal:
+                text_mb = (counts['train']['bytes'] + counts['val']['bytes']) / 1e6
+                plain.update(f"{text_mb:,.1f} MB of text, {total_tokens:,} tokens", total_tokens, 'tokens')
         if progress_total:
             bar.update(max(0, progress_total - bar.n))  # the bar counts text bytes, the total file bytes
+        names = close_split_writers(writers, out_dir, counts,
+                                    f"all {counts['val']['documents']} document(s) of {source} went to val, none to "
+                                    f"train: give more documents (e.g. --doc_per line) or a smaller --val_fraction")
+        seconds = time.time() - t0
+
+        val_warning = None if val_documents is not None else val_share_warning(
+            counts, val_fraction, 'document', "give more, smaller documents (e.g. --doc_per block or line)")
+        warnings_found = describe_problems(problems or {}) + ([val_warning] if val_warning else [])
+        meta = {
+            **tokenizer_fields(tokenizer, out_dir),
+            'splits': {split: {**counts[split], 'shards': names[split]} for split in writers},
+            'source': source,
+            'val_fraction': val_fraction if val_documents is None else None,
+            'seed': seed,
+            'shard_tokens': shard_tokens,
+            'warnings': warnings_found,
+            **(extra_meta or {}),
+        }
+        write_meta(out_dir, meta)
     except BaseException:
-        for writer in writers.values():
-            writer.abort()
+        abort_split_writers(writers, out_dir)
         raise
     finally:
         bar.close()
         if pool is not None:
             pool.terminate()
-    names = close_split_writers(writers, out_dir, counts,
-                                f"all {counts['val']['documents']} document(s) of {source} went to val, none to "
-                                f"train: give more documents (e.g. --doc_per line) or a smaller --val_fraction")
-    seconds = time.time() - t0
-
-    warnings_found = describe_problems(problems or {})
-    meta = {
-        **tokenizer_fields(tokenizer, out_dir),
-        'splits': {split: {**counts[split], 'shards': names[split]} for split in writers},
-        'source': source,
-        'val_fraction': val_fraction if val_documents is None else None,
-        'seed': seed,
-        'shard_tokens': shard_tokens,
-        'warnings': warnings_found,
-        **(extra_meta or {}),
-    }
-    write_meta(out_dir, meta)
     total_bytes = counts['train']['bytes'] + counts['val']['bytes']
     total_tokens = counts['train']['tokens'] + counts['val']['tokens']
     for split, c in counts.items():
@@ -505,11 +669,28 @@ def main(argv=None):
                              "threads. Worth raising for big corpora on many cores (the output does not change)")
     parser.add_argument('--seed', type=int, default=1337)
     parser.add_argument('--sample_bytes', type=int, default=200_000_000, help="train:VOCAB trains on at most this much text")
+    parser.add_argument('--overwrite', action='store_true',
+                        help="replace the data set already in --out (its shards, meta.json and tokenizer files)")
     args = parser.parse_args(argv)
     if bool(args.input) == bool(args.hf_dataset):
         parser.error("give either --input or --hf_dataset")
+    vocab_size = None
+    if args.tokenizer.startswith('train:'):
+        try:
+            vocab_size = int(args.tokenizer[len('train:'):])
+        except ValueError:
+            parser.error(f"--tokenizer {args.tokenizer}: expected train:VOCAB with VOCAB a number, e.g. train:8192")
 
+    # every check that can fail before anything is written: a bad setting never costs the old data set
     try:
+        check_settings(args.val_fraction, args.shard_tokens, args.num_proc)
+        if args.sample_bytes < 1:
+            raise PrepareError(f"sample_bytes must be positive, got {args.sample_bytes}")
+        if vocab_size is not None:
+            try:
+                check_vocab_size(vocab_size)
+            except ValueError as e:
+                raise PrepareError(f"--tokenizer {args.tokenizer}: {e}") from None
         if args.input:
             paths = expand_inputs(args.input)
             source = ' '.join(args.input)
@@ -521,23 +702,18 @@ def main(argv=None):
             source, total_bytes, progress_total = f"hf:{args.hf_dataset}[{args.hf_split}]", None, None
             def read(problems):
                 return read_hf_dataset(args.hf_dataset, args.hf_split, args.text_field, problems)
+        given = None if vocab_size is not None else open_tokenizer(args.tokenizer)
+    except (PrepareError, OSError) as e:
+        sys.exit(f"error: {error_line(e, args.out)}")
 
-        if args.tokenizer.startswith('train:'):
-            try:
-                vocab_size = int(args.tokenizer[len('train:'):])
-            except ValueError:
-                parser.error(f"--tokenizer {args.tokenizer}: expected train:VOCAB with VOCAB a number, e.g. train:8192")
-            tokenizer = train_tokenizer_on_input(read, vocab_size, args.out, args.sample_bytes, total_bytes,
-                                                 args.seed, source)
-        else:
-            tokenizer = load_tokenizer(args.tokenizer)
-
+    def write():
+        tokenizer = given if vocab_size is None else train_tokenizer_on_input(
+            read, vocab_size, args.out, args.sample_bytes, total_bytes, args.seed, source)
         problems = {}
         prepare(read(problems), tokenizer, args.out, val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
                 num_proc=args.num_proc, seed=args.seed, problems=problems, source=source,
                 progress_total=progress_total, extra_meta={'text_field': args.text_field, 'doc_per': args.doc_per})
-    except (PrepareError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    write_output(args.out, args.overwrite, given, write)
 
 
 if __name__ == '__main__':

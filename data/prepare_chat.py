@@ -24,6 +24,9 @@ template whose markers it has. The template is stored in meta.json ("chat_templa
 A record that is not a conversation stops the run with its file and line: chat sets are small and
 curated, and silently training on part of one is worse than fixing a line.
 
+The output folder is handled as data/prepare.py does: refused when it holds a data set unless
+--overwrite, and never left with a data set that looks complete after an error or Ctrl-C.
+
 train.py packs conversations: it samples windows of block_size+1 tokens from their concatenation,
 so a window may start inside a conversation. Keep block_size above most conversations (the
 longest is printed at the end and kept in meta.json under "chat").
@@ -41,8 +44,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 from chat import CHAT_TEMPLATES, ROLES, chat_ids, get_template, render_chat  # noqa: E402
-from data.prepare import (PrepareError, close_split_writers, is_val_document, jsonl_records,  # noqa: E402
-                          open_split_writers, tokenizer_fields)
+from data.prepare import (PlainProgress, PrepareError, abort_split_writers, check_settings,  # noqa: E402
+                          close_split_writers, error_line, is_val_document, jsonl_records, open_split_writers,
+                          open_tokenizer, tokenizer_fields, val_share_warning, write_output)
 from shards import write_meta  # noqa: E402
 from tokenizer import DEFAULT_SPECIAL_TOKENS, load_tokenizer  # noqa: E402
 
@@ -139,8 +143,7 @@ def prepare_chat(conversations, tokenizer, template, out_dir, val_fraction=0.05,
     # the template travels with the tokenizer: meta.json -> train.py -> the checkpoint -> sample.py --chat
     tokenizer = load_tokenizer({**load_tokenizer(tokenizer).to_dict(), 'chat_template': template})
     check_template_tokens(tokenizer, template)
-    if not 0 <= val_fraction < 1:
-        raise PrepareError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    check_settings(val_fraction, shard_tokens)
 
     def labelled():
         if val_conversations is None:
@@ -157,7 +160,10 @@ def prepare_chat(conversations, tokenizer, template, out_dir, val_fraction=0.05,
     writers = open_split_writers(out_dir, tokenizer.vocab_size, shard_tokens, with_mask=True)
     counts = {split: {'tokens': 0, 'trained_tokens': 0, 'bytes': 0, 'documents': 0} for split in writers}
     longest = (0, None)
-    bar = tqdm(itertools.chain([first], items), total=total, unit=' conversations', desc=f"tokenizing -> {out_dir}")
+    terminal = sys.stderr.isatty()  # no bar in a log, where each redraw is a line: a plain line now and then
+    bar = tqdm(itertools.chain([first], items), total=total, unit=' conversations', desc=f"tokenizing -> {out_dir}",
+               disable=not terminal)
+    plain = PlainProgress(f"tokenizing -> {out_dir}")
     try:
         for n, (split, conversation) in enumerate(bar):
             where, messages = conversation if isinstance(conversation, tuple) else (f"conversation {n}", conversation)
@@ -172,40 +178,46 @@ def prepare_chat(conversations, tokenizer, template, out_dir, val_fraction=0.05,
             c['bytes'] += len(render_chat(messages, template).encode('utf-8'))
             c['documents'] += 1
             longest = max(longest, (len(ids), where), key=lambda x: x[0])
+            if not terminal:
+                plain.update(f"{n + 1:,} conversations", n + 1, 'conversations')
+        names = close_split_writers(writers, out_dir, counts,
+                                    f"all {counts['val']['documents']} conversation(s) of {source} went to val, none "
+                                    f"to train: give more conversations or a smaller --val_fraction")
+
+        conversations_total = counts['train']['documents'] + counts['val']['documents']
+        warning = None if val_conversations is not None else val_share_warning(
+            counts, val_fraction, 'conversation', "give more conversations, or your own with --val_input")
+        meta = {
+            **tokenizer_fields(tokenizer, out_dir),
+            'chat_template': template,
+            # bytes: UTF-8 bytes of the rendered conversations; the loss is over trained tokens only, so
+            # eval.py reports no bits per byte for masked data
+            'splits': {split: {**counts[split], 'shards': names[split]} for split in writers},
+            'source': source,
+            'val_fraction': val_fraction if val_conversations is None else None,
+            'seed': seed,
+            'shard_tokens': shard_tokens,
+            'chat': {'template': template.get('name', 'custom'), 'longest_conversation_tokens': longest[0],
+                     'longest_conversation': longest[1],
+                     'mean_conversation_tokens': round((counts['train']['tokens'] + counts['val']['tokens'])
+                                                       / conversations_total, 1)},
+            'warnings': [warning] if warning else [],
+            **(extra_meta or {}),
+        }
+        write_meta(out_dir, meta)
     except BaseException:
-        for writer in writers.values():
-            writer.abort()
+        abort_split_writers(writers, out_dir)
         raise
     finally:
         bar.close()
-    names = close_split_writers(writers, out_dir, counts,
-                                f"all {counts['val']['documents']} conversation(s) of {source} went to val, none "
-                                f"to train: give more conversations or a smaller --val_fraction")
-
-    conversations_total = counts['train']['documents'] + counts['val']['documents']
-    meta = {
-        **tokenizer_fields(tokenizer, out_dir),
-        'chat_template': template,
-        # bytes: UTF-8 bytes of the rendered conversations; the loss is over trained tokens only, so
-        # eval.py reports no bits per byte for masked data
-        'splits': {split: {**counts[split], 'shards': names[split]} for split in writers},
-        'source': source,
-        'val_fraction': val_fraction if val_conversations is None else None,
-        'seed': seed,
-        'shard_tokens': shard_tokens,
-        'chat': {'template': template.get('name', 'custom'), 'longest_conversation_tokens': longest[0],
-                 'longest_conversation': longest[1],
-                 'mean_conversation_tokens': round((counts['train']['tokens'] + counts['val']['tokens'])
-                                                   / conversations_total, 1)},
-        **(extra_meta or {}),
-    }
-    write_meta(out_dir, meta)
     for split, c in counts.items():
         print(f"{split}: {c['documents']:,} conversations, {c['tokens']:,} tokens, {c['trained_tokens']:,} trained "
               f"({c['trained_tokens'] / max(c['tokens'], 1):.0%}), {len(names[split])} shard(s)")
     print(f"conversations: {meta['chat']['mean_conversation_tokens']} tokens on average, the longest "
           f"{longest[0]} ({longest[1]}): use a block_size above most of them")
     print(f"wrote {out_dir} ({template.get('name', 'custom')} template) in {time.time() - t0:.1f}s")
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     return meta
 
 
@@ -221,15 +233,26 @@ def main(argv=None):
     parser.add_argument('--val_fraction', type=float, default=0.05)
     parser.add_argument('--shard_tokens', type=int, default=100_000_000)
     parser.add_argument('--seed', type=int, default=1337)
+    parser.add_argument('--overwrite', action='store_true',
+                        help="replace the data set already in --out (its shards, masks, meta.json and tokenizer file)")
     args = parser.parse_args(argv)
-    try:
+    try:  # everything that can fail before a file is written: a bad setting never costs the old data set
+        check_settings(args.val_fraction, args.shard_tokens)
+        for path in filter(None, [args.input, args.val_input]):
+            if not os.path.isfile(path):
+                raise PrepareError(f"input not found: {path}")
+        tokenizer = open_tokenizer(args.tokenizer)
+        check_template_tokens(tokenizer, args.template)
+    except (PrepareError, OSError) as e:
+        sys.exit(f"error: {error_line(e, args.out)}")
+
+    def write():
         val = None if args.val_input is None else read_conversations(args.val_input)
         source = args.input + (f" + {args.val_input} (val)" if args.val_input else '')
-        prepare_chat(read_conversations(args.input), args.tokenizer, args.template, args.out,
+        prepare_chat(read_conversations(args.input), tokenizer, args.template, args.out,
                      val_fraction=args.val_fraction, val_conversations=val, seed=args.seed,
                      shard_tokens=args.shard_tokens, source=source, extra_meta={'input': args.input})
-    except (PrepareError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    write_output(args.out, args.overwrite, tokenizer, write)
 
 
 if __name__ == '__main__':

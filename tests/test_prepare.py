@@ -1,8 +1,13 @@
 import base64
+import errno
 import gzip
 import json
 import os
+import re
+import signal
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -10,7 +15,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import prepare as prep  # data/ is a namespace package: no __init__.py needed
 from data.prepare import PrepareError, prepare
-from shards import BatchSampler, load_meta, read_shard
+from shards import BatchSampler, ShardWriter, load_meta, read_shard
 from tokenizer import load_tokenizer, train_sentencepiece
 
 DOCUMENTS = [
@@ -220,7 +225,7 @@ def test_invalid_utf8_warning_is_saved_in_meta(tmp_path):
     (tmp_path / 'a.txt').write_bytes(b"one\n\ntwo \xff\n")
     problems = {}
     meta = prepare(prep.read_documents([str(tmp_path / 'a.txt')], problems=problems), 'bytes', str(tmp_path / 'out'),
-                   problems=problems)
+                   problems=problems, val_fraction=0.5)
     assert len(meta['warnings']) == 1 and meta['warnings'][0].startswith('1 line(s) with invalid UTF-8')
 
 
@@ -280,3 +285,209 @@ def test_command_line_empty_input_exits_with_one_line_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         prep.main(['--input', str(tmp_path / 'empty.txt'), '--tokenizer', 'bytes', '--out', str(tmp_path / 'out')])
     assert str(info.value).startswith('error: no documents in') and not os.path.exists(tmp_path / 'out')
+
+
+# --- the output folder: never a data set that looks complete and is not (issue 19) ---
+
+def snapshot(folder):
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
+def corpus(tmp_path):
+    """A corpus file big enough for train:400 and for several 200-token shards."""
+    return write_text(tmp_path / 'corpus.txt', '\n\n'.join(DOCUMENTS * 20))
+
+
+def fail_at_shard(monkeypatch, number, error):
+    """ShardWriter raises `error` when it is about to finish shard `number` (a .tmp file is open then)."""
+    finish = ShardWriter._finish
+
+    def failing(self):
+        if len(self.shards) == number:
+            raise error
+        finish(self)
+    monkeypatch.setattr(ShardWriter, '_finish', failing)
+
+
+def test_bad_setting_leaves_the_old_data_set_untouched_even_with_train_vocab(tmp_path, sentencepiece_model):
+    prepare(DOCUMENTS, sentencepiece_model, str(tmp_path / 'out'))
+    before = snapshot(tmp_path / 'out')
+    for bad in (['--val_fraction', '1.5'], ['--shard_tokens', '0'], ['--num_proc', '0']):
+        with pytest.raises(SystemExit) as info:
+            prep.main(['--input', corpus(tmp_path), '--tokenizer', 'train:400', '--out', str(tmp_path / 'out'),
+                       '--overwrite', *bad])
+        assert str(info.value).startswith('error: ') and bad[0][2:] in str(info.value)
+        assert snapshot(tmp_path / 'out') == before  # no new tokenizer.model beside the old meta.json
+
+
+def test_command_line_refuses_a_prepared_folder_without_overwrite(tmp_path):
+    prep.main(['--input', corpus(tmp_path), '--tokenizer', 'bytes', '--out', str(tmp_path / 'out')])
+    before = snapshot(tmp_path / 'out')
+    with pytest.raises(SystemExit) as info:
+        prep.main(['--input', corpus(tmp_path), '--tokenizer', 'bytes', '--out', str(tmp_path / 'out'),
+                   '--val_fraction', '0.1'])
+    assert 'already holds a prepared data set' in str(info.value) and '--overwrite' in str(info.value)
+    assert snapshot(tmp_path / 'out') == before
+
+
+def test_overwrite_with_another_tokenizer_kind_removes_the_old_tokenizer_files(tmp_path, sentencepiece_model):
+    out = tmp_path / 'out'
+    prep.main(['--input', corpus(tmp_path), '--tokenizer', 'train:400', '--out', str(out)])
+    assert {'tokenizer.model', 'tokenizer.vocab'} <= set(os.listdir(out))
+    (out / 'notes.txt').write_text('mine')  # not a file of the data set: stays
+    prep.main(['--input', corpus(tmp_path), '--tokenizer', 'bytes', '--out', str(out), '--overwrite'])
+    assert sorted(os.listdir(out)) == ['meta.json', 'notes.txt', 'train_000000.bin', 'val_000000.bin']
+    assert load_meta(str(out))['tokenizer']['kind'] == 'bytes'
+
+
+def test_preparing_again_with_another_kind_removes_the_old_tokenizer_file(tmp_path, sentencepiece_model):
+    prepare(DOCUMENTS, sentencepiece_model, str(tmp_path))
+    prepare(DOCUMENTS, 'bytes', str(tmp_path))
+    assert not os.path.exists(tmp_path / 'tokenizer.model')
+
+
+def test_a_folder_holding_just_its_tokenizer_is_prepared_and_keeps_it(tmp_path, sentencepiece_model):
+    # tokenizer.py --out data/x/tokenizer.model, then prepare.py --tokenizer data/x/tokenizer.model --out data/x
+    os.makedirs(tmp_path / 'x')
+    (tmp_path / 'x' / 'tokenizer.model').write_bytes(open(sentencepiece_model, 'rb').read())
+    (tmp_path / 'x' / 'tokenizer.vocab').write_text('its pieces')
+    prep.main(['--input', corpus(tmp_path), '--tokenizer', str(tmp_path / 'x' / 'tokenizer.model'),
+               '--out', str(tmp_path / 'x')])
+    assert (tmp_path / 'x' / 'tokenizer.vocab').read_text() == 'its pieces'
+    assert load_meta(str(tmp_path / 'x'))['tokenizer']['path'] == 'tokenizer.model'
+
+
+def test_disk_full_while_writing_shards_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    fail_at_shard(monkeypatch, 3, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    with pytest.raises(SystemExit) as info:
+        prep.main(['--input', corpus(tmp_path), '--tokenizer', 'train:400', '--out', str(tmp_path / 'out'),
+                   '--shard_tokens', '200'])
+    assert str(info.value) == (f"error: {tmp_path / 'out'}: No space left on device "
+                               f"(the partial output in {tmp_path / 'out'} was removed)")
+    assert not os.path.exists(tmp_path / 'out')  # no orphan shards, .tmp files or tokenizer
+
+
+def test_failed_overwrite_leaves_no_data_set_at_all(tmp_path, monkeypatch, sentencepiece_model):
+    prepare(DOCUMENTS, sentencepiece_model, str(tmp_path / 'out'))
+    (tmp_path / 'out' / 'notes.txt').write_text('mine')
+    fail_at_shard(monkeypatch, 1, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    with pytest.raises(SystemExit):
+        prep.main(['--input', corpus(tmp_path), '--tokenizer', 'train:400', '--out', str(tmp_path / 'out'),
+                   '--shard_tokens', '200', '--overwrite'])
+    assert os.listdir(tmp_path / 'out') == ['notes.txt']  # never old meta.json + new tokenizer.model
+
+
+def test_failure_in_the_core_removes_every_shard_it_wrote(tmp_path, monkeypatch):
+    fail_at_shard(monkeypatch, 2, OSError(errno.EIO, os.strerror(errno.EIO)))
+    with pytest.raises(OSError):
+        prepare(DOCUMENTS * 5, 'bytes', str(tmp_path), shard_tokens=100)
+    assert os.listdir(tmp_path) == []
+
+
+def test_read_only_output_is_one_line(tmp_path, monkeypatch):
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+    monkeypatch.setattr(os, 'makedirs', read_only)
+    with pytest.raises(SystemExit) as info:
+        prep.main(['--input', corpus(tmp_path), '--tokenizer', 'bytes', '--out', str(tmp_path / 'out')])
+    assert str(info.value).startswith(f"error: {tmp_path / 'out'}: Read-only file system")
+
+
+def test_a_file_that_is_not_a_tokenizer_model_is_one_line(tmp_path):
+    with pytest.raises(SystemExit) as info:
+        prep.main(['--input', corpus(tmp_path), '--tokenizer', corpus(tmp_path), '--out', str(tmp_path / 'out')])
+    assert 'corpus.txt is not a SentencePiece model file' in str(info.value)
+    assert not os.path.exists(tmp_path / 'out')
+
+
+def test_tiktoken_offline_is_one_line(tmp_path, monkeypatch):
+    import tiktoken.load
+    monkeypatch.setenv('TIKTOKEN_CACHE_DIR', str(tmp_path / 'cache'))
+
+    def offline(url):
+        raise ConnectionError(f"no network for {url}")
+    monkeypatch.setattr(tiktoken.load, 'read_file', offline)
+    with pytest.raises(SystemExit) as info:
+        prep.main(['--input', corpus(tmp_path), '--tokenizer', 'tiktoken:r50k_base', '--out', str(tmp_path / 'out')])
+    assert 'could not load tiktoken encoding' in str(info.value) and '\n' not in str(info.value)
+
+
+def test_ctrl_c_says_interrupted_exits_130_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    fail_at_shard(monkeypatch, 2, KeyboardInterrupt())
+    with pytest.raises(SystemExit) as info:
+        prep.main(['--input', corpus(tmp_path), '--tokenizer', 'bytes', '--out', str(tmp_path / 'out'),
+                   '--shard_tokens', '200'])
+    assert info.value.code == 130 and 'interrupted' in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / 'out')
+
+
+def test_ctrl_c_and_a_full_disk_in_the_bible_preparation_are_one_line(monkeypatch, capsys):
+    from data.biblia import prepare as biblia
+
+    def build_raises(error):
+        def build(*args):
+            raise error
+        monkeypatch.setattr(biblia, 'build', build)
+    build_raises(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    with pytest.raises(SystemExit) as info:
+        biblia.main(['--lang', 'pt'])
+    assert str(info.value).startswith('error: ') and 'No space left on device' in str(info.value)
+    build_raises(KeyboardInterrupt())
+    with pytest.raises(SystemExit) as info:
+        biblia.main(['--lang', 'pt'])
+    assert info.value.code == 130 and 'interrupted' in capsys.readouterr().err
+
+
+def test_sigint_to_the_command_line_is_a_short_message(tmp_path):
+    # the input is a pipe: the first chunk is written and prepare.py waits for more when the signal comes
+    fifo = str(tmp_path / 'corpus.txt')
+    os.mkfifo(fifo)
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'data', 'prepare.py')
+    process = subprocess.Popen([sys.executable, script, '--input', fifo, '--tokenizer', 'bytes',
+                                '--out', str(tmp_path / 'out')], stderr=subprocess.PIPE, text=True)
+    with open(fifo, 'w') as pipe:
+        pipe.write('uma linha de texto\n\n' * 40_000)  # more than one chunk (chunk_chars)
+        pipe.flush()
+        deadline = time.time() + 30
+        while not os.path.exists(tmp_path / 'out' / 'train_000000.bin.tmp') and time.time() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+    assert process.returncode == 130 and 'Traceback' not in err and 'interrupted' in err, err
+    assert not os.path.exists(tmp_path / 'out')
+
+
+# --- val share (issue 19, item 14) ---
+
+def test_doc_per_file_on_two_files_warns_that_val_holds_half(tmp_path, capsys):
+    os.makedirs(tmp_path / 'two')
+    write_text(tmp_path / 'two' / 'a.txt', '\n\n'.join(DOCUMENTS))
+    write_text(tmp_path / 'two' / 'b.txt', '\n\n'.join(DOCUMENTS))
+    prep.main(['--input', str(tmp_path / 'two'), '--doc_per', 'file', '--tokenizer', 'bytes',
+               '--out', str(tmp_path / 'out')])
+    warning = "val holds 50.0% of the tokens (1 of 2 documents), far more than --val_fraction 0.005"
+    assert warning in capsys.readouterr().err
+    assert any(w.startswith(warning) for w in load_meta(str(tmp_path / 'out'))['warnings'])
+
+
+def test_no_val_warning_when_val_is_about_val_fraction(tmp_path):
+    meta = prepare(DOCUMENTS * 10, 'bytes', str(tmp_path), val_fraction=0.1)
+    assert meta['warnings'] == []
+
+
+# --- progress (issue 19, item 16) ---
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    prepare(DOCUMENTS, 'bytes', str(tmp_path), val_fraction=0.25)  # capsys: stderr is not a terminal
+    assert capsys.readouterr().err == ''
+
+
+def test_plain_progress_lines_in_a_log(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(prep, 'PROGRESS_EVERY', 0)
+    prepare(DOCUMENTS * 20, 'bytes', str(tmp_path), chunk_chars=500)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) > 3 and '\r' not in ''.join(lines)
+    for line in lines:
+        pattern = rf"tokenizing -> {re.escape(str(tmp_path))}: [\d.]+ MB of text, [\d,]+ tokens, ([\d,]+) tokens/s"
+        rate = re.fullmatch(pattern, line).group(1)
+        assert int(rate.replace(',', '')) > 0

@@ -166,6 +166,18 @@ def test_shard_writer_leaves_no_shard_when_interrupted(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ['train_000000.bin']  # the finished one; the half one is gone
 
 
+def test_ctrl_c_right_after_a_shard_is_renamed_still_reads_as_ctrl_c(tmp_path, monkeypatch):
+    replace = os.replace
+
+    def interrupted(src, dst):  # the rename happened, `self.files = None` did not
+        replace(src, dst)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(shards.os, 'replace', interrupted)
+    with pytest.raises(KeyboardInterrupt):  # not a FileNotFoundError from abort() for the renamed .tmp
+        with ShardWriter(tmp_path, 'train', vocab_size=100, shard_tokens=10) as writer:
+            writer.write(np.arange(10))
+
+
 def test_unfinished_tmp_shard_does_not_read_as_a_shard(tmp_path):
     writer = ShardWriter(tmp_path, 'train', vocab_size=100, shard_tokens=10)
     writer.write(np.arange(5))

@@ -1,4 +1,5 @@
 import base64
+import errno
 import os
 import pickle
 import subprocess
@@ -9,7 +10,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 from conftest import tiny_sentencepieces, word_rotations  # noqa: E402
-from tokenizer import (load_tokenizer, tokenizer_stats, train_sentencepiece,  # noqa: E402
+import tokenizer  # noqa: E402
+from checkpoint import write_atomic  # noqa: E402
+from tokenizer import (load_tokenizer, read_blocks, tokenizer_stats, train_sentencepiece,  # noqa: E402
                        training_sentences)
 
 SAMPLES = {
@@ -210,3 +213,41 @@ def test_command_line_says_in_one_line_why_training_failed(tmp_path):
     assert missing.returncode == 1 and 'Traceback' not in missing.stderr
     assert 'no input file matches' in missing.stderr
     assert not (tmp_path / 'x.model').exists() and not (tmp_path / 'y.model').exists()
+
+
+# --- issue 19 ---
+
+def test_a_file_that_is_not_a_sentencepiece_model_is_named(tmp_path):
+    (tmp_path / 'notes.txt').write_text('not a model')
+    with pytest.raises(ValueError, match=r'notes\.txt is not a SentencePiece model file'):
+        load_tokenizer(str(tmp_path / 'notes.txt'))
+
+
+def test_latin1_input_is_read_with_a_warning_naming_the_file(tmp_path, capsys):
+    (tmp_path / 'latin1.txt').write_bytes('café crème\n\nolá coração\n'.encode('latin-1'))
+    (tmp_path / 'utf8.txt').write_text('café crème\n', encoding='utf-8')
+    assert list(read_blocks([str(tmp_path / 'utf8.txt')])) == ['café crème']
+    assert capsys.readouterr().err == ''
+    assert list(read_blocks([str(tmp_path / 'latin1.txt')])) == ['caf\ufffd cr\ufffdme', 'ol\ufffd cora\ufffd\ufffdo']
+    err = capsys.readouterr().err
+    assert f"warning: {tmp_path / 'latin1.txt'}: 2 line(s) are not valid UTF-8 (first: line 1)" in err
+    assert 'iconv' in err and err.count('\n') == 1
+
+
+def test_read_blocks_keeps_crlf_files_as_before(tmp_path):
+    (tmp_path / 'a.txt').write_bytes(b'one\r\ntwo\r\n\r\nthree\r\n')
+    assert list(read_blocks([str(tmp_path / 'a.txt')])) == ['one\ntwo', 'three']
+
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    train_sentencepiece(iter(training_text()), str(tmp_path / 't.model'), vocab_size=400)  # capsys: not a terminal
+    assert capsys.readouterr().err == ''
+
+
+def test_write_atomic_leaves_no_temp_file_when_the_disk_is_full(tmp_path, monkeypatch):
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, 'fsync', full)
+    with pytest.raises(OSError, match='No space left'):
+        write_atomic(str(tmp_path / 'meta.json'), b'{}')
+    assert os.listdir(tmp_path) == []

