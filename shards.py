@@ -363,6 +363,11 @@ class BatchSampler:
         n = self.block_size + 1
         rows = [self.shards[s][o:o + n] for s, o in places]
         mask_rows = [self.masks[s][o:o + n] for s, o in places] if self.masks is not None else None
+        highest = max(int(row.max()) for row in rows)
+        if highest >= self.meta['vocab_size']:  # a cheap check here saves reading every shard up front
+            raise ShardError(f"{self.data_dir}: a '{self.split}' shard holds token id {highest}, but the vocab has "
+                             f"{self.meta['vocab_size']} ids (a damaged shard, or written by another tokenizer): "
+                             f"prepare the data again")
         return _to_batch(rows, mask_rows)
 
     def state_dict(self):

@@ -584,6 +584,8 @@ def main(argv):
         try:
             with stop_signals() as signals:
                 stop_reason, elapsed = train_loop(run, c, rank, world_size, device, signals, start_time, log, say)
+        except ShardError as e:  # found while reading batches
+            fail(str(e))
         except RuntimeError as e:
             if ddp and ('timed out' in str(e).lower() or 'timeout' in str(e).lower()):
                 fail(f"rank {rank}: no answer from the other processes for ddp_timeout={c.ddp_timeout:g} s "

@@ -414,3 +414,15 @@ def test_a_full_disk_while_saving_is_one_line_and_leaves_the_last_checkpoint_and
     assert 'No space left on device' in message and 'still holds the last good checkpoint' in message
     assert sha(tmp_path / 'ckpt.pt') == before
     assert sorted(os.listdir(tmp_path)) == ['best.pt', 'ckpt.pt', 'config.json', 'log.jsonl']
+
+
+def test_token_ids_beyond_the_vocab_under_a_valid_header_are_one_line(data_dir, tmp_path):
+    import shutil
+    bad = shutil.copytree(data_dir, tmp_path / 'bad')
+    from shards import make_header, read_shard
+    ids = read_shard(str(bad / 'train_000000.bin')).copy()
+    ids[::7] = 300  # the header says vocab 261: these ids have no embedding
+    with open(bad / 'train_000000.bin', 'wb') as f:  # written by hand: write_shard would refuse them
+        f.write(make_header(2, len(ids), 261) + ids.astype('<u2').tobytes())
+    message = error_of(bad, tmp_path / 'out', '--max_iters=2')
+    assert 'token id 300' in message and 'prepare the data again' in message
