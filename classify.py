@@ -119,12 +119,13 @@ def padded(batch, pad_id):
 # the model: a pre-trained Llama and a linear head on its last token
 
 class Classifier(nn.Module):
-    def __init__(self, backbone, num_labels):
+    def __init__(self, backbone, num_labels, bias=False):
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(backbone.config.n_embd, num_labels)
+        # no bias: transformers' LlamaForSequenceClassification has none, so export.py carries the
+        # head over exactly (bias=True only reads classifiers saved before)
+        self.head = nn.Linear(backbone.config.n_embd, num_labels, bias=bias)
         nn.init.normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
 
     def forward(self, idx, lengths):
         hidden = self.backbone.hidden_states(idx)                         # (B, T, n_embd)
@@ -300,7 +301,7 @@ def load_classifier(path, device='cpu'):
     _, path = resolve(path, 'classifier.pt')
     checkpoint = load_checkpoint(path, keys=MODEL_KEYS + ('head', 'labels', 'classify'))
     backbone = model_from_checkpoint(checkpoint)
-    classifier = Classifier(backbone, len(checkpoint['labels']))
+    classifier = Classifier(backbone, len(checkpoint['labels']), bias='bias' in checkpoint['head'])
     classifier.head.load_state_dict(checkpoint['head'])
     return (classifier.to(device).eval(), load_tokenizer(checkpoint['tokenizer']), checkpoint['labels'],
             checkpoint['classify']['max_length'])

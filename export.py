@@ -205,12 +205,19 @@ def chat_template_jinja(template):
             "{% endfor %}{% if add_generation_prompt %}{{ " + text(t['generation_prompt']) + " }}{% endif %}")
 
 
-def write_tokenizer(tok, dest, model_max_length, check=True):
+def write_tokenizer(tok, dest, model_max_length, check=True, append_eos=False):
     """tokenizer.json, tokenizer_config.json, special_tokens_map.json (and tokenizer.model for
-    SentencePiece, which llama.cpp's converter and mirim's load_hf read)."""
+    SentencePiece, which llama.cpp's converter and mirim's load_hf read). append_eos: encode as
+    classify.py does, <bos> text <eos> (and <bos> pair <eos> after it)."""
     backend = tokenizer_backend(tok)
     if check:
         check_tokenizer_ids(tok, backend)
+    if append_eos:
+        from tokenizers import processors
+        bos, eos = backend.id_to_token(tok.bos_id), backend.id_to_token(tok.eos_id)
+        backend.post_processor = processors.TemplateProcessing(
+            single=f'{bos} $A {eos}', pair=f'{bos} $A {eos} {bos} $B {eos}',
+            special_tokens=[(bos, tok.bos_id), (eos, tok.eos_id)])
     names = {i: p for p, i in tok.special_tokens.items()}
     specials = {'bos_token': names.get(tok.bos_id), 'eos_token': names.get(tok.eos_id),
                 'unk_token': names.get(tok._unk_id), 'pad_token': names.get(tok.pad_id)}
@@ -221,8 +228,13 @@ def write_tokenizer(tok, dest, model_max_length, check=True):
         # would rebuild it with its own pre-tokenizer and change the ids (see sentencepiece_backend)
         'tokenizer_class': 'PreTrainedTokenizerFast',
         **specials, 'additional_special_tokens': extra,
-        'add_bos_token': tok.bos_id is not None, 'add_eos_token': False,
+        'add_bos_token': tok.bos_id is not None, 'add_eos_token': append_eos,
         'clean_up_tokenization_spaces': False, 'model_max_length': model_max_length,
+        # the special tokens by id, as transformers writes them: converters (llama.cpp's) and other
+        # tools read this to treat the chat markers as control tokens, not text
+        'added_tokens_decoder': {str(i): {key: getattr(token, key) for key in
+                                          ('content', 'lstrip', 'normalized', 'rstrip', 'single_word', 'special')}
+                                 for i, token in sorted(backend.get_added_tokens_decoder().items())},
     }
     if tok.chat_template:
         config['chat_template'] = chat_template_jinja(tok.chat_template)
@@ -238,11 +250,15 @@ def write_tokenizer(tok, dest, model_max_length, check=True):
 # export
 
 def export(source, dest, dtype='float32', checkpoint='ckpt.pt', license='other', check_tokenizer=True):
-    """Write the Hugging Face folder dest from a mirim out_dir (its `checkpoint` file) or checkpoint file."""
+    """Write the Hugging Face folder dest from a mirim out_dir (its `checkpoint` file) or checkpoint
+    file: a LlamaForCausalLM, or for a classify.py classifier.pt a LlamaForSequenceClassification."""
     from safetensors.torch import save
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: choose one of {sorted(DTYPES)}")
     model, tok, ckpt = load_model(source, checkpoint=checkpoint)
+    classifier = 'head' in ckpt  # never export a classifier as a language model without its head
+    if classifier:
+        check_classifier(ckpt, tok)
     config = model.config
     if tok.vocab_size > config.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} ids but the model only {config.vocab_size}")
@@ -252,14 +268,35 @@ def export(source, dest, dtype='float32', checkpoint='ckpt.pt', license='other',
     if stale:
         raise ValueError(f"{dest} already holds weight files that transformers would read too: {stale}; "
                          f"remove them or export to an empty folder")
-    write_tokenizer(tok, dest, config.block_size, check=check_tokenizer)
-    write_json(os.path.join(dest, 'config.json'), hf_config(config, dtype))
-    write_json(os.path.join(dest, 'generation_config.json'),
-               {'bos_token_id': config.bos_id, 'eos_token_id': config.eos_id, 'pad_token_id': config.pad_id})
+    write_tokenizer(tok, dest, config.block_size, check=check_tokenizer, append_eos=classifier)
+    hf = hf_config(config, dtype)
     tensors = to_hf_state_dict(model.state_dict(), config, DTYPES[dtype])
+    if classifier:
+        # HF's score layer reads the last token that is not padding: the <eos> classify.py reads
+        labels = [str(label) for label in ckpt['labels']]
+        hf.update(architectures=['LlamaForSequenceClassification'], num_labels=len(labels),
+                  id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
+                  pad_token_id=tok.pad_id, problem_type='single_label_classification')
+        tensors.pop('lm_head.weight', None)
+        tensors['score.weight'] = ckpt['head']['weight'].to('cpu', DTYPES[dtype]).contiguous()
+    else:
+        write_json(os.path.join(dest, 'generation_config.json'),
+                   {'bos_token_id': config.bos_id, 'eos_token_id': config.eos_id, 'pad_token_id': config.pad_id})
+    write_json(os.path.join(dest, 'config.json'), hf)
     write_atomic(os.path.join(dest, 'model.safetensors'), save(tensors, metadata={'format': 'pt'}))
     write_atomic(os.path.join(dest, 'README.md'), model_card(model, tok, ckpt, dest, dtype, license).encode('utf-8'))
     return dest
+
+
+def check_classifier(ckpt, tok):
+    """A classifier exports only when transformers computes it as classify.py does."""
+    bias = ckpt['head'].get('bias')
+    if bias is not None and bias.abs().max() > 0:
+        raise ValueError("this classifier's head has a bias, which transformers' LlamaForSequenceClassification "
+                         "has no place for (classify.py's heads have none since); train it again with classify.py")
+    if tok.pad_id is None or tok.pad_id in (tok.eos_id, tok.bos_id):
+        raise ValueError("transformers finds the token to classify as the last one that is not padding, so the "
+                         "tokenizer needs a pad token of its own; this one has none")
 
 
 def model_card(model, tok, ckpt, dest, dtype, license):
@@ -273,6 +310,13 @@ def model_card(model, tok, ckpt, dest, dtype, license):
         return format(value, fmt) if isinstance(value, (int, float)) else 'not recorded'
 
     params = model.num_params(non_embedding=False)
+    classifier = 'head' in ckpt
+    usage = ''
+    if classifier:
+        usage = (f"\nLabels: {', '.join(map(str, ckpt['labels']))}.\n\n```python\nfrom transformers import pipeline\n"
+                 f"classify = pipeline('text-classification', model='{name}')\nprint(classify('Your text'))\n```\n\n"
+                 f"Loaded as a language model (below), the backbone predicts words only when its embeddings are tied "
+                 f"({'they are' if model.config.tie_embeddings else 'they are not: its lm_head is untrained'}):\n")
     rows = [('data', f'`{data_dir}`'), ('tokens seen', number('tokens_seen', ',')), ('steps', number('step', ',')),
             ('validation loss', number('val_loss', '.4f') + ' nats/token'),
             ('validation bits per byte', number('val_bpb', '.4f')),
@@ -291,7 +335,7 @@ def model_card(model, tok, ckpt, dest, dtype, license):
                 "ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt')\n```\n")
     return f"""---
 library_name: transformers
-pipeline_tag: text-generation
+pipeline_tag: {'text-classification' if classifier else 'text-generation'}
 license: {license}
 tags:
 - mirim
@@ -300,8 +344,8 @@ tags:
 
 # {name}
 
-A {params / 1e6:.1f}M-parameter Llama-architecture language model trained from scratch with mirim.
-It is a `LlamaForCausalLM`: transformers loads it with no custom code.
+A {params / 1e6:.1f}M-parameter Llama-architecture {'classifier' if classifier else 'language model'} trained with mirim.
+It is a `{'LlamaForSequenceClassification' if classifier else 'LlamaForCausalLM'}`: transformers loads it with no custom code.
 
 ## Training
 
@@ -312,7 +356,7 @@ It is a `LlamaForCausalLM`: transformers loads it with no custom code.
 {table(shape)}
 
 ## How to use
-
+{usage}
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 tokenizer = AutoTokenizer.from_pretrained('{name}')

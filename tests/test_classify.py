@@ -140,3 +140,29 @@ def test_bible_task_is_balanced_and_tests_on_chapters_train_never_sees():
         assert sorted(Counter(e['label'] for e in examples).values()) == [n, n]
     chapter = lambda e: e['ref'].rsplit(':', 1)[0]  # noqa: E731
     assert not {chapter(e) for e in train} & {chapter(e) for e in test}
+
+
+def test_exported_classifier_predicts_in_transformers_pipeline_as_classify_predict(trained, tmp_path):
+    import export
+    import transformers
+    cfg, _ = trained
+    dest = export.export(os.path.join(cfg['out_dir'], 'classifier.pt'), str(tmp_path / 'hf'))
+    texts = [t for t, _, _ in read_examples(cfg['test_file'])]
+    ours = predict(load_classifier(cfg['out_dir']), texts)
+    pipe = transformers.pipeline('text-classification', model=dest, device='cpu')
+    theirs = [r['label'] for r in pipe(texts, batch_size=8)]
+    assert theirs == ours
+    assert not os.path.exists(os.path.join(dest, 'generation_config.json'))
+    card = open(os.path.join(dest, 'README.md'), encoding='utf-8').read()
+    assert 'pipeline_tag: text-classification' in card and 'LlamaForSequenceClassification' in card
+
+
+def test_a_classifier_whose_head_has_a_bias_is_not_exported(trained, tmp_path):
+    import export
+    cfg, _ = trained
+    checkpoint = torch.load(os.path.join(cfg['out_dir'], 'classifier.pt'), weights_only=True)
+    checkpoint['head']['bias'] = torch.full((len(checkpoint['labels']),), 0.5)  # as classify.py once saved them
+    torch.save(checkpoint, tmp_path / 'old.pt')
+    with pytest.raises(ValueError, match='bias'):
+        export.export(str(tmp_path / 'old.pt'), str(tmp_path / 'hf'))
+    assert predict(load_classifier(str(tmp_path / 'old.pt')), ['abc'])  # it still loads for predictions

@@ -369,3 +369,11 @@ def test_load_model_reads_a_hugging_face_folder(tiny_export):
     same, _ = load_hf(dest)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), same.state_dict().values()))
     assert checkpoint['model_config'] == asdict(same.config)
+
+
+def test_tokenizer_config_lists_the_chat_tokens_as_special_added_tokens(tiny_export):
+    dest, tok = tiny_export
+    config = json.load(open(os.path.join(dest, 'tokenizer_config.json'), encoding='utf-8'))
+    added = {entry['content']: (int(i), entry['special']) for i, entry in config['added_tokens_decoder'].items()}
+    for piece in ('<|im_start|>', '<|im_end|>'):
+        assert added[piece] == (tok.token_to_id(piece), True)
