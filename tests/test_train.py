@@ -197,14 +197,20 @@ def test_fine_tuning_from_a_hugging_face_folder_starts_from_its_weights(data_dir
     assert log_lines(tmp_path / 'tuned')[0]['val_loss'] == pytest.approx(base_val, rel=1e-6)
 
 
-def test_fine_tuning_on_data_from_another_tokenizer_is_refused(data_dir, tmp_path):
+def retokenized_copy(data_dir, dest):
+    """The same shards under a meta.json naming another tokenizer of the same vocab size."""
     import shutil
-    run(data_dir, tmp_path / 'base', '--max_iters=1', '--eval_interval=1')
-    other = shutil.copytree(data_dir, tmp_path / 'other')
+    other = shutil.copytree(data_dir, dest)
     meta = json.loads((other / 'meta.json').read_text())
     meta['tokenizer'] = {'kind': 'bytes', 'vocab_size': 261, 'special_tokens': {
         '<s>': 256, '</s>': 257, '<pad>': 258, '<|user|>': 259, '<|end|>': 260}}  # same size, other tokens
     write_meta(str(other), meta)
+    return other
+
+
+def test_fine_tuning_on_data_from_another_tokenizer_is_refused(data_dir, tmp_path):
+    run(data_dir, tmp_path / 'base', '--max_iters=1', '--eval_interval=1')
+    other = retokenized_copy(data_dir, tmp_path / 'other')
     message = error_of(other, tmp_path / 'tuned', f'--init_from={tmp_path / "base"}')
     assert 'another tokenizer' in message
 
@@ -292,13 +298,8 @@ def test_a_signal_during_a_diverging_step_never_saves_non_finite_weights(data_di
 
 
 def test_resume_on_data_from_another_tokenizer_is_refused(data_dir, tmp_path):
-    import shutil
     run(data_dir, tmp_path / 'run', '--max_iters=1', '--eval_interval=1')
-    other = shutil.copytree(data_dir, tmp_path / 'other')
-    meta = json.loads((other / 'meta.json').read_text())
-    meta['tokenizer'] = {'kind': 'bytes', 'vocab_size': 261, 'special_tokens': {
-        '<s>': 256, '</s>': 257, '<pad>': 258, '<|user|>': 259, '<|end|>': 260}}  # same size, other tokens
-    write_meta(str(other), meta)
+    other = retokenized_copy(data_dir, tmp_path / 'other')
     before = sha(tmp_path / 'run' / 'ckpt.pt')
     assert 'another tokenizer' in error_of(other, tmp_path / 'run', '--init_from=resume', '--max_iters=2')
     assert sha(tmp_path / 'run' / 'ckpt.pt') == before
