@@ -30,7 +30,7 @@ from types import SimpleNamespace
 import torch
 
 from checkpoint import build_model, link_atomic, rng_state, save_atomic, set_rng_state, write_json
-from common import (autocast, cpu_bf16_slowdown, dtype_name, fail, memory_gb, peak_flops, resolve_device,
+from common import (autocast, cpu_bf16_slowdown, dtype_name, fail, memory_gb, peak_flops, print0, resolve_device,
                     resolve_dtype)
 from configurator import ConfigError, configure, print_config
 from shards import BatchSampler, ShardError, load_meta
@@ -208,7 +208,7 @@ def claim_out_dir(c):
     return lock
 
 
-def training_dtype(c, device, say):
+def training_dtype(c, device):
     try:
         dtype = resolve_dtype(c.dtype, device)
     except ValueError as e:
@@ -216,15 +216,16 @@ def training_dtype(c, device, say):
     if device == 'cpu' and dtype == torch.bfloat16:
         slowdown = cpu_bf16_slowdown()
         if slowdown > 2.0:
-            say(f"note: dtype='bfloat16' asked for, but this CPU has no native bf16 (a bf16 matmul measured "
+            print0(f"note: dtype='bfloat16' asked for, but this CPU has no native bf16 (a bf16 matmul measured "
                 f"{slowdown:.1f}x slower than float32; it needs AVX512-BF16, AMX or Arm BF16): training in float32")
             return torch.float32
     return dtype
 
 
-def set_up(c, rank, world_size, device, say):
-    """Everything the loop needs, in one namespace: data, samplers, model (raw, compiled, DDP-wrapped),
-    optimizer, scaler, and the counters a checkpoint restores."""
+def set_up(c, rank, world_size, device):
+    """Everything the loop needs, in one namespace: this process's place (rank, world_size, device),
+    data, samplers, model (raw, compiled, DDP-wrapped), optimizer, scaler, and the counters a
+    checkpoint restores."""
     torch.manual_seed(c.seed + rank)  # dropout differs between ranks; the weights come from `seed` alone
     if device.startswith('cuda'):
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -235,7 +236,7 @@ def set_up(c, rank, world_size, device, say):
     except (FileNotFoundError, ShardError, KeyError, ValueError) as e:
         fail(f"data {c.data_dir}: {e}")
     try:
-        model, checkpoint = build_model(vars(c), meta, tokenizer, say)
+        model, checkpoint = build_model(vars(c), meta, tokenizer, print0)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     config = model.config
@@ -258,12 +259,12 @@ def set_up(c, rank, world_size, device, say):
     except (FileNotFoundError, ShardError) as e:
         fail(str(e))
 
-    dtype = training_dtype(c, device, say)
+    dtype = training_dtype(c, device)
     model.to(device)
     device_type = device.split(':')[0]
     optimizer = model.configure_optimizer(c.weight_decay, c.learning_rate, (c.beta1, c.beta2), device_type)
     return SimpleNamespace(
-        meta=meta, tokenizer=tokenizer, raw_model=model, model=model, eval_model=model, checkpoint=checkpoint,
+        rank=rank, world_size=world_size, device=device, meta=meta, tokenizer=tokenizer, raw_model=model, model=model, eval_model=model, checkpoint=checkpoint,
         samplers=samplers, eval_samplers=eval_samplers, block_size=block_size, dtype=dtype,
         amp=autocast(device, dtype), optimizer=optimizer,
         scaler=torch.amp.GradScaler(device_type, enabled=dtype == torch.float16),
@@ -271,7 +272,7 @@ def set_up(c, rank, world_size, device, say):
         step=0, tokens_seen=0, best_val_loss=float('inf'), val_loss=None, val_bpb=None, elapsed_before=0.0)
 
 
-def restore(run, c, rank, say):
+def restore(run, c):
     """Continue a run from its checkpoint: optimizer, scaler, data position, counters, random state."""
     checkpoint, run.checkpoint = run.checkpoint, None  # free the memory once restored
     run.optimizer.load_state_dict(checkpoint['optimizer'])
@@ -283,26 +284,27 @@ def restore(run, c, rank, say):
                                                     checkpoint['val_bpb'])
     run.elapsed_before = checkpoint.get('elapsed', 0.0)
     rng = checkpoint['rng']
-    set_rng_state(rng[rank] if rank < len(rng) else rng[0])
+    set_rng_state(rng[run.rank] if run.rank < len(rng) else rng[0])
     before = checkpoint['config']
     changed = [f"{k}: {before[k]!r} -> {v!r}" for k, v in vars(c).items()
                if k in before and before[k] != v and k != 'init_from']
-    say(f"resuming {c.out_dir}/ckpt.pt at step {run.step} ({run.tokens_seen:,} tokens seen)"
+    print0(f"resuming {c.out_dir}/ckpt.pt at step {run.step} ({run.tokens_seen:,} tokens seen)"
         + (f"; changed since: {', '.join(changed)}" if changed else ""))
 
 
-def wrap_model(run, c, ddp, device, say):
+def wrap_model(run, c, ddp):
     if c.compile:
-        say("compiling the model (torch.compile)...")
+        print0("compiling the model (torch.compile)...")
         run.model = run.eval_model = torch.compile(run.raw_model)
     if ddp:
         from torch.nn.parallel import DistributedDataParallel
         # no buffer sync before each forward: the only buffers are RoPE tables, identical everywhere
-        run.model = DistributedDataParallel(run.model, device_ids=[device] if device.startswith('cuda') else None,
+        run.model = DistributedDataParallel(run.model, device_ids=[run.device] if run.device.startswith('cuda') else None,
                                             forward_sync_buffers=False)
 
 
-def describe(run, c, world_size, device, say):
+def describe(run, c):
+    say = print0
     config, splits = run.raw_model.config, run.meta['splits']
     say("config:")
     print_config(vars(c), say)
@@ -316,8 +318,8 @@ def describe(run, c, world_size, device, say):
     say(f"tokens per step: {c.batch_size} x {run.block_size} x {c.gradient_accumulation_steps} = "
         f"{run.tokens_per_step:,}; {c.max_iters} steps = {total_tokens:,} tokens "
         f"({total_tokens / splits['train']['tokens']:.1f} epochs)")
-    say(f"device {device}, dtype {dtype_name(run.dtype)}, {world_size} process{'es' if world_size > 1 else ''}, "
-        f"compile {'on' if c.compile else 'off'}")
+    say(f"device {run.device}, dtype {dtype_name(run.dtype)}, {run.world_size} process"
+        f"{'es' if run.world_size > 1 else ''}, compile {'on' if c.compile else 'off'}")
 
 
 # -----------------------------------------------------------------------------
@@ -340,11 +342,11 @@ def open_log(c, step):
     return open(path, 'a' if step > 0 else 'w', encoding='utf-8')
 
 
-def save(run, c, rank, world_size, val_losses, elapsed):
+def save(run, c, val_losses, elapsed):
     """Write ckpt.pt (and best.pt when validation improved). Every rank calls this (to hand rank 0
     its random state); only rank 0 writes. Weights that are no longer finite are never saved."""
-    states = [None] * world_size
-    if world_size > 1:
+    states = [None] * run.world_size
+    if run.world_size > 1:
         torch.distributed.all_gather_object(states, rng_state())
     else:
         states = [rng_state()]
@@ -354,7 +356,7 @@ def save(run, c, rank, world_size, val_losses, elapsed):
     improved = val_losses is not None and val_losses['val_loss'] < run.best_val_loss
     if improved:
         run.best_val_loss = val_losses['val_loss']
-    if rank != 0:
+    if run.rank != 0:
         return ''
     ckpt = {'model': run.raw_model.state_dict(), 'model_config': dataclasses.asdict(run.raw_model.config),
             'config': vars(c), 'tokenizer': run.tokenizer.to_dict(), 'step': run.step,
@@ -397,18 +399,19 @@ def stop_signals():
 # -----------------------------------------------------------------------------
 # the loop
 
-def train_loop(run, c, rank, world_size, device, signals, start_time, log, say):
+def train_loop(run, c, signals, start_time, log):
     """Train from run.step to max_iters, evaluating, logging and saving on the way. -> (why it
     stopped early (a signal, max_time) or None when the schedule was completed, seconds the whole
     run has taken so far)."""
     from tqdm import tqdm
+    rank, world_size, device = run.rank, run.world_size, run.device
     ddp = isinstance(run.model, torch.nn.parallel.DistributedDataParallel)
     model, optimizer, scaler = run.model, run.optimizer, run.scaler
     peak = c.device_peak_flops or peak_flops(device, run.dtype)
     params = [p for p in run.raw_model.parameters() if p.requires_grad]
     bar = tqdm(total=c.max_iters, initial=run.step, unit='step', dynamic_ncols=True,
                disable=not (rank == 0 and sys.stderr.isatty()))
-    say_line = bar.write if not bar.disable else say
+    say_line = bar.write if not bar.disable else print0
     elapsed = lambda: run.elapsed_before + time.time() - start_time  # noqa: E731  (over all sessions of the run)
 
     def run_eval():
@@ -496,7 +499,7 @@ def train_loop(run, c, rank, world_size, device, signals, start_time, log, say):
                 left = (c.max_iters - run.step) * seconds / interval_steps
                 if c.max_time > 0:
                     left = min(left, c.max_time - (time.time() - start_time))
-                say(f"step {run.step}/{c.max_iters} | loss {train_loss:.4f} | lr {lr:.2e} | "
+                print0(f"step {run.step}/{c.max_iters} | loss {train_loss:.4f} | lr {lr:.2e} | "
                     f"{tokens_per_sec:,.0f} tok/s" + (f" | mfu {mfu:.1%}" if mfu else "")
                     + f" | eta {max(0, left) / 60:.1f} min")
             interval_start, interval_tokens, interval_steps = time.time(), 0, 0
@@ -509,7 +512,7 @@ def train_loop(run, c, rank, world_size, device, signals, start_time, log, say):
             record.update(val_loss=run.val_loss, val_bpb=run.val_bpb, eval_train_loss=losses['train_loss'],
                           eval_train_bpb=losses['train_bpb'])
             log(record)  # before the save: a resume drops log lines past its checkpoint, never misses one
-            saved = save(run, c, rank, world_size, losses, elapsed())
+            saved = save(run, c, losses, elapsed())
             say_line(f"step {run.step}: val loss {run.val_loss:.4f}{bpb_text(run.val_bpb)}, "
                      f"train loss {losses['train_loss']:.4f} | {saved}")
             interval_start = time.time()  # evaluation and saving are not training time
@@ -517,7 +520,7 @@ def train_loop(run, c, rank, world_size, device, signals, start_time, log, say):
             if record is not None:
                 log(record)
             if signalled:
-                save(run, c, rank, world_size, None, elapsed())
+                save(run, c, None, elapsed())
         if stop_reason:
             break
     bar.close()
@@ -539,7 +542,6 @@ def main(argv):
     ddp = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
     rank, local_rank, world_size = (int(os.environ['RANK']), int(os.environ['LOCAL_RANK']),
                                     int(os.environ['WORLD_SIZE'])) if ddp else (0, None, 1)
-    say = print if rank == 0 else (lambda *a, **k: None)
     if c.gradient_accumulation_steps % world_size:
         fail(f"gradient_accumulation_steps={c.gradient_accumulation_steps} counts micro-batches over all "
              f"{world_size} processes, so it must be a multiple of {world_size}")
@@ -556,14 +558,14 @@ def main(argv):
                                              timeout=timedelta(seconds=c.ddp_timeout))
     lock = claim_out_dir(c) if rank == 0 else None
     try:
-        run = set_up(c, rank, world_size, device, say)
+        run = set_up(c, rank, world_size, device)
         if run.checkpoint is not None:
-            restore(run, c, rank, say)
+            restore(run, c)
             if run.step >= c.max_iters:
-                say(f"nothing to do: the checkpoint is at step {run.step}, max_iters is {c.max_iters}")
+                print0(f"nothing to do: the checkpoint is at step {run.step}, max_iters is {c.max_iters}")
                 return
-        wrap_model(run, c, ddp, device, say)
-        describe(run, c, world_size, device, say)
+        wrap_model(run, c, ddp)
+        describe(run, c)
         log_file, wandb_run = None, None
         if rank == 0:
             write_json(os.path.join(c.out_dir, 'config.json'), vars(c))
@@ -583,7 +585,7 @@ def main(argv):
         steps_before = run.step
         try:
             with stop_signals() as signals:
-                stop_reason, elapsed = train_loop(run, c, rank, world_size, device, signals, start_time, log, say)
+                stop_reason, elapsed = train_loop(run, c, signals, start_time, log)
         except ShardError as e:  # found while reading batches
             fail(str(e))
         except RuntimeError as e:
@@ -598,11 +600,11 @@ def main(argv):
                 wandb_run.finish()
         minutes = (time.time() - start_time) / 60
         if stop_reason:
-            say(f"{stop_reason} at step {run.step}: saved {c.out_dir}/ckpt.pt ({minutes:.1f} min); continue with "
+            print0(f"{stop_reason} at step {run.step}: saved {c.out_dir}/ckpt.pt ({minutes:.1f} min); continue with "
                 f"--init_from=resume")
         else:
             session = f" (this session: {run.step - steps_before} steps, {minutes:.1f} min)" if steps_before else ""
-            say(f"done: {run.step} steps, {run.tokens_seen:,} tokens in {elapsed / 60:.1f} min{session}; "
+            print0(f"done: {run.step} steps, {run.tokens_seen:,} tokens in {elapsed / 60:.1f} min{session}; "
                 f"val loss {run.val_loss:.4f}" + bpb_text(run.val_bpb) + f"; best {run.best_val_loss:.4f}; "
                 f"checkpoint {c.out_dir}/ckpt.pt")
     finally:
