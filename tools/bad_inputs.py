@@ -1,0 +1,627 @@
+"""
+Bad inputs on every command line of the project: each case runs one real command with one user
+error (a wrong type, a number out of range, a missing file, a file of the wrong kind, an unknown
+choice, an unwritable output, ...) and says how it ended:
+
+    clear      exit status != 0, no traceback, and the last lines name the problem
+    unclear    exit status != 0, no traceback, but the last lines do not name the problem
+    traceback  a Python traceback in the output
+    crash      killed by a signal (a segfault, an abort)
+    silent     exit status 0: the error went unnoticed
+    hang       still running after the case's timeout
+
+    python tools/bad_inputs.py                 # every case (~5 minutes on 2 CPU cores)
+    python tools/bad_inputs.py --list          # the cases, without running them
+    python tools/bad_inputs.py --only sample.py --only 'train.py: beta'   # the cases whose name has one of these
+    python tools/bad_inputs.py --jobs=4 --timeout=60
+
+It first builds tiny fixtures in a temporary folder (a prepared corpus, a SentencePiece tokenizer,
+a 2-step checkpoint, its Hugging Face export, JSONL files, broken copies of each), then runs the
+cases two at a time, each in its own empty folder (so nothing is written into the repository),
+one thread each and offline. It prints one line per case that is not `clear` and a table of the
+counts, and exits with 1 when any case is not `clear`.
+
+A case is (name, argv, names): argv is the script and its arguments, with {fixture} paths filled
+in ({case} is the case's own folder, {new} a path in it that does not exist yet, {missing} one
+that never will); names is what the error message must mention, '|'-separated alternatives
+(case-insensitive), looked for in the last lines of the output.
+"""
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', WANDB_MODE='disabled', HF_HUB_OFFLINE='1',
+           TRANSFORMERS_OFFLINE='1', HF_DATASETS_OFFLINE='1', TOKENIZERS_PARALLELISM='false', PYTHONUNBUFFERED='1',
+           TQDM_DISABLE='1')
+OUTCOMES = ['clear', 'unclear', 'traceback', 'crash', 'silent', 'hang']
+
+# -----------------------------------------------------------------------------
+# the commands, each a valid call that the cases below break in one place
+
+TRAIN = ['train.py', '--model=tiny', '--device=cpu', '--max_iters=2', '--eval_interval=2', '--eval_iters=1',
+         '--log_interval=1', '--batch_size=2', '--block_size=32', '--data_dir={data}', '--out_dir={new}']
+SAMPLE = ['sample.py', '--out_dir={out}', '--device=cpu', '--max_new_tokens=8']
+EVAL = ['eval.py', '--out_dir={out}', '--device=cpu', '--output={case}/eval.json']
+EXPORT = ['export.py', '--out_dir={out}', '--dest={new}']
+CLASSIFY = ['classify.py', '--init_from={out}', '--train_file={cls_train}', '--test_file={cls_test}',
+            '--out_dir={new}', '--device=cpu', '--epochs=1', '--batch_size=4']
+PREPARE = ['data/prepare.py', '--input', '{text}', '--tokenizer', 'bytes', '--out', '{new}']
+CHAT = ['data/prepare_chat.py', '--input', '{chat}', '--tokenizer', 'bytes', '--out', '{new}']
+TOKENIZER = ['tokenizer.py', '--input', '{text}', '--vocab_size', '300', '--num_threads', '1',
+             '--out', '{new}/tokenizer.model']
+PLAN = ['plan.py', '--model=demo']
+PLOT = ['plot.py', '{out}', '--output={case}/runs.png']
+BENCH = ['bench.py', '--device=cpu', '--what=generate', '--repeats=1', '--new_tokens=4', '--prompt_tokens=4',
+         '--vocab_size=256', '--n_embd=32', '--n_layer=1', '--n_head=2', '--n_kv_head=1', '--ffn_hidden=64',
+         '--block_size=64', '--batch_size=1']
+BIBLIA = ['data/biblia/prepare.py', '--lang', 'pt', '--books', '1,40', '--max_chapters', '2', '--vocab_size', '500',
+          '--out', '{new}']
+TASKS = ['data/biblia/make_tasks.py', 'classify', '--train_per_label', '10', '--test_per_label', '5', '--out', '{new}']
+
+# -----------------------------------------------------------------------------
+# the cases: (name, argv, what the message must name)
+
+CASES = [
+    # train.py: config keys and values
+    ('train.py: unknown key', TRAIN + ['--lerning_rate=1e-3'], 'lerning_rate'),
+    ('train.py: text for an int', TRAIN + ['--batch_size=abc'], 'batch_size'),
+    ('train.py: key without =', TRAIN + ['--batch_size'], 'batch_size'),
+    ('train.py: key without dashes', TRAIN + ['batch_size=4'], 'batch_size'),
+    ('train.py: batch_size=0', TRAIN + ['--batch_size=0'], 'batch_size'),
+    ('train.py: batch_size=-1', TRAIN + ['--batch_size=-1'], 'batch_size'),
+    ('train.py: max_iters=-1', TRAIN + ['--max_iters=-1'], 'max_iters'),
+    ('train.py: learning_rate=nan', TRAIN + ["--learning_rate=float('nan')"], 'learning_rate'),
+    ('train.py: learning_rate=-1', TRAIN + ['--learning_rate=-1.0'], 'learning_rate|learning rate'),
+    ('train.py: learning_rate=1e400 (inf)', TRAIN + ['--learning_rate=1e400'], 'learning_rate'),
+    ('train.py: min_lr=-1', TRAIN + ['--min_lr=-1.0'], 'min_lr|learning rate'),
+    ('train.py: block_size=0', TRAIN + ['--block_size=0'], 'block_size'),
+    ('train.py: block_size longer than the val split', TRAIN + ['--block_size=5000'], 'block_size|val'),
+    ('train.py: gradient_accumulation_steps=0', TRAIN + ['--gradient_accumulation_steps=0'], 'gradient_accumulation'),
+    ('train.py: warmup_iters=-1', TRAIN + ['--warmup_iters=-1'], 'warmup_iters'),
+    ('train.py: lr_decay_iters=-1', TRAIN + ['--lr_decay_iters=-1'], 'lr_decay_iters'),
+    ('train.py: wsd_decay_fraction=2', TRAIN + ['--lr_schedule=wsd', '--wsd_decay_fraction=2.0'], 'wsd_decay_fraction'),
+    ('train.py: grad_clip=-1', TRAIN + ['--grad_clip=-1.0'], 'grad_clip'),
+    ('train.py: weight_decay=-1', TRAIN + ['--weight_decay=-1.0'], 'weight_decay'),
+    ('train.py: beta1=1.5', TRAIN + ['--beta1=1.5'], 'beta1'),
+    ('train.py: beta2=-0.1', TRAIN + ['--beta2=-0.1'], 'beta2'),
+    ('train.py: max_time=-5', TRAIN + ['--max_time=-5'], 'max_time'),
+    ('train.py: eval_interval=0', TRAIN + ['--eval_interval=0'], 'eval_interval'),
+    ('train.py: eval_iters=0', TRAIN + ['--eval_iters=0'], 'eval_iters'),
+    ('train.py: log_interval=0', TRAIN + ['--log_interval=0'], 'log_interval'),
+    ('train.py: dropout=1.5', TRAIN + ['--dropout=1.5'], 'dropout'),
+    ('train.py: ddp_timeout=0', TRAIN + ['--ddp_timeout=0'], 'ddp_timeout'),
+    ('train.py: device_peak_flops=-1', TRAIN + ['--device_peak_flops=-1'], 'device_peak_flops|peak'),
+    ('train.py: compile=maybe', TRAIN + ['--compile=maybe'], 'compile'),
+    ('train.py: lr_schedule=linear', TRAIN + ['--lr_schedule=linear'], 'lr_schedule'),
+    ('train.py: unknown model preset', TRAIN + ['--model=gpt5'], 'gpt5|model'),
+    ('train.py: unknown activation', TRAIN + ['--activation=relu'], 'activation|relu'),
+    ('train.py: n_head does not divide n_embd', TRAIN + ['--n_head=3'], 'n_head|n_embd'),
+    ('train.py: n_kv_head does not divide n_head', TRAIN + ['--n_head=4', '--n_kv_head=3'], 'n_kv_head'),
+    ('train.py: n_layer=0', TRAIN + ['--n_layer=0'], 'n_layer'),
+    ('train.py: rope_theta=-1', TRAIN + ['--rope_theta=-1.0'], 'rope_theta'),
+    ('train.py: vocab_size smaller than the data', TRAIN + ['--vocab_size=10'], 'vocab'),
+    ('train.py: unknown device', TRAIN + ['--device=tpu'], 'device'),
+    ('train.py: cuda without a GPU', TRAIN + ['--device=cuda'], 'cuda'),
+    ('train.py: unknown dtype', TRAIN + ['--dtype=float64'], 'dtype'),
+    ('train.py: float16 on CPU', TRAIN + ['--dtype=float16'], 'float16'),
+    # train.py: config files
+    ('train.py: config file missing', ['train.py', '{missing}.py'], 'missing'),
+    ('train.py: config file is a directory', ['train.py', '{emptydir}'], 'directory'),
+    ('train.py: config file syntax error', ['train.py', '{cfg_syntax}'], 'syntax'),
+    ('train.py: config file NameError', ['train.py', '{cfg_nameerror}'], 'nameerror|undefined_name'),
+    ('train.py: config file not UTF-8', ['train.py', '{cfg_latin1}'], 'utf-8'),
+    ('train.py: config file sets an unknown key', ['train.py', '{cfg_unknown}'], 'lerning_rate'),
+    ('train.py: config file sets a wrong type', ['train.py', '{cfg_badtype}'], 'batch_size'),
+    ('train.py: README demo config with a bad override',
+     ['train.py', '{repo}/config/train_biblia_pt.py', '--batch_size=-16'], 'batch_size'),
+    # train.py: data
+    ('train.py: data_dir missing', TRAIN + ['--data_dir={missing}'], 'missing|meta.json'),
+    ('train.py: data_dir is a file', TRAIN + ['--data_dir={text}'], 'corpus.txt|meta.json|directory'),
+    ('train.py: data_dir is an empty folder', TRAIN + ['--data_dir={emptydir}'], 'meta.json|emptydir'),
+    ('train.py: meta.json is not JSON', TRAIN + ['--data_dir={data_badmeta}'], 'meta.json'),
+    ('train.py: meta.json without its shards', TRAIN + ['--data_dir={data_noshards}'], 'train_000000.bin|shard'),
+    ('train.py: shard cut short', TRAIN + ['--data_dir={data_truncated}'], 'truncated|size|bytes'),
+    ('train.py: shard with a wrong magic number', TRAIN + ['--data_dir={data_badmagic}'], 'magic|not a mirim shard'),
+    ('train.py: token ids >= vocab under a valid header', TRAIN + ['--data_dir={data_badids}'], 'vocab|token id'),
+    # train.py: outputs, init_from
+    ('train.py: out_dir under a file', TRAIN + ['--out_dir={file}/out'], 'plain.txt|directory|out_dir'),
+    ('train.py: out_dir is a file', TRAIN + ['--out_dir={file}'], 'plain.txt|directory|out_dir'),
+    ('train.py: scratch run into an out_dir with a checkpoint', TRAIN + ['--out_dir={out_scratch}'],
+     'ckpt.pt|checkpoint|resume'),
+    ('train.py: resume without a checkpoint', TRAIN + ['--init_from=resume'], 'ckpt.pt|checkpoint'),
+    ('train.py: resume on another tokenizer\'s data', TRAIN + ['--init_from=resume', '--out_dir={out_resume}',
+                                                               '--data_dir={spdata}'], 'tokenizer|vocab_size'),
+    ('train.py: init_from missing', TRAIN + ['--init_from={missing}'], 'missing'),
+    ('train.py: init_from a text file', TRAIN + ['--init_from={text}'], 'corpus.txt|checkpoint'),
+    ('train.py: init_from a dict that is no checkpoint', TRAIN + ['--init_from={notckpt}'], 'notckpt|checkpoint'),
+    ('train.py: init_from with another tokenizer\'s data', TRAIN + ['--init_from={out}', '--data_dir={spdata}'],
+     'tokenizer'),
+    ('train.py: init_from a broken HF folder', TRAIN + ['--init_from={hf_badconfig}'], 'config.json'),
+    ('train.py: init_from an HF folder without weights', TRAIN + ['--init_from={hf_noweights}'], 'safetensors|weights'),
+    ('train.py: init_from NaN weights', TRAIN + ['--init_from={nan_ckpt}'], 'nan|finite'),
+
+    # sample.py
+    ('sample.py: out_dir missing', SAMPLE + ['--out_dir={missing}'], 'missing'),
+    ('sample.py: out_dir is an empty folder', SAMPLE + ['--out_dir={emptydir}'], 'emptydir|ckpt.pt|checkpoint'),
+    ('sample.py: out_dir is a text file', SAMPLE + ['--out_dir={text}'], 'corpus.txt|checkpoint'),
+    ('sample.py: out_dir is a tokenizer model', SAMPLE + ['--out_dir={sp_model}'], 'tokenizer.model|checkpoint'),
+    ('sample.py: a dict that is no checkpoint', SAMPLE + ['--out_dir={notckpt}'], 'notckpt|checkpoint'),
+    ('sample.py: best.pt missing', SAMPLE + ['--out_dir={out_nobest}', '--checkpoint=best.pt'], 'best.pt'),
+    ('sample.py: checkpoint name missing', SAMPLE + ['--checkpoint=nope.pt'], 'nope.pt'),
+    ('sample.py: HF folder with a broken config.json', SAMPLE + ['--out_dir={hf_badconfig}'], 'config.json'),
+    ('sample.py: HF folder without weights', SAMPLE + ['--out_dir={hf_noweights}'], 'safetensors|weights'),
+    ('sample.py: NaN weights', SAMPLE + ['--out_dir={nan_ckpt}'], 'nan|finite'),
+    ('sample.py: num_samples=0', SAMPLE + ['--num_samples=0'], 'num_samples'),
+    ('sample.py: max_new_tokens=-5', SAMPLE + ['--max_new_tokens=-5'], 'max_new_tokens'),
+    ('sample.py: temperature=-1', SAMPLE + ['--temperature=-1.0'], 'temperature'),
+    ('sample.py: temperature=nan', SAMPLE + ["--temperature=float('nan')"], 'temperature'),
+    ('sample.py: top_k=-1', SAMPLE + ['--top_k=-1'], 'top_k'),
+    ('sample.py: top_p=0', SAMPLE + ['--top_p=0.0'], 'top_p'),
+    ('sample.py: top_p=1.5', SAMPLE + ['--top_p=1.5'], 'top_p'),
+    ('sample.py: repetition_penalty=0', SAMPLE + ['--repetition_penalty=0.0'], 'repetition_penalty'),
+    ('sample.py: batch_size=0', SAMPLE + ['--batch_size=0', '--start=FILE:{prompts}'], 'batch_size'),
+    ('sample.py: seed is text', SAMPLE + ['--seed=abc'], 'seed'),
+    ('sample.py: unknown format', SAMPLE + ['--format=xml'], 'format'),
+    ('sample.py: output under a file', SAMPLE + ['--output={file}/samples.txt'], 'plain.txt|samples.txt'),
+    ('sample.py: output is a folder', SAMPLE + ['--output={emptydir}'], 'emptydir|directory'),
+    ('sample.py: prompts file missing', SAMPLE + ['--start=FILE:{missing}.txt'], 'missing'),
+    ('sample.py: prompts file empty', SAMPLE + ['--start=FILE:{empty}'], 'empty.txt|no prompts'),
+    ('sample.py: prompts file not UTF-8', SAMPLE + ['--start=FILE:{binary}'], 'utf-8|not text'),
+    ('sample.py: prompts file is a folder', SAMPLE + ['--start=FILE:{emptydir}'], 'emptydir|directory'),
+    ('sample.py: chat on a model without a template', SAMPLE + ['--chat'], 'chat template|chat_template'),
+    ('sample.py: unknown chat template', SAMPLE + ['--chat', '--chat_template=llama3'], 'llama3|template'),
+    ('sample.py: unknown device', SAMPLE + ['--device=tpu'], 'device'),
+    ('sample.py: unknown dtype', SAMPLE + ['--dtype=float64'], 'dtype'),
+    ('sample.py: unknown key', SAMPLE + ['--temprature=0.5'], 'temprature'),
+    ('sample.py: README command with top_k as text', ['sample.py', '--out_dir={out}', '--start=No princípio',
+                                                      '--num_samples=3', '--top_k=fifty'], 'top_k'),
+
+    # eval.py
+    ('eval.py: out_dir missing', EVAL + ['--out_dir={missing}'], 'missing'),
+    ('eval.py: checkpoint is a text file', EVAL + ['--checkpoint={text}'], 'corpus.txt|checkpoint'),
+    ('eval.py: a dict that is no checkpoint', EVAL + ['--checkpoint={notckpt}'], 'notckpt|checkpoint'),
+    ('eval.py: NaN weights', EVAL + ['--checkpoint={nan_ckpt}'], 'nan|finite'),
+    ('eval.py: text_file missing', EVAL + ['--text_file={missing}.txt'], 'missing'),
+    ('eval.py: text_file empty', EVAL + ['--text_file={empty}'], 'empty'),
+    ('eval.py: text_file not UTF-8', EVAL + ['--text_file={binary}'], 'utf-8|not text'),
+    ('eval.py: text_file is a folder', EVAL + ['--text_file={emptydir}'], 'emptydir|directory'),
+    ('eval.py: unknown task', EVAL + ['--task=hellaswag'], 'hellaswag|task'),
+    ('eval.py: unknown biblia language', EVAL + ['--task=biblia-xx'], 'xx'),
+    ('eval.py: task file missing', EVAL + ['--task={missing}.jsonl'], 'missing'),
+    ('eval.py: task file malformed JSON', EVAL + ['--task={notjson}'], 'notjson|json'),
+    ('eval.py: task record without gold', EVAL + ['--task={mc_nogold}'], 'gold'),
+    ('eval.py: task gold out of range', EVAL + ['--task={mc_gold_oob}'], 'gold'),
+    ('eval.py: task with no choices', EVAL + ['--task={mc_nochoices}'], 'choices'),
+    ('eval.py: task choices a string', EVAL + ['--task={mc_choices_str}'], 'choices'),
+    ('eval.py: task file empty', EVAL + ['--task={empty_jsonl}'], 'empty|no examples'),
+    ('eval.py: data_dir missing', EVAL + ['--data_dir={missing}'], 'missing'),
+    ('eval.py: data_dir of another tokenizer', EVAL + ['--data_dir={spdata}'], 'tokenizer'),
+    ('eval.py: data_dir with ids >= vocab', EVAL + ['--data_dir={data_badids}'], 'vocab|token id'),
+    ('eval.py: unknown split', EVAL + ['--split=test'], 'test|split'),
+    ('eval.py: batch_size=0', EVAL + ['--batch_size=0'], 'batch_size'),
+    ('eval.py: block_size=-1', EVAL + ['--block_size=-1'], 'block_size'),
+    ('eval.py: block_size longer than the model', EVAL + ['--block_size=100000'], 'block_size'),
+    ('eval.py: max_tokens=-1', EVAL + ['--max_tokens=-1'], 'max_tokens'),
+    ('eval.py: n=-1', EVAL + ['--task={mc}', '--n=-1'], "'n'|--n|n="),
+    ('eval.py: task and text_file together', EVAL + ['--task={mc}', '--text_file={text}'], 'task|text_file'),
+    ('eval.py: output under a file', EVAL + ['--output={file}/eval.json'], 'plain.txt|eval.json'),
+    ('eval.py: unknown device', EVAL + ['--device=tpu'], 'device'),
+    ('eval.py: unknown key', EVAL + ['--tsk=x'], 'tsk'),
+
+    # export.py
+    ('export.py: no dest', ['export.py', '--out_dir={out}'], 'dest'),
+    ('export.py: out_dir missing', EXPORT + ['--out_dir={missing}'], 'missing'),
+    ('export.py: out_dir is a text file', EXPORT + ['--out_dir={text}'], 'corpus.txt|checkpoint'),
+    ('export.py: a dict that is no checkpoint', EXPORT + ['--out_dir={notckpt}'], 'notckpt|checkpoint'),
+    ('export.py: checkpoint name missing', EXPORT + ['--checkpoint=nope.pt'], 'nope.pt'),
+    ('export.py: unknown dtype', EXPORT + ['--dtype=int8'], 'dtype|int8'),
+    ('export.py: dest under a file', EXPORT + ['--dest={file}/hf'], 'plain.txt|dest'),
+    ('export.py: dest is a file', EXPORT + ['--dest={file}'], 'plain.txt|dest'),
+    ('export.py: check_tokenizer=maybe', EXPORT + ['--check_tokenizer=maybe'], 'check_tokenizer'),
+    ('export.py: NaN weights', EXPORT + ['--out_dir={nan_ckpt}'], 'nan|finite'),
+
+    # classify.py
+    ('classify.py: init_from missing', CLASSIFY + ['--init_from={missing}'], 'missing'),
+    ('classify.py: init_from a text file', CLASSIFY + ['--init_from={text}'], 'corpus.txt|checkpoint'),
+    ('classify.py: init_from NaN weights', CLASSIFY + ['--init_from={nan_ckpt}'], 'nan|finite'),
+    ('classify.py: train_file missing', CLASSIFY + ['--train_file={missing}.jsonl'], 'missing'),
+    ('classify.py: train_file empty', CLASSIFY + ['--train_file={empty_jsonl}'], 'empty'),
+    ('classify.py: train_file malformed JSON', CLASSIFY + ['--train_file={notjson}'], 'notjson|json'),
+    ('classify.py: train_file not UTF-8', CLASSIFY + ['--train_file={binary}'], 'utf-8|not text'),
+    ('classify.py: records without a label', CLASSIFY + ['--train_file={cls_nolabel}'], 'label'),
+    ('classify.py: one label only', CLASSIFY + ['--train_file={cls_onelabel}'], 'label'),
+    ('classify.py: test label unseen in train', CLASSIFY + ['--test_file={cls_unseen}'], 'label|zebra'),
+    ('classify.py: unknown text_field', CLASSIFY + ['--text_field=body'], 'body'),
+    ('classify.py: epochs=0', CLASSIFY + ['--epochs=0'], 'epochs'),
+    ('classify.py: batch_size=0', CLASSIFY + ['--batch_size=0'], 'batch_size'),
+    ('classify.py: learning_rate=-1', CLASSIFY + ['--learning_rate=-1.0'], 'learning_rate'),
+    ('classify.py: max_length=-1', CLASSIFY + ['--max_length=-1'], 'max_length'),
+    ('classify.py: warmup_fraction=2', CLASSIFY + ['--warmup_fraction=2.0'], 'warmup_fraction'),
+    ('classify.py: out_dir under a file', CLASSIFY + ['--out_dir={file}/cls'], 'plain.txt|out_dir'),
+    ('classify.py: unknown device', CLASSIFY + ['--device=tpu'], 'device'),
+    ('classify.py: freeze_backbone=maybe', CLASSIFY + ['--freeze_backbone=maybe'], 'freeze_backbone'),
+
+    # data/prepare.py
+    ('prepare.py: no arguments', ['data/prepare.py'], 'required|--tokenizer'),
+    ('prepare.py: input missing', PREPARE[:2] + ['{missing}.txt'] + PREPARE[3:], 'missing'),
+    ('prepare.py: input empty', PREPARE[:2] + ['{empty}'] + PREPARE[3:], 'empty|no documents'),
+    ('prepare.py: input an empty folder', PREPARE[:2] + ['{emptydir}'] + PREPARE[3:], 'emptydir|no'),
+    ('prepare.py: input not UTF-8', PREPARE[:2] + ['{binary}'] + PREPARE[3:], 'utf-8|not text'),
+    ('prepare.py: input Latin-1 text', PREPARE[:2] + ['{latin1}'] + PREPARE[3:], 'warn:latin1.txt|utf-8'),
+    ('prepare.py: JSONL without the text field', PREPARE[:2] + ['{cls_train}'] + PREPARE[3:] + ['--text_field=body'],
+     'body'),
+    ('prepare.py: JSONL malformed', PREPARE[:2] + ['{notjson}'] + PREPARE[3:], 'notjson|json'),
+    ('prepare.py: input and hf_dataset together', PREPARE + ['--hf_dataset=wikitext'], 'hf_dataset'),
+    ('prepare.py: hf_dataset offline', ['data/prepare.py', '--hf_dataset=no/such-set', '--tokenizer', 'bytes',
+                                        '--out', '{new}'], 'no/such-set|datasets'),
+    ('prepare.py: unknown tokenizer spec', PREPARE[:4] + ['byte'] + PREPARE[5:], 'byte'),
+    ('prepare.py: train:abc', PREPARE[:4] + ['train:abc'] + PREPARE[5:], 'train:'),
+    ('prepare.py: train:0', PREPARE[:4] + ['train:0'] + PREPARE[5:], 'vocab|train:0'),
+    ('prepare.py: train:-5', PREPARE[:4] + ['train:-5'] + PREPARE[5:], 'vocab|train:-5'),
+    ('prepare.py: tiktoken offline', PREPARE[:4] + ['tiktoken:cl100k_base'] + PREPARE[5:], 'tiktoken|cl100k'),
+    ('prepare.py: tiktoken ranks file malformed', PREPARE[:4] + ['tiktoken:{bad_tiktoken}'] + PREPARE[5:],
+     'bad.tiktoken|ranks'),
+    ('prepare.py: tokenizer a checkpoint', PREPARE[:4] + ['{ckpt}'] + PREPARE[5:], 'ckpt.pt|tokenizer'),
+    ('prepare.py: tokenizer a text file', PREPARE[:4] + ['{text}'] + PREPARE[5:], 'corpus.txt|tokenizer'),
+    ('prepare.py: tokenizer file missing', PREPARE[:4] + ['{missing}.model'] + PREPARE[5:], 'missing'),
+    ('prepare.py: val_fraction=1.5', PREPARE + ['--val_fraction=1.5'], 'val_fraction'),
+    ('prepare.py: val_fraction=-0.1', PREPARE + ['--val_fraction=-0.1'], 'val_fraction'),
+    ('prepare.py: val_fraction=nan', PREPARE + ['--val_fraction=nan'], 'val_fraction'),
+    ('prepare.py: shard_tokens=0', PREPARE + ['--shard_tokens=0'], 'shard_tokens'),
+    ('prepare.py: shard_tokens=-1', PREPARE + ['--shard_tokens=-1'], 'shard_tokens'),
+    ('prepare.py: num_proc=0', PREPARE + ['--num_proc=0'], 'num_proc'),
+    ('prepare.py: sample_bytes=0', PREPARE[:4] + ['train:300'] + PREPARE[5:] + ['--sample_bytes=0'], 'sample_bytes'),
+    ('prepare.py: unknown doc_per', PREPARE + ['--doc_per=page'], 'doc_per'),
+    ('prepare.py: out under a file', PREPARE[:6] + ['{file}/data'], 'plain.txt'),
+    ('prepare.py: out is a file', PREPARE[:6] + ['{file}'], 'plain.txt'),
+    ('prepare.py: README command, vocab too big for the corpus', PREPARE[:4] + ['train:8192'] + PREPARE[5:],
+     'vocab|8192'),
+
+    # data/prepare_chat.py
+    ('prepare_chat.py: input missing', CHAT[:2] + ['{missing}.jsonl'] + CHAT[3:], 'missing'),
+    ('prepare_chat.py: input empty', CHAT[:2] + ['{empty_jsonl}'] + CHAT[3:], 'empty|no conversations'),
+    ('prepare_chat.py: input malformed JSON', CHAT[:2] + ['{notjson}'] + CHAT[3:], 'notjson|json'),
+    ('prepare_chat.py: input not UTF-8', CHAT[:2] + ['{binary}'] + CHAT[3:], 'utf-8|not text'),
+    ('prepare_chat.py: records without messages', CHAT[:2] + ['{chat_nofield}'] + CHAT[3:], 'messages|prompt'),
+    ('prepare_chat.py: unknown role', CHAT[:2] + ['{chat_badrole}'] + CHAT[3:], 'role|robot'),
+    ('prepare_chat.py: empty messages', CHAT[:2] + ['{chat_nomessages}'] + CHAT[3:], 'messages|empty'),
+    ('prepare_chat.py: unknown template', CHAT + ['--template=llama3'], 'template|llama3'),
+    ('prepare_chat.py: aira template on a tokenizer without its tokens', CHAT + ['--template=aira'], 'instruction'),
+    ('prepare_chat.py: tokenizer missing', CHAT[:4] + ['{missing}.model'] + CHAT[5:], 'missing'),
+    ('prepare_chat.py: tokenizer a checkpoint', CHAT[:4] + ['{ckpt}'] + CHAT[5:], 'ckpt.pt|tokenizer'),
+    ('prepare_chat.py: val_fraction=1.5', CHAT + ['--val_fraction=1.5'], 'val_fraction'),
+    ('prepare_chat.py: shard_tokens=0', CHAT + ['--shard_tokens=0'], 'shard_tokens'),
+    ('prepare_chat.py: val_input missing', CHAT + ['--val_input={missing}.jsonl'], 'missing'),
+    ('prepare_chat.py: out under a file', CHAT[:6] + ['{file}/chat'], 'plain.txt'),
+
+    # tokenizer.py
+    ('tokenizer.py: input missing', TOKENIZER[:2] + ['{missing}.txt'] + TOKENIZER[3:], 'missing'),
+    ('tokenizer.py: input empty', TOKENIZER[:2] + ['{empty}'] + TOKENIZER[3:], 'empty.txt|no text'),
+    ('tokenizer.py: input not UTF-8', TOKENIZER[:2] + ['{binary}'] + TOKENIZER[3:], 'utf-8|not text'),
+    ('tokenizer.py: input Latin-1 text', TOKENIZER[:2] + ['{latin1}'] + TOKENIZER[3:], 'warn:latin1.txt|utf-8'),
+    ('tokenizer.py: vocab_size=0', TOKENIZER + ['--vocab_size', '0'], 'vocab_size'),
+    ('tokenizer.py: vocab_size=-1', TOKENIZER + ['--vocab_size', '-1'], 'vocab_size'),
+    ('tokenizer.py: vocab_size too big for the corpus', TOKENIZER + ['--vocab_size', '100000'], 'vocab'),
+    ('tokenizer.py: vocab_size is text', TOKENIZER + ['--vocab_size', 'big'], 'vocab_size'),
+    ('tokenizer.py: unknown model_type', TOKENIZER + ['--model_type', 'wordpiece'], 'model_type'),
+    ('tokenizer.py: character_coverage=2', TOKENIZER + ['--character_coverage', '2'], 'character_coverage'),
+    ('tokenizer.py: held_out_every=0', TOKENIZER + ['--held_out_every', '0'], 'held_out_every'),
+    ('tokenizer.py: num_threads=0', TOKENIZER[:6] + ['0'] + TOKENIZER[7:], 'num_threads'),
+    ('tokenizer.py: out under a file', TOKENIZER[:-1] + ['{file}/tokenizer.model'], 'plain.txt'),
+    ('tokenizer.py: out is a folder', TOKENIZER[:-1] + ['{emptydir}'], 'emptydir|directory'),
+
+    # plan.py
+    ('plan.py: unknown preset', ['plan.py', '--model=gpt5'], 'gpt5|model'),
+    ('plan.py: params is text', ['plan.py', '--params=abc'], 'params'),
+    ('plan.py: params=-1', ['plan.py', '--params=-1'], 'params'),
+    ('plan.py: unknown gpu', PLAN + ['--gpu=TPU'], 'gpu|TPU'),
+    ('plan.py: mfu=0', PLAN + ['--gpu=A100', '--mfu=0'], 'mfu'),
+    ('plan.py: mfu=2', PLAN + ['--gpu=A100', '--mfu=2'], 'mfu'),
+    ('plan.py: num_gpus=0', PLAN + ['--gpu=A100', '--num_gpus=0'], 'num_gpus'),
+    ('plan.py: gpu_hour_price=-1', PLAN + ['--gpu=A100', '--gpu_hour_price=-1'], 'gpu_hour_price'),
+    ('plan.py: tokens=-5', PLAN + ['--tokens=-5'], 'tokens'),
+    ('plan.py: tokens_per_sec=-1', PLAN + ['--tokens_per_sec=-1'], 'tokens_per_sec'),
+    ('plan.py: context=-1', PLAN + ['--context=-1'], 'context'),
+    ('plan.py: log missing', PLAN + ['--log={missing}'], 'missing'),
+    ('plan.py: log is not a log', PLAN + ['--log={text}'], 'corpus.txt|log'),
+    ('plan.py: log without tokens/s', PLAN + ['--log={badlog}'], 'log|tokens'),
+    ('plan.py: data_dir missing', PLAN + ['--data_dir={missing}'], 'missing'),
+    ('plan.py: data_dir meta.json not JSON', PLAN + ['--data_dir={data_badmeta}'], 'meta.json'),
+    ('plan.py: config file missing', ['plan.py', '{missing}.py'], 'missing'),
+    ('plan.py: unknown train key', PLAN + ['--lerning_rate=1'], 'lerning_rate'),
+    ('plan.py: batch_size=0', PLAN + ['--batch_size=0'], 'batch_size'),
+    ('plan.py: README command with a bad price', ['plan.py', '{repo}/config/ttl_160m.py', '--gpu=A100',
+                                                  '--gpu_hour_price=cheap'], 'gpu_hour_price'),
+
+    # plot.py
+    ('plot.py: no arguments', ['plot.py'], 'usage'),
+    ('plot.py: run folder missing', ['plot.py', '{missing}', '--output={case}/runs.png'], 'missing'),
+    ('plot.py: folder without log.jsonl', ['plot.py', '{data}', '--output={case}/runs.png'], 'log.jsonl'),
+    ('plot.py: log with nothing to plot', ['plot.py', '{badlog}', '--output={case}/runs.png'], 'nothing to plot|log'),
+    ('plot.py: unknown option', PLOT + ['--colour=red'], 'colour'),
+    ('plot.py: unknown x axis', PLOT + ['--x=time'], 'time|--x'),
+    ('plot.py: output under a file', ['plot.py', '{out}', '--output={file}/runs.png'], 'plain.txt|runs.png'),
+    ('plot.py: output is a folder', ['plot.py', '{out}', '--output={emptydir}'], 'emptydir|directory'),
+    ('plot.py: output not a PNG', ['plot.py', '{out}', '--output={case}/runs.pdf'], 'png|pdf'),
+
+    # bench.py
+    ('bench.py: unknown what', BENCH + ['--what=nope'], 'what|nope'),
+    ('bench.py: repeats=0', BENCH + ['--repeats=0'], 'repeats'),
+    ('bench.py: batch_size=0', BENCH[:2] + ['--what=train'] + BENCH[3:] + ['--batch_size=0'], 'batch_size'),
+    ('bench.py: new_tokens=-1', BENCH + ['--new_tokens=-1'], 'new_tokens'),
+    ('bench.py: unknown preset', BENCH + ['--model=gpt5'], 'gpt5|model'),
+    ('bench.py: unknown dtype', BENCH + ['--dtype=float64'], 'dtype'),
+    ('bench.py: unknown device', BENCH + ['--device=tpu'], 'device'),
+    ('bench.py: unknown key', BENCH + ['--repeat=3'], 'repeat'),
+    ('bench.py: n_head does not divide n_embd', BENCH + ['--n_head=3'], 'n_head|n_embd'),
+    ('bench.py: vocab_size=0', BENCH + ['--vocab_size=0'], 'vocab_size'),
+    ('bench.py: block_size shorter than the prompt', BENCH + ['--block_size=2'], 'block_size'),
+
+    # data/biblia/prepare.py
+    ('biblia/prepare.py: no language', ['data/biblia/prepare.py', '--out', '{new}'], 'lang'),
+    ('biblia/prepare.py: unknown language', BIBLIA[:2] + ['xx'] + BIBLIA[3:], 'xx'),
+    ('biblia/prepare.py: unknown translation', BIBLIA + ['--translation', 'Z'], 'Z|translation'),
+    ('biblia/prepare.py: books is text', BIBLIA[:4] + ['genesis'] + BIBLIA[5:], 'books|genesis'),
+    ('biblia/prepare.py: book 999', BIBLIA[:4] + ['999'] + BIBLIA[5:], '999'),
+    ('biblia/prepare.py: max_chapters=0', BIBLIA[:6] + ['0'] + BIBLIA[7:], 'max_chapters'),
+    ('biblia/prepare.py: vocab_size=0', BIBLIA[:8] + ['0'] + BIBLIA[9:], 'vocab'),
+    ('biblia/prepare.py: num_proc=0', BIBLIA + ['--num_proc', '0'], 'num_proc'),
+    ('biblia/prepare.py: out under a file', BIBLIA[:-1] + ['{file}/biblia'], 'plain.txt'),
+
+    # data/biblia/make_tasks.py
+    ('make_tasks.py: no task', ['data/biblia/make_tasks.py'], 'what|chat|classify'),
+    ('make_tasks.py: unknown task', ['data/biblia/make_tasks.py', 'summarize'], 'summarize|choice'),
+    ('make_tasks.py: classify, unknown language', TASKS + ['--lang', 'xx'], 'xx'),
+    ('make_tasks.py: classify, train_per_label=0', TASKS[:3] + ['0'] + TASKS[4:], 'train_per_label'),
+    ('make_tasks.py: classify, test_per_label=-1', TASKS[:5] + ['-1'] + TASKS[6:], 'test_per_label'),
+    ('make_tasks.py: classify, unknown labels', TASKS + ['--task', 'author'], 'author|task'),
+    ('make_tasks.py: classify, out under a file', TASKS[:-1] + ['{file}/cls'], 'plain.txt'),
+    ('make_tasks.py: chat, unknown language', ['data/biblia/make_tasks.py', 'chat', '--lang', 'xx',
+                                               '--tokenizer', 'bytes', '--out', '{new}'], 'xx'),
+    ('make_tasks.py: chat, tokenizer missing', ['data/biblia/make_tasks.py', 'chat', '--tokenizer', '{missing}.model',
+                                                '--out', '{new}'], 'missing'),
+    ('make_tasks.py: chat, unknown template', ['data/biblia/make_tasks.py', 'chat', '--tokenizer', 'bytes',
+                                               '--template', 'llama3', '--out', '{new}'], 'llama3|template'),
+]
+
+# -----------------------------------------------------------------------------
+# fixtures
+
+
+def run_ok(root, *argv):
+    """Run a project command that must succeed (building a fixture)."""
+    p = subprocess.run([sys.executable, os.path.join(REPO, argv[0]), *argv[1:]], cwd=root, env=ENV,
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"fixture failed: {' '.join(argv)}\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
+
+
+def write(path, content):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'wb') as f:
+        f.write(content if isinstance(content, bytes) else content.encode('utf-8'))
+    return path
+
+
+def jsonl(path, records):
+    return write(path, ''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in records))
+
+
+def build_fixtures(root):
+    """Every file the cases point at -> {name: path}."""
+    sys.path.insert(0, REPO)
+    import numpy as np
+    import torch
+    from shards import HEADER_BYTES, make_header
+
+    rng = random.Random(0)
+    words = [['o gato', 'a menina', 'o rei', 'um homem', 'o povo'], ['come', 've', 'ama', 'fala com'],
+             ['o peixe', 'a terra', 'a luz', 'as aguas']]
+    sentence = lambda: ' '.join(rng.choice(w) for w in words) + '.'
+    docs = [' '.join(sentence() for _ in range(rng.randint(2, 6))) for _ in range(200)]
+    j = lambda name: os.path.join(root, name)
+    fx = dict(
+        text=write(j('corpus.txt'), '\n\n'.join(docs) + '\n'),
+        empty=write(j('empty.txt'), ''),
+        empty_jsonl=write(j('empty.jsonl'), ''),
+        binary=write(j('noise.txt'), bytes(rng.randrange(256) for _ in range(4000)) + b'\xff\xfe\x80'),
+        latin1=write(j('latin1.txt'), '\n\n'.join(d + ' A nação, só ação.' for d in docs).encode('latin-1')),
+        file=write(j('plain.txt'), 'a regular file\n'),
+        notjson=write(j('notjson.jsonl'), '{"text": "unterminated\nhello world\n'),
+        prompts=write(j('prompts.txt'), 'o gato\na menina come\n'),
+        bad_tiktoken=write(j('bad.tiktoken'), 'this is not a ranks file\n\x00\x01\n'),
+        cfg_syntax=write(j('cfg/syntax.py'), 'batch_size = (4\n'),
+        cfg_nameerror=write(j('cfg/nameerror.py'), 'batch_size = undefined_name * 2\n'),
+        cfg_latin1=write(j('cfg/latin1.py'), "out_dir = 'sa\xedda'\n".encode('latin-1')),
+        cfg_unknown=write(j('cfg/unknown.py'), 'lerning_rate = 1e-3\n'),
+        cfg_badtype=write(j('cfg/badtype.py'), "batch_size = 'sixteen'\n"),
+        badlog=write(j('badlog/log.jsonl'), 'not json\n{"foo": 1}\n[1, 2]\n'),
+    )
+    os.makedirs(j('emptydir'))
+    fx['emptydir'] = j('emptydir')
+    say = [{'role': 'user', 'content': 'Diga algo.'}, {'role': 'assistant', 'content': 'o gato come o peixe.'}]
+    fx['chat'] = jsonl(j('chat.jsonl'), [{'messages': say}] * 10 + [{'prompt': 'Oi', 'completion': 'Ola.'}] * 10)
+    fx['chat_nofield'] = jsonl(j('chat_nofield.jsonl'), [{'foo': 1}] * 3)
+    fx['chat_badrole'] = jsonl(j('chat_badrole.jsonl'), [{'messages': [{'role': 'robot', 'content': 'beep'}]}] * 3)
+    fx['chat_nomessages'] = jsonl(j('chat_nomessages.jsonl'), [{'messages': []}] * 3)
+    labelled = [{'text': d, 'label': 'gato' if 'gato' in d else 'outro'} for d in docs]
+    fx['cls_train'] = jsonl(j('cls_train.jsonl'), labelled[:40])
+    fx['cls_test'] = jsonl(j('cls_test.jsonl'), labelled[40:60])
+    fx['cls_nolabel'] = jsonl(j('cls_nolabel.jsonl'), [{'text': d} for d in docs[:10]])
+    fx['cls_onelabel'] = jsonl(j('cls_onelabel.jsonl'), [{'text': d, 'label': 'a'} for d in docs[:10]])
+    fx['cls_unseen'] = jsonl(j('cls_unseen.jsonl'), [{'text': d, 'label': 'zebra'} for d in docs[:10]])
+    mc = {'context': 'o gato', 'choices': [' come o peixe.', ' ama a luz.'], 'gold': 0}
+    fx['mc'] = jsonl(j('mc.jsonl'), [mc] * 4)
+    fx['mc_nogold'] = jsonl(j('mc_nogold.jsonl'), [{k: v for k, v in mc.items() if k != 'gold'}] * 4)
+    fx['mc_gold_oob'] = jsonl(j('mc_gold_oob.jsonl'), [dict(mc, gold=5)] * 4)
+    fx['mc_nochoices'] = jsonl(j('mc_nochoices.jsonl'), [dict(mc, choices=[], gold=0)] * 4)
+    fx['mc_choices_str'] = jsonl(j('mc_choices_str.jsonl'), [dict(mc, choices='abc')] * 4)
+
+    # the project's own commands make the real fixtures
+    fx['data'], fx['sp_model'], fx['spdata'] = j('data'), j('sp/tokenizer.model'), j('spdata')
+    run_ok(root, 'data/prepare.py', '--input', fx['text'], '--tokenizer', 'bytes', '--out', fx['data'],
+           '--val_fraction', '0.1')
+    run_ok(root, 'tokenizer.py', '--input', fx['text'], '--vocab_size', '300', '--num_threads', '1',
+           '--out', fx['sp_model'])
+    run_ok(root, 'data/prepare.py', '--input', fx['text'], '--tokenizer', fx['sp_model'], '--out', fx['spdata'],
+           '--val_fraction', '0.1')
+    fx['out'] = j('out')
+    run_ok(root, *[a.format(data=fx['data'], new=fx['out']) for a in TRAIN])
+    fx['ckpt'] = os.path.join(fx['out'], 'ckpt.pt')
+    fx['hf'] = j('hf')
+    run_ok(root, 'export.py', f"--out_dir={fx['out']}", f"--dest={fx['hf']}")
+
+    # broken copies
+    for name in ('out_scratch', 'out_resume'):
+        fx[name] = shutil.copytree(fx['out'], j(name))
+    os.makedirs(j('out_nobest'))
+    fx['out_nobest'] = j('out_nobest')
+    shutil.copy(fx['ckpt'], fx['out_nobest'])
+    fx['hf_badconfig'] = shutil.copytree(fx['hf'], j('hf_badconfig'))
+    write(os.path.join(fx['hf_badconfig'], 'config.json'), '{"model_type": "llama", ')
+    fx['hf_noweights'] = shutil.copytree(fx['hf'], j('hf_noweights'))
+    os.remove(os.path.join(fx['hf_noweights'], 'model.safetensors'))
+    ckpt = torch.load(fx['ckpt'], map_location='cpu', weights_only=True)
+    for tensor in ckpt['model'].values():
+        if tensor.is_floating_point():
+            tensor.fill_(float('nan'))
+    fx['nan_ckpt'] = j('nan/ckpt.pt')
+    os.makedirs(j('nan'))
+    torch.save(ckpt, fx['nan_ckpt'])
+    fx['notckpt'] = j('notckpt.pt')
+    torch.save({'weights': torch.zeros(3), 'note': 'not a checkpoint'}, fx['notckpt'])
+
+    with open(os.path.join(fx['data'], 'meta.json'), encoding='utf-8') as f:
+        meta = json.load(f)
+    vocab = meta['vocab_size']
+    shard = lambda d, split: os.path.join(d, f'{split}_000000.bin')
+    for name in ('data_badmeta', 'data_noshards', 'data_truncated', 'data_badmagic', 'data_badids'):
+        fx[name] = shutil.copytree(fx['data'], j(name))
+    write(os.path.join(fx['data_badmeta'], 'meta.json'), '{"vocab_size": 260, "splits": ')
+    for split in ('train', 'val'):
+        os.remove(shard(fx['data_noshards'], split))
+        with open(shard(fx['data_truncated'], split), 'r+b') as f:
+            f.truncate(HEADER_BYTES + 101)
+        with open(shard(fx['data_badmagic'], split), 'r+b') as f:
+            f.write(np.int32(12345).tobytes())
+        n = meta['splits'][split]['tokens']
+        ids = np.random.default_rng(0).integers(vocab, vocab + 500, size=n).astype(np.uint16)
+        write(shard(fx['data_badids'], split), make_header(2, n, vocab) + ids.tobytes())
+    return fx
+
+
+# -----------------------------------------------------------------------------
+# running the cases
+
+def last_line(output):
+    lines = [line.split('\r')[-1].strip() for line in output.splitlines()]
+    lines = [line for line in lines if line]
+    return lines[-1] if lines else ''
+
+
+def run_case(case, fx, root, timeout):
+    """-> (outcome, the command as typed, the last line of its output, seconds)."""
+    name, argv, names = case
+    case_dir = os.path.join(root, 'cases', ''.join(c if c.isalnum() else '_' for c in name))
+    os.makedirs(case_dir, exist_ok=True)
+    paths = dict(fx, repo=REPO, case=case_dir, new=os.path.join(case_dir, 'new'),
+                 missing=os.path.join(case_dir, 'missing'))
+    argv = [a.format(**paths) for a in argv]
+    shown = ' '.join(a if a and ' ' not in a else repr(a) for a in argv).replace(root, '$T').replace(REPO, '.')
+    t0 = time.time()
+    p = subprocess.Popen([sys.executable, os.path.join(REPO, argv[0]), *argv[1:]], cwd=case_dir, env=ENV,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         start_new_session=True)  # a process group: a timeout ends its children too
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, _ = p.communicate()
+        return 'hang', shown, last_line(out.decode('utf-8', 'replace')).replace(root, '$T'), time.time() - t0
+    out = out.decode('utf-8', 'replace')
+    tail = last_line(out).replace(root, '$T')
+    if 'Traceback (most recent call last)' in out:
+        outcome = 'traceback'
+    elif p.returncode < 0:
+        outcome, tail = 'crash', f"killed by signal {-p.returncode}; {tail}"
+    else:
+        warning_will_do = names.startswith('warn:')  # exit 0 is fine if a warning line names the problem
+        names = names.removeprefix('warn:').lower().split('|')
+        lines = [line.lower() for line in out.splitlines() if line.strip()]
+        if p.returncode == 0:
+            warned = [line for line in lines if 'warning' in line and any(n in line for n in names)]
+            outcome = 'clear' if warning_will_do and warned else 'silent'
+        else:
+            outcome = 'clear' if any(n in ' '.join(lines[-3:]) for n in names) else 'unclear'
+    return outcome, shown, tail, time.time() - t0
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Run every command line of the project on bad inputs.")
+    parser.add_argument('--list', action='store_true', help="print the cases and exit")
+    parser.add_argument('--only', action='append', default=[], help="run the cases whose name contains this "
+                                                                    "(repeat for several)")
+    parser.add_argument('--jobs', type=int, default=2, help="cases run at once")
+    parser.add_argument('--timeout', type=float, default=60, help="seconds one case may run")
+    parser.add_argument('--keep', action='store_true', help="keep the temporary folder (its path is printed)")
+    parser.add_argument('--all', action='store_true', help="print every case, the clear ones too")
+    args = parser.parse_args()
+    names = [name for name, _, _ in CASES]
+    assert len(names) == len(set(names)), "two cases have the same name"
+    cases = [c for c in CASES if not args.only or any(s in c[0] for s in args.only)]
+    if args.list:
+        for name, argv, _ in cases:
+            print(f"{name:<62} {' '.join(argv)}")
+        print(f"{len(cases)} cases")
+        return 0
+    if not cases:
+        sys.exit(f"no case name contains {' or '.join(map(repr, args.only))} (--list shows them)")
+
+    git_status = lambda: subprocess.run(['git', 'status', '--porcelain', '--untracked-files=all'], cwd=REPO,
+                                        capture_output=True, text=True).stdout
+    status_before = git_status()
+    t0 = time.time()
+    root = tempfile.mkdtemp(prefix='mirim-bad-inputs-')
+    try:
+        fx = build_fixtures(root)
+        print(f"fixtures in {time.time() - t0:.0f}s; running {len(cases)} cases, {args.jobs} at a time, "
+              f"{args.timeout:.0f}s each at most", flush=True)
+        results = {}
+        with ThreadPoolExecutor(args.jobs) as pool:
+            futures = {pool.submit(run_case, case, fx, root, args.timeout): case[0] for case in cases}
+            for future, name in futures.items():  # in the order of CASES
+                results[name] = outcome, shown, tail, seconds = future.result()
+                if outcome != 'clear' or args.all:
+                    print(f"{outcome.upper():<9} {name}\n          $ {shown}\n          -> {tail[:300]}", flush=True)
+    finally:
+        if args.keep:
+            print(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+    counts = Counter(outcome for outcome, *_ in results.values())
+    scripts = sorted({name.split(':')[0] for name in results}, key=lambda s: names.index(next(
+        n for n in names if n.startswith(s + ':'))))
+    print(f"\n{'script':<20}" + ''.join(f"{o:>10}" for o in OUTCOMES) + f"{'cases':>8}")
+    for script in scripts:
+        per = Counter(o for n, (o, *_) in results.items() if n.split(':')[0] == script)
+        print(f"{script:<20}" + ''.join(f"{per[o]:>10}" for o in OUTCOMES) + f"{sum(per.values()):>8}")
+    print(f"{'all':<20}" + ''.join(f"{counts[o]:>10}" for o in OUTCOMES) + f"{len(results):>8}")
+    print(f"{len(results)} cases in {time.time() - t0:.0f}s (the slowest {max(r[3] for r in results.values()):.0f}s)")
+    if git_status() != status_before:
+        print(f"warning: the cases changed the repository (git status):\n{git_status()}")
+    return 0 if counts['clear'] == len(results) else 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())
