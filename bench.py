@@ -67,6 +67,8 @@ if __name__ == '__main__':
         sys.exit(f"bench.py: error: {e}")
     checks = [(what in ('train', 'generate', 'loop', 'prompts', 'all'), "what must be train, generate, loop, prompts or all"),
               (dtype in ('float32', 'bfloat16'), "dtype must be float32 or bfloat16"),
+              (prompt_tokens + new_tokens <= block_size or what not in ('generate', 'all', 'prompts'),
+               "prompt_tokens + new_tokens must fit in block_size"),
               (min(repeats, train_steps, new_tokens, prompt_tokens, batch_size, block_size, loop_iters, num_prompts,
                    prompt_batch) >= 1, "repeats, train_steps, new_tokens, prompt_tokens, batch_size, block_size, "
                                       "loop_iters, num_prompts and prompt_batch must be at least 1")]
@@ -107,6 +109,16 @@ def compare(runs, count, repeats):
 
 
 def build_mirim():
+    """The benchmarked model; a shape or device that cannot be is one error line."""
+    try:
+        return make_mirim()
+    except (ValueError, RuntimeError) as e:
+        sys.exit(f"bench.py: error: {str(e).splitlines()[0]}")
+
+
+def make_mirim():
+    from common import resolve_device
+    resolve_device(device)  # a device that is not there: a clear ValueError
     if model:
         config = config_from_preset(model, block_size=block_size)
     else:
@@ -216,7 +228,8 @@ def prompts_rates(net):
 
 
 def same_logits(mirim, twin):
-    tokens = torch.randint(0, mirim.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0)).to(device)
+    tokens = torch.randint(0, mirim.config.vocab_size, (2, min(64, block_size)),
+                           generator=torch.Generator().manual_seed(0)).to(device)
     mirim.eval(), twin.eval()
     with torch.no_grad():
         diff = (mirim(tokens)[0] - twin(tokens).logits).abs().max().item()

@@ -186,8 +186,13 @@ def load_model(path, device='cpu', dtype=None, checkpoint='ckpt.pt'):
         model, tokenizer = load_hf(where, device, dtype)
         return model, tokenizer, {'model_config': asdict(model.config), 'hf_dir': where}
     from tokenizer import load_tokenizer
+    import torch
     ckpt = load_checkpoint(where)
     model = model_from_checkpoint(ckpt)
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:  # a diverged run's weights: sampling, scores and exports of them would all be NaN
+        raise CheckpointError(f"{where} holds non-finite weights (NaN or inf in {len(bad)} tensors, e.g. {bad[0]}): "
+                              f"the run that saved it diverged; use an earlier checkpoint")
     model.to(device=device, dtype=dtype).eval()
     return model, load_tokenizer(ckpt['tokenizer']), ckpt
 

@@ -182,6 +182,14 @@ def train_classifier(cfg, say=print):
     """Fine-tune on cfg['train_file'], score cfg['test_file'], save out_dir/classifier.pt and results.json.
     Returns the results dict."""
     cfg = {**DEFAULTS, **cfg}
+    checks = [(cfg['epochs'] >= 1 and cfg['batch_size'] >= 1, "epochs and batch_size must be at least 1"),
+              (cfg['learning_rate'] >= 0 and cfg['head_learning_rate'] >= 0 and cfg['weight_decay'] >= 0
+               and cfg['grad_clip'] >= 0, "learning rates, weight_decay and grad_clip must not be negative"),
+              (0 <= cfg['warmup_fraction'] <= 1, "warmup_fraction must be between 0 and 1"),
+              (cfg['max_length'] >= 0, "max_length must not be negative (0 = the model's context)")]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
     t0 = time.time()
     torch.manual_seed(cfg['seed'])
     device = resolve_device(cfg['device'])
@@ -322,7 +330,7 @@ def main(argv):
     try:
         cfg = configure(DEFAULTS, argv, help_source=__file__)  # --help reads the comments in DEFAULTS
         train_classifier(cfg)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, DataError, OSError, ValueError) as e:
         sys.exit(f"classify.py: error: {e}")
 
 

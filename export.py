@@ -407,5 +407,5 @@ def main(argv):
 if __name__ == '__main__':
     try:
         main(sys.argv[1:])
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # a --dest that cannot be written among them
         sys.exit(f"export.py: error: {e}")

@@ -131,7 +131,7 @@ def training_config(argv):
     try:
         return configure(train.DEFAULTS, argv, help_source=train.__file__, usage=usage)
     except ConfigError as e:
-        raise SystemExit(f"plan.py: {e} (plan.py's own options: {', '.join(DEFAULTS)})") from None
+        raise ValueError(f"{e} (plan.py's own options: {', '.join(DEFAULTS)})") from None
 
 
 def model_shape(train_config, meta=None):
@@ -161,9 +161,11 @@ def tokens_per_sec_from_log(path):
     with open(path, encoding='utf-8') as f:
         for line in f:
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a crash
+            if isinstance(record, dict):
+                records.append(record)
     for key in ('tokens_per_sec', 'tokens_per_second', 'tok_per_sec', 'tokens/s'):
         rates = [r[key] for r in records if isinstance(r.get(key), (int, float)) and r[key] > 0]
         if rates:
@@ -173,7 +175,7 @@ def tokens_per_sec_from_log(path):
         rates = [(t2 - t1) / (s2 - s1) for (t1, s1), (t2, s2) in zip(points, points[1:]) if s2 > s1 and t2 > t1]
         if rates:
             return statistics.median(rates[1:] or rates)
-    raise SystemExit(f"{path}: no tokens/s in the log (looked for tokens_per_sec, or tokens with time)")
+    raise ValueError(f"{path}: no tokens/s in the log (looked for tokens_per_sec, or tokens with time)")
 
 
 # -----------------------------------------------------------------------------
@@ -201,7 +203,7 @@ def plan(config):
         gpu = config['gpu'].replace('-', ' ')  # --gpu=H100-PCIe: no quotes needed on the command line
         if gpu not in PEAK_FLOPS:
             close = difflib.get_close_matches(gpu, PEAK_FLOPS, n=1)
-            raise SystemExit(f"unknown --gpu={gpu}" + (f"; did you mean {close[0]}?" if close else '')
+            raise ValueError(f"unknown --gpu={gpu}" + (f"; did you mean {close[0]}?" if close else '')
                              + f" (known: {', '.join(PEAK_FLOPS)})")
         peak = PEAK_FLOPS[gpu] * config['mfu'] * config['num_gpus']
         throughput[f"{config['num_gpus']}x {gpu} at MFU {config['mfu']:.0%}"] = peak / facts['flops_per_token']
@@ -273,14 +275,36 @@ def parse_args(argv):
         elif expected is int and isinstance(parsed, float) and parsed.is_integer():
             parsed = int(parsed)
         if type(parsed) is not expected:
-            raise SystemExit(f"--{key} must be {expected.__name__}, got {value!r}")
+            raise ValueError(f"--{key} must be {expected.__name__}, got {value!r}")
         options[key] = parsed
     return options, rest
 
 
+def check_options(options, train_config):
+    from types import SimpleNamespace
+    from train import check_config
+    checks = [(min(options['params'], options['tokens'], options['tokens_per_sec'], options['gpu_hour_price'],
+                   options['context']) >= 0, "params, tokens, tokens_per_sec, gpu_hour_price and context must not be "
+                                             "negative (0 = not given)"),
+              (0 < options['mfu'] <= 1, "mfu must be in (0, 1]: a share of the GPU's peak"),
+              (options['num_gpus'] >= 1, "num_gpus must be at least 1")]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    check_config(SimpleNamespace(**train_config))  # the run's own settings, as train.py checks them
+
+
 def main(argv=None):
-    options, rest = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return run(sys.argv[1:] if argv is None else argv)
+    except (OSError, ValueError) as e:  # ShardError and ConfigError are ValueErrors
+        raise SystemExit(f"plan.py: error: {e}") from None
+
+
+def run(argv):
+    options, rest = parse_args(argv)
     train_config = training_config(rest)
+    check_options(options, train_config)
     has_file = any(not arg.startswith('--') for arg in rest)
     given = {arg[2:].partition('=')[0] for arg in rest if arg.startswith('--')}
     # the corpus counts when the run names one (a config file, --data_dir) and it has been prepared
@@ -291,7 +315,7 @@ def main(argv=None):
             meta = load_meta(train_config['data_dir'])
         except FileNotFoundError as e:
             if 'data_dir' in given:
-                raise SystemExit(f"plan.py: {e}") from None
+                raise
             print(f"(corpus {train_config['data_dir']} not prepared yet: planning with the preset's vocab)")
     config = dict(options)
     if options['params'] and not (has_file or given):

@@ -95,11 +95,24 @@ def plot_runs(paths, output='runs.png', x_key='tokens'):
         for axis in axes:
             axis.ticklabel_format(axis='x', style='sci', scilimits=(0, 3))
     figure.tight_layout()
-    tmp = output + '.tmp'
-    figure.savefig(tmp, format='png', dpi=110)
+    import io
+    from checkpoint import write_atomic  # never a half-written image under the real name
+    image = io.BytesIO()
+    figure.savefig(image, format=image_format(output), dpi=110)
     plt.close(figure)
-    os.replace(tmp, output)  # never a half-written image under the real name
+    try:
+        write_atomic(output, image.getvalue())
+    except OSError as e:
+        raise SystemExit(f"plot.py: error: cannot write {output}: {e.strerror or e}") from None
     return output
+
+
+def image_format(output):
+    """The format the file name asks for: runs.png, runs.svg, runs.pdf."""
+    extension = os.path.splitext(output)[1].lower().lstrip('.')
+    if extension not in ('png', 'svg', 'pdf'):
+        raise SystemExit(f"plot.py: error: --output={output}: name a .png, .svg or .pdf file")
+    return extension
 
 
 def main(argv=None):
@@ -116,6 +129,7 @@ def main(argv=None):
             paths.append(arg)
     if not paths:
         raise SystemExit("usage: python plot.py out/a out/b ... [--output=runs.png] [--x=tokens|step]")
+    image_format(options['output'])  # before reading the logs
     output = plot_runs(paths, options['output'], options['x'])
     print(f"wrote {output}")
     return output

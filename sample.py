@@ -327,7 +327,7 @@ def main(argv):
 if __name__ == '__main__':
     try:
         main(sys.argv[1:])
-    except (FileNotFoundError, ValueError) as e:  # CheckpointError and ConfigError are ValueErrors
+    except (OSError, ValueError) as e:  # CheckpointError and ConfigError are ValueErrors
         sys.exit(f"sample.py: error: {e}")
     except KeyboardInterrupt:
         sys.exit(130)
