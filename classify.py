@@ -184,7 +184,8 @@ def train_classifier(cfg, say=print):
     cfg = {**DEFAULTS, **cfg}
     checks = [(cfg['epochs'] >= 1 and cfg['batch_size'] >= 1, "epochs and batch_size must be at least 1"),
               (cfg['learning_rate'] >= 0 and cfg['head_learning_rate'] >= 0 and cfg['weight_decay'] >= 0
-               and cfg['grad_clip'] >= 0, "learning rates, weight_decay and grad_clip must not be negative"),
+               and cfg['grad_clip'] >= 0, "learning_rate, head_learning_rate, weight_decay and grad_clip must not be "
+                                          "negative"),
               (0 <= cfg['warmup_fraction'] <= 1, "warmup_fraction must be between 0 and 1"),
               (cfg['max_length'] >= 0, "max_length must not be negative (0 = the model's context)")]
     for ok, message in checks:

@@ -124,6 +124,10 @@ def score_sequences(model, sequences, block_size, batch_size=8, device='cpu', au
             if masks is not None:
                 keep = torch.from_numpy(np.asarray(masks[i][start + 1:start + length + 1]) != 0)
                 y[row, :length][~keep] = -100
+        highest = int(torch.maximum(x.max(), y.max()))
+        if highest >= model.config.vocab_size:  # a damaged shard under a valid header
+            raise ValueError(f"{desc}: token id {highest} is beyond the model's vocab of {model.config.vocab_size}: "
+                             f"the data is damaged or from another tokenizer; prepare it again")
         scored = int((y != -100).sum())
         with autocast:  # right padding is harmless: causal attention never looks ahead
             # the model's own chunked loss: no (tokens x vocab) logits; mean * count = the sum

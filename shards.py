@@ -302,6 +302,15 @@ def _to_batch(rows, mask_rows):
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
+def check_ids(rows, vocab_size, data_dir, split):
+    """Token ids beyond the vocab (a damaged shard under a valid header) would index past the
+    embedding table: a cheap check per batch saves reading every shard up front."""
+    highest = max(int(row.max()) for row in rows)
+    if highest >= vocab_size:
+        raise ShardError(f"{data_dir}: a '{split}' shard holds token id {highest}, but the vocab has {vocab_size} "
+                         f"ids (a damaged shard, or written by another tokenizer): prepare the data again")
+
+
 class BatchSampler:
     """
     Random training batches: each row is a window of block_size+1 consecutive tokens, drawn
@@ -363,11 +372,7 @@ class BatchSampler:
         n = self.block_size + 1
         rows = [self.shards[s][o:o + n] for s, o in places]
         mask_rows = [self.masks[s][o:o + n] for s, o in places] if self.masks is not None else None
-        highest = max(int(row.max()) for row in rows)
-        if highest >= self.meta['vocab_size']:  # a cheap check here saves reading every shard up front
-            raise ShardError(f"{self.data_dir}: a '{self.split}' shard holds token id {highest}, but the vocab has "
-                             f"{self.meta['vocab_size']} ids (a damaged shard, or written by another tokenizer): "
-                             f"prepare the data again")
+        check_ids(rows, self.meta['vocab_size'], self.data_dir, self.split)
         return _to_batch(rows, mask_rows)
 
     def state_dict(self):
@@ -393,7 +398,7 @@ def iter_sequential(data_dir, split, batch_size, block_size, rank=0, world_size=
     the last batch may be smaller. With world_size > 1, rank r takes batches r, r+world_size, ...
     (so ranks may get one batch fewer than others). Deterministic: every call yields the same batches.
     """
-    _, _, tokens, masks = open_split(data_dir, split, vocab_size)
+    meta, _, tokens, masks = open_split(data_dir, split, vocab_size)
     windows = [(s, start) for s, t in enumerate(tokens) for start in range(0, len(t) - block_size, block_size)]
     if not windows:
         raise ShardError(f"{data_dir}: no '{split}' shard holds block_size+1={block_size + 1} tokens; "
@@ -405,4 +410,5 @@ def iter_sequential(data_dir, split, batch_size, block_size, rank=0, world_size=
     for batch in batches[rank::world_size]:
         rows = [tokens[s][o:o + n] for s, o in batch]
         mask_rows = [masks[s][o:o + n] for s, o in batch] if masks is not None else None
+        check_ids(rows, meta['vocab_size'], data_dir, split)
         yield _to_batch(rows, mask_rows)

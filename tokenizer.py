@@ -320,6 +320,8 @@ def train_sentencepiece(input_paths_or_iter, out_path, vocab_size=8192, model_ty
             max_sentence_length=max_sentence_length, num_threads=num_threads or os.cpu_count(),
             minloglevel=0 if verbose else 2)
     except RuntimeError as e:  # e.g. "Vocabulary size too high" on a small corpus: one clear line
+        if 'sentences_.empty()' in str(e):
+            raise ValueError("the input is empty: there is no text to train a tokenizer on") from None
         raise ValueError(f"SentencePiece could not train a {vocab_size}-piece tokenizer on this input "
                          f"({str(e).strip().splitlines()[-1]})") from None
     write_atomic(out_path, model.getvalue())
@@ -465,6 +467,11 @@ def main():
     parser.add_argument('--max_held_out', type=int, default=20_000, help="at most this many held-out blocks")
     parser.add_argument('--verbose', action='store_true', help="show SentencePiece's own log")
     args = parser.parse_args()
+    if args.held_out_every < 1 or args.num_threads < 1 or args.max_held_out < 0 or args.input_sentence_size < 1:
+        parser.error("--held_out_every, --num_threads and --input_sentence_size must be at least 1, "
+                     "--max_held_out at least 0")
+    if os.path.isdir(args.out):
+        parser.error(f"--out {args.out} is a folder: name the .model file, e.g. {os.path.join(args.out, 'tokenizer.model')}")
 
     held_out = []
 
@@ -482,7 +489,7 @@ def main():
                                   character_coverage=args.character_coverage,
                                   input_sentence_size=args.input_sentence_size, num_threads=args.num_threads,
                                   verbose=args.verbose)
-    except (ValueError, FileNotFoundError) as e:  # bad input or settings: a message, not a traceback
+    except (ValueError, OSError) as e:  # bad input, settings or --out: a message, not a traceback
         parser.exit(1, f"tokenizer.py: error: {e}\n")
     print(f"wrote {args.out} ({tok.vocab_size:,} pieces, {args.model_type}) in {time.time() - t0:.1f}s")
     if held_out:

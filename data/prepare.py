@@ -203,16 +203,21 @@ def jsonl_records(path, error=None):
     if not os.path.isfile(path):
         raise error(f"input not found: {path}")
     with (gzip.open(path, 'rt', encoding='utf-8') if path.endswith('.gz') else open(path, encoding='utf-8')) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise error(f"{where}: not valid JSON ({e.msg} at column {e.colno}); "
-                            f"JSONL needs one JSON object per line") from None
-            yield where, record
+        number = 0
+        try:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{number}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise error(f"{where}: not valid JSON ({e.msg} at column {e.colno}); "
+                                f"JSONL needs one JSON object per line") from None
+                yield where, record
+        except UnicodeDecodeError:
+            raise error(f"{path}:{number + 1}: not UTF-8 text (a binary file, or another encoding): JSONL is "
+                        f"UTF-8") from None
 
 
 def read_documents(paths, doc_per='block', text_field='text', problems=None):

@@ -235,12 +235,14 @@ def main(argv=None):
     parser.add_argument('--test_per_label', type=int, default=200)
     parser.add_argument('--seed', type=int, default=1337)
     args = parser.parse_args(argv)
+    if args.train_per_label < 1 or args.test_per_label < 1:
+        parser.error("--train_per_label and --test_per_label must be at least 1")
     try:
         if args.what == 'chat':
             build_chat(args.lang, args.out, args.tokenizer, args.template, seed=args.seed)
         else:
             build_classify(args.lang, args.task, args.out, args.train_per_label, args.test_per_label, args.seed)
-    except PrepareError as e:
+    except (PrepareError, ValueError, OSError) as e:  # an unknown template, an --out that cannot be written...
         sys.exit(f"error: {e}")
 
 

@@ -158,7 +158,15 @@ def build(langs, out_dir=None, translation=None, vocab_size=None, books=None, ma
     if vocab_size is None:
         vocab_size = VOCAB_SIZE['all' if everything else 'one' if len(langs) == 1 else 'several']
     coverage = 0.9995 if CJK & set(langs) else 1.0  # 1.0: every letter of an alphabet gets a piece
+    if max_chapters is not None and max_chapters < 1:
+        raise PrepareError(f"--max_chapters {max_chapters}: give at least 1 (or leave it out for every chapter)")
+    if num_proc < 1:
+        raise PrepareError(f"--num_proc {num_proc}: give at least 1")
     db = connect(db_path or database_path())
+    if next(documents(db, letters, 'train', books, max_chapters), None) is None:
+        raise PrepareError(f"no chapter of {', '.join(langs)} is left for training with --books "
+                           f"{','.join(map(str, books or [])) or '(all)'}: books are numbered 1-66 (1-39 Old "
+                           f"Testament, 40-66 New), and some of them must be outside the held-out books")
 
     t0 = time.time()
     names = ', '.join(f"{lang} ({TRANSLATIONS[letter][1]})" for lang, letter in zip(langs, letters))
