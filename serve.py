@@ -330,6 +330,7 @@ def token_list(value, name, vocab_size):
 
 class Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # the listen backlog: the default 5 makes a burst of clients wait for SYN retries
 
     def __init__(self, address, model, tokenizer, model_name, api_key='', chat_template='', max_batch=32,
                  batch_wait=0.005, quiet=False):
