@@ -597,18 +597,25 @@ class Handler(BaseHTTPRequestHandler):
                 elif head(c):
                     self.send_event(chunk([{'index': c, 'text': head(c), 'logprobs': None, 'finish_reason': None}]))
             while len(finished) < total:
-                event = request.events.get()
-                if isinstance(event, Exception):
-                    self.send_event({'error': APIError(500, f"generation failed: {event}", type='server_error')
+                events = [request.events.get()]
+                while not request.events.empty():  # when this thread fell behind, one chunk per choice for all
+                    events.append(request.events.get())
+                if any(isinstance(e, Exception) for e in events):
+                    error = next(e for e in events if isinstance(e, Exception))
+                    self.send_event({'error': APIError(500, f"generation failed: {error}", type='server_error')
                                     .body()['error']})
                     break
-                choice, piece, finish, count = event
-                counts[choice] = count
-                if finish:
-                    finished[choice] = finish
-                if piece or finish:
-                    content = {'delta': {'content': piece} if piece else {}} if chat else {'text': piece}
-                    self.send_event(chunk([{'index': choice, **content, 'logprobs': None, 'finish_reason': finish}]))
+                pieces = {}  # choice -> (its new text, its finish_reason or None)
+                for choice, piece, finish, count in events:
+                    counts[choice] = count
+                    pieces[choice] = (pieces.get(choice, ('', None))[0] + piece, finish)
+                    if finish:
+                        finished[choice] = finish
+                for choice, (piece, finish) in pieces.items():
+                    if piece or finish:
+                        content = {'delta': {'content': piece} if piece else {}} if chat else {'text': piece}
+                        self.send_event(chunk([{'index': choice, **content, 'logprobs': None,
+                                                'finish_reason': finish}]))
             if include_usage:
                 self.send_event({**meta, 'choices': [], 'usage': usage(counts)})
             self.end_stream()

@@ -101,6 +101,14 @@ def test_streamed_chunks_join_to_the_whole_text(client):
                                                 stream=True, stream_options={'include_usage': True}))
         assert ''.join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
         assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    # n > 1 streams its choices interleaved (and merges what a slow reader missed): each joins up alike
+    whole = client.completions.create(model='tiny-chat', prompt='Olá', max_tokens=30, temperature=0)
+    texts = ['', '', '']
+    for c in client.completions.create(model='tiny-chat', prompt='Olá', max_tokens=30, temperature=0, n=3,
+                                       stream=True):
+        texts[c.choices[0].index] += c.choices[0].text
+        time.sleep(0.002)
+    assert texts == [whole.choices[0].text] * 3
     messages = [{'role': 'system', 'content': 'Seja breve.'}, {'role': 'user', 'content': 'Oi!'}]
     whole = client.chat.completions.create(model='tiny-chat', messages=messages, max_tokens=25, temperature=0)
     chunks = list(client.chat.completions.create(model='tiny-chat', messages=messages, max_tokens=25,
