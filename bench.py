@@ -249,7 +249,7 @@ def serve_rates(net):
                     conn.request('POST', '/v1/completions', json.dumps(body), {'Content-Type': 'application/json'})
                     response, first = conn.getresponse(), None
                     for line in response:
-                        if first is None and line.startswith(b'data: {') and b'"text": ""' not in line:
+                        if first is None and line.startswith(b'data: {'):  # the first piece, or the end
                             first = time.perf_counter() - start
                     with lock:
                         firsts.append(first)
