@@ -7,6 +7,7 @@ identical shape and weights when transformers is installed.
     python bench.py --what=train                 # only the training step (train | generate | loop | all)
     python bench.py --what=loop                  # train.py's own loop on the demo config vs the bare step
     python bench.py --what=prompts               # sample.py on a prompts file: batched vs one at a time
+    python bench.py --what=serve                 # serve.py: 1, 8, 32 concurrent clients vs one request at a time
 
 Loop: train.py run for `loop_iters` steps on config/train_biblia_pt.py (needs data/biblia/pt), its
 tokens/s read from log.jsonl (median of the log intervals), against the bare forward + backward +
@@ -14,6 +15,9 @@ AdamW step of the same model and batch measured here: the difference is the loop
 (data, clipping, logging).
 Prompts: sample.sample_prompts on `num_prompts` prompts of different lengths, greedy, `new_tokens`
 each, with batch_size=`prompt_batch` against batch_size=1; new tokens/s of each.
+Serve: serve.py on 127.0.0.1 answering `num_prompts` streamed completions (sampled, `new_tokens`
+each, no eos) from 1, 8 and 32 concurrent clients, against a server that takes one request at a
+time (max_batch=1) under 32 clients; completion tokens/s and the median time to first token.
 
 Training: tokens/s of forward + backward + AdamW step on random tokens (same AdamW settings for both;
 mirim computes its loss as train.py does, chunked without full logits, HF as its LlamaForCausalLM does).
@@ -46,7 +50,7 @@ train_steps = 10           # timed optimizer steps per repeat
 prompt_tokens = 16
 new_tokens = 128
 repeats = 5
-what = 'all'               # train | generate | loop | all (all = train and generate)
+what = 'all'               # train | generate | loop | all (all = train and generate); also prompts, serve
 loop_config = 'config/train_biblia_pt.py'
 loop_iters = 60
 num_prompts = 32
@@ -65,7 +69,8 @@ if __name__ == '__main__':
                                     help_source=__file__))  # --help reads the comments above
     except ConfigError as e:
         sys.exit(f"bench.py: error: {e}")
-    checks = [(what in ('train', 'generate', 'loop', 'prompts', 'all'), "what must be train, generate, loop, prompts or all"),
+    checks = [(what in ('train', 'generate', 'loop', 'prompts', 'serve', 'all'),
+               "what must be train, generate, loop, prompts, serve or all"),
               (dtype in ('float32', 'bfloat16'), "dtype must be float32 or bfloat16"),
               (prompt_tokens + new_tokens <= block_size or what not in ('generate', 'all', 'prompts'),
                "prompt_tokens + new_tokens must fit in block_size"),
@@ -227,6 +232,53 @@ def prompts_rates(net):
     return rate(prompt_batch), rate(1)
 
 
+def serve_rates(net):
+    """{(clients, max_batch): (completion tokens/s, median seconds to the first token)} of serve.py
+    (the bench shape with the bytes tokenizer's vocab, random weights: no reply ends early)."""
+    import http.client
+    import json
+    import tempfile
+    import threading
+    from dataclasses import asdict
+    import serve
+    from tokenizer import load_tokenizer
+    tokenizer = load_tokenizer('bytes')
+    net = Llama(LlamaConfig(**{**vars(net.config), 'vocab_size': tokenizer.vocab_size}), seed=seed)
+    results = {}
+    with tempfile.TemporaryDirectory() as out:
+        torch.save({'model': net.state_dict(), 'model_config': asdict(net.config), 'tokenizer': tokenizer.to_dict()},
+                   os.path.join(out, 'ckpt.pt'))
+        for clients, max_batch in ((1, 32), (8, 32), (32, 32), (32, 1)):
+            server = serve.build_server(out, port=0, quiet=True, max_batch=max_batch, device=device)
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            firsts, lock = [], threading.Lock()
+
+            def client(k):
+                conn = http.client.HTTPConnection('127.0.0.1', server.server_address[1], timeout=3600)
+                for i in range(k, num_prompts, clients):
+                    body = {'prompt': f'Era uma vez {i}', 'max_tokens': new_tokens, 'temperature': 1.0, 'stream': True}
+                    start = time.perf_counter()
+                    conn.request('POST', '/v1/completions', json.dumps(body), {'Content-Type': 'application/json'})
+                    response, first = conn.getresponse(), None
+                    for line in response:
+                        if first is None and line.startswith(b'data: {'):  # the first piece, or the end
+                            first = time.perf_counter() - start
+                    with lock:
+                        firsts.append(first)
+            client_threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+            start = time.perf_counter()
+            for t in client_threads:
+                t.start()
+            for t in client_threads:
+                t.join()
+            elapsed = time.perf_counter() - start
+            results[clients, max_batch] = (server.engine.stats['completion_tokens'] / elapsed,
+                                           statistics.median(firsts))
+            server.shutdown()
+            server.server_close()
+    return results
+
+
 def same_logits(mirim, twin):
     tokens = torch.randint(0, mirim.config.vocab_size, (2, min(64, block_size)),
                            generator=torch.Generator().manual_seed(0)).to(device)
@@ -250,6 +302,14 @@ if __name__ == '__main__':
         print(f"{num_prompts} prompts x {new_tokens} new tokens, greedy: batched {batched / single:.1f}x one at a time")
         rows += [(f'prompts, batch_size={prompt_batch} new tok/s', batched, None, None),
                  ('prompts, batch_size=1 new tok/s', single, None, None)]
+    elif what == 'serve':
+        rates = serve_rates(build_mirim())
+        single = rates[32, 1][0]
+        for (clients, max_batch), (rate, first) in rates.items():
+            label = f"serve, {clients} clients" + (", one at a time" if max_batch == 1 else "")
+            print(f"{label:34s}{rate:8.0f} completion tok/s ({rate / single:.1f}x one at a time), "
+                  f"median first token {first * 1000:.0f} ms")
+            rows.append((label + ' tok/s', rate, None, None))
     else:
         mirim = build_mirim()
         cfg = mirim.config

@@ -1,0 +1,233 @@
+"""
+Synthetic training data from any OpenAI-compatible endpoint (vLLM, llama.cpp, OpenAI, serve.py).
+
+Stories, as TinyStories-Regional makes them: every prompt fills a template with one word of each
+list (noun, verb, adjective, feature...), each combination used once, and asks for a children's
+story as a JSON object {"story": ...}; answers that are not such an object, or too short, are asked
+for again; the story is cleaned with the language's regex rules.
+
+    export OPENAI_API_KEY=...        # or --api_key_env=NAME; none for a local server
+    python data/synth.py --lang data/synth/pt --n 1000 --out data/stories-pt.jsonl \
+        --base_url http://127.0.0.1:8000/v1 --model qwen --concurrency 16
+    python data/prepare.py --input data/stories-pt.jsonl --text_field text --tokenizer train:8192 --out data/stories-pt
+
+A language folder holds prompt.txt (the template: {noun}, {verb}... name the lists; {{ }} are
+literal braces), words.json ({"noun": [...], ...}) and optionally cleanup.json ([[regex,
+replacement], ...], applied in order, multiline). data/synth/pt and data/synth/hi are examples.
+
+Generic mode: a JSONL of prompts ({"prompt": ...} or {"messages": [...]}, optionally "id") ->
+completions, e.g. chat fine-tuning data from a teacher model; each output record is the input
+record plus "completion" and "messages" ending in the assistant's reply (data/prepare_chat.py reads it).
+
+    python data/synth.py --prompts questions.jsonl --out answers.jsonl --base_url ... --model ...
+
+Resumable: output records are appended one line at a time, and a rerun reads the output first and
+skips every combination (or prompt id) already there, so a killed run continues where it stopped
+and nothing is written twice; with the same --seed it draws the same combinations in the same order.
+A half-written last line (a kill mid-write) is dropped. Combinations that failed every retry are
+not written, and are tried again by the next run.
+"""
+import argparse
+import itertools
+import json
+import os
+import random
+import re
+import sys
+import time
+
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+from llm import Client, Fatal, Rejected, run_all  # noqa: E402
+
+
+# -----------------------------------------------------------------------------
+# a language: template, word lists, cleanup rules
+
+def load_language(folder):
+    with open(os.path.join(folder, 'prompt.txt'), encoding='utf-8') as f:
+        template = f.read().strip()
+    with open(os.path.join(folder, 'words.json'), encoding='utf-8') as f:
+        words = json.load(f)
+    slots = sorted(set(re.findall(r'(?<!\{)\{(\w+)\}(?!\})', template)))
+    missing = [s for s in slots if not words.get(s)]
+    if missing:
+        raise ValueError(f"{folder}/prompt.txt uses {missing}, which words.json does not list")
+    rules = []
+    path = os.path.join(folder, 'cleanup.json')
+    if os.path.exists(path):
+        with open(path, encoding='utf-8') as f:
+            rules = [(re.compile(pattern, re.MULTILINE), replacement) for pattern, replacement in json.load(f)]
+    return template, {s: words[s] for s in slots}, rules
+
+
+def combinations(words, seed):
+    """Every combination of one word per list, each once, in a random order fixed by seed. Drawn
+    lazily (the product of a few lists of a few hundred words is too big to shuffle)."""
+    slots = sorted(words)
+    total = 1
+    for s in slots:
+        total *= len(words[s])
+    rng, seen = random.Random(seed), set()
+    while len(seen) < total:
+        if len(seen) > total // 2 and len(seen) < total:  # nearly exhausted: list what is left
+            rest = [c for c in itertools.product(*(range(len(words[s])) for s in slots)) if c not in seen]
+            rng.shuffle(rest)
+            for c in rest:
+                yield {s: words[s][i] for s, i in zip(slots, c)}
+            return
+        c = tuple(rng.randrange(len(words[s])) for s in slots)
+        if c not in seen:
+            seen.add(c)
+            yield {s: words[s][i] for s, i in zip(slots, c)}
+
+
+def combo_key(combo):
+    return json.dumps(combo, ensure_ascii=False, sort_keys=True)
+
+
+def parse_story(text, rules, min_words):
+    """The answer -> a clean story, or Rejected. Tolerates a ```json fence and text around the object."""
+    text = re.sub(r'^\s*```(?:json)?\s*|\s*```\s*$', '', text.strip())
+    start, end = text.find('{'), text.rfind('}')
+    try:
+        story = json.loads(text[start:end + 1])['story'] if start >= 0 else None
+    except (ValueError, KeyError, TypeError):
+        story = None
+    if not isinstance(story, str):
+        raise Rejected('not a JSON object with a "story" string')
+    for pattern, replacement in rules:
+        story = pattern.sub(replacement, story)
+    story = story.strip()
+    if len(story.split()) < min_words:
+        raise Rejected(f'story of {len(story.split())} words (< {min_words})')
+    return story
+
+
+# -----------------------------------------------------------------------------
+# the output file, read back for resuming
+
+def read_done(path, key):
+    """The keys already in the output; a half-written last line is cut off the file."""
+    done = set()
+    if not os.path.exists(path):
+        return done
+    with open(path, 'rb+') as f:
+        data = f.read()
+        good = data.rfind(b'\n') + 1
+        if good < len(data):
+            f.truncate(good)
+    for line in data[:good].decode('utf-8').splitlines():
+        if line.strip():
+            done.add(key(json.loads(line)))
+    return done
+
+
+def run(jobs, work, out, total, concurrency, desc):
+    """Run jobs, append each result as one JSON line, show progress; -> (written, failed)."""
+    written = failed = 0
+    start = time.time()
+    terminal = sys.stderr.isatty()
+    bar = tqdm(total=total, desc=desc, unit='story', disable=not terminal)
+    last_line = start
+    with open(out, 'a', encoding='utf-8') as f:
+        for job, result in run_all(jobs, work, concurrency):
+            if isinstance(result, Exception):
+                failed += 1
+            else:
+                f.write(json.dumps(result, ensure_ascii=False) + '\n')
+                f.flush()
+                written += 1
+                bar.update(1)
+            rate = written / max(time.time() - start, 1e-9) * 60
+            failures = work.client.failures
+            bar.set_postfix_str(f"{rate:.0f}/min, failed {failed}, retried {sum(failures.values())}")
+            if not terminal and time.time() - last_line > 30:  # a log gets a line, not a redrawn bar
+                print(f"{desc}: {written}/{total}, {rate:.0f}/min, failed {failed}, retries {failures}",
+                      file=sys.stderr)
+                last_line = time.time()
+    bar.close()
+    return written, failed
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[1], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument('--lang', help='a language folder (prompt.txt, words.json, cleanup.json): stories mode')
+    p.add_argument('--prompts', help='a JSONL of prompts: generic mode')
+    p.add_argument('--out', required=True, help='output JSONL (appended to; a rerun resumes)')
+    p.add_argument('--n', type=int, default=100, help='stories wanted in --out in all (stories mode)')
+    p.add_argument('--base_url', default='http://127.0.0.1:8000/v1')
+    p.add_argument('--model', default='', help="the endpoint's model name ('' = its first /v1/models entry)")
+    p.add_argument('--api_key_env', default='OPENAI_API_KEY', help='environment variable holding the API key')
+    p.add_argument('--chat', type=int, default=1, help='1: /chat/completions; 0: /completions with the raw prompt')
+    p.add_argument('--concurrency', type=int, default=8, help='requests in flight')
+    p.add_argument('--temperature', type=float, default=1.0)
+    p.add_argument('--max_tokens', type=int, default=1024)
+    p.add_argument('--retries', type=int, default=5, help='per prompt, after the first try')
+    p.add_argument('--backoff', type=float, default=1.0, help='seconds before the first retry; doubles each time')
+    p.add_argument('--timeout', type=float, default=120.0, help='seconds per request')
+    p.add_argument('--min_words', type=int, default=40, help='shorter stories are asked for again')
+    p.add_argument('--seed', type=int, default=1337, help='the order combinations are drawn in')
+    args = p.parse_args(argv)
+    if bool(args.lang) == bool(args.prompts):
+        p.error('give --lang (stories) or --prompts (generic), not both')
+    client = Client(args.base_url, args.model, os.environ.get(args.api_key_env, ''), args.timeout, args.retries,
+                    args.backoff)
+    if not client.model:
+        import urllib.request
+        with urllib.request.urlopen(urllib.request.Request(
+                args.base_url.rstrip('/') + '/models',
+                headers={'Authorization': f'Bearer {client.api_key}'} if client.api_key else {}), timeout=30) as r:
+            client.model = json.loads(r.read())['data'][0]['id']
+    params = dict(chat=bool(args.chat), temperature=args.temperature, max_tokens=args.max_tokens)
+
+    if args.lang:
+        template, words, rules = load_language(args.lang)
+        done = read_done(args.out, lambda r: combo_key(r['words']))
+        todo = max(0, args.n - len(done))
+        jobs = itertools.islice((c for c in combinations(words, args.seed) if combo_key(c) not in done), todo)
+
+        def work(combo):
+            prompt = template.format(**combo)
+            story = client.ask(prompt, check=lambda text: parse_story(text, rules, args.min_words), **params)
+            return {'text': story, 'words': combo, 'model': client.model}
+        desc = os.path.basename(os.path.normpath(args.lang))
+    else:
+        with open(args.prompts, encoding='utf-8') as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        for n, r in enumerate(records):
+            r.setdefault('id', n)
+        done = read_done(args.out, lambda r: r['id'])
+        todo = sum(r['id'] not in done for r in records)
+        jobs = (r for r in records if r['id'] not in done)
+
+        def work(record):
+            messages = record.get('messages')
+            if messages is not None and not params['chat']:
+                raise Fatal("records with 'messages' need --chat=1")
+            completion = client.ask(record.get('prompt'), messages=messages, **params)
+            asked = messages or [{'role': 'user', 'content': record['prompt']}]
+            return {**record, 'completion': completion,
+                    'messages': asked + [{'role': 'assistant', 'content': completion}]}
+        desc = os.path.basename(args.prompts)
+    work.client = client
+    if done:
+        print(f"{args.out}: {len(done)} records already there; {todo} to go", file=sys.stderr)
+    try:
+        written, failed = run(jobs, work, args.out, todo, args.concurrency, desc)
+    except Fatal as e:
+        sys.exit(f"synth.py: error: {e}")
+    print(f"wrote {written} records to {args.out} ({len(done) + written} in all); {failed} failed every retry "
+          f"(a rerun tries them again); retried attempts: {client.failures or 'none'}", file=sys.stderr)
+    if failed:
+        sys.exit(1)
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(130)

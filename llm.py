@@ -1,0 +1,115 @@
+"""
+Talking to an OpenAI-compatible endpoint (serve.py, vLLM, llama.cpp, OpenAI...) from many threads
+at once, for data/synth.py and judge.py: one request with retries and backoff, and a map that keeps
+N requests in flight and hands results back as they finish.
+
+Standard library only (urllib), so the data tools need no client package. What is retried: a
+connection error or timeout, 408, 429 (after its Retry-After when the server sends one), 5xx, and an
+answer the caller's check rejects (invalid JSON, a story too short...). Any other 4xx (a bad key, an
+unknown model) would fail every request the same way: it stops the run (Fatal).
+"""
+import json
+import random
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+
+class Fatal(Exception):
+    """An error no retry can fix: the run stops and says why."""
+
+
+class Rejected(ValueError):
+    """The endpoint answered, but not with what was asked for (the check's message says why)."""
+
+
+class Client:
+    def __init__(self, base_url, model, api_key='', timeout=60.0, retries=5, backoff=1.0, max_backoff=60.0):
+        self.base_url, self.model, self.api_key = base_url.rstrip('/'), model, api_key
+        self.timeout, self.retries, self.backoff, self.max_backoff = timeout, retries, backoff, max_backoff
+        self.failures = {}  # kind of failure -> count (every retried attempt)
+        self.lock = threading.Lock()
+
+    def count(self, kind):
+        with self.lock:
+            self.failures[kind] = self.failures.get(kind, 0) + 1
+
+    def post(self, path, body):
+        """One POST -> parsed JSON; raises urllib's errors."""
+        headers = {'Content-Type': 'application/json'}
+        if self.api_key:
+            headers['Authorization'] = f'Bearer {self.api_key}'
+        request = urllib.request.Request(self.base_url + path, json.dumps(body).encode(), headers)
+        with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            return json.loads(response.read())
+
+    def ask(self, prompt=None, messages=None, chat=True, check=None, **params):
+        """The text of one answer -> check(text) if check (it raises Rejected to ask again), else text.
+        messages, or a prompt sent as one user message, go to /chat/completions; chat=False sends the
+        prompt to /completions. Retries as the module says; raises Fatal, or the last error once the
+        retries are spent."""
+        if messages is None and chat:
+            messages = [{'role': 'user', 'content': prompt}]
+        path, body = (('/chat/completions', {'messages': messages}) if messages is not None else
+                      ('/completions', {'prompt': prompt}))
+        body = {'model': self.model, **body, **params}
+        for attempt in range(self.retries + 1):
+            wait_s = None
+            try:
+                answer = self.post(path, body)
+                choice = answer['choices'][0]
+                text = choice['message']['content'] if messages is not None else choice['text']
+                return check(text) if check else text
+            except urllib.error.HTTPError as e:
+                detail = e.read()[:300].decode('utf-8', 'replace')
+                if e.code not in (408, 429) and e.code < 500:
+                    raise Fatal(f"{self.base_url}{path} answered {e.code}: {detail}")
+                self.count(f'http {e.code}')
+                error = e
+                try:
+                    wait_s = float(e.headers.get('Retry-After'))
+                except (TypeError, ValueError):
+                    pass
+            except Rejected as e:
+                self.count('rejected')
+                error = e
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+                self.count('connection' if not isinstance(getattr(e, 'reason', e), TimeoutError) else 'timeout')
+                error = e
+            except (ValueError, KeyError, IndexError, TypeError) as e:  # not an OpenAI answer at all
+                self.count('bad response')
+                error = e
+            if attempt < self.retries:
+                # exponential backoff with jitter, so that N threads do not come back all at once
+                time.sleep(wait_s if wait_s is not None else
+                           min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.0))
+        raise error
+
+
+def run_all(jobs, work, concurrency):
+    """Run work(job) for every job, concurrency at a time; yield (job, result or exception) as each
+    finishes. A Fatal stops everything: no new job starts, and it is raised."""
+    jobs = iter(jobs)
+    with ThreadPoolExecutor(concurrency) as pool:
+        running = {}
+        try:
+            while True:
+                while len(running) < concurrency:
+                    job = next(jobs, None)
+                    if job is None:
+                        break
+                    running[pool.submit(work, job)] = job
+                if not running:
+                    return
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    job = running.pop(future)
+                    error = future.exception()
+                    if isinstance(error, Fatal):
+                        raise error
+                    yield job, error if error else future.result()
+        finally:
+            for future in running:
+                future.cancel()

@@ -1,0 +1,667 @@
+"""
+Serve a model over HTTP with the OpenAI API, as vLLM and llama.cpp's server speak it, plus a chat
+page at / (serve_chat.html).
+
+    python serve.py --out_dir=out/chat                      # http://127.0.0.1:8000
+    python serve.py --out_dir=out/chat --host=0.0.0.0 --api_key=secret   # or MIRIM_API_KEY=secret
+
+    from openai import OpenAI
+    client = OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='secret')
+    client.completions.create(model='chat', prompt='Era uma vez', max_tokens=50, temperature=0)
+
+Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (the checkpoint's chat
+template), GET /health, GET /stats (batch sizes, tokens), GET / (the chat page). Sampling:
+temperature, top_p, top_k, max_tokens, stop, stop_token_ids, seed, n, repetition_penalty (named as
+in vLLM; 1.0 = off), echo (completions), stream (server-sent events, with stream_options
+include_usage). Errors are the API's error objects: 400 for a bad parameter or a prompt that does
+not fit the context (code context_length_exceeded; nothing slides the window here, as in vLLM),
+401 for a bad key, 404 for an unknown route or model, 413 for a body over 4 MiB.
+
+How requests are batched: every request becomes rows (one per prompt and choice) in one queue, and
+one worker thread owns the model. It takes the oldest waiting row plus every waiting row that can
+share its batch (the same sampling settings, and the left-padded batch still fits the context),
+up to --max_batch rows, and decodes them together with generate.generate_tokens. Each row stops on
+its own (eos, the chat stop token, a stop string, max_tokens); the batch ends when all have. Rows
+that arrive meanwhile wait for the next batch (static batching: no row joins a running batch).
+A request with a seed batches only with its own rows, so its samples do not depend on who else is
+asking (rows of a batch share a torch.Generator, as in sample.py); greedy rows batch freely.
+
+Why the standard library (http.server) and not FastAPI + uvicorn: the model is driven by one
+thread anyway, so an event loop would only hand requests over to it; ThreadingHTTPServer gives each
+connection a thread that waits on its request's queue, streams with chunked encoding, and adds no
+dependency. It is not hardened for the open internet: keep it on localhost or behind a proxy.
+"""
+import hmac
+import json
+import os
+import queue
+import sys
+import threading
+import time
+import uuid
+from collections import Counter, deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import torch
+
+from chat import chat_ids, get_template, stop_id
+from checkpoint import load_model
+from common import dtype_name, resolve_device, resolve_dtype
+from configurator import configure
+from generate import generate_tokens
+from sample import continuation_text
+
+# -----------------------------------------------------------------------------
+# defaults; a config file or --key=value overrides them (configurator.py)
+DEFAULTS = dict(
+    out_dir='out',            # a training out_dir, a checkpoint file, or a Hugging Face Llama folder
+    checkpoint='ckpt.pt',     # file inside out_dir: ckpt.pt (latest) or best.pt (best validation loss)
+    model_name='',            # the model id clients ask for; '' = the out_dir's folder name
+    host='127.0.0.1',         # 0.0.0.0 listens on every interface: set an api_key then
+    port=8000,
+    api_key='',               # clients must send 'Authorization: Bearer KEY'; '' = $MIRIM_API_KEY, or none
+    chat_template='',         # override the checkpoint's chat template: 'chatml' or 'aira' (chat.py)
+    max_batch=32,             # rows decoded together at most
+    batch_wait=0.005,         # seconds an idle worker waits for more requests before it starts a batch
+    device='auto',            # 'cpu', 'cuda', 'cuda:1', 'mps'; auto picks cuda, then mps, then cpu
+    dtype='auto',             # 'float32', 'bfloat16', 'float16'; auto = bfloat16 on a GPU that has it, else float32
+    quiet=False,              # no access log on stderr
+)
+
+MAX_BODY = 4 << 20  # bytes of request JSON
+MAX_N = 128
+PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'serve_chat.html')
+
+
+class APIError(Exception):
+    """An error the client caused (or must hear about), sent as OpenAI's error object."""
+
+    def __init__(self, status, message, type='invalid_request_error', param=None, code=None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self):
+        return {'error': {'message': self.message, 'type': self.type, 'param': self.param, 'code': self.code}}
+
+
+# -----------------------------------------------------------------------------
+# text, one token at a time
+
+class RowText:
+    """The text of one row as its tokens arrive, as sample.decode_stream makes it: a piece that ends
+    in U+FFFD (a character split over several tokens) waits for the next token."""
+
+    def __init__(self, tokenizer, context_ids):
+        self.tokenizer, self.anchor, self.pending = tokenizer, list(context_ids[-4:]), []
+
+    def feed(self, token):
+        self.pending.append(token)
+        piece = continuation_text(self.tokenizer, self.anchor, self.pending)
+        if piece.endswith('\ufffd'):
+            return ''
+        self.anchor, self.pending = (self.anchor + self.pending)[-4:], []
+        return piece
+
+    def flush(self):
+        piece = continuation_text(self.tokenizer, self.anchor, self.pending) if self.pending else ''
+        self.pending = []
+        return piece
+
+
+def held_back(text, stops):
+    """How many characters at the end of text could be the start of a stop string (not sent yet)."""
+    longest = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:k]):
+                longest = k
+                break
+    return longest
+
+
+# -----------------------------------------------------------------------------
+# requests and the worker that batches them
+
+class Request:
+    """One API request: its rows (prompt ids per choice) and the queue its events arrive on:
+    (choice index, new text, finish_reason or None, tokens generated so far)."""
+
+    def __init__(self, prompts, n, max_tokens, knobs, seed, stops, stop_ids):
+        self.prompts, self.n, self.max_tokens, self.knobs, self.seed = prompts, n, max_tokens, knobs, seed
+        self.stops, self.stop_ids = stops, stop_ids
+        self.events = queue.Queue()
+        self.cancelled = False
+        greedy = knobs['temperature'] == 0
+        # rows batch together when they sample alike; a seeded request only with itself
+        self.key = (('greedy', knobs['repetition_penalty']) if greedy else
+                    (tuple(sorted(knobs.items())), id(self) if seed is not None else None))
+        self.rows = [Row(self, i * n + j, ids) for i, ids in enumerate(prompts) for j in range(n)]
+
+
+class Row:
+    def __init__(self, request, choice, ids):
+        self.request, self.choice, self.ids = request, choice, ids
+
+
+class Engine:
+    """The worker thread that owns the model and runs waiting rows in batches."""
+
+    def __init__(self, model, tokenizer, max_batch=32, batch_wait=0.005):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.batch_wait = max_batch, batch_wait
+        self.device = model.output.weight.device
+        self.block_size = model.config.block_size
+        self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+        self.waiting = []
+        self.cond = threading.Condition()
+        self.paused = False  # tests hold the worker to line requests up
+        self.batch_sizes = deque(maxlen=10000)
+        self.stats = Counter()
+        threading.Thread(target=self.loop, name='mirim-engine', daemon=True).start()
+
+    def submit(self, request):
+        with self.cond:
+            self.waiting.extend(request.rows)
+            self.stats['requests'] += 1
+            self.cond.notify()
+
+    def pause(self, paused=True):
+        with self.cond:
+            self.paused = paused
+            self.cond.notify()
+
+    def queued(self):
+        with self.cond:
+            return len(self.waiting)
+
+    def take_batch(self):
+        """The oldest waiting row and every waiting row that can share its batch."""
+        self.waiting = [r for r in self.waiting if not r.request.cancelled]
+        if not self.waiting:
+            return []
+        first = self.waiting[0]
+        batch, width, steps = [first], len(first.ids), first.request.max_tokens
+        for row in self.waiting[1:]:
+            if len(batch) == self.max_batch:
+                break
+            w, s = max(width, len(row.ids)), max(steps, row.request.max_tokens)
+            if row.request.key == first.request.key and w + s <= self.block_size:
+                batch.append(row)
+                width, steps = w, s
+        chosen = set(map(id, batch))
+        self.waiting = [r for r in self.waiting if id(r) not in chosen]
+        return batch
+
+    def loop(self):
+        while True:
+            with self.cond:
+                while self.paused or not self.waiting:
+                    self.cond.wait()
+            time.sleep(self.batch_wait)  # let requests that arrive together share the batch
+            with self.cond:
+                if self.paused:
+                    continue
+                batch = self.take_batch()
+            if not batch:
+                continue
+            try:
+                self.run(batch)
+            except Exception as e:  # tell the waiting clients; the server goes on
+                for r in {id(row.request): row.request for row in batch}.values():
+                    r.events.put(e)
+            finally:
+                self.model.release_cache()
+
+    def run(self, batch):
+        """Decode one batch, left-padded, sending each row's new text as it is made."""
+        tok, first = self.tokenizer, batch[0].request
+        lengths = [len(row.ids) for row in batch]
+        width = max(lengths)
+        idx = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        for r, row in enumerate(batch):
+            idx[r, width - lengths[r]:] = torch.tensor(row.ids)
+        left_pad = torch.tensor([width - n for n in lengths], device=self.device) if min(lengths) < width else None
+        generator = None
+        if first.seed is not None and first.knobs['temperature'] > 0:
+            generator = torch.Generator(device=self.device).manual_seed(first.seed + batch[0].choice)
+        self.batch_sizes.append(len(batch))
+        self.stats['batches'] += 1
+        self.stats['rows'] += len(batch)
+        texts = [RowText(tok, row.ids) for row in batch]
+        state = [dict(text='', sent=0, count=0, done=False) for _ in batch]
+        steps = generate_tokens(self.model, idx.to(self.device), max(row.request.max_tokens for row in batch),
+                                generator=generator, left_pad=left_pad, **first.knobs)
+        try:
+            for step in steps:
+                live = 0
+                for r, token in enumerate(step.tolist()):
+                    row, s = batch[r], state[r]
+                    if s['done']:
+                        continue
+                    if row.request.cancelled:
+                        s['done'] = True
+                        continue
+                    self.step_row(row, s, texts[r], token)
+                    live += not s['done']
+                if not live:
+                    break
+        finally:
+            steps.close()
+        self.stats['completion_tokens'] += sum(s['count'] for s in state)
+
+    def step_row(self, row, s, text, token):
+        """One new token for one row: extend its text, check its stops, send what is safe to send."""
+        request = row.request
+        s['count'] += 1
+        finish = None
+        if token == self.tokenizer.eos_id or token in request.stop_ids:
+            s['text'] += text.flush()
+            finish = 'stop'
+        else:
+            before = len(s['text'])
+            s['text'] += text.feed(token)
+            cut = [i for i in (s['text'].find(stop, max(0, before - len(stop) + 1)) for stop in request.stops)
+                   if i >= 0]
+            if cut:
+                s['text'] = s['text'][:min(cut)]
+                finish = 'stop'
+            elif s['count'] >= request.max_tokens:
+                s['text'] += text.flush()
+                finish = 'length'
+        end = len(s['text']) if finish else len(s['text']) - held_back(s['text'], request.stops)
+        if end > s['sent'] or finish:
+            request.events.put((row.choice, s['text'][s['sent']:end], finish, s['count']))
+            s['sent'] = end
+        s['done'] = finish is not None
+
+
+# -----------------------------------------------------------------------------
+# reading a request's parameters
+
+def number(body, name, default, lo=None, hi=None, integer=False, open_lo=False):
+    value = body.get(name)
+    if value is None:
+        return default
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise APIError(400, f"'{name}' must be {'an integer' if integer else 'a number'}, got {value!r}", param=name)
+    if (lo is not None and (value <= lo if open_lo else value < lo)) or (hi is not None and value > hi):
+        bounds = ' and '.join(b for b in (lo is not None and f"{'>' if open_lo else '>='} {lo}",
+                                          hi is not None and f"<= {hi}") if b)
+        raise APIError(400, f"'{name}' must be {bounds}, got {value!r}", param=name)
+    return value
+
+
+def sampling(body):
+    """The request's sampling settings in generate.py's terms (0 / 1.0 = off)."""
+    for name in ('presence_penalty', 'frequency_penalty'):
+        if body.get(name):
+            raise APIError(400, f"'{name}' is not supported; use 'repetition_penalty' (> 1 penalizes)", param=name)
+    if body.get('logit_bias'):
+        raise APIError(400, "'logit_bias' is not supported", param='logit_bias')
+    top_k = number(body, 'top_k', 0, lo=-1, integer=True)
+    return dict(temperature=float(number(body, 'temperature', 1.0, lo=0)),
+                top_p=float(number(body, 'top_p', 1.0, lo=0, hi=1, open_lo=True)),
+                top_k=max(top_k, 0),  # vLLM's -1 and 0 both mean no limit
+                repetition_penalty=float(number(body, 'repetition_penalty', 1.0, lo=0, open_lo=True)))
+
+
+def stop_strings(body):
+    stop = body.get('stop')
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise APIError(400, "'stop' must be a non-empty string or a list of them", param='stop')
+    return stops
+
+
+def token_list(value, name, vocab_size):
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise APIError(400, f"'{name}' must be a list of token ids", param=name)
+    bad = [t for t in value if not 0 <= t < vocab_size]
+    if bad:
+        raise APIError(400, f"'{name}' holds token ids outside the vocab of {vocab_size}: {bad[:5]}", param=name)
+    return value
+
+
+# -----------------------------------------------------------------------------
+# the server
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # the listen backlog: the default 5 makes a burst of clients wait for SYN retries
+
+    def __init__(self, address, model, tokenizer, model_name, api_key='', chat_template='', max_batch=32,
+                 batch_wait=0.005, quiet=False):
+        self.model_name, self.api_key, self.quiet = model_name, api_key, quiet
+        self.tokenizer = tokenizer
+        self.template = chat_template or tokenizer.chat_template
+        self.template = get_template(self.template) if self.template else None
+        self.chat_stop = stop_id(self.template, tokenizer) if self.template else None
+        self.block_size = model.config.block_size
+        self.created = int(time.time())
+        self.engine = Engine(model, tokenizer, max_batch, batch_wait)
+        super().__init__(address, Handler)
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'  # keep-alive; streams use chunked encoding
+    server_version = 'mirim-serve'
+
+    def log_message(self, format, *args):
+        if not self.server.quiet:
+            super().log_message(format, *args)
+
+    # ---- plumbing
+
+    def send_json(self, status, obj):
+        data = json.dumps(obj, ensure_ascii=False).encode('utf-8')
+        self.send_response(status)
+        self.send_header('Content-Type', 'application/json')
+        self.send_header('Content-Length', str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def send_error_object(self, error):
+        if error.status == 401:
+            self.close_connection = True
+        self.send_json(error.status, error.body())
+
+    def start_stream(self):
+        self.send_response(200)
+        self.send_header('Content-Type', 'text/event-stream')
+        self.send_header('Cache-Control', 'no-cache')
+        self.send_header('Transfer-Encoding', 'chunked')
+        self.end_headers()
+
+    def send_event(self, data):
+        """One server-sent event, as one HTTP chunk."""
+        text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+        payload = f"data: {text}\n\n".encode('utf-8')
+        self.wfile.write(f"{len(payload):x}\r\n".encode() + payload + b"\r\n")
+        self.wfile.flush()
+
+    def end_stream(self):
+        self.send_event('[DONE]')
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def read_body(self):
+        length = int(self.headers.get('Content-Length') or 0)
+        if length > MAX_BODY:
+            self.close_connection = True  # the body is not read
+            raise APIError(413, f"request body of {length} bytes is over the limit of {MAX_BODY}")
+        try:
+            body = json.loads(self.rfile.read(length) or b'null')
+        except ValueError as e:
+            raise APIError(400, f"the body is not valid JSON: {e}")
+        if not isinstance(body, dict):
+            raise APIError(400, "the body must be a JSON object")
+        return body
+
+    def check_key(self):
+        if not self.server.api_key:
+            return
+        given = self.headers.get('Authorization', '')
+        token = given[7:] if given.startswith('Bearer ') else ''
+        if not hmac.compare_digest(token.encode(), self.server.api_key.encode()):
+            raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer KEY'",
+                           code='invalid_api_key')
+
+    def check_model(self, body):
+        name = body.get('model')
+        if name is not None and name != self.server.model_name:
+            raise APIError(404, f"the model '{name}' does not exist; this server has '{self.server.model_name}'",
+                           param='model', code='model_not_found')
+
+    def dispatch(self, method):
+        path = self.path.split('?')[0].rstrip('/') or '/'
+        try:
+            if path.startswith('/v1/'):
+                self.check_key()
+            routes = {('GET', '/'): self.page, ('GET', '/health'): self.health, ('GET', '/stats'): self.stats,
+                      ('GET', '/v1/models'): self.models, ('POST', '/v1/completions'): self.completions,
+                      ('POST', '/v1/chat/completions'): self.chat_completions}
+            if (method, path) in routes:
+                return routes[method, path]()
+            if method == 'GET' and path.startswith('/v1/models/'):
+                return self.one_model(path[len('/v1/models/'):])
+            if any(p == path for _, p in routes):
+                raise APIError(405, f"{method} is not allowed on {path}")
+            raise APIError(404, f"no route {method} {path}", code='not_found')
+        except APIError as e:
+            self.send_error_object(e)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    def do_GET(self):
+        self.dispatch('GET')
+
+    def do_POST(self):
+        self.dispatch('POST')
+
+    # ---- routes
+
+    def page(self):
+        with open(PAGE, 'rb') as f:
+            data = f.read()
+        self.send_response(200)
+        self.send_header('Content-Type', 'text/html; charset=utf-8')
+        self.send_header('Content-Length', str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def health(self):
+        self.send_json(200, {'status': 'ok'})
+
+    def stats(self):
+        engine = self.server.engine
+        self.send_json(200, {**engine.stats, 'waiting_rows': engine.queued(),
+                             'batch_sizes': dict(Counter(engine.batch_sizes))})
+
+    def model_card(self):
+        return {'id': self.server.model_name, 'object': 'model', 'created': self.server.created,
+                'owned_by': 'mirim', 'max_model_len': self.server.block_size}
+
+    def models(self):
+        self.send_json(200, {'object': 'list', 'data': [self.model_card()]})
+
+    def one_model(self, name):
+        self.check_model({'model': name})
+        self.send_json(200, self.model_card())
+
+    def common(self, body, prompts, default_max_tokens, stop_ids=()):
+        """Check the settings every generating route shares -> a Request (not yet submitted)."""
+        self.check_model(body)
+        if body.get('logprobs') or body.get('top_logprobs'):
+            raise APIError(400, "'logprobs' is not supported", param='logprobs')
+        if body.get('suffix'):
+            raise APIError(400, "'suffix' is not supported", param='suffix')
+        fmt = body.get('response_format')
+        if fmt is not None and (not isinstance(fmt, dict) or fmt.get('type') != 'text'):
+            raise APIError(400, "only response_format {'type': 'text'} is supported", param='response_format')
+        n = number(body, 'n', 1, lo=1, hi=MAX_N, integer=True)
+        best_of = body.get('best_of')
+        if best_of is not None and best_of != n:
+            raise APIError(400, "'best_of' is not supported (other than equal to n)", param='best_of')
+        knobs = sampling(body)
+        seed = number(body, 'seed', None, integer=True)
+        key = 'max_completion_tokens' if body.get('max_completion_tokens') is not None else 'max_tokens'
+        longest = max(len(p) for p in prompts)
+        block = self.server.block_size
+        if longest >= block:
+            raise APIError(400, f"this model's maximum context length is {block} tokens; the prompt has "
+                                f"{longest}", param='messages' if stop_ids else 'prompt',
+                           code='context_length_exceeded')
+        max_tokens = number(body, key, None, lo=1, integer=True)
+        if max_tokens is None:
+            max_tokens = min(default_max_tokens or block, block - longest)
+        elif longest + max_tokens > block:
+            raise APIError(400, f"this model's maximum context length is {block} tokens; you asked for "
+                                f"{longest + max_tokens} ({longest} in the prompt, {max_tokens} to generate)",
+                           param=key, code='context_length_exceeded')
+        extra = token_list(body.get('stop_token_ids') or [], 'stop_token_ids', self.server.tokenizer.vocab_size)
+        return Request(prompts, n, max_tokens, knobs, seed, stop_strings(body), set(stop_ids) | set(extra))
+
+    def completions(self):
+        body = self.read_body()
+        tok = self.server.tokenizer
+        prompt = body.get('prompt')
+        if isinstance(prompt, str):
+            prompts = [prompt]
+        elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            prompts = prompt
+        elif isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+            prompts = [prompt]
+        elif isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt):
+            prompts = prompt
+        else:
+            raise APIError(400, "'prompt' must be a string, a list of strings, or token ids", param='prompt')
+        # text starts with <bos>, like every training document (sample.py does the same); ids are taken as given
+        ids = [tok.encode(p, bos=True) if isinstance(p, str) else token_list(p, 'prompt', tok.vocab_size)
+               for p in prompts]
+        if not all(ids):
+            raise APIError(400, "a prompt of token ids must not be empty", param='prompt')
+        request = self.common(body, ids, 16)  # OpenAI's default max_tokens for completions
+        echo = bool(body.get('echo'))
+        texts = [(p if isinstance(p, str) else tok.decode(p)) if echo else '' for p in prompts]
+        self.answer(body, request, 'text_completion', 'cmpl', lambda choice: texts[choice // request.n])
+
+    def chat_completions(self):
+        body = self.read_body()
+        template = self.server.template
+        if template is None:
+            raise APIError(400, "this model has no chat template (it was not fine-tuned for chat): use "
+                                "/v1/completions, or start the server with --chat_template=chatml")
+        messages = body.get('messages')
+        if not isinstance(messages, list) or not messages:
+            raise APIError(400, "'messages' must be a non-empty list", param='messages')
+        plain = []
+        for m in messages:
+            if not isinstance(m, dict):
+                raise APIError(400, "each message must be an object with 'role' and 'content'", param='messages')
+            content = m.get('content')
+            if isinstance(content, list):  # content parts: only text ones
+                if not all(isinstance(p, dict) and p.get('type') == 'text' for p in content):
+                    raise APIError(400, "only text content parts are supported", param='messages')
+                content = ''.join(p.get('text', '') for p in content)
+            role = 'system' if m.get('role') == 'developer' else m.get('role')
+            plain.append({'role': role, 'content': '' if content is None else content})
+        try:
+            ids, _ = chat_ids(plain, template, self.server.tokenizer, add_generation_prompt=True)
+        except ValueError as e:
+            raise APIError(400, str(e), param='messages')
+        request = self.common(body, [ids], None, stop_ids=(self.server.chat_stop,))
+        self.answer(body, request, 'chat.completion', 'chatcmpl', None)
+
+    def answer(self, body, request, kind, prefix, head):
+        """Submit the request and send its choices, whole or streamed. head(choice) is text a
+        completion choice starts with (echo); None for chat."""
+        engine = self.server.engine
+        chat = head is None
+        rid, created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
+        usage = lambda counts: {'prompt_tokens': sum(map(len, request.prompts)),
+                                'completion_tokens': sum(counts.values()),
+                                'total_tokens': sum(map(len, request.prompts)) + sum(counts.values())}
+        meta = {'id': rid, 'object': kind + ('.chunk' if chat and body.get('stream') else ''), 'created': created,
+                'model': self.server.model_name}
+        total = len(request.rows)
+        engine.submit(request)
+        counts, finished = {}, {}
+        if not body.get('stream'):
+            texts = {c: (head(c) if head else '') for c in range(total)}
+            while len(finished) < total:
+                event = request.events.get()
+                if isinstance(event, Exception):
+                    raise APIError(500, f"generation failed: {event}", type='server_error')
+                choice, piece, finish, count = event
+                texts[choice] += piece
+                counts[choice] = count
+                if finish:
+                    finished[choice] = finish
+            choices = [({'index': c, 'message': {'role': 'assistant', 'content': texts[c]}, 'logprobs': None,
+                         'finish_reason': finished[c]} if chat else
+                        {'index': c, 'text': texts[c], 'logprobs': None, 'finish_reason': finished[c]})
+                       for c in range(total)]
+            return self.send_json(200, {**meta, 'choices': choices, 'usage': usage(counts)})
+
+        include_usage = bool((body.get('stream_options') or {}).get('include_usage'))
+        chunk = lambda choices: {**meta, 'choices': choices, **({'usage': None} if include_usage else {})}
+        try:
+            self.start_stream()
+            for c in range(total):  # chat: each choice opens with its role; completions: the echo
+                if chat:
+                    self.send_event(chunk([{'index': c, 'delta': {'role': 'assistant', 'content': ''},
+                                            'logprobs': None, 'finish_reason': None}]))
+                elif head(c):
+                    self.send_event(chunk([{'index': c, 'text': head(c), 'logprobs': None, 'finish_reason': None}]))
+            while len(finished) < total:
+                events = [request.events.get()]
+                while not request.events.empty():  # when this thread fell behind, one chunk per choice for all
+                    events.append(request.events.get())
+                if any(isinstance(e, Exception) for e in events):
+                    error = next(e for e in events if isinstance(e, Exception))
+                    self.send_event({'error': APIError(500, f"generation failed: {error}", type='server_error')
+                                    .body()['error']})
+                    break
+                pieces = {}  # choice -> (its new text, its finish_reason or None)
+                for choice, piece, finish, count in events:
+                    counts[choice] = count
+                    pieces[choice] = (pieces.get(choice, ('', None))[0] + piece, finish)
+                    if finish:
+                        finished[choice] = finish
+                for choice, (piece, finish) in pieces.items():
+                    if piece or finish:
+                        content = {'delta': {'content': piece} if piece else {}} if chat else {'text': piece}
+                        self.send_event(chunk([{'index': choice, **content, 'logprobs': None,
+                                                'finish_reason': finish}]))
+            if include_usage:
+                self.send_event({**meta, 'choices': [], 'usage': usage(counts)})
+            self.end_stream()
+        except (BrokenPipeError, ConnectionResetError):  # the client left: stop its rows
+            request.cancelled = True
+            self.close_connection = True
+
+
+# -----------------------------------------------------------------------------
+
+def build_server(out_dir, host='127.0.0.1', port=8000, checkpoint='ckpt.pt', model_name='', api_key='',
+                 chat_template='', max_batch=32, batch_wait=0.005, device='cpu', dtype=None, quiet=False):
+    """Load the model and bind the server (port 0 = any free port); serve_forever() runs it."""
+    model, tokenizer, _ = load_model(out_dir, device, dtype, checkpoint=checkpoint)
+    name = model_name or os.path.basename(os.path.normpath(out_dir if os.path.isdir(out_dir)
+                                                           else os.path.dirname(os.path.abspath(out_dir))))
+    return Server((host, port), model, tokenizer, name, api_key, chat_template, max_batch, batch_wait, quiet)
+
+
+def main(argv):
+    config = configure(DEFAULTS, argv, help_source=__file__)  # --help reads the comments in DEFAULTS
+    if config['max_batch'] < 1:
+        raise ValueError("max_batch must be at least 1")
+    api_key = config['api_key'] or os.environ.get('MIRIM_API_KEY', '')
+    device = resolve_device(config['device'])
+    dtype = resolve_dtype(config['dtype'], device)
+    server = build_server(config['out_dir'], config['host'], config['port'], config['checkpoint'],
+                          config['model_name'], api_key, config['chat_template'], config['max_batch'],
+                          config['batch_wait'], device, dtype, config['quiet'])
+    host, port = server.server_address[:2]
+    if host not in ('127.0.0.1', 'localhost', '::1') and not api_key:
+        print("warning: listening beyond localhost with no API key: anyone who can reach it can use it",
+              file=sys.stderr)
+    template = server.template['name'] if server.template else 'none (completions only)'
+    print(f"serving {server.model_name} ({device}, {dtype_name(dtype)}, chat template: {template}) on "
+          f"http://{host}:{port}  (OpenAI API at http://{host}:{port}/v1; Ctrl-C stops)", file=sys.stderr)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv[1:])
+    except (FileNotFoundError, ValueError, OSError) as e:  # CheckpointError and ConfigError are ValueErrors
+        sys.exit(f"serve.py: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)

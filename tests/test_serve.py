@@ -1,0 +1,286 @@
+"""serve.py as a real server on 127.0.0.1 (a free port), in a thread of this process: the openai
+client where it is installed, raw http.client for what a client library hides (statuses, bodies)."""
+import http.client
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import sample
+import serve
+from test_sample import ROOT, byte_tokenizer, program_model, random_model, save_checkpoint
+
+openai = pytest.importorskip('openai', reason='the openai client is not installed (requirements-dev.txt)')
+
+
+def start(out_dir, **kwargs):
+    server = serve.build_server(out_dir, port=0, quiet=True, **kwargs)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def url(server):
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
+@pytest.fixture(scope='module')
+def tok():
+    return byte_tokenizer('chatml')
+
+
+@pytest.fixture(scope='module')
+def model(tok):
+    return random_model(tok)
+
+
+@pytest.fixture(scope='module')
+def server(tmp_path_factory, model, tok, one_thread):
+    """A random tiny model with the ChatML template: its text is arbitrary bytes (split characters too)."""
+    s = start(save_checkpoint(tmp_path_factory.mktemp('chat') / 'tiny-chat', model, tok))
+    yield s
+    s.shutdown()
+    s.server_close()
+
+
+@pytest.fixture(scope='module')
+def abc_server(tmp_path_factory, one_thread):
+    """A model that writes 'abc' over and over (a -> b -> c -> a), and has no chat template."""
+    tok = byte_tokenizer()
+    model = program_model(tok, {ord('a'): ord('b'), ord('b'): ord('c'), ord('c'): ord('a')}, ord('a'))
+    s = start(save_checkpoint(tmp_path_factory.mktemp('abc') / 'abc', model, tok))
+    yield s
+    s.shutdown()
+    s.server_close()
+
+
+@pytest.fixture(scope='module')
+def client(server):
+    return openai.OpenAI(base_url=url(server) + '/v1', api_key='unused', max_retries=0)
+
+
+def raw(server, method, path, body=None, headers=None):
+    """-> (status, parsed JSON or text)."""
+    conn = http.client.HTTPConnection('127.0.0.1', server.server_address[1], timeout=30)
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    conn.request(method, path, data, {'Content-Type': 'application/json', **(headers or {})})
+    response = conn.getresponse()
+    text = response.read().decode()
+    conn.close()
+    try:
+        return response.status, json.loads(text)
+    except ValueError:
+        return response.status, text
+
+
+def test_models_lists_the_served_model(client, server):
+    [card] = client.models.list().data
+    assert card.id == 'tiny-chat' and card.max_model_len == 96
+    assert raw(server, 'GET', '/v1/models/tiny-chat')[0] == 200
+
+
+def test_greedy_completion_is_sample_py_greedy_text(client, model, tok):
+    prompts = ['Era uma vez', 'No princípio', 'a']
+    expected = sample.sample_prompts(model, tok, prompts, max_new_tokens=20, temperature=0, progress=False)
+    for prompt, record in zip(prompts, expected):
+        r = client.completions.create(model='tiny-chat', prompt=prompt, max_tokens=20, temperature=0)
+        assert r.choices[0].text == record['text']
+        assert r.choices[0].finish_reason == ('stop' if record['finish_reason'] == 'eos' else 'length')
+        assert r.usage.prompt_tokens == len(tok.encode(prompt, bos=True))
+        assert r.usage.completion_tokens == len(record['tokens']) + (record['finish_reason'] == 'eos')
+
+
+def test_streamed_chunks_join_to_the_whole_text(client):
+    for prompt in ['Olá ☃', 'xyz']:
+        whole = client.completions.create(model='tiny-chat', prompt=prompt, max_tokens=30, temperature=0)
+        chunks = list(client.completions.create(model='tiny-chat', prompt=prompt, max_tokens=30, temperature=0,
+                                                stream=True, stream_options={'include_usage': True}))
+        assert ''.join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+        assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    # n > 1 streams its choices interleaved (and merges what a slow reader missed): each joins up alike
+    whole = client.completions.create(model='tiny-chat', prompt='Olá', max_tokens=30, temperature=0)
+    texts = ['', '', '']
+    for c in client.completions.create(model='tiny-chat', prompt='Olá', max_tokens=30, temperature=0, n=3,
+                                       stream=True):
+        texts[c.choices[0].index] += c.choices[0].text
+        time.sleep(0.002)
+    assert texts == [whole.choices[0].text] * 3
+    messages = [{'role': 'system', 'content': 'Seja breve.'}, {'role': 'user', 'content': 'Oi!'}]
+    whole = client.chat.completions.create(model='tiny-chat', messages=messages, max_tokens=25, temperature=0)
+    chunks = list(client.chat.completions.create(model='tiny-chat', messages=messages, max_tokens=25,
+                                                 temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == 'assistant'
+    assert ''.join(c.choices[0].delta.content or '' for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_chat_prompt_is_the_checkpoint_template(server, model, tok):
+    from chat import chat_ids
+    messages = [{'role': 'user', 'content': 'Oi!'}]
+    status, r = raw(server, 'POST', '/v1/chat/completions', {'messages': messages, 'max_tokens': 5,
+                                                            'temperature': 0})
+    assert status == 200
+    ids, _ = chat_ids(messages, 'chatml', tok, add_generation_prompt=True)
+    assert r['usage']['prompt_tokens'] == len(ids)
+    assert r['choices'][0]['message']['role'] == 'assistant'
+
+
+def test_n_choices_seeds_and_usage(client):
+    r = client.completions.create(model='tiny-chat', prompt=['ab', 'cde'], n=3, max_tokens=8, temperature=1.5,
+                                  seed=5)
+    assert [c.index for c in r.choices] == list(range(6))
+    assert len({c.text for c in r.choices}) > 1  # sampled, not six copies
+    again = client.completions.create(model='tiny-chat', prompt=['ab', 'cde'], n=3, max_tokens=8,
+                                      temperature=1.5, seed=5)
+    assert [c.text for c in again.choices] == [c.text for c in r.choices]
+    assert r.usage.prompt_tokens == 3 + 4  # each prompt once, with its <bos>
+    lengths = sum(c.finish_reason == 'length' for c in r.choices)
+    assert 8 * lengths + 6 - lengths <= r.usage.completion_tokens <= 6 * 8
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_stop_strings_cut_the_text_and_streaming_never_shows_them(abc_server):
+    c = openai.OpenAI(base_url=url(abc_server) + '/v1', api_key='x', max_retries=0)
+    r = c.completions.create(model='abc', prompt='a', max_tokens=20, temperature=0)
+    assert r.choices[0].text.startswith('bcabcabc') and r.choices[0].finish_reason == 'length'
+    r = c.completions.create(model='abc', prompt='a', max_tokens=20, temperature=0, stop=['xyz', 'cab'])
+    assert r.choices[0].text == 'b' and r.choices[0].finish_reason == 'stop'
+    assert r.usage.completion_tokens == 4  # b, c, a, b: the stop string was complete after the 4th
+    chunks = list(c.completions.create(model='abc', prompt='a', max_tokens=20, temperature=0, stop='abca',
+                                       stream=True))
+    assert ''.join(ch.choices[0].text for ch in chunks) == 'bc'
+    r = c.completions.create(model='abc', prompt='a', max_tokens=5, temperature=0, echo=True,
+                             extra_body={'stop_token_ids': [ord('c')]})
+    assert r.choices[0].text == 'ab' and r.choices[0].finish_reason == 'stop'  # echoed 'a', then 'b', then c
+    r = c.completions.create(model='abc', prompt='a', max_tokens=5, temperature=0, echo=True)
+    assert r.choices[0].text == 'abcabc'
+
+
+def test_errors_are_api_error_objects_with_their_status(server, abc_server, client):
+    cases = [
+        ('POST', '/v1/completions', {'prompt': 'a', 'temperature': -1}, 400, 'temperature'),
+        ('POST', '/v1/completions', {'prompt': 'a', 'max_tokens': 0}, 400, 'max_tokens'),
+        ('POST', '/v1/completions', {'prompt': 'a', 'top_p': 1.5}, 400, 'top_p'),
+        ('POST', '/v1/completions', {'prompt': 'a', 'n': 'two'}, 400, 'n'),
+        ('POST', '/v1/completions', {'prompt': 'a', 'stop': ['']}, 400, 'stop'),
+        ('POST', '/v1/completions', {'prompt': 'a', 'presence_penalty': 1}, 400, 'presence_penalty'),
+        ('POST', '/v1/completions', {'prompt': 42}, 400, 'prompt'),
+        ('POST', '/v1/completions', {'prompt': [5, 999999]}, 400, 'prompt'),
+        ('POST', '/v1/completions', {'prompt': 'a', 'model': 'gpt-4'}, 404, 'model'),
+        ('POST', '/v1/completions', {'prompt': 'x' * 200}, 400, 'prompt'),
+        ('POST', '/v1/completions', {'prompt': 'x' * 50, 'max_tokens': 60}, 400, 'max_tokens'),
+        ('POST', '/v1/chat/completions', {'messages': [{'role': 'robot', 'content': 'hi'}]}, 400, 'messages'),
+        ('POST', '/v1/chat/completions', {'messages': 'hi'}, 400, 'messages'),
+        ('POST', '/v1/embeddings', {'input': 'a'}, 404, None),
+        ('GET', '/v1/completions', None, 405, None),
+        ('POST', '/v1/completions', b'{not json', 400, None),
+    ]
+    for method, path, body, status, param in cases:
+        got, r = raw(server, method, path, body)
+        assert got == status, (path, body, r)
+        assert set(r['error']) == {'message', 'type', 'param', 'code'} and r['error']['param'] == param
+    assert raw(server, 'POST', '/v1/completions', {'prompt': 'x' * 200})[1]['error']['code'] == \
+        'context_length_exceeded'
+    got, r = raw(abc_server, 'POST', '/v1/chat/completions', {'messages': [{'role': 'user', 'content': 'hi'}]})
+    assert got == 400 and 'no chat template' in r['error']['message']
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model='tiny-chat', prompt='a', extra_body={'top_k': -5})
+    # a body over the limit is refused from its Content-Length alone
+    conn = http.client.HTTPConnection('127.0.0.1', server.server_address[1], timeout=30)
+    conn.putrequest('POST', '/v1/completions')
+    conn.putheader('Content-Length', str(serve.MAX_BODY + 1))
+    conn.endheaders()
+    response = conn.getresponse()
+    assert response.status == 413 and 'error' in json.loads(response.read())
+    conn.close()
+
+
+def test_api_key(abc_server):
+    abc_server.api_key = 'sesame'
+    try:
+        got, r = raw(abc_server, 'GET', '/v1/models')
+        assert got == 401 and r['error']['code'] == 'invalid_api_key'
+        assert raw(abc_server, 'GET', '/v1/models', headers={'Authorization': 'Bearer nope'})[0] == 401
+        assert raw(abc_server, 'GET', '/v1/models', headers={'Authorization': 'Bearer sesame'})[0] == 200
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url(abc_server) + '/v1', api_key='nope', max_retries=0).models.list()
+        assert raw(abc_server, 'GET', '/')[0] == 200  # the page itself is public; its API calls send the key
+    finally:
+        abc_server.api_key = ''
+
+
+def test_concurrent_requests_share_a_batch_and_give_one_at_a_time_text(server, client):
+    prompts = ['Era uma vez', 'a', 'O rato roeu a roupa', 'Olá ☃']
+    alone = [client.completions.create(model='tiny-chat', prompt=p, max_tokens=12, temperature=0).choices[0].text
+             for p in prompts]
+    engine = server.engine
+    before = sum(engine.batch_sizes[i] == 4 for i in range(len(engine.batch_sizes)))
+    engine.pause()
+    results = [None] * 4
+
+    def ask(i):
+        results[i] = client.completions.create(model='tiny-chat', prompt=prompts[i], max_tokens=12,
+                                               temperature=0).choices[0].text
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    deadline = time.time() + 20
+    while engine.queued() < 4 and time.time() < deadline:
+        time.sleep(0.01)
+    engine.pause(False)
+    for t in threads:
+        t.join(30)
+    assert results == alone
+    assert sum(engine.batch_sizes[i] == 4 for i in range(len(engine.batch_sizes))) == before + 1
+    status, stats = raw(server, 'GET', '/stats')
+    assert status == 200 and stats['batch_sizes']['4'] >= 1
+
+
+def test_chat_page_is_served(server):
+    status, html = raw(server, 'GET', '/')
+    assert status == 200 and '/v1/chat/completions' in html and 'stream: true' in html
+
+
+CHROMIUM = '/usr/bin/chromium'
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is absent (Debian: apt-get install chromium)")
+def test_chat_page_streams_a_reply_in_headless_chromium(server, tmp_path):
+    sync_api = pytest.importorskip('playwright.sync_api', reason='playwright is not installed')
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=['--no-sandbox'])
+        page = browser.new_page()
+        page.goto(url(server) + '/')
+        page.fill('#temperature', '0')
+        page.fill('#max_tokens', '20')
+        page.fill('#input', 'Oi!')
+        page.press('#input', 'Enter')
+        page.wait_for_function("document.querySelectorAll('.msg.assistant').length == 1 && "
+                               "document.querySelector('.msg.assistant').textContent.length > 0", timeout=20000)
+        page.wait_for_function("!document.querySelector('.note')", timeout=1000)
+        assert page.inner_text('.msg.user') == 'Oi!'
+        page.screenshot(path=str(tmp_path / 'chat.png'))
+        page.fill('#input', '/reset')
+        page.press('#input', 'Enter')
+        assert page.eval_on_selector_all('.msg', 'els => els.length') == 0
+        browser.close()
+
+
+def test_command_line_serves_with_a_key_from_the_environment(tmp_path, model, tok):
+    out_dir = save_checkpoint(tmp_path / 'cli', model, tok)
+    env = {**os.environ, 'MIRIM_API_KEY': 'k1'}
+    proc = subprocess.Popen([sys.executable, 'serve.py', f'--out_dir={out_dir}', '--port=0', '--device=cpu',
+                             '--quiet'], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        assert 'serving cli' in line, line
+        port = int(line.split('http://127.0.0.1:')[1].split()[0])
+        c = openai.OpenAI(base_url=f'http://127.0.0.1:{port}/v1', api_key='k1', max_retries=0)
+        assert c.completions.create(model='cli', prompt='a', max_tokens=3).usage.completion_tokens == 3
+    finally:
+        proc.terminate()
+        proc.wait(10)
