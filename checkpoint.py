@@ -267,6 +267,19 @@ def check_tokenizer(checkpoint, tokenizer, data_dir, path):
                          f"dir>/tokenizer.model)")
 
 
+def check_hf_tokenizer(folder, tokenizer, data_dir):
+    """A Hugging Face folder's model must go on with its own tokenizer's ids (when the folder has one)."""
+    from hf import read_hf_tokenizer
+    from tokenizer import same_tokenizer
+    try:
+        theirs = read_hf_tokenizer(folder)
+    except FileNotFoundError:  # weights only: nothing to compare with
+        return
+    if not same_tokenizer(theirs, tokenizer):
+        raise ValueError(f"{data_dir} was tokenized with another tokenizer than the model in {folder}: prepare the "
+                         f"data with the model's tokenizer (data/prepare.py --tokenizer {folder})")
+
+
 def build_model(cfg, meta, tokenizer, say=print):
     """The model a training run starts from -> (model on the CPU in float32, checkpoint dict when
     resuming else None). cfg['init_from'] is 'scratch', 'resume' (out_dir/ckpt.pt: same shape, same
@@ -295,6 +308,7 @@ def build_model(cfg, meta, tokenizer, say=print):
     if kind == 'hf':
         from hf import load_hf
         model, _ = load_hf(where, tokenizer=False)
+        check_hf_tokenizer(where, tokenizer, cfg['data_dir'])
         source, state = asdict(model.config), model.state_dict()
     else:
         checkpoint = load_checkpoint(where)

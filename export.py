@@ -18,7 +18,8 @@ hf.load_hf, or point sample.py / eval.py / train.py's init_from at the folder).
 
 Tokenizers: a SentencePiece model becomes a tokenizer.json that reproduces SentencePiece's ids
 (checked on sample texts at export time, and tokenizer.model is copied too); 'bytes' and tiktoken
-tokenizers become byte-level BPE tokenizer.json files with the same ids.
+tokenizers become byte-level BPE tokenizer.json files with the same ids; a tokenizer that came as a
+tokenizer.json (an imported model's, or one trained with --model_type bytelevel) is copied unchanged.
 """
 import json
 import os
@@ -207,18 +208,31 @@ def chat_template_jinja(template):
 
 def write_tokenizer(tok, dest, model_max_length, check=True, append_eos=False):
     """tokenizer.json, tokenizer_config.json, special_tokens_map.json (and tokenizer.model for
-    SentencePiece, which llama.cpp's converter and mirim's load_hf read). append_eos: encode as
-    classify.py does, <bos> text <eos> (and <bos> pair <eos> after it)."""
-    backend = tokenizer_backend(tok)
-    if check:
-        check_tokenizer_ids(tok, backend)
+    SentencePiece, which llama.cpp's converter and mirim's load_hf read). A tokenizer that came as a
+    tokenizer.json (the 'tokenizers' kind) is written back byte for byte: it is its own reference.
+    append_eos: encode as classify.py does, <bos> text <eos> (and <bos> pair <eos> after it)."""
+    if tok.kind == 'tokenizers':
+        tokenizer_json = tok.to_dict()['tokenizer_json']
+        backend = tok._backend
+    else:
+        backend = tokenizer_backend(tok)
+        if check:
+            check_tokenizer_ids(tok, backend)
+        tokenizer_json = None
     if append_eos:
-        from tokenizers import processors
+        from tokenizers import Tokenizer as Backend, processors
+        backend = Backend.from_str(backend.to_str())  # a copy: the tokenizer's own stays as it is
         bos, eos = backend.id_to_token(tok.bos_id), backend.id_to_token(tok.eos_id)
         backend.post_processor = processors.TemplateProcessing(
             single=f'{bos} $A {eos}', pair=f'{bos} $A {eos} {bos} $B {eos}',
             special_tokens=[(bos, tok.bos_id), (eos, tok.eos_id)])
+        tokenizer_json = None
+    if tokenizer_json is None:
+        tokenizer_json = backend.to_str(pretty=True).encode('utf-8')
     names = {i: p for p, i in tok.special_tokens.items()}
+    if tok.kind == 'tokenizers':  # its bos/eos/pad/unk may be ordinary vocab entries
+        names.update({i: tok._backend.id_to_token(i) for i in (tok.bos_id, tok.eos_id, tok.pad_id, tok._unk_id)
+                      if i is not None and i not in names})
     specials = {'bos_token': names.get(tok.bos_id), 'eos_token': names.get(tok.eos_id),
                 'unk_token': names.get(tok._unk_id), 'pad_token': names.get(tok.pad_id)}
     specials = {k: v for k, v in specials.items() if v is not None}
@@ -228,6 +242,7 @@ def write_tokenizer(tok, dest, model_max_length, check=True, append_eos=False):
         # would rebuild it with its own pre-tokenizer and change the ids (see sentencepiece_backend)
         'tokenizer_class': 'PreTrainedTokenizerFast',
         **specials, 'additional_special_tokens': extra,
+        # said explicitly, transformers sets the post-processor to '<bos> $A' whatever tokenizer.json has
         'add_bos_token': tok.bos_id is not None, 'add_eos_token': append_eos,
         'clean_up_tokenization_spaces': False, 'model_max_length': model_max_length,
         # the special tokens by id, as transformers writes them: converters (llama.cpp's) and other
@@ -239,7 +254,7 @@ def write_tokenizer(tok, dest, model_max_length, check=True, append_eos=False):
     if tok.chat_template:
         config['chat_template'] = chat_template_jinja(tok.chat_template)
     os.makedirs(dest, exist_ok=True)
-    write_atomic(os.path.join(dest, 'tokenizer.json'), backend.to_str(pretty=True).encode('utf-8'))
+    write_atomic(os.path.join(dest, 'tokenizer.json'), tokenizer_json)
     write_json(os.path.join(dest, 'tokenizer_config.json'), config)
     write_json(os.path.join(dest, 'special_tokens_map.json'), {**specials, 'additional_special_tokens': extra})
     if tok.kind == 'sentencepiece':

@@ -204,8 +204,8 @@ def read_hf_tensors(path):
 
 def load_hf(path, device='cpu', dtype=None, tokenizer=True):
     """A local Hugging Face Llama folder -> (mirim Llama in eval mode, mirim Tokenizer). dtype None
-    loads float32 (what training wants). The tokenizer comes from its SentencePiece tokenizer.model
-    (same ids); tokenizer=False skips it (-> (model, None)) for folders that only have a tokenizer.json."""
+    loads float32 (what training wants). The tokenizer comes from its SentencePiece tokenizer.model, or
+    else its tokenizer.json (same ids); tokenizer=False skips it (-> (model, None))."""
     config_path = os.path.join(path, 'config.json')
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{config_path} not found: load_hf reads a local Hugging Face model folder")
@@ -223,33 +223,10 @@ def load_hf(path, device='cpu', dtype=None, tokenizer=True):
 
 
 def read_hf_tokenizer(path):
-    """The SentencePiece tokenizer.model of a Hugging Face folder as a mirim Tokenizer. Tokens that
-    transformers adds after the SentencePiece vocab (tokenizer_config.json's added_tokens_decoder,
-    e.g. chat markers) are appended to the model as user-defined pieces: same ids, and found in
-    text as one token each, as transformers does."""
-    from sentencepiece import sentencepiece_model_pb2
-    from tokenizer import load_tokenizer
-    model_file = os.path.join(path, 'tokenizer.model')
-    if not os.path.isfile(model_file):
-        raise FileNotFoundError(f"{path} has no SentencePiece tokenizer.model; mirim cannot read a tokenizer.json "
-                                f"alone. Load the weights only with load_hf(path, tokenizer=False)")
-    with open(model_file, 'rb') as f:
-        proto = sentencepiece_model_pb2.ModelProto.FromString(f.read())
-    added = {}
-    if os.path.isfile(os.path.join(path, 'tokenizer_config.json')):
-        with open(os.path.join(path, 'tokenizer_config.json'), encoding='utf-8') as f:
-            added = json.load(f).get('added_tokens_decoder') or {}
-    size = len(proto.pieces)
-    for i, piece in sorted((int(i), token['content']) for i, token in added.items()):
-        if i < size and proto.pieces[i].piece != piece:
-            raise ValueError(f"{path}: tokenizer_config.json renames id {i} from {proto.pieces[i].piece!r} to "
-                             f"{piece!r}; mirim's tokenizer would not know that")
-        if i >= size and i != len(proto.pieces):
-            raise ValueError(f"{path}: added token {piece!r} has id {i}, but the ids after tokenizer.model's "
-                             f"{size} pieces must follow on without gaps")
-        if i >= size:
-            proto.pieces.add(piece=piece, score=0.0, type=proto.SentencePiece.USER_DEFINED)
-    description = {'kind': 'sentencepiece', 'model_proto': proto.SerializeToString()}
-    if len(proto.pieces) == size:  # the file itself is the whole tokenizer
-        description['path'] = os.path.abspath(model_file)
-    return load_tokenizer(description)
+    """The tokenizer of a Hugging Face folder as a mirim Tokenizer: its SentencePiece tokenizer.model
+    (with the tokens transformers adds after it), else its tokenizer.json (tokenizer.load_hf_folder)."""
+    from tokenizer import load_hf_folder
+    try:
+        return load_hf_folder(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}. Load the weights only with load_hf(path, tokenizer=False)") from None

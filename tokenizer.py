@@ -1,14 +1,16 @@
 """
-One tokenizer interface over SentencePiece, tiktoken and raw UTF-8 bytes, and the command
-line that trains a SentencePiece tokenizer for a new language.
+One tokenizer interface over SentencePiece, tiktoken, Hugging Face tokenizer.json files (the
+`tokenizers` library) and raw UTF-8 bytes, and the command line that trains a tokenizer for a new
+language: SentencePiece (BPE or unigram) or a byte-level BPE as GPT-2, Llama 3 and cucafera have.
 
-    tok = load_tokenizer('data/biblia/pt/tokenizer.model')  # or 'bytes', 'tiktoken:gpt2'
-    ids = tok.encode('Olá, mundo!', bos=True, eos=True)
+    tok = load_tokenizer('data/biblia/pt/tokenizer.model')  # or 'bytes', 'tiktoken:gpt2',
+    ids = tok.encode('Olá, mundo!', bos=True, eos=True)     # 'x/tokenizer.json', an HF model folder
     text = tok.decode(ids)
 
-Train a tokenizer (byte fallback, digits split, chat tokens as single pieces):
+Train a tokenizer (no <unk> ever: byte fallback or bytes; digits split; chat tokens as single pieces):
 
     python tokenizer.py --input 'corpus/*.txt' --vocab_size 8192 --out data/x/tokenizer.model
+    python tokenizer.py --input 'corpus/*.txt' --vocab_size 8192 --model_type bytelevel --out data/x/tokenizer.json
 
 A general-purpose English tokenizer such as GPT-2's spends 3-10x more tokens on Hindi or
 Bengali than on English; a tokenizer trained on your own language is the cheapest big win.
@@ -18,6 +20,7 @@ import argparse
 import base64
 import glob
 import io
+import json
 import os
 import re
 import sys
@@ -26,7 +29,7 @@ import time
 from checkpoint import write_atomic
 
 DEFAULT_SPECIAL_TOKENS = ('<|im_start|>', '<|im_end|>')  # ChatML, for chat fine-tuning
-KINDS = ('sentencepiece', 'tiktoken', 'bytes')
+KINDS = ('sentencepiece', 'tiktoken', 'tokenizers', 'bytes')
 
 # Split pattern for a tiktoken ranks file (GPT-2-era files get tiktoken's r50k pattern): cl100k_base's
 # (tiktoken_ext/openai_public.py). It separates letters (any script), 1-3 digit groups, punctuation
@@ -34,15 +37,22 @@ KINDS = ('sentencepiece', 'tiktoken', 'bytes')
 CL100K_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+|"""
                   r""" ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
 SPEC_HELP = ("a tokenizer spec is 'bytes', 'tiktoken:NAME' (e.g. tiktoken:gpt2), "
-             "'tiktoken:/path/to/ranks.tiktoken', a SentencePiece .model file, or a dict from to_dict()")
+             "'tiktoken:/path/to/ranks.tiktoken', a SentencePiece .model file, a Hugging Face tokenizer.json "
+             "file or model folder, or a dict from to_dict()")
+# a tokenizer.json alone does not say which of its special tokens starts and ends a document (the
+# folder's tokenizer_config.json does): these names are taken, in this order, when nothing says so
+BOS_NAMES = ('<s>', '<|begin_of_text|>', '<bos>', '<|startoftext|>', '<|endoftext|>')
+EOS_NAMES = ('</s>', '<|end_of_text|>', '<eos>', '<|endoftext|>')
+PAD_NAMES = ('<pad>', '<|pad|>', '<|finetune_right_pad_id|>')
 
 
 class Tokenizer:
-    """encode/decode text for one of three kinds. Build one with load_tokenizer(spec).
+    """encode/decode text for one of four kinds. Build one with load_tokenizer(spec).
 
     special_tokens maps every special piece to its id. Only the ones that are not bos/eos/pad/unk
     (the chat tokens, by default) are recognised inside text by encode(): '<|im_start|>' in a
-    string becomes one id, while '<s>' in a string is just text.
+    string becomes one id, while '<s>' in a string is just text. The 'tokenizers' kind does what its
+    tokenizer.json says, as transformers does: every added token is found in text.
     """
 
     def __init__(self, description):
@@ -54,6 +64,8 @@ class Tokenizer:
             self._init_sentencepiece(description)
         elif self.kind == 'tiktoken':
             self._init_tiktoken(description)
+        elif self.kind == 'tokenizers':
+            self._init_tokenizers(description)
         elif self.kind == 'bytes':
             self._init_bytes(description)
         else:
@@ -107,6 +119,35 @@ class Tokenizer:
         self.bos_id = self.eos_id = specials['<|endoftext|>']  # GPT convention: one document separator
         self._unk_id = None
 
+    def _init_tokenizers(self, d):
+        from tokenizers import Tokenizer as Backend
+        text = d['tokenizer_json']
+        try:
+            self._backend = Backend.from_str(text.decode('utf-8'))
+        except Exception as e:  # tokenizers raises a bare Exception with serde's message
+            where = d.get('path') or 'tokenizer_json'
+            raise ValueError(f"{where} is not a tokenizer.json the `tokenizers` library can read "
+                             f"({str(e).strip()[:200]})") from None
+        vocab = self._backend.get_vocab(with_added_tokens=True)
+        self.vocab_size = max(vocab.values()) + 1
+        added = self._backend.get_added_tokens_decoder()
+        self.special_tokens = {t.content: i for i, t in sorted(added.items()) if t.special}
+        model = json.loads(text).get('model') or {}
+        self._unk_id = vocab.get(model.get('unk_token')) if model.get('unk_token') else (
+            model.get('unk_id') if model.get('type') == 'Unigram' else None)
+        # bos/eos/pad: as given (tokenizer_config.json's, read by load_hf_folder), else guessed by name
+        for role, names in (('bos', (template_bos(text),) + BOS_NAMES), ('eos', EOS_NAMES), ('pad', PAD_NAMES)):
+            piece = d.get(f'{role}_token')
+            if piece is None:
+                piece = next((n for n in names if n in self.special_tokens), None)
+            if piece is not None and piece not in vocab:
+                raise ValueError(f"{self._source()}: its {role} token {piece!r} is not in the tokenizer")
+            self._description[f'{role}_token'] = piece
+            setattr(self, f'{role}_id', None if piece is None else vocab[piece])
+        if self.bos_id is None or self.eos_id is None:
+            raise ValueError(f"{self._source()} names no token to start or end a document (mirim writes <bos> "
+                             f"text <eos>): put its tokenizer_config.json (bos_token, eos_token) beside it")
+
     def _init_bytes(self, d):
         given = d.get('special_tokens') or ['<s>', '</s>', '<pad>', *DEFAULT_SPECIAL_TOKENS]
         names = sorted(given, key=given.get) if isinstance(given, dict) else list(given)
@@ -124,6 +165,8 @@ class Tokenizer:
             ids = self._sp.encode(text)
         elif self.kind == 'tiktoken':
             ids = self._enc.encode(text, allowed_special=set(self._text_specials), disallowed_special=())
+        elif self.kind == 'tokenizers':
+            ids = self._backend.encode(text, add_special_tokens=False).ids
         else:
             ids = self._encode_bytes(text)
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
@@ -135,6 +178,8 @@ class Tokenizer:
         elif self.kind == 'tiktoken':
             batch = self._enc.encode_batch(texts, allowed_special=set(self._text_specials),
                                            disallowed_special=())
+        elif self.kind == 'tokenizers':
+            batch = [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=False)]
         else:
             batch = [self._encode_bytes(t) for t in texts]
         if bos or eos:
@@ -150,6 +195,9 @@ class Tokenizer:
             return self._sp.decode(ids)
         if self.kind == 'tiktoken':  # like SentencePiece's <s>, </s>: the document markers are not text
             return self._enc.decode([i for i in ids if i not in (self.bos_id, self.eos_id)], errors='replace')
+        if self.kind == 'tokenizers':  # document markers and padding are not text; chat tokens are
+            markers = (self.bos_id, self.eos_id, self.pad_id)
+            return self._backend.decode([i for i in ids if i not in markers], skip_special_tokens=False)
         out, run = [], bytearray()
         for i in ids:
             if i < 256:
@@ -173,6 +221,8 @@ class Tokenizer:
                 return self._enc.encode_single_token(piece)
             except KeyError:
                 return None
+        if self.kind == 'tokenizers':
+            return self._backend.token_to_id(piece)
         raw = piece.encode('utf-8')
         return raw[0] if len(raw) == 1 else None
 
@@ -205,17 +255,32 @@ class Tokenizer:
 # -----------------------------------------------------------------------------
 # loading
 
+SAME_TEXTS = ('No princípio criou Deus os céus e a terra. 1948, R$ 3,50', 'आदि में परमेश्‍वर ने आकाश और पृथ्वी',
+              'আদিতে ঈশ্বর আকাশমণ্ডল', '起初，神创造天地。', 'Emoji 🙂👋🏽 ok!', ' two  spaces\n\tand a tab\n')
+
+
 def same_tokenizer(a, b):
-    """True when two tokenizers give the same ids: same kind, same model (or ranks), same special tokens."""
+    """True when two tokenizers give the same ids: same kind, same model (or ranks, or tokenizer.json
+    text), same special tokens. A 'tokenizers' kind and another kind (a bytes or tiktoken tokenizer
+    exported as tokenizer.json and read back) are the same when vocab, special tokens, bos/eos and
+    the ids of sample texts in several scripts agree."""
     def fingerprint(t):
         d = t.to_dict()
-        return d['kind'], d.get('model_proto'), d.get('name'), d.get('ranks'), sorted(t.special_tokens.items())
-    return fingerprint(a) == fingerprint(b)
+        return (d['kind'], d.get('model_proto'), d.get('name'), d.get('ranks'), d.get('tokenizer_json'),
+                t.bos_id, t.eos_id, sorted(t.special_tokens.items()))
+    if fingerprint(a) == fingerprint(b):
+        return True
+    if a.kind == b.kind or 'tokenizers' not in (a.kind, b.kind):
+        return False
+    texts = list(SAME_TEXTS) + [f'{p} x{p}' for p in a.special_tokens if p in b._text_specials]
+    return ((a.vocab_size, a.bos_id, a.eos_id, a.special_tokens) == (b.vocab_size, b.bos_id, b.eos_id, b.special_tokens)
+            and a.encode_batch(texts) == b.encode_batch(texts))
 
 
 def load_tokenizer(spec, base_dir=None):
-    """spec: 'bytes', 'tiktoken:NAME', 'tiktoken:/path/x.tiktoken', a SentencePiece .model path,
-    a dict from to_dict() (or its meta.json form, with relative paths under base_dir)."""
+    """spec: 'bytes', 'tiktoken:NAME', 'tiktoken:/path/x.tiktoken', a SentencePiece .model path, a
+    tokenizer.json path, a Hugging Face model folder (load_hf_folder), a dict from to_dict() (or its
+    meta.json form, with relative paths under base_dir)."""
     if isinstance(spec, Tokenizer):
         return spec
     if isinstance(spec, dict):
@@ -229,10 +294,24 @@ def load_tokenizer(spec, base_dir=None):
         target = spec[len('tiktoken:'):]
         if not target:
             raise ValueError(f"empty tiktoken name in {spec!r}: {SPEC_HELP}")
+        if target.endswith('.json') or os.path.isdir(target):
+            raise ValueError(f"{target} is a Hugging Face tokenizer, not tiktoken ranks: pass it without 'tiktoken:'")
         if '/' in target or os.sep in target or target.endswith('.tiktoken'):
             return _load_from_dict({'kind': 'tiktoken', 'path': target}, base_dir)
         return Tokenizer({'kind': 'tiktoken', 'name': target, 'extra_special_tokens': DEFAULT_SPECIAL_TOKENS})
+    if os.path.isdir(spec):
+        return load_hf_folder(spec)
+    if spec.endswith('.json') or _starts_with(spec, b'{'):  # tokenizer.json, whatever its name
+        return _load_from_dict({'kind': 'tokenizers', 'path': spec}, base_dir)
     return _load_from_dict({'kind': 'sentencepiece', 'path': spec}, base_dir)
+
+
+def _starts_with(path, prefix):
+    try:
+        with open(path, 'rb') as f:
+            return f.read(len(prefix)) == prefix
+    except OSError:
+        return False
 
 
 def _load_from_dict(d, base_dir):
@@ -240,7 +319,7 @@ def _load_from_dict(d, base_dir):
     kind = d.get('kind')
     if kind not in KINDS:
         raise ValueError(f"tokenizer description has kind {kind!r}; expected one of {KINDS}")
-    field = {'sentencepiece': 'model_proto', 'tiktoken': 'ranks'}.get(kind)
+    field = {'sentencepiece': 'model_proto', 'tiktoken': 'ranks', 'tokenizers': 'tokenizer_json'}.get(kind)
     if field and d.get(field) is None and d.get('path'):  # meta.json form: read the file
         path = d['path'] if base_dir is None else os.path.join(base_dir, d['path'])
         if not os.path.isfile(path):
@@ -253,7 +332,73 @@ def _load_from_dict(d, base_dir):
         raise ValueError(f"sentencepiece description needs 'model_proto' bytes or a 'path': {SPEC_HELP}")
     if kind == 'tiktoken' and d.get('ranks') is None and not d.get('name'):
         raise ValueError(f"tiktoken description needs a 'name', a 'path' or 'ranks': {SPEC_HELP}")
+    if kind == 'tokenizers' and d.get('tokenizer_json') is None:
+        raise ValueError(f"tokenizers description needs 'tokenizer_json' bytes or a 'path': {SPEC_HELP}")
     return Tokenizer(d)
+
+
+def template_bos(tokenizer_json):
+    """The special token a tokenizer.json's post-processor puts first (Llama's '<s> $A'), or None."""
+    processor = json.loads(tokenizer_json).get('post_processor') or {}
+    steps = processor.get('processors', [processor]) if processor.get('type') == 'Sequence' else [processor]
+    for step in steps:
+        if step.get('type') == 'TemplateProcessing' and step.get('single'):
+            first = step['single'][0]
+            if 'SpecialToken' in first:
+                return first['SpecialToken']['id']
+    return None
+
+
+def load_hf_folder(path):
+    """The tokenizer of a Hugging Face model folder: its SentencePiece tokenizer.model when it has one
+    (plus the tokens transformers adds after it, see sentencepiece_with_added_tokens), else its
+    tokenizer.json with bos/eos/pad as tokenizer_config.json (or special_tokens_map.json) names them."""
+    if os.path.isfile(os.path.join(path, 'tokenizer.model')):
+        return sentencepiece_with_added_tokens(path)
+    file = os.path.join(path, 'tokenizer.json')
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{path} has neither a tokenizer.json nor a SentencePiece tokenizer.model")
+    config = {}
+    for name in ('special_tokens_map.json', 'tokenizer_config.json'):  # the second wins
+        if os.path.isfile(os.path.join(path, name)):
+            with open(os.path.join(path, name), encoding='utf-8') as f:
+                config.update(json.load(f))
+    description = {'kind': 'tokenizers', 'path': os.path.abspath(file)}
+    for role in ('bos', 'eos', 'pad'):
+        piece = config.get(f'{role}_token')
+        piece = piece.get('content') if isinstance(piece, dict) else piece  # {"content": "<s>", ...} in older files
+        if piece is not None:
+            description[f'{role}_token'] = piece
+    return _load_from_dict(description, None)
+
+
+def sentencepiece_with_added_tokens(path):
+    """The SentencePiece tokenizer.model of a Hugging Face folder as a mirim Tokenizer. Tokens that
+    transformers adds after the SentencePiece vocab (tokenizer_config.json's added_tokens_decoder,
+    e.g. chat markers) are appended to the model as user-defined pieces: same ids, and found in
+    text as one token each, as transformers does."""
+    from sentencepiece import sentencepiece_model_pb2
+    model_file = os.path.join(path, 'tokenizer.model')
+    with open(model_file, 'rb') as f:
+        proto = sentencepiece_model_pb2.ModelProto.FromString(f.read())
+    added = {}
+    if os.path.isfile(os.path.join(path, 'tokenizer_config.json')):
+        with open(os.path.join(path, 'tokenizer_config.json'), encoding='utf-8') as f:
+            added = json.load(f).get('added_tokens_decoder') or {}
+    size = len(proto.pieces)
+    for i, piece in sorted((int(i), token['content']) for i, token in added.items()):
+        if i < size and proto.pieces[i].piece != piece:
+            raise ValueError(f"{path}: tokenizer_config.json renames id {i} from {proto.pieces[i].piece!r} to "
+                             f"{piece!r}; mirim's tokenizer would not know that")
+        if i >= size and i != len(proto.pieces):
+            raise ValueError(f"{path}: added token {piece!r} has id {i}, but the ids after tokenizer.model's "
+                             f"{size} pieces must follow on without gaps")
+        if i >= size:
+            proto.pieces.add(piece=piece, score=0.0, type=proto.SentencePiece.USER_DEFINED)
+    description = {'kind': 'sentencepiece', 'model_proto': proto.SerializeToString()}
+    if len(proto.pieces) == size:  # the file itself is the whole tokenizer
+        description['path'] = os.path.abspath(model_file)
+    return load_tokenizer(description)
 
 
 def load_tiktoken_by_name(name):
@@ -331,6 +476,52 @@ def train_sentencepiece(input_paths_or_iter, out_path, vocab_size=8192, model_ty
     return tok
 
 
+# -----------------------------------------------------------------------------
+# training (byte-level BPE, with the `tokenizers` library, as cucafera, GPT-2 and Llama 3 were)
+
+# How text is cut before BPE merges (no merge crosses a cut): cl100k's pattern, with \p{M} beside \p{L}
+# (GPT-2's and cl100k's split Hindi and Bengali words at every vowel sign, which is a mark, not a letter),
+# single digits (as SentencePiece's split_digits) and no English contractions. A word keeps the one
+# space or punctuation mark before it; Chinese runs without spaces stay whole and BPE finds the words.
+BYTELEVEL_PATTERN = (r"""[^\r\n\p{L}\p{M}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"""
+                     r"""|\s*[\r\n]|\s+(?!\S)|\s""")
+BYTELEVEL_SPECIALS = ('<s>', '</s>', '<pad>')  # ids 0, 1, 2; then the chat tokens, then the 256 bytes
+
+
+def train_bytelevel_bpe(input_paths_or_iter, out_path, vocab_size=8192, special_tokens=DEFAULT_SPECIAL_TOKENS,
+                        min_frequency=2, verbose=False):
+    """Train a byte-level BPE and write it as out_path (a tokenizer.json). Every byte is a token, so
+    nothing is ever <unk>; <s> </s> <pad> and special_tokens are single tokens found in text. Inputs
+    as train_sentencepiece's. Returns the Tokenizer."""
+    from tokenizers import Regex, Tokenizer as Backend, decoders, models, pre_tokenizers, processors, trainers
+    check_vocab_size(vocab_size, special_tokens)
+    if isinstance(input_paths_or_iter, (str, os.PathLike, list, tuple)):
+        documents = read_blocks(expand_paths(input_paths_or_iter))
+    else:
+        documents = input_paths_or_iter
+    specials = list(dict.fromkeys([*BYTELEVEL_SPECIALS, *special_tokens]))
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(BYTELEVEL_PATTERN), behavior='isolated'),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=verbose)
+    pieces = _with_progress(training_sentences(documents), 'byte-level BPE', vocab_size)
+    try:
+        backend.train_from_iterator(pieces, trainer=trainer)
+    except Exception as e:  # the Rust side raises plain Exceptions
+        raise ValueError(f"tokenizers could not train a {vocab_size}-piece byte-level BPE on this input ({e})") from None
+    # as Llama's tokenizer.json: AutoTokenizer('text') starts with <s>, as mirim's documents do
+    backend.post_processor = processors.TemplateProcessing(single='<s> $A', pair='<s> $A <s> $B',
+                                                           special_tokens=[('<s>', 0)])
+    if backend.get_vocab_size() < vocab_size:
+        print(f"note: the input holds only {backend.get_vocab_size():,} pieces' worth of merges "
+              f"(asked for {vocab_size:,})", file=sys.stderr)
+    write_atomic(out_path, backend.to_str(pretty=True).encode('utf-8'))
+    return load_tokenizer(out_path)
+
+
 def check_vocab_size(vocab_size, special_tokens=DEFAULT_SPECIAL_TOKENS):
     """ValueError unless vocab_size leaves room for pieces beyond the reserved ids (callers check it
     before they touch an output folder)."""
@@ -340,11 +531,12 @@ def check_vocab_size(vocab_size, special_tokens=DEFAULT_SPECIAL_TOKENS):
                          f"take {reserved} ids; use at least a few hundred more")
 
 
-def _with_progress(sentences, model_type, vocab_size):
+def _with_progress(sentences, model_type, vocab_size):  # model_type: words for the message
     from tqdm import tqdm
     # no bar when stderr is a log file or a pipe: each redraw would be one more line in the log
     yield from tqdm(sentences, desc='reading text for the tokenizer', unit=' pieces', disable=not sys.stderr.isatty())
-    print(f"training a {vocab_size:,}-piece SentencePiece {model_type} model...", flush=True)  # silent for a while
+    library = '' if 'byte' in model_type else 'SentencePiece '
+    print(f"training a {vocab_size:,}-piece {library}{model_type} model...", flush=True)  # silent for a while
 
 
 def training_sentences(documents, max_bytes=4192):
@@ -451,12 +643,15 @@ def compare_with_bytes(tok, texts):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Train a SentencePiece tokenizer (byte fallback, split digits).")
+    parser = argparse.ArgumentParser(description="Train a tokenizer: SentencePiece (byte fallback) or byte-level BPE "
+                                                 "(tokenizer.json); digits split, chat tokens single pieces.")
     parser.add_argument('--input', nargs='+', required=True,
                         help="text files or globs; a document is a blank-line-separated block")
-    parser.add_argument('--out', required=True, help="output .model path, e.g. data/x/tokenizer.model")
+    parser.add_argument('--out', required=True, help="output path: data/x/tokenizer.model (SentencePiece) or "
+                                                     "data/x/tokenizer.json (--model_type bytelevel)")
     parser.add_argument('--vocab_size', type=int, default=8192)
-    parser.add_argument('--model_type', choices=['bpe', 'unigram'], default='bpe')
+    parser.add_argument('--model_type', choices=['bpe', 'unigram', 'bytelevel'], default='bpe',
+                        help="bpe, unigram: SentencePiece; bytelevel: byte-level BPE with `tokenizers` (tokenizer.json)")
     parser.add_argument('--special_tokens', nargs='*', default=list(DEFAULT_SPECIAL_TOKENS))
     parser.add_argument('--character_coverage', type=float, default=0.9995,
                         help="0.9995 suits any script; 1.0 gives each character of a clean small alphabet a piece")
@@ -484,11 +679,17 @@ def main():
 
     t0 = time.time()
     try:
-        tok = train_sentencepiece(blocks_for_training(), args.out, vocab_size=args.vocab_size,
-                                  model_type=args.model_type, special_tokens=args.special_tokens,
-                                  character_coverage=args.character_coverage,
-                                  input_sentence_size=args.input_sentence_size, num_threads=args.num_threads,
-                                  verbose=args.verbose)
+        if args.model_type == 'bytelevel':
+            if not args.out.endswith('.json'):
+                raise ValueError(f"--out {args.out}: a byte-level BPE is a tokenizer.json; name the file *.json")
+            tok = train_bytelevel_bpe(blocks_for_training(), args.out, vocab_size=args.vocab_size,
+                                      special_tokens=args.special_tokens, verbose=args.verbose)
+        else:
+            tok = train_sentencepiece(blocks_for_training(), args.out, vocab_size=args.vocab_size,
+                                      model_type=args.model_type, special_tokens=args.special_tokens,
+                                      character_coverage=args.character_coverage,
+                                      input_sentence_size=args.input_sentence_size, num_threads=args.num_threads,
+                                      verbose=args.verbose)
     except (ValueError, OSError) as e:  # bad input, settings or --out: a message, not a traceback
         parser.exit(1, f"tokenizer.py: error: {e}\n")
     print(f"wrote {args.out} ({tok.vocab_size:,} pieces, {args.model_type}) in {time.time() - t0:.1f}s")

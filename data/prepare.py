@@ -5,14 +5,18 @@ Any corpus -> tokenized .bin shards + meta.json, ready for train.py.
     python data/prepare.py --input 'dumps/*.jsonl.gz' --text_field text --tokenizer data/x/tokenizer.model --out data/y
     python data/prepare.py --hf_dataset NAME --hf_split train --tokenizer tiktoken:gpt2 --out data/z
 
-Inputs: files, folders (searched recursively for .txt .md .jsonl .json, also gzipped), or globs.
+Inputs: files, folders (searched recursively for .txt .md .jsonl .json, also gzipped, .parquet and
+.arrow), datasets.save_to_disk folders (a DatasetDict's --hf_split), or globs.
 Documents, each written as <bos> text <eos>:
   - JSONL (.jsonl, .json, .jsonl.gz): one document per record, its --text_field string.
+  - Parquet, Arrow (.parquet, .arrow): one document per row, its --text_field column; read with
+    pyarrow a row group / record batch at a time, so a corpus larger than memory works.
   - text: --doc_per block (default): blank-line-separated blocks (paragraphs, articles);
     --doc_per line: every non-blank line; --doc_per file: a whole file.
     Line ends are normalized to \\n; a UTF-8 byte-order mark is dropped.
---tokenizer: 'bytes', 'tiktoken:NAME', a SentencePiece .model file, or train:VOCAB to train a
-SentencePiece tokenizer of VOCAB pieces on (a sample of at most --sample_bytes of) the input first.
+--tokenizer: 'bytes', 'tiktoken:NAME', a SentencePiece .model file, a Hugging Face tokenizer.json
+or model folder, or train:VOCAB to train a SentencePiece BPE of VOCAB pieces (train-bytelevel:VOCAB:
+a byte-level BPE, tokenizer.json) on (a sample of at most --sample_bytes of) the input first.
 The tokenizer file is copied into --out, so the folder is self-contained.
 
 Validation split, by document and deterministic: documents are taken in groups of
@@ -24,7 +28,8 @@ aliasing that "every k-th document" has on inputs with a periodic structure.
 A corpus of few documents (--doc_per file on two files) would lose much of its text to that first
 val document: when val holds more than twice val_fraction of the tokens, that is a warning.
 
-Bad input: no documents at all is an error and writes nothing. Invalid UTF-8 is decoded with
+Bad input: no documents at all is an error and writes nothing; so is a Parquet/Arrow file without
+the --text_field column, or a binary file given as text (the message says what it looks like). Invalid UTF-8 is decoded with
 U+FFFD replacement characters; JSONL lines that are not JSON, or records without a string
 --text_field, are skipped. Each of these is counted and reported at the end as one warning naming
 the first place it happened (and saved in meta.json under "warnings"); if every record lacks the
@@ -64,15 +69,20 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 from checkpoint import write_atomic
 from shards import ShardWriter, mask_path, token_dtype, write_meta
-from tokenizer import check_vocab_size, load_tokenizer, train_sentencepiece
+from tokenizer import check_vocab_size, load_tokenizer, train_bytelevel_bpe, train_sentencepiece
 
 TEXT_SUFFIXES = ('.txt', '.md', '.txt.gz', '.md.gz')
 JSONL_SUFFIXES = ('.jsonl', '.json', '.jsonl.gz', '.json.gz')
+COLUMNAR_SUFFIXES = ('.parquet', '.arrow')  # Hugging Face datasets' formats, read with pyarrow
+INPUT_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + COLUMNAR_SUFFIXES
+SAVED_DATASET_FILES = ('state.json', 'dataset_info.json', 'dataset_dict.json')  # save_to_disk's, not corpora
 SHARD_FILE = re.compile(r'(train|val)_\d{6}(\.mask)?\.bin(\.tmp)?$')
-TOKENIZER_FILES = ('tokenizer.model', 'tokenizer.vocab', 'tokenizer.tiktoken')
+TOKENIZER_FILES = ('tokenizer.model', 'tokenizer.vocab', 'tokenizer.tiktoken', 'tokenizer.json')
+# the tokenizer's own file, copied into the data folder: which field of to_dict() holds it
+TOKENIZER_FILE_OF = {'model_proto': 'tokenizer.model', 'ranks': 'tokenizer.tiktoken', 'tokenizer_json': 'tokenizer.json'}
 # every file a preparation writes into its folder (write_atomic's temp names end in .tmp<pid>); nothing else is touched
 OUTPUT_FILE = re.compile(r'(train|val)_\d{6}(\.mask)?\.bin(\.tmp)?$'
-                         r'|(meta\.json|tokenizer\.(model|vocab|tiktoken))(\.tmp\d+)?$')
+                         r'|(meta\.json|tokenizer\.(model|vocab|tiktoken|json))(\.tmp\d+)?$')
 PROGRESS_EVERY = 60  # seconds between plain progress lines when stderr is not a terminal
 
 
@@ -102,24 +112,144 @@ def describe_problems(problems):
 # -----------------------------------------------------------------------------
 # reading documents, lazily
 
-def expand_inputs(patterns):
-    """Files, folders and globs -> a sorted, de-duplicated list of files to read."""
+def expand_inputs(patterns, split='train'):
+    """Files, folders and globs -> a sorted, de-duplicated list of files to read. A datasets.save_to_disk
+    folder gives its .arrow files (a DatasetDict: those of `split`)."""
     paths = []
     for pattern in patterns:
         matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
         if not matches or not all(os.path.exists(m) for m in matches):
             raise PrepareError(f"input not found: {pattern}")
         for match in matches:
-            if os.path.isdir(match):
+            if os.path.isdir(match) and is_saved_dataset(match):
+                paths.extend(saved_dataset_files(match, split))
+            elif os.path.isdir(match):
                 found = sorted(os.path.join(root, name) for root, dirs, names in os.walk(match) for name in names
-                               if name.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES) and not name.startswith('.'))
+                               if name.endswith(INPUT_SUFFIXES) and not name.startswith('.')
+                               and name not in SAVED_DATASET_FILES)
                 if not found:
-                    raise PrepareError(f"folder {match} holds no input files "
-                                       f"({' '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)})")
+                    raise PrepareError(f"folder {match} holds no input files ({' '.join(INPUT_SUFFIXES)})")
                 paths.extend(found)
             else:
                 paths.append(match)
     return list(dict.fromkeys(paths))
+
+
+# -----------------------------------------------------------------------------
+# Parquet and Arrow (Hugging Face datasets' own formats), read a batch of rows at a time
+
+def is_saved_dataset(folder):
+    return any(os.path.isfile(os.path.join(folder, name)) for name in ('state.json', 'dataset_dict.json'))
+
+
+def saved_dataset_files(folder, split='train'):
+    """The .arrow files of a datasets.save_to_disk folder: a Dataset (state.json lists them) or a
+    DatasetDict (dataset_dict.json lists its splits, each a Dataset folder), read without `datasets`."""
+    if os.path.isfile(os.path.join(folder, 'dataset_dict.json')):
+        with open(os.path.join(folder, 'dataset_dict.json'), encoding='utf-8') as f:
+            splits = json.load(f).get('splits') or []
+        if split not in splits:
+            raise PrepareError(f"{folder} is a saved DatasetDict without a split {split!r}; its splits: "
+                               f"{', '.join(splits)} (choose one with --hf_split)")
+        return saved_dataset_files(os.path.join(folder, split), split)
+    with open(os.path.join(folder, 'state.json'), encoding='utf-8') as f:
+        files = [os.path.join(folder, entry['filename']) for entry in json.load(f).get('_data_files') or []]
+    missing = [path for path in files if not os.path.isfile(path)]
+    if not files or missing:
+        raise PrepareError(f"{folder} is a saved dataset whose state.json lists "
+                           f"{'missing files: ' + ', '.join(missing) if missing else 'no data files'}")
+    return files
+
+
+def record_batches(path, columns=None):
+    """pyarrow RecordBatches of a .parquet file (by row group) or an .arrow file (IPC file or stream
+    format; datasets writes streams), never the whole table at once."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    if path.endswith('.parquet'):
+        yield from pq.ParquetFile(path).iter_batches(batch_size=1024, columns=columns)
+        return
+    with pa.memory_map(path) as source:
+        try:
+            reader = pa.ipc.open_file(source)
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        except pa.ArrowInvalid:
+            source.seek(0)
+            batches = pa.ipc.open_stream(source)
+        for batch in batches:
+            yield batch.select(columns) if columns else batch
+
+
+def columnar_fields(path):
+    """The column names of a .parquet or .arrow file, from its schema alone; PrepareError if it is not one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    try:
+        if path.endswith('.parquet'):
+            return pq.read_schema(path).names
+        with pa.memory_map(path) as source:
+            try:
+                return pa.ipc.open_file(source).schema.names
+            except pa.ArrowInvalid:
+                source.seek(0)
+                return pa.ipc.open_stream(source).schema.names
+    except (pa.ArrowInvalid, OSError) as e:
+        kind = 'Parquet' if path.endswith('.parquet') else 'Arrow'
+        raise PrepareError(f"{path} is not a readable {kind} file ({str(e).strip().splitlines()[0][:150]})") from None
+
+
+def read_columnar_file(path, text_field='text', problems=None):
+    row = 0
+    for batch in record_batches(path, [text_field]):
+        for value in batch.column(0).to_pylist():
+            row += 1
+            where = f"{path} row {row}"
+            if not isinstance(value, str):
+                note(problems, 'missing_field', f"{where}: its '{text_field}' is {type(value).__name__}, not text")
+                continue
+            text = document_from_record({text_field: value}, text_field, where, problems)
+            if text is not None:
+                yield text
+
+
+def columnar_records(path):
+    """(where, record as a dict) for every row of a .parquet or .arrow file: chat data in these formats."""
+    row = 0
+    for batch in record_batches(path):
+        for record in batch.to_pylist():
+            row += 1
+            yield f"{path} row {row}", record
+
+
+# what a binary file given as text looks like, by its first bytes
+MAGIC = ((b'PAR1', "a Parquet file: name it .parquet"), (b'ARROW1', "an Arrow file: name it .arrow"),
+         (b'\xff\xff\xff\xff', "an Arrow stream (as datasets writes): name it .arrow"),
+         (b'\x1f\x8b', "gzip-compressed: name it .gz"), (b'PK\x03\x04', "a zip archive: unpack it first"),
+         (b'SQLite format 3\x00', "an SQLite database: export its text first"),
+         (b'\x93NUMPY', "a NumPy array, not text"))
+
+
+def check_inputs(paths, text_field='text'):
+    """Before anything is written: every Parquet/Arrow file is one and has the text field (unless None), and no file read as text
+    or JSONL is binary. PrepareError, one line, naming the file and what it looks like."""
+    for path in paths:
+        if path.endswith(COLUMNAR_SUFFIXES):
+            fields = columnar_fields(path)
+            if text_field is not None and text_field not in fields:
+                raise PrepareError(f"{path} has no column '{text_field}'; its columns: {', '.join(fields)} "
+                                   f"(name the one holding the text with --text_field)")
+            continue
+        with open_binary(path) as f:
+            try:
+                head = f.read(8192)
+            except (OSError, EOFError) as e:  # e.g. a .gz that is not gzip
+                raise PrepareError(f"{path}: cannot be read ({e})") from None
+        for magic, what in MAGIC:
+            if head.startswith(magic) and not (magic == b'\x1f\x8b' and path.endswith('.gz')):
+                raise PrepareError(f"{path} is not text, it looks like {what}")
+        if b'\x00' in head:
+            raise PrepareError(f"{path} is not text, it holds NUL bytes (a binary file, or UTF-16 text: convert "
+                               f"it to UTF-8)")
 
 
 def open_binary(path):
@@ -223,7 +353,9 @@ def jsonl_records(path, error=None):
 def read_documents(paths, doc_per='block', text_field='text', problems=None):
     """Every document of every file, in order, one at a time."""
     for path in paths:
-        if path.endswith(JSONL_SUFFIXES):
+        if path.endswith(COLUMNAR_SUFFIXES):
+            yield from read_columnar_file(path, text_field, problems)
+        elif path.endswith(JSONL_SUFFIXES):
             yield from read_jsonl_file(path, text_field, problems)
         else:
             yield from read_text_file(path, doc_per, problems)
@@ -380,7 +512,7 @@ def files_holding(out_dir, tokenizer):
         return set()
     description = tokenizer.to_dict()
     keep = set()
-    for field, name in (('model_proto', 'tokenizer.model'), ('ranks', 'tokenizer.tiktoken')):
+    for field, name in TOKENIZER_FILE_OF.items():
         data, path = description.get(field), os.path.join(out_dir, name)
         if isinstance(data, bytes) and os.path.isfile(path) and read_bytes(path) == data:
             keep |= {name, 'tokenizer.vocab'} if name == 'tokenizer.model' else {name}
@@ -462,13 +594,13 @@ def tokenizer_meta(tokenizer, out_dir):
     Tokenizer files of an earlier data set that do not describe this one are removed (a tokenizer.model
     beside shards of the bytes tokenizer, a tokenizer.vocab of another model)."""
     description = tokenizer.to_dict()
-    files = {'model_proto': 'tokenizer.model', 'ranks': 'tokenizer.tiktoken'}
     keep = set()
-    for field, name in files.items():
+    for field, name in TOKENIZER_FILE_OF.items():
         if isinstance(description.get(field), bytes):
             path = os.path.join(out_dir, name)
             if os.path.exists(path) and read_bytes(path) == description[field]:
-                keep.add('tokenizer.vocab')  # written beside this very model (tokenizer.py, train:VOCAB)
+                if name == 'tokenizer.model':
+                    keep.add('tokenizer.vocab')  # written beside this very model (tokenizer.py, train:VOCAB)
             else:
                 write_atomic(path, description[field])
             keep.add(name)
@@ -636,21 +768,24 @@ def sample_documents(documents, max_bytes, total_bytes=None, seed=1337):
                 return
 
 
-def train_tokenizer_on_input(read, vocab_size, out_dir, sample_bytes, total_bytes, seed, source):
-    """read() -> a fresh document iterator. Trains SentencePiece on a sample; writes out_dir/tokenizer.model."""
+def train_tokenizer_on_input(read, vocab_size, out_dir, sample_bytes, total_bytes, seed, source, bytelevel=False):
+    """read() -> a fresh document iterator. Trains SentencePiece (out_dir/tokenizer.model) or, with bytelevel,
+    a byte-level BPE (out_dir/tokenizer.json) on a sample."""
     problems = {}
     sample = sample_documents(read(problems), sample_bytes, total_bytes, seed)
     first = next(sample, None)
     if first is None:
         raise no_documents_error(source, problems)
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, 'tokenizer.model')
-    print(f"training a {vocab_size:,}-piece SentencePiece tokenizer on at most {sample_bytes / 1e6:.0f} MB of the input")
+    path = os.path.join(out_dir, 'tokenizer.json' if bytelevel else 'tokenizer.model')
+    what = 'byte-level BPE' if bytelevel else 'SentencePiece'
+    print(f"training a {vocab_size:,}-piece {what} tokenizer on at most {sample_bytes / 1e6:.0f} MB of the input")
     t0 = time.time()
     try:
-        tokenizer = train_sentencepiece(itertools.chain([first], sample), path, vocab_size=vocab_size)
+        train = train_bytelevel_bpe if bytelevel else train_sentencepiece
+        tokenizer = train(itertools.chain([first], sample), path, vocab_size=vocab_size)
     except ValueError as e:  # e.g. a vocab too large for a small corpus
-        raise PrepareError(f"{e}; choose another train:VOCAB") from None
+        raise PrepareError(f"{e}; choose another VOCAB") from None
     print(f"wrote {path} in {time.time() - t0:.1f}s")
     return tokenizer
 
@@ -659,13 +794,16 @@ def train_tokenizer_on_input(read, vocab_size, out_dir, sample_bytes, total_byte
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Tokenize a corpus into .bin shards + meta.json (see the top of this file).")
-    parser.add_argument('--input', nargs='+', help="text/JSONL files, folders or globs")
+    parser.add_argument('--input', nargs='+', help="text, JSONL, Parquet or Arrow files, folders (also "
+                                                   "datasets.save_to_disk folders) or globs")
     parser.add_argument('--hf_dataset', help="a Hugging Face dataset name (needs `datasets` and the hub)")
-    parser.add_argument('--hf_split', default='train')
-    parser.add_argument('--text_field', default='text', help="the JSONL / dataset field holding the text")
+    parser.add_argument('--hf_split', default='train', help="the split of --hf_dataset or of a saved DatasetDict")
+    parser.add_argument('--text_field', default='text', help="the JSONL / Parquet / Arrow / dataset field holding the text")
     parser.add_argument('--doc_per', choices=['block', 'line', 'file'], default='block',
                         help="text files: a document per blank-line-separated block, per line, or per file")
-    parser.add_argument('--tokenizer', required=True, help="bytes | tiktoken:NAME | path/to/tokenizer.model | train:VOCAB")
+    parser.add_argument('--tokenizer', required=True,
+                        help="bytes | tiktoken:NAME | path/to/tokenizer.model | path/to/tokenizer.json | an HF model "
+                             "folder | train:VOCAB (SentencePiece BPE) | train-bytelevel:VOCAB (byte-level BPE)")
     parser.add_argument('--out', required=True, help="the data folder to write, e.g. data/mycorpus")
     parser.add_argument('--val_fraction', type=float, default=0.005)
     parser.add_argument('--shard_tokens', type=int, default=100_000_000)
@@ -680,11 +818,13 @@ def main(argv=None):
     if bool(args.input) == bool(args.hf_dataset):
         parser.error("give either --input or --hf_dataset")
     vocab_size = None
-    if args.tokenizer.startswith('train:'):
+    bytelevel = args.tokenizer.startswith('train-bytelevel:')
+    if args.tokenizer.startswith(('train:', 'train-bytelevel:')):
         try:
-            vocab_size = int(args.tokenizer[len('train:'):])
+            vocab_size = int(args.tokenizer.split(':', 1)[1])
         except ValueError:
-            parser.error(f"--tokenizer {args.tokenizer}: expected train:VOCAB with VOCAB a number, e.g. train:8192")
+            parser.error(f"--tokenizer {args.tokenizer}: expected train:VOCAB or train-bytelevel:VOCAB with VOCAB a "
+                         f"number, e.g. train:8192")
 
     # every check that can fail before anything is written: a bad setting never costs the old data set
     try:
@@ -697,10 +837,12 @@ def main(argv=None):
             except ValueError as e:
                 raise PrepareError(f"--tokenizer {args.tokenizer}: {e}") from None
         if args.input:
-            paths = expand_inputs(args.input)
+            paths = expand_inputs(args.input, args.hf_split)
+            check_inputs(paths, args.text_field)
             source = ' '.join(args.input)
             total_bytes = sum(os.path.getsize(p) for p in paths)
-            progress_total = total_bytes if not any(p.endswith(('.gz',) + JSONL_SUFFIXES) for p in paths) else None
+            compressed = ('.gz',) + JSONL_SUFFIXES + COLUMNAR_SUFFIXES  # file bytes are not text bytes
+            progress_total = total_bytes if not any(p.endswith(compressed) for p in paths) else None
             def read(problems):
                 return read_documents(paths, args.doc_per, args.text_field, problems)
         else:
@@ -713,7 +855,7 @@ def main(argv=None):
 
     def write():
         tokenizer = given if vocab_size is None else train_tokenizer_on_input(
-            read, vocab_size, args.out, args.sample_bytes, total_bytes, args.seed, source)
+            read, vocab_size, args.out, args.sample_bytes, total_bytes, args.seed, source, bytelevel)
         problems = {}
         prepare(read(problems), tokenizer, args.out, val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
                 num_proc=args.num_proc, seed=args.seed, problems=problems, source=source,

@@ -1,11 +1,11 @@
 """
-Chat conversations (JSONL) -> token shards + loss-mask shards, for chat fine-tuning (SFT) with train.py.
+Chat conversations (JSONL, Parquet, Arrow) -> token shards + loss-mask shards, for chat fine-tuning (SFT) with train.py.
 
     python data/prepare_chat.py --input conv.jsonl --tokenizer data/biblia/pt/tokenizer.model \\
         --template chatml --out data/mychat
     python data/prepare_chat.py --input train.jsonl --val_input val.jsonl --tokenizer ... --out data/mychat
 
-One conversation per JSONL line, either of
+One conversation per JSONL line (or Parquet / Arrow row, also in a datasets.save_to_disk folder), either of
     {"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}
     {"prompt": "...", "completion": "..."}    (one user turn, one reply; an optional "system" string)
 
@@ -44,8 +44,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 from chat import CHAT_TEMPLATES, ROLES, chat_ids, get_template, render_chat  # noqa: E402
-from data.prepare import (PlainProgress, PrepareError, abort_split_writers, check_settings,  # noqa: E402
-                          close_split_writers, error_line, is_val_document, jsonl_records, open_split_writers,
+from data.prepare import (COLUMNAR_SUFFIXES, JSONL_SUFFIXES, PlainProgress, PrepareError,  # noqa: E402
+                          abort_split_writers, check_inputs, check_settings, close_split_writers, columnar_records,
+                          error_line, expand_inputs, is_val_document, jsonl_records, open_split_writers,
                           open_tokenizer, tokenizer_fields, val_share_warning, write_output)
 from shards import write_meta  # noqa: E402
 from tokenizer import DEFAULT_SPECIAL_TOKENS, load_tokenizer  # noqa: E402
@@ -83,10 +84,24 @@ def conversation_messages(record, where):
     return messages
 
 
-def read_conversations(path):
-    """(where, messages) for every non-blank line of a JSONL file (.jsonl, optionally gzipped)."""
-    for where, record in jsonl_records(path):
-        yield where, conversation_messages(record, where)
+def chat_input_files(pattern, split='train'):
+    """The files of --input / --val_input (a file, folder, glob or datasets.save_to_disk folder), checked:
+    JSONL, Parquet or Arrow only, none of them binary in disguise. PrepareError otherwise."""
+    paths = expand_inputs([pattern], split)
+    check_inputs(paths, text_field=None)  # first: a binary file is named for what it looks like
+    other = [path for path in paths if not path.endswith(JSONL_SUFFIXES + COLUMNAR_SUFFIXES)]
+    if other:
+        raise PrepareError(f"{other[0]} is not a JSONL, Parquet or Arrow file of conversations")
+    return paths
+
+
+def read_conversations(pattern, split='train'):
+    """(where, messages) for every conversation: each non-blank line of JSONL (.jsonl, optionally gzipped),
+    each row of Parquet and Arrow files."""
+    for path in chat_input_files(pattern, split):
+        records = columnar_records(path) if path.endswith(COLUMNAR_SUFFIXES) else jsonl_records(path)
+        for where, record in records:
+            yield where, conversation_messages(record, where)
 
 
 # -----------------------------------------------------------------------------
@@ -224,10 +239,13 @@ def prepare_chat(conversations, tokenizer, template, out_dir, val_fraction=0.05,
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Tokenize JSONL chat conversations into shards + loss masks "
                                                  "(see the top of this file).")
-    parser.add_argument('--input', required=True, help="JSONL of conversations (.jsonl or .jsonl.gz)")
-    parser.add_argument('--val_input', help="JSONL of validation conversations (instead of --val_fraction)")
+    parser.add_argument('--input', required=True, help="conversations: JSONL (.jsonl, .jsonl.gz), Parquet or Arrow "
+                                                       "files; a file, folder, glob or datasets.save_to_disk folder")
+    parser.add_argument('--val_input', help="validation conversations, the same way (instead of --val_fraction)")
+    parser.add_argument('--hf_split', default='train', help="the split of a saved DatasetDict")
     parser.add_argument('--tokenizer', required=True,
-                        help="the pre-trained model's tokenizer: path/to/tokenizer.model | tiktoken:NAME | bytes")
+                        help="the pre-trained model's tokenizer: path/to/tokenizer.model | path/to/tokenizer.json | "
+                             "an HF model folder | tiktoken:NAME | bytes")
     parser.add_argument('--template', default='chatml', choices=sorted(CHAT_TEMPLATES))
     parser.add_argument('--out', required=True, help="the data folder to write, e.g. data/mychat")
     parser.add_argument('--val_fraction', type=float, default=0.05)
@@ -238,18 +256,17 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:  # everything that can fail before a file is written: a bad setting never costs the old data set
         check_settings(args.val_fraction, args.shard_tokens)
-        for path in filter(None, [args.input, args.val_input]):
-            if not os.path.isfile(path):
-                raise PrepareError(f"input not found: {path}")
+        for pattern in filter(None, [args.input, args.val_input]):
+            chat_input_files(pattern, args.hf_split)
         tokenizer = open_tokenizer(args.tokenizer)
         check_template_tokens(tokenizer, args.template)
     except (PrepareError, OSError) as e:
         sys.exit(f"error: {error_line(e, args.out)}")
 
     def write():
-        val = None if args.val_input is None else read_conversations(args.val_input)
+        val = None if args.val_input is None else read_conversations(args.val_input, args.hf_split)
         source = args.input + (f" + {args.val_input} (val)" if args.val_input else '')
-        prepare_chat(read_conversations(args.input), tokenizer, args.template, args.out,
+        prepare_chat(read_conversations(args.input, args.hf_split), tokenizer, args.template, args.out,
                      val_fraction=args.val_fraction, val_conversations=val, seed=args.seed,
                      shard_tokens=args.shard_tokens, source=source, extra_meta={'input': args.input})
     write_output(args.out, args.overwrite, tokenizer, write)
