@@ -12,7 +12,9 @@ fields), 'tokenizer' (its whole description), and from train.py also 'config', '
 torch is imported inside the functions that use it: shards.py, tokenizer.py and the data scripts
 write their files through atomic_file too, and need not pay for importing torch.
 """
+import fcntl
 import json
+import math
 import os
 import random
 import shutil
@@ -91,6 +93,65 @@ def link_atomic(src, dst):
     except OSError:
         shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
+
+
+# -----------------------------------------------------------------------------
+# a run's out_dir: claimed and locked, its log, what is left in it after a failure
+
+def claim_out_dir(out_dir, resume):
+    """Make out_dir, check it can be written, and lock it for this run: a second run into the same
+    out_dir is refused while this one goes on (the lock is the folder's own flock, so it leaves no
+    file behind and goes with the process, even on kill -9). A new run (not resume) never writes
+    over a previous run's checkpoints. -> the locked folder's file descriptor (keep it open).
+    ValueError says what is wrong."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f'.write_test_{os.getpid()}')
+        try:
+            with open(probe, 'w') as f:
+                f.write('ok')
+        finally:
+            if os.path.exists(probe):
+                os.remove(probe)
+        lock = os.open(out_dir, os.O_RDONLY)
+    except OSError as e:
+        raise ValueError(f"out_dir {out_dir!r} is not writable: {e.strerror or e}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(lock)
+        raise ValueError(f"another run is using {out_dir} (a train.py or dpo.py still running); wait for it to "
+                         f"end, or choose another --out_dir") from None
+    if not resume:
+        previous = [f for f in ('ckpt.pt', 'best.pt') if os.path.exists(os.path.join(out_dir, f))]
+        if previous:
+            os.close(lock)
+            raise ValueError(f"{out_dir} already holds a run ({', '.join(previous)}): continue it with "
+                             f"--init_from=resume, or choose another --out_dir (or delete it) to start over")
+    return lock
+
+
+def last_good(out_dir):
+    """What a run that stops without saving leaves behind, for its error message."""
+    path = os.path.join(out_dir, 'ckpt.pt')
+    return f"{path} still holds the last good checkpoint" if os.path.exists(path) else "no checkpoint was written"
+
+
+def open_log(out_dir, step):
+    """log.jsonl for appending; on resume (step > 0), lines past the checkpoint's step are dropped
+    first (the steps after the last save are trained again, and logged again)."""
+    path = os.path.join(out_dir, 'log.jsonl')
+    if step > 0 and os.path.exists(path):
+        with open(path, encoding='utf-8') as f:
+            kept = [line for line in f if line.strip() and json.loads(line).get('step', 0) <= step]
+        with open(path, 'w', encoding='utf-8') as f:
+            f.writelines(kept)
+    return open(path, 'a' if step > 0 else 'w', encoding='utf-8')
+
+
+def clean_record(record):
+    """JSON has no NaN or infinity: such numbers are logged as null."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
 
 
 # -----------------------------------------------------------------------------

@@ -8,9 +8,10 @@ GPU's peak FLOP/s (for MFU), memory in use, rank-0 printing, and one way to stop
 """
 import os
 import resource
+import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -87,6 +88,37 @@ def cpu_bf16_slowdown():
             times.append(time.perf_counter() - start)
         return min(times)
     return fastest(b) / fastest(a)
+
+
+def training_dtype(name, device):
+    """resolve_dtype for training: bf16 asked for on a CPU without native bf16 trains in float32
+    instead (with a note), as emulated bf16 matmuls are 10-20x slower."""
+    dtype = resolve_dtype(name, device)
+    if device == 'cpu' and dtype == torch.bfloat16:
+        slowdown = cpu_bf16_slowdown()
+        if slowdown > 2.0:
+            print0(f"note: dtype='bfloat16' asked for, but this CPU has no native bf16 (a bf16 matmul measured "
+                   f"{slowdown:.1f}x slower than float32; it needs AVX512-BF16, AMX or Arm BF16): training in float32")
+            return torch.float32
+    return dtype
+
+
+@contextmanager
+def stop_signals():
+    """Ctrl-C / SIGTERM inside the block: the list it yields gets the signal's name, and a training
+    loop finishes its step, saves and exits. A second Ctrl-C stops at once."""
+    received = []
+
+    def on_signal(signum, frame):
+        if received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        received.append(signal.Signals(signum).name)
+    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def peak_flops(device, dtype):

@@ -16,22 +16,21 @@ with one each train on the same tokens, and a run can resume on a different numb
 """
 
 import dataclasses
-import fcntl
 import json
 import math
 import os
-import signal
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from datetime import timedelta
 from types import SimpleNamespace
 
 import torch
 
-from checkpoint import build_model, link_atomic, rng_state, save_atomic, set_rng_state, write_json
-from common import (autocast, cpu_bf16_slowdown, dtype_name, fail, memory_gb, peak_flops, print0, resolve_device,
-                    resolve_dtype)
+from checkpoint import (build_model, claim_out_dir, clean_record, last_good, link_atomic, open_log, rng_state,
+                        save_atomic, set_rng_state, write_json)
+from common import (autocast, dtype_name, fail, memory_gb, peak_flops, print0, resolve_device, stop_signals,
+                    training_dtype)
 from configurator import ConfigError, configure, print_config
 from shards import BatchSampler, ShardError, load_meta
 from tokenizer import load_tokenizer
@@ -178,50 +177,6 @@ def check_config(c):
             fail(message)
 
 
-def claim_out_dir(c):
-    """Make out_dir, check it can be written, and lock it for this run: a second train.py into the
-    same out_dir is refused while this one runs (the lock is the folder's own flock, so it leaves no
-    file behind and goes with the process, even on kill -9). A scratch run never writes over a
-    previous run's checkpoints. -> the locked folder's file descriptor (keep it open)."""
-    try:
-        os.makedirs(c.out_dir, exist_ok=True)
-        probe = os.path.join(c.out_dir, f'.write_test_{os.getpid()}')
-        try:
-            with open(probe, 'w') as f:
-                f.write('ok')
-        finally:
-            if os.path.exists(probe):
-                os.remove(probe)
-        lock = os.open(c.out_dir, os.O_RDONLY)
-    except OSError as e:
-        fail(f"out_dir {c.out_dir!r} is not writable: {e.strerror or e}")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(lock)
-        fail(f"another train.py is running in {c.out_dir}; wait for it to end, or choose another --out_dir")
-    if c.init_from != 'resume':
-        previous = [f for f in ('ckpt.pt', 'best.pt') if os.path.exists(os.path.join(c.out_dir, f))]
-        if previous:
-            fail(f"{c.out_dir} already holds a run ({', '.join(previous)}): continue it with --init_from=resume, "
-                 f"or choose another --out_dir (or delete it) to start over")
-    return lock
-
-
-def training_dtype(c, device):
-    try:
-        dtype = resolve_dtype(c.dtype, device)
-    except ValueError as e:
-        fail(str(e))
-    if device == 'cpu' and dtype == torch.bfloat16:
-        slowdown = cpu_bf16_slowdown()
-        if slowdown > 2.0:
-            print0(f"note: dtype='bfloat16' asked for, but this CPU has no native bf16 (a bf16 matmul measured "
-                f"{slowdown:.1f}x slower than float32; it needs AVX512-BF16, AMX or Arm BF16): training in float32")
-            return torch.float32
-    return dtype
-
-
 def set_up(c, rank, world_size, device):
     """Everything the loop needs, in one namespace: this process's place (rank, world_size, device),
     data, samplers, model (raw, compiled, DDP-wrapped), optimizer, scaler, and the counters a
@@ -259,7 +214,10 @@ def set_up(c, rank, world_size, device):
     except (FileNotFoundError, ShardError) as e:
         fail(str(e))
 
-    dtype = training_dtype(c, device)
+    try:
+        dtype = training_dtype(c.dtype, device)
+    except ValueError as e:
+        fail(str(e))
     model.to(device)
     device_type = device.split(':')[0]
     optimizer = model.configure_optimizer(c.weight_decay, c.learning_rate, (c.beta1, c.beta2), device_type)
@@ -325,23 +283,6 @@ def describe(run, c):
 # -----------------------------------------------------------------------------
 # logging and saving
 
-def clean_record(record):
-    """JSON has no NaN or infinity: such numbers are logged as null."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-
-
-def open_log(c, step):
-    """log.jsonl for appending; on resume, lines past the checkpoint's step are dropped first (the
-    steps after the last save are trained again, and logged again)."""
-    path = os.path.join(c.out_dir, 'log.jsonl')
-    if step > 0 and os.path.exists(path):
-        with open(path, encoding='utf-8') as f:
-            kept = [line for line in f if line.strip() and json.loads(line).get('step', 0) <= step]
-        with open(path, 'w', encoding='utf-8') as f:
-            f.writelines(kept)
-    return open(path, 'a' if step > 0 else 'w', encoding='utf-8')
-
-
 def save(run, c, val_losses, elapsed):
     """Write ckpt.pt (and best.pt when validation improved). Every rank calls this (to hand rank 0
     its random state); only rank 0 writes. Weights that are no longer finite are never saved."""
@@ -352,7 +293,7 @@ def save(run, c, val_losses, elapsed):
         states = [rng_state()]
     if not all(torch.isfinite(p).all() for p in run.raw_model.parameters()):
         fail(f"the weights are no longer finite at step {run.step} (the training diverged); stopped without "
-             f"saving, so {last_good(c)}. Try a lower learning_rate, a longer warmup_iters or grad_clip")
+             f"saving, so {last_good(c.out_dir)}. Try a lower learning_rate, a longer warmup_iters or grad_clip")
     improved = val_losses is not None and val_losses['val_loss'] < run.best_val_loss
     if improved:
         run.best_val_loss = val_losses['val_loss']
@@ -369,31 +310,8 @@ def save(run, c, val_losses, elapsed):
         if improved:
             link_atomic(path, os.path.join(c.out_dir, 'best.pt'))
     except (OSError, RuntimeError) as e:  # a full disk shows up as either
-        fail(f"cannot write {path}: {e}; {last_good(c)} (free some space, then --init_from=resume)")
+        fail(f"cannot write {path}: {e}; {last_good(c.out_dir)} (free some space, then --init_from=resume)")
     return 'saved ckpt.pt' + (' and best.pt' if improved else '')
-
-
-def last_good(c):
-    path = os.path.join(c.out_dir, 'ckpt.pt')
-    return f"{path} still holds the last good checkpoint" if os.path.exists(path) else "no checkpoint was written"
-
-
-@contextmanager
-def stop_signals():
-    """Ctrl-C / SIGTERM inside the block: the list it yields gets the signal's name, and the loop
-    finishes its step, saves and exits. A second Ctrl-C stops at once."""
-    received = []
-
-    def on_signal(signum, frame):
-        if received and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        received.append(signal.Signals(signum).name)
-    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield received
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 # -----------------------------------------------------------------------------
@@ -422,7 +340,7 @@ def train_loop(run, c, signals, start_time, log):
         if not math.isfinite(losses['val_loss']):
             bar.close()
             fail(f"the validation loss became {losses['val_loss']} at step {run.step}; stopped without saving, "
-                 f"so {last_good(c)}")
+                 f"so {last_good(c.out_dir)}")
         run.val_loss, run.val_bpb = losses['val_loss'], losses['val_bpb']
         return losses
 
@@ -467,7 +385,7 @@ def train_loop(run, c, signals, start_time, log):
         if not math.isfinite(train_loss):
             bar.close()
             fail(f"the training loss became {train_loss} at step {run.step + 1} (lr {lr:.3g}); stopped without "
-                 f"saving, so {last_good(c)}. Try a lower learning_rate, a longer warmup_iters, grad_clip, or "
+                 f"saving, so {last_good(c.out_dir)}. Try a lower learning_rate, a longer warmup_iters, grad_clip, or "
                  f"dtype='bfloat16' instead of 'float16'")
         grad_norm = None
         if c.grad_clip > 0:
@@ -556,7 +474,10 @@ def main(argv):
             torch.cuda.set_device(device)
         torch.distributed.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo',
                                              timeout=timedelta(seconds=c.ddp_timeout))
-    lock = claim_out_dir(c) if rank == 0 else None
+    try:
+        lock = claim_out_dir(c.out_dir, resume=c.init_from == 'resume') if rank == 0 else None
+    except ValueError as e:
+        fail(str(e))
     try:
         run = set_up(c, rank, world_size, device)
         if run.checkpoint is not None:
@@ -569,7 +490,7 @@ def main(argv):
         log_file, wandb_run = None, None
         if rank == 0:
             write_json(os.path.join(c.out_dir, 'config.json'), vars(c))
-            log_file = open_log(c, run.step)
+            log_file = open_log(c.out_dir, run.step)
             if c.wandb_log:
                 import wandb  # only when asked for: a slow import
                 wandb_run = wandb.init(project=c.wandb_project, config=vars(c),

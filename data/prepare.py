@@ -239,6 +239,8 @@ def check_inputs(paths, text_field='text'):
                 raise PrepareError(f"{path} has no column '{text_field}'; its columns: {', '.join(fields)} "
                                    f"(name the one holding the text with --text_field)")
             continue
+        if not os.path.isfile(path):  # a pipe (--input /dev/stdin, <(zcat ...)): reading it now would eat its text
+            continue
         with open_binary(path) as f:
             try:
                 head = f.read(8192)

