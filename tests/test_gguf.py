@@ -279,8 +279,10 @@ def llama_greedy(llm, ids, n):
     return out
 
 
-# max |logit difference| against mirim measured by llama.cpp (logits span about +-40)
-LLAMA_CPP_TOLERANCE = {'f32': 0.02, 'f16': 0.1, 'q8_0': 0.5, 'q4_0': 3.0}
+# max |logit difference| allowed against mirim, on logits that span about -40..75. Measured with
+# llama-cpp-python 0.3.36, every case: f32 <= 1.2e-4, f16 <= 1.4e-2, q8_0 <= 0.32, q4_0 <= 0.32 (the
+# q8_0 embedding and head dominate both: sharp_model's embedding is 50x, so the residual is mostly it)
+LLAMA_CPP_TOLERANCE = {'f32': 1e-3, 'f16': 0.05, 'q8_0': 0.6, 'q4_0': 1.0}
 
 
 @needs_llama_cpp
