@@ -406,12 +406,22 @@ DEFAULTS = dict(
     dtype='float32',          # weights in model.safetensors: float32, bfloat16 or float16
     license='other',          # the model card's license field (a Hub license id, e.g. apache-2.0)
     check_tokenizer=True,     # verify tokenizer.json gives the mirim tokenizer's ids on sample texts
+    format='hf',              # hf: a transformers folder; gguf: GGUF files for llama.cpp / ollama (gguf_export.py)
+    gguf_type='f16',          # with format=gguf: f32, f16, q8_0, q4_0, or several, comma-separated
 )
 
 
 def main(argv):
     from configurator import configure
     config = configure(DEFAULTS, argv, help_source=__file__)  # --help reads the comments in DEFAULTS
+    if config['format'] == 'gguf':
+        from gguf_export import export_gguf
+        if not config['dest']:
+            raise ValueError("say where to write the GGUF files: --dest=gguf/NAME")
+        export_gguf(config['out_dir'], config['dest'], config['gguf_type'].split(','), config['checkpoint'])
+        return
+    if config['format'] != 'hf':
+        raise ValueError(f"format={config['format']!r}: choose hf or gguf")
     if not config['dest']:
         raise ValueError("say where to write the Hugging Face folder: --dest=hf/NAME")
     dest = export(config['out_dir'], config['dest'], config['dtype'], config['checkpoint'], config['license'],
