@@ -8,6 +8,7 @@ identical shape and weights when transformers is installed.
     python bench.py --what=loop                  # train.py's own loop on the demo config vs the bare step
     python bench.py --what=prompts               # sample.py on a prompts file: batched vs one at a time
     python bench.py --what=serve                 # serve.py: 1, 8, 32 concurrent clients vs one request at a time
+    python bench.py --what=optimizer --model=demo           # a training step with Muon vs AdamW
 
 Loop: train.py run for `loop_iters` steps on config/train_biblia_pt.py (needs data/biblia/pt), its
 tokens/s read from log.jsonl (median of the log intervals), against the bare forward + backward +
@@ -19,6 +20,9 @@ Serve: serve.py on 127.0.0.1 answering `num_prompts` streamed completions (sampl
 each, no eos) from 1, 8 and 32 concurrent clients, against a server that takes one request at a
 time (max_batch=1) under 32 clients; completion tokens/s and the median time to first token.
 
+Optimizer: the training step of the same model and batch with train.py's optimizer='muon' against
+optimizer='adamw' (optim.make_optimizer), in paired turns; muon/adamw is the median of the turns'
+ratios of tokens/s (below 1: Muon's step is slower).
 Training: tokens/s of forward + backward + AdamW step on random tokens (same AdamW settings for both;
 mirim computes its loss as train.py does, chunked without full logits, HF as its LlamaForCausalLM does).
 Generation: new tokens/s at batch 1 with a KV cache, greedy, a fixed number of tokens (no eos).
@@ -50,7 +54,7 @@ train_steps = 10           # timed optimizer steps per repeat
 prompt_tokens = 16
 new_tokens = 128
 repeats = 5
-what = 'all'               # train | generate | loop | all (all = train and generate); also prompts, serve
+what = 'all'               # train | generate | loop | all (all = train and generate) | prompts | serve | optimizer
 loop_config = 'config/train_biblia_pt.py'
 loop_iters = 60
 num_prompts = 32
@@ -69,8 +73,8 @@ if __name__ == '__main__':
                                     help_source=__file__))  # --help reads the comments above
     except ConfigError as e:
         sys.exit(f"bench.py: error: {e}")
-    checks = [(what in ('train', 'generate', 'loop', 'prompts', 'serve', 'all'),
-               "what must be train, generate, loop, prompts, serve or all"),
+    checks = [(what in ('train', 'generate', 'loop', 'prompts', 'serve', 'optimizer', 'all'),
+               "what must be train, generate, loop, prompts, serve, optimizer or all"),
               (dtype in ('float32', 'bfloat16'), "dtype must be float32 or bfloat16"),
               (prompt_tokens + new_tokens <= block_size or what not in ('generate', 'all', 'prompts'),
                "prompt_tokens + new_tokens must fit in block_size"),
@@ -149,11 +153,17 @@ def build_hf_twin(mirim):
     return twin.to(device)
 
 
-def train_run(net, is_hf):
-    """A function doing train_steps optimizer steps of net on random tokens."""
+def train_run(net, is_hf, optimizer_name=None):
+    """A function doing train_steps optimizer steps of net on random tokens; optimizer_name: train.py's
+    optimizer ('adamw' | 'muon', through optim.make_optimizer) instead of one AdamW over everything."""
     net.train()
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
-                                  fused=device in ('cuda', 'cpu'))  # as train.py's optimizer
+    if optimizer_name:
+        from optim import make_optimizer
+        optimizer = make_optimizer(net, optimizer_name, 1e-4, 0.1, (0.9, 0.95), device, muon_lr=1e-3,
+                                   ns_dtype=torch.bfloat16 if dtype == 'bfloat16' and device == 'cuda' else torch.float32)
+    else:
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                                      fused=device in ('cuda', 'cpu'))  # as train.py's optimizer
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, net.config.vocab_size, (batch_size, block_size + 1), generator=generator).to(device)
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=dtype == 'bfloat16')
@@ -297,6 +307,16 @@ if __name__ == '__main__':
         loop, bare = loop_rates()
         print(f"{loop_config}: batch {batch_size} x {block_size}; loop overhead over the bare step: {bare / loop - 1:.1%}")
         rows += [('train.py loop tokens/s', loop, None, None), ('bare step tokens/s (same batch)', bare, None, None)]
+    elif what == 'optimizer':
+        import copy
+        net = build_mirim()
+        runs = {name: train_run(copy.deepcopy(net), False, name) for name in ('adamw', 'muon')}
+        rates = timed_turns(runs, train_steps * batch_size * block_size, repeats)
+        ratio = statistics.median(m / a for m, a in zip(rates['muon'], rates['adamw']))
+        print(f"{net.num_params(non_embedding=False) / 1e6:.2f}M params, batch {batch_size} x {block_size}; "
+              f"{repeats} paired turns of {train_steps} steps; muon/adamw tokens/s: {ratio:.3f} "
+              f"(turns: {', '.join(f'{m / a:.3f}' for m, a in zip(rates['muon'], rates['adamw']))})")
+        rows += [(f'train tokens/s, {name}', statistics.median(r), None, None) for name, r in rates.items()]
     elif what == 'prompts':
         batched, single = prompts_rates(build_mirim())
         print(f"{num_prompts} prompts x {new_tokens} new tokens, greedy: batched {batched / single:.1f}x one at a time")

@@ -296,10 +296,14 @@ SHAPE_KEYS = ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'ffn_hidden', 'activat
 def requested_model_config(cfg, meta):
     """The model a scratch run builds from a training config: the preset, then the shape keys set in
     the config, with the data's vocab size (unless vocab_size is set) and special token ids."""
-    from model import PRESETS, LlamaConfig
-    if cfg['model'] not in PRESETS:
-        raise ValueError(f"model={cfg['model']!r} is not a preset; choose one of {', '.join(sorted(PRESETS))}")
-    shape = {**asdict(LlamaConfig()), **PRESETS[cfg['model']]}
+    from model import PRESETS, LlamaConfig, depth_shape
+    if cfg['model'] == 'auto':  # the depth dial: the shape follows from cfg['depth']
+        shape = {**asdict(LlamaConfig()), **depth_shape(cfg.get('depth'))}
+    elif cfg['model'] not in PRESETS:
+        raise ValueError(f"model={cfg['model']!r} is not a preset; choose one of {', '.join(sorted(PRESETS))} "
+                         f"or 'auto' (with depth)")
+    else:
+        shape = {**asdict(LlamaConfig()), **PRESETS[cfg['model']]}
     shape.update({k: cfg[k] for k in SHAPE_KEYS + ('block_size',) if cfg[k] is not None})
     if cfg['vocab_size'] and meta.get('vocab_size') and cfg['vocab_size'] < meta['vocab_size']:
         raise ValueError(f"vocab_size={cfg['vocab_size']} is smaller than the data's vocab of {meta['vocab_size']} "

@@ -51,6 +51,9 @@ DEFAULTS = dict(
     batch_size=32,
     learning_rate=1e-4,           # the pre-trained weights: small, so fine-tuning does not wreck them
     head_learning_rate=1e-3,      # the new head
+    optimizer='adamw',            # 'adamw' | 'muon': Muon for the backbone's block matrices (optim.py), AdamW for the rest
+    muon_lr=1e-3,                 # optimizer='muon': the block matrices' learning rate (untuned; pre-training's is 0.02)
+    muon_momentum=0.95,
     weight_decay=0.01,
     warmup_fraction=0.1,          # linear warmup over this share of the steps, then linear decay to 0
     grad_clip=1.0,
@@ -187,7 +190,8 @@ def train_classifier(cfg, say=print):
                and cfg['grad_clip'] >= 0, "learning_rate, head_learning_rate, weight_decay and grad_clip must not be "
                                           "negative"),
               (0 <= cfg['warmup_fraction'] <= 1, "warmup_fraction must be between 0 and 1"),
-              (cfg['max_length'] >= 0, "max_length must not be negative (0 = the model's context)")]
+              (cfg['max_length'] >= 0, "max_length must not be negative (0 = the model's context)"),
+              (cfg['optimizer'] in ('adamw', 'muon'), f"optimizer={cfg['optimizer']!r}: choose 'adamw' or 'muon'")]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
@@ -219,11 +223,17 @@ def train_classifier(cfg, say=print):
     if cfg['freeze_backbone']:
         backbone.requires_grad_(False)
     groups = [{'params': list(classifier.head.parameters()), 'lr': cfg['head_learning_rate']}]
-    if not cfg['freeze_backbone']:
-        groups.append({'params': [p for p in backbone.parameters() if p.requires_grad], 'lr': cfg['learning_rate']})
-    for group in groups:
+    if cfg['optimizer'] == 'muon' and not cfg['freeze_backbone']:
+        from optim import make_optimizer
+        optimizer = make_optimizer(classifier, 'muon', cfg['learning_rate'], cfg['weight_decay'], (0.9, 0.999),
+                                   device.split(':')[0], muon_lr=cfg['muon_lr'], muon_momentum=cfg['muon_momentum'],
+                                   extra_groups=groups)
+    else:
+        if not cfg['freeze_backbone']:
+            groups.append({'params': [p for p in backbone.parameters() if p.requires_grad], 'lr': cfg['learning_rate']})
+        optimizer = torch.optim.AdamW(groups, weight_decay=cfg['weight_decay'])
+    for group in optimizer.param_groups:
         group['initial_lr'] = group['lr']
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg['weight_decay'])
     amp = autocast(device, resolve_dtype('auto', device))
 
     steps_per_epoch = math.ceil(len(train_ids) / cfg['batch_size'])

@@ -48,7 +48,7 @@ from configurator import ConfigError, configure, print_config
 from data.prepare_pref import read_pairs
 from shards import ShardError, load_meta
 from tokenizer import load_tokenizer
-from train import get_lr
+from optim import get_lr
 
 # -----------------------------------------------------------------------------
 # Default config. A config file (config/dpo_*.py) or --key=value overrides any of these.

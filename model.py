@@ -378,6 +378,21 @@ class Llama(nn.Module):
             layer.attention.cache_k = layer.attention.cache_v = None
 
 
+def depth_shape(depth):
+    """The shape model='auto' builds from one number, its depth (nanochat's dial): width 64 per layer
+    (nanochat's aspect ratio), heads of 64, half as many kv heads (GQA, when the head count is even),
+    SwiGLU at 8/3 of the width (Llama's ratio) rounded up to a multiple of 64, tied embeddings (at
+    these sizes the embedding is a large share of the weights), and a context that grows with the
+    model. -> LlamaConfig fields (the vocab comes from the data)."""
+    if not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"depth={depth!r}: model='auto' needs depth = a positive integer (layers)")
+    n_embd = 64 * depth
+    n_head = n_embd // 64
+    return dict(n_layer=depth, n_embd=n_embd, n_head=n_head, n_kv_head=n_head // 2 if n_head % 2 == 0 else n_head,
+                ffn_hidden=-(-8 * n_embd // 3 // 64) * 64, activation='silu', tie_embeddings=True,
+                block_size=2048 if depth >= 12 else 512 if depth >= 6 else 256)
+
+
 def config_from_preset(name, **overrides):
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")

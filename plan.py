@@ -31,6 +31,7 @@ datasheets' "with sparsity" figures halved). An MFU of 0.3-0.5 is typical of a w
 import ast
 import difflib
 import json
+import math
 import os
 import statistics
 import sys
@@ -115,6 +116,50 @@ def token_rules(params):
     rules = [('Chinchilla, 20 tokens/param', CHINCHILLA_TOKENS_PER_PARAM)]
     rules += [(f"as {name}", tokens / n) for name, tokens, n in PUBLISHED_RUNS]
     return [(name, ratio, ratio * params) for name, ratio in rules]
+
+
+MAX_BATCH_TOKENS = 2 ** 19  # nanochat's and cucafera's batch: 524,288 tokens a step
+MIN_STEPS = 1000            # the dial's batch leaves at least ~this many steps
+
+
+def size_run(params, block_size, tokens_per_param=CHINCHILLA_TOKENS_PER_PARAM, corpus_tokens=None, max_epochs=4.0):
+    """The depth dial's run size for a model of `params` parameters: {'tokens', 'batch_tokens',
+    'max_iters', 'why'}. Tokens: tokens_per_param x params, but at most max_epochs over the corpus
+    (repeating data beyond ~4 epochs buys little; Muennighoff et al. 2023). Tokens per step: the
+    power of two that leaves about MIN_STEPS steps (a small run wants many small steps, a big one
+    big batches), at least one sequence and at most MAX_BATCH_TOKENS."""
+    tokens = tokens_per_param * params
+    why = f"{tokens_per_param:g} tokens/param"
+    if corpus_tokens and tokens > max_epochs * corpus_tokens:
+        tokens = max_epochs * corpus_tokens
+        why = f"{max_epochs:g} epochs of the corpus ({tokens_per_param:g} tokens/param: {human(tokens_per_param * params)})"
+    batch_tokens = 2 ** max(0, round(math.log2(max(1.0, tokens / MIN_STEPS))))
+    batch_tokens = min(MAX_BATCH_TOKENS, max(block_size, batch_tokens))
+    return {'tokens': tokens, 'batch_tokens': batch_tokens, 'max_iters': max(1, math.ceil(tokens / batch_tokens)),
+            'why': why}
+
+
+def depth_table(vocab_size, corpus_tokens=None, tokens_per_param=CHINCHILLA_TOKENS_PER_PARAM, max_epochs=4.0,
+                depths=range(2, 25)):
+    """One row per depth: the shape model='auto' builds and the run the dial sizes for it."""
+    from model import depth_shape
+    rows = []
+    for depth in depths:
+        shape = {**depth_shape(depth), 'vocab_size': vocab_size}
+        facts = count_params(shape)
+        run = size_run(facts['params'], shape['block_size'], tokens_per_param, corpus_tokens, max_epochs)
+        rows.append({'depth': depth, **shape, **facts, **run})
+    return rows
+
+
+def depth_table_text(rows):
+    lines = [f"{'depth':>5} {'width':>5} {'heads':>5} {'kv':>3} {'mlp':>5} {'context':>7} {'params':>7} "
+             f"{'tokens':>7} {'tok/step':>8} {'steps':>7} {'FLOPs':>8}  tokens from"]
+    for r in rows:
+        lines.append(f"{r['depth']:>5} {r['n_embd']:>5} {r['n_head']:>5} {r['n_kv_head']:>3} {r['ffn_hidden']:>5} "
+                     f"{r['block_size']:>7} {human(r['params']):>7} {human(r['tokens']):>7} {r['batch_tokens']:>8,} "
+                     f"{r['max_iters']:>7,} {r['tokens'] * r['flops_per_token']:>8.1e}  {r['why']}")
+    return '\n'.join(lines)
 
 
 # -----------------------------------------------------------------------------
@@ -313,7 +358,7 @@ def run(argv):
         from shards import load_meta
         try:
             meta = load_meta(train_config['data_dir'])
-        except FileNotFoundError as e:
+        except FileNotFoundError:
             if 'data_dir' in given:
                 raise
             print(f"(corpus {train_config['data_dir']} not prepared yet: planning with the preset's vocab)")
@@ -322,6 +367,13 @@ def run(argv):
         config['shape'], config['name'] = None, None
     else:
         config['shape'], config['name'] = model_shape(train_config, meta), train_config['model']
+    if train_config['model'] == 'auto':  # max_iters and batch_size as train.py's depth dial sets them
+        import train
+        block_size = config['shape']['block_size']
+        for line in train.depth_dial(train_config, count_params(config['shape'])['params'], block_size,
+                                     meta['splits']['train']['tokens'] if meta else None):
+            print(line)
+        given |= {'max_iters'}
     if not config['tokens'] and config['shape'] and (has_file or given & {'max_iters', 'batch_size',
                                                                          'gradient_accumulation_steps'}):
         config['tokens'] = tokens_from_config(train_config, config['shape']['block_size'])
@@ -332,6 +384,13 @@ def run(argv):
         config['tokens_per_sec'] = tokens_per_sec_from_log(options['log'])
     result = plan(config)
     print(report(result))
+    if train_config['model'] == 'auto':  # the depth dial: the same derivation for every depth
+        result['depth_table'] = depth_table(config['shape']['vocab_size'], config.get('corpus_tokens'),
+                                            train_config['tokens_per_param'], train_config['max_epochs'])
+        print(f"\nmodel='auto': what each depth builds and the run it sizes (vocab {config['shape']['vocab_size']}"
+              + (f", a corpus of {human(config['corpus_tokens'])} train tokens" if config.get('corpus_tokens') else "")
+              + f"; this config: depth {train_config['depth']})")
+        print(depth_table_text(result['depth_table']))
     return result
 
 

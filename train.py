@@ -32,6 +32,7 @@ from checkpoint import (build_model, claim_out_dir, clean_record, last_good, lin
 from common import (autocast, dtype_name, fail, memory_gb, peak_flops, print0, resolve_device, stop_signals,
                     training_dtype)
 from configurator import ConfigError, configure, print_config
+from optim import OPTIMIZERS, get_lr, make_optimizer
 from shards import BatchSampler, ShardError, load_meta
 from tokenizer import load_tokenizer
 
@@ -48,8 +49,11 @@ log_interval = 10                 # steps between log.jsonl lines
 wandb_log = False                 # also log to Weights & Biases (WANDB_MODE=offline works)
 wandb_project = 'mirim'
 wandb_run_name = ''               # '' = the out_dir's name
-# model: a preset from model.PRESETS; any shape key set below replaces the preset's value
-model = 'demo'
+# model: a preset from model.PRESETS, or 'auto'; any shape key set below replaces the preset's value
+model = 'demo'                    # 'auto': the shape follows from depth, and the run's size from the data (plan.py)
+depth = 4                         # model='auto': layers; width 64 x depth, heads of 64, kv heads half, MLP 8/3 width
+tokens_per_param = 20.0           # model='auto': tokens to train on per parameter (Chinchilla's 20) ...
+max_epochs = 4.0                  # ... but at most this many epochs of the train split
 n_layer = None
 n_head = None
 n_kv_head = None
@@ -66,8 +70,11 @@ dropout = 0.0
 batch_size = 16                   # sequences per micro-batch, per process
 gradient_accumulation_steps = 1   # micro-batches per step over ALL processes (divided among DDP ranks)
 # optimizer: AdamW, weight decay on matrices only
-learning_rate = 1e-3              # peak learning rate, reached after warmup_iters
-min_lr = 1e-4                     # the schedule ends here
+optimizer = 'adamw'               # 'adamw' | 'muon': Muon for the blocks' matrices, AdamW for the rest (optim.py)
+learning_rate = 1e-3              # peak learning rate, reached after warmup_iters (with muon: embeddings, head, gains)
+muon_lr = 0.02                    # optimizer='muon': peak learning rate of the blocks' matrices
+muon_momentum = 0.95              # optimizer='muon': Nesterov momentum of the matrices
+min_lr = 1e-4                     # the schedule ends here (every group ends at the same fraction of its peak)
 lr_schedule = 'cosine'            # 'cosine' | 'wsd' (warmup-stable-decay) | 'constant', after a linear warmup
 warmup_iters = 100
 lr_decay_iters = 0                # the step the schedule reaches min_lr; 0 = max_iters
@@ -90,26 +97,25 @@ DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and k !=
             and isinstance(v, (int, float, bool, str, type(None)))}
 
 
-# -----------------------------------------------------------------------------
-# learning rate schedule
-
-def get_lr(step, c):
-    """The learning rate for optimizer step `step` (0-based): a linear warmup to learning_rate, then
-    cosine to min_lr at lr_decay_iters, or WSD (flat, then linear to min_lr over the last
-    wsd_decay_fraction), or constant."""
-    if step < c.warmup_iters:
-        return c.learning_rate * (step + 1) / (c.warmup_iters + 1)
-    end = c.lr_decay_iters or c.max_iters
-    if c.lr_schedule == 'constant':
-        return c.learning_rate
-    if c.lr_schedule == 'wsd':
-        decay_steps = max(1, round(end * c.wsd_decay_fraction))
-        progress = min(1.0, max(0.0, (step - (end - decay_steps)) / decay_steps))
-        return c.learning_rate - (c.learning_rate - c.min_lr) * progress
-    if step >= end:
-        return c.min_lr
-    progress = (step - c.warmup_iters) / max(1, end - c.warmup_iters)
-    return c.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (c.learning_rate - c.min_lr)
+def depth_dial(cfg, params, block_size, corpus_tokens):
+    """model='auto': set cfg's max_iters and batch_size (per micro-batch) from the model's size and the
+    corpus (plan.size_run), unless the config sets them (a value other than the default). -> the
+    lines that say what was chosen and why."""
+    from plan import human, size_run
+    size = size_run(params, block_size, cfg['tokens_per_param'], corpus_tokens, cfg['max_epochs'])
+    accumulation = cfg['gradient_accumulation_steps']
+    lines = [f"depth dial: depth {cfg['depth']} -> {human(params)} parameters; train on {human(size['tokens'])} "
+             f"tokens ({size['why']}) in steps of {size['batch_tokens']:,} tokens (a power of two leaving ~1000 steps, "
+             f"at most 2^19)"]
+    derived = {'batch_size': max(1, size['batch_tokens'] // (block_size * accumulation))}
+    derived['max_iters'] = max(1, math.ceil(size['tokens'] / (derived['batch_size'] * block_size * accumulation)))
+    for key, value in derived.items():
+        if cfg[key] != DEFAULTS[key]:
+            lines.append(f"depth dial: {key}={cfg[key]} as the config sets it (the dial's: {value})")
+        else:
+            cfg[key] = value
+            lines.append(f"depth dial: {key}={value}")
+    return lines
 
 
 # -----------------------------------------------------------------------------
@@ -153,6 +159,12 @@ def bpb_text(bpb):
 def check_config(c):
     checks = [
         (c.lr_schedule in ('cosine', 'wsd', 'constant'), "lr_schedule must be 'cosine', 'wsd' or 'constant'"),
+        (c.model != 'auto' or (isinstance(c.depth, int) and c.depth >= 1), "model='auto' needs depth >= 1"),
+        (c.tokens_per_param > 0 and c.max_epochs > 0, "tokens_per_param and max_epochs must be positive"),
+        (c.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(map(repr, OPTIMIZERS))}"),
+        (c.muon_lr >= 0 and 0 <= c.muon_momentum < 1, "muon_lr must not be negative, muon_momentum in [0, 1)"),
+        (c.optimizer != 'muon' or c.learning_rate > 0, "optimizer='muon' needs learning_rate > 0 (the schedule is "
+                                                       "a fraction of it)"),
         (c.batch_size >= 1, "batch_size must be at least 1"),
         (c.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be at least 1"),
         (c.max_iters >= 1, "max_iters must be at least 1"),
@@ -201,6 +213,10 @@ def set_up(c, rank, world_size, device):
     block_size = c.block_size or config.block_size
     if block_size > config.block_size:
         fail(f"block_size={block_size} is longer than the model's context ({config.block_size} positions)")
+    if c.model == 'auto' and c.init_from in ('scratch', 'resume'):
+        for line in depth_dial(vars(c), model.num_params(non_embedding=False), block_size,
+                               meta['splits']['train']['tokens']):
+            print0(line)
 
     # micro-batch j of every step comes from stream j (see the docstring); evaluation reads fixed
     # windows of each split, from a seed of their own
@@ -220,7 +236,10 @@ def set_up(c, rank, world_size, device):
         fail(str(e))
     model.to(device)
     device_type = device.split(':')[0]
-    optimizer = model.configure_optimizer(c.weight_decay, c.learning_rate, (c.beta1, c.beta2), device_type)
+    # Newton-Schulz in bf16 where the model computes in a 16-bit dtype (a GPU), else fp32
+    ns_dtype = torch.float32 if dtype == torch.float32 or device_type == 'cpu' else torch.bfloat16
+    optimizer = make_optimizer(model, c.optimizer, c.learning_rate, c.weight_decay, (c.beta1, c.beta2), device_type,
+                               muon_lr=c.muon_lr, muon_momentum=c.muon_momentum, ns_dtype=ns_dtype)
     return SimpleNamespace(
         rank=rank, world_size=world_size, device=device, meta=meta, tokenizer=tokenizer, raw_model=model, model=model, eval_model=model, checkpoint=checkpoint,
         samplers=samplers, eval_samplers=eval_samplers, block_size=block_size, dtype=dtype,
@@ -233,7 +252,14 @@ def set_up(c, rank, world_size, device):
 def restore(run, c):
     """Continue a run from its checkpoint: optimizer, scaler, data position, counters, random state."""
     checkpoint, run.checkpoint = run.checkpoint, None  # free the memory once restored
+    trained_with = checkpoint['config'].get('optimizer', 'adamw')
+    if trained_with != c.optimizer:
+        fail(f"{c.out_dir}/ckpt.pt was trained with optimizer={trained_with!r}; resume with --optimizer={trained_with}, or "
+             f"fine-tune with --init_from={c.out_dir} --out_dir=... (a fresh {c.optimizer} optimizer)")
+    base_lrs = [group['base_lr'] for group in run.optimizer.param_groups]
     run.optimizer.load_state_dict(checkpoint['optimizer'])
+    for group, base_lr in zip(run.optimizer.param_groups, base_lrs):  # this config's rates, not the saved ones
+        group['base_lr'] = base_lr
     run.scaler.load_state_dict(checkpoint['scaler'])
     for sampler in run.samplers:  # every stream has drawn as many batches as stream 0
         sampler.load_state_dict(checkpoint['sampler'])
@@ -356,8 +382,8 @@ def train_loop(run, c, signals, start_time, log):
     stop_reason = None
     while run.step < c.max_iters:
         lr = get_lr(run.step, c)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
+        for group in optimizer.param_groups:  # every group follows the schedule, from its own peak
+            group['lr'] = lr if group['base_lr'] == c.learning_rate else group['base_lr'] * lr / c.learning_rate
         loss_sum = torch.zeros((), device=device)
         for micro, sampler in enumerate(run.samplers):
             x, y = sampler.next_batch()

@@ -70,6 +70,13 @@ def test_classifier_checkpoint_is_also_a_mirim_checkpoint(trained):
     assert model.config.n_layer == 1 and tok.kind == 'bytes'
 
 
+def test_muon_fine_tunes_the_backbone_and_the_head_with_adamw(setup):
+    tmp, cfg, _ = setup
+    result = train_classifier({**cfg, 'optimizer': 'muon', 'muon_lr': 0.02, 'out_dir': str(tmp / 'muon')},
+                              say=lambda *a: None)
+    assert result['accuracy'] > result['majority_baseline'] + 0.2
+
+
 def test_a_diverging_run_stops_without_saving_a_classifier(setup):
     tmp, cfg, _ = setup
     out = tmp / 'diverged'

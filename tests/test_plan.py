@@ -166,3 +166,28 @@ def test_bench_refuses_bad_settings_in_one_line(setting):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, 'bench.py', setting], cwd=root, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and done.stderr.startswith('bench.py: error: ') and 'Traceback' not in done.stderr
+
+
+def test_depth_dial_shapes_are_valid_for_depths_2_to_24():
+    from model import Llama, LlamaConfig, depth_shape
+    for depth in range(2, 25):
+        shape = depth_shape(depth)
+        config = LlamaConfig(vocab_size=4096, **shape)  # raises on an invalid shape
+        assert (config.n_layer, config.n_embd, config.head_size) == (depth, 64 * depth, 64)
+        assert config.n_head % config.n_kv_head == 0 and config.ffn_hidden % 64 == 0
+        assert config.ffn_hidden >= 8 * config.n_embd / 3
+    small = Llama(LlamaConfig(vocab_size=4096, **depth_shape(2)))
+    assert plan.count_params({**depth_shape(2), 'vocab_size': 4096})['params'] == small.num_params(non_embedding=False)
+
+
+def test_plan_prints_the_depth_table_for_model_auto(tmp_path, capsys):
+    from test_train import make_corpus
+    data = make_corpus(tmp_path)
+    result = plan.main(['--model=auto', '--depth=3', f'--data_dir={data}'])
+    out = capsys.readouterr().out
+    rows = result['depth_table']
+    assert [r['depth'] for r in rows] == list(range(2, 25))
+    assert all(r['max_iters'] * r['batch_tokens'] >= r['tokens'] for r in rows)
+    assert all(r['batch_tokens'] & (r['batch_tokens'] - 1) == 0 and r['batch_tokens'] <= 2 ** 19 for r in rows)
+    assert 'depth dial: depth 3' in out and "model='auto'" in out
+    assert len([line for line in out.splitlines() if line.split()[:1] and line.split()[0].isdigit()]) >= 23

@@ -1,0 +1,186 @@
+"""
+The optimizers train.py, classify.py (and anything else that trains a mirim model) choose from:
+
+    optimizer = make_optimizer(model, 'adamw', lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
+    optimizer = make_optimizer(model, 'muon', lr=1e-3, muon_lr=0.02, weight_decay=0.1, betas=(0.9, 0.95))
+
+'adamw' is model.configure_optimizer (fused AdamW, decay on matrices only). 'muon' is one
+torch.optim.Optimizer, `Muon`, with two kinds of parameter groups: Muon for the 2-D weight matrices
+of the transformer blocks (attention and MLP projections), AdamW for everything else (token
+embedding, LM head, norm gains, a classifier head). One optimizer object, so the learning-rate
+schedule, gradient clipping, GradScaler, state_dict (exact resume) and DDP work as for AdamW.
+
+Muon ("MomentUm Orthogonalized by Newton-Schulz"), as described by its authors:
+  - Keller Jordan et al., "Muon: An optimizer for hidden layers in neural networks" (2024),
+    kellerjordan.github.io/posts/muon, and its use in github.com/KellerJordan/modded-nanogpt:
+    SGD-momentum with Nesterov, whose update is replaced by the nearest semi-orthogonal matrix
+    (U V^T of its SVD), computed by 5 steps of a quintic Newton-Schulz iteration with the
+    coefficients (3.4445, -4.7750, 2.0315), in bf16 on a GPU; update scaled by sqrt(max(1, rows/cols)).
+  - Bernstein & Newhouse, "Old Optimizer, New Norm: An Anthology" (arXiv:2409.20325): why
+    orthogonalizing is steepest descent under the spectral norm.
+  - Liu et al., "Muon is Scalable for LLM Training" (Moonlight, arXiv:2502.16982): decoupled
+    weight decay on the Muon matrices too.
+  - nanochat (github.com/karpathy/nanochat) trains with the same split: Muon for matrices, AdamW
+    with their own rates for the embedding, unembedding and scalars.
+Written for mirim from those descriptions. Under DDP the gradients arrive already averaged, so
+every process computes the same update (simple, and cheap at mirim's sizes; nanochat and
+modded-nanogpt spread the Newton-Schulz work over the ranks instead).
+"""
+import math
+
+import torch
+
+OPTIMIZERS = ('adamw', 'muon')
+
+
+def orthogonalize(g, steps=5, dtype=torch.float32):
+    """The nearest semi-orthogonal matrix to g (U V^T of g = U S V^T), approximately: a quintic
+    Newton-Schulz iteration tuned to push every singular value into ~[0.7, 1.2] in 5 steps, fast
+    rather than exact (Keller Jordan's coefficients; close enough works as well for training)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.to(dtype)
+    tall = x.size(0) > x.size(1)
+    if tall:  # iterate on the wide side: X X^T is the smaller product
+        x = x.T
+    x = x / (x.norm() + 1e-7)  # Frobenius >= spectral norm, so every singular value starts <= 1
+    for _ in range(steps):
+        A = x @ x.T
+        B = b * A + c * A @ A
+        x = a * x + B @ x
+    return (x.T if tall else x).to(g.dtype)
+
+
+def muon_update(grad, momentum_buffer, momentum, nesterov, splits, dtype):
+    """Momentum (Nesterov or not), then orthogonalized: the Muon step direction for one matrix.
+    splits: row sizes of the matrices fused into this one (q|k|v, gate|up), each orthogonalized on
+    its own as if they were separate weights; None = the whole matrix."""
+    momentum_buffer.lerp_(grad, 1 - momentum)
+    update = grad.lerp(momentum_buffer, momentum) if nesterov else momentum_buffer
+    parts = update.split(list(splits), dim=0) if splits else [update]
+    # shape-aware scale: a tall matrix's orthogonal update has smaller entries; sqrt(rows/cols) evens it
+    return torch.cat([orthogonalize(u, dtype=dtype) * math.sqrt(max(1.0, u.size(0) / u.size(1))) for u in parts])
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for groups with use_muon=True (2-D matrices), AdamW for the others. Every group has its
+    own lr and weight_decay (decoupled: p -= lr * weight_decay * p). Muon groups also take momentum,
+    nesterov, splits (one entry per parameter: row sizes of its fused parts, or None) and ns_dtype
+    ('bfloat16' on a GPU: the Newton-Schulz products are the cost); AdamW groups betas and eps."""
+
+    def __init__(self, groups, lr=1e-3, weight_decay=0.0, momentum=0.95, nesterov=True, betas=(0.9, 0.95),
+                 eps=1e-8, ns_dtype='float32'):
+        for group in groups:
+            if group.get('use_muon'):
+                group.setdefault('splits', [None] * len(group['params']))
+                if any(p.dim() != 2 for p in group['params']):
+                    raise ValueError("Muon groups take 2-D matrices only; put the rest in AdamW groups")
+        super().__init__(groups, dict(lr=lr, weight_decay=weight_decay, use_muon=False, momentum=momentum,
+                                      nesterov=nesterov, betas=betas, eps=eps, ns_dtype=ns_dtype))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd = group['lr'], group['weight_decay']
+            if group['use_muon']:
+                dtype = getattr(torch, group['ns_dtype'])
+                for p, splits in zip(group['params'], group['splits']):
+                    if p.grad is None:
+                        continue
+                    state = self.state[p]
+                    if not state:
+                        state['momentum_buffer'] = torch.zeros_like(p)
+                    update = muon_update(p.grad, state['momentum_buffer'], group['momentum'], group['nesterov'],
+                                         splits, dtype)
+                    p.mul_(1 - lr * wd)
+                    p.add_(update, alpha=-lr)
+                continue
+            beta1, beta2 = group['betas']
+            for p in group['params']:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state['step'] = torch.zeros((), dtype=torch.float32)  # a tensor, as torch's AdamW keeps it
+                    state['exp_avg'], state['exp_avg_sq'] = torch.zeros_like(p), torch.zeros_like(p)
+                state['step'] += 1
+                step = state['step'].item()
+                state['exp_avg'].lerp_(p.grad, 1 - beta1)
+                state['exp_avg_sq'].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                denominator = (state['exp_avg_sq'] / (1 - beta2 ** step)).sqrt_().add_(group['eps'])
+                p.mul_(1 - lr * wd)
+                p.addcdiv_(state['exp_avg'], denominator, value=-lr / (1 - beta1 ** step))
+        return loss
+
+
+def muon_params(model):
+    """{parameter: splits} for the matrices Muon trains: the 2-D weights inside model.layers (the
+    attention and MLP projections), with the row sizes of their fused parts. Everything else (the
+    token embedding, an untied LM head, the norm gains, anything outside the blocks) is AdamW's:
+    Muon is for hidden layers, whose inputs and outputs are vectors, not token ids or logits."""
+    c = model.config
+    fused = {'wqkv': (c.n_head * c.head_size, c.n_kv_head * c.head_size, c.n_kv_head * c.head_size),
+             'w13': (c.ffn_hidden, c.ffn_hidden)}
+    found = {}
+    for name, p in model.layers.named_parameters():
+        if p.requires_grad and p.dim() == 2:
+            found[p] = fused.get(name.split('.')[-2])
+    return found
+
+
+def make_optimizer(model, name, lr, weight_decay, betas, device_type, muon_lr=0.02, muon_momentum=0.95,
+                   ns_dtype=torch.float32, extra_groups=()):
+    """The optimizer for a mirim model (anything with .layers and .config, or a module holding one as
+    .backbone). name 'adamw': model.configure_optimizer's fused AdamW. 'muon': Muon at muon_lr for
+    the blocks' matrices, AdamW at lr for the rest (decay on matrices only, as with 'adamw').
+    extra_groups: more AdamW groups (e.g. a classifier head at its own lr). Every group records its
+    peak lr as 'base_lr', so a schedule scales each one: group['lr'] = group['base_lr'] * factor."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer={name!r}: choose one of {', '.join(OPTIMIZERS)}")
+    llama = getattr(model, 'backbone', model)
+    if name == 'adamw' and not extra_groups:
+        optimizer = llama.configure_optimizer(weight_decay, lr, betas, device_type)
+    else:
+        muon = muon_params(llama) if name == 'muon' else {}
+        extra = {p for g in extra_groups for p in g['params']}
+        rest = [p for p in model.parameters() if p.requires_grad and p not in muon and p not in extra]
+        groups = [{'params': [p for p in rest if p.dim() >= 2], 'weight_decay': weight_decay, 'lr': lr},
+                  {'params': [p for p in rest if p.dim() < 2], 'weight_decay': 0.0, 'lr': lr},
+                  *({'weight_decay': weight_decay, **g} for g in extra_groups)]
+        if muon:
+            groups.append({'params': list(muon), 'splits': list(muon.values()), 'use_muon': True, 'lr': muon_lr,
+                           'weight_decay': weight_decay})
+        groups = [g for g in groups if g['params']]
+        if name == 'adamw':
+            optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type in ('cuda', 'cpu'))
+        else:
+            optimizer = Muon(groups, betas=betas, momentum=muon_momentum,
+                             ns_dtype=str(ns_dtype).replace('torch.', ''))
+    for group in optimizer.param_groups:
+        group['base_lr'] = group['lr']
+    return optimizer
+
+
+# -----------------------------------------------------------------------------
+# the learning-rate schedule (train.py and dpo.py)
+
+def get_lr(step, c):
+    """The learning rate for optimizer step `step` (0-based): a linear warmup to learning_rate, then
+    cosine to min_lr at lr_decay_iters, or WSD (flat, then linear to min_lr over the last
+    wsd_decay_fraction), or constant."""
+    if step < c.warmup_iters:
+        return c.learning_rate * (step + 1) / (c.warmup_iters + 1)
+    end = c.lr_decay_iters or c.max_iters
+    if c.lr_schedule == 'constant':
+        return c.learning_rate
+    if c.lr_schedule == 'wsd':
+        decay_steps = max(1, round(end * c.wsd_decay_fraction))
+        progress = min(1.0, max(0.0, (step - (end - decay_steps)) / decay_steps))
+        return c.learning_rate - (c.learning_rate - c.min_lr) * progress
+    if step >= end:
+        return c.min_lr
+    progress = (step - c.warmup_iters) / max(1, end - c.warmup_iters)
+    return c.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (c.learning_rate - c.min_lr)

@@ -1,0 +1,69 @@
+"""optim.py: Muon's orthogonalization, which tensors get Muon, and the optimizer's step and state."""
+import torch
+
+from conftest import tiny_model
+from optim import Muon, make_optimizer, muon_params, orthogonalize
+
+
+def test_newton_schulz_gives_a_near_orthogonal_matrix_close_to_u_v_transposed():
+    torch.manual_seed(0)
+    for rows, cols in ((64, 32), (32, 64), (48, 48)):
+        k = min(rows, cols)
+        u = torch.linalg.qr(torch.randn(rows, k))[0]
+        v = torch.linalg.qr(torch.randn(cols, k))[0]
+        g = u @ torch.diag(torch.logspace(-1.5, 1, k)) @ v.T  # singular values spread over 300x
+        o = orthogonalize(g)
+        s = torch.linalg.svdvals(o)
+        assert s.min() > 0.6 and s.max() < 1.25, s  # every direction kept, none dominant
+        assert (o * (u @ v.T)).sum() / (o.norm() * (u @ v.T).norm()) > 0.95  # close to U V^T
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    for tied in (True, False):
+        model = tiny_model(tie_embeddings=tied)
+        muon = muon_params(model)
+        names = {name for name, p in model.named_parameters() if p in muon}
+        assert names == {f'layers.{i}.{part}.weight' for i in range(2)
+                         for part in ('attention.wqkv', 'attention.wo', 'feed_forward.w13', 'feed_forward.w2')}
+        c = model.config
+        assert muon[model.layers[0].attention.wqkv.weight] == (c.n_head * c.head_size, c.n_kv_head * c.head_size,
+                                                               c.n_kv_head * c.head_size)
+        assert muon[model.layers[0].feed_forward.w13.weight] == (c.ffn_hidden, c.ffn_hidden)
+        optimizer = make_optimizer(model, 'muon', lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), device_type='cpu',
+                                   muon_lr=0.02)
+        assert isinstance(optimizer, Muon)
+        adamw = {id(p) for g in optimizer.param_groups if not g['use_muon'] for p in g['params']}
+        assert adamw | {id(p) for p in muon} == {id(p) for p in model.parameters()} and not adamw & set(map(id, muon))
+        assert {id(model.tok_embeddings.weight), id(model.norm.weight), id(model.output.weight)} <= adamw
+        assert [g['lr'] for g in optimizer.param_groups if g['use_muon']] == [0.02]
+        assert all(g['base_lr'] == g['lr'] for g in optimizer.param_groups)
+        decay = {g['weight_decay'] for g in optimizer.param_groups for p in g['params'] if p.dim() < 2}
+        assert decay == {0.0}  # no decay on the norm gains
+
+
+def test_a_muon_step_moves_every_matrix_by_an_orthogonal_update_and_state_round_trips():
+    model = tiny_model().train()
+    optimizer = make_optimizer(model, 'muon', lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95), device_type='cpu',
+                               muon_lr=0.02, muon_momentum=0.0)  # no momentum: the update is the gradient's
+    idx = torch.randint(0, model.config.vocab_size, (8, 32))
+    model(idx, idx)[1].backward()
+    wo, wqkv = model.layers[0].attention.wo.weight, model.layers[0].attention.wqkv.weight
+    before = {p: (p.detach().clone(), p.grad.clone()) for p in (wo, wqkv)}
+    optimizer.step()
+    old, grad = before[wo]
+    assert torch.allclose((old - wo.detach()) / 0.02, orthogonalize(grad), atol=1e-5)
+    old, grad = before[wqkv]  # q, k and v orthogonalized apart; k and v are tall: scaled by sqrt(rows / cols)
+    q, k, v = grad.split(muon_params(model)[wqkv])
+    scale = (k.size(0) / k.size(1)) ** 0.5 if k.size(0) > k.size(1) else 1.0
+    want = torch.cat([orthogonalize(q), orthogonalize(k) * scale, orthogonalize(v) * scale])
+    assert torch.allclose((old - wqkv.detach()) / 0.02, want, atol=1e-5)
+    state = optimizer.state_dict()
+    again = make_optimizer(model, 'muon', lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95), device_type='cpu')
+    again.load_state_dict(state)
+    assert torch.equal(again.state[wo]['momentum_buffer'], optimizer.state[wo]['momentum_buffer'])
+
+
+def test_adamw_through_make_optimizer_is_the_models_fused_adamw():
+    model = tiny_model()
+    optimizer = make_optimizer(model, 'adamw', lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), device_type='cpu')
+    assert type(optimizer) is torch.optim.AdamW and len(optimizer.param_groups) == 2
