@@ -26,9 +26,12 @@ import os
 import sys
 import unicodedata
 
+import torch
+
 from checkpoint import load_model, write_atomic, write_json
 from common import DTYPES
-from hf import HF_ACTIVATION, hf_config, to_hf_state_dict
+from hf import HF_ACTIVATION, as_gemma, hf_config, to_gemma_tensors, to_hf_state_dict
+
 SPACE = '\u2581'  # '▁', SentencePiece's visible space
 
 
@@ -284,8 +287,17 @@ def export(source, dest, dtype='float32', checkpoint='ckpt.pt', license='other',
         raise ValueError(f"{dest} already holds weight files that transformers would read too: {stale}; "
                          f"remove them or export to an empty folder")
     write_tokenizer(tok, dest, config.block_size, check=check_tokenizer, append_eos=classifier)
-    hf = hf_config(config, dtype)
-    tensors = to_hf_state_dict(model.state_dict(), config, DTYPES[dtype])
+    gemma = as_gemma(config) and not classifier
+    hf = hf_config(config, dtype, gemma=gemma)
+    tensors = to_hf_state_dict(model.state_dict(), config, torch.float32)
+    if gemma:  # GeGLU: an architecture vLLM and llama.cpp's converter compute as transformers does
+        tensors = to_gemma_tensors(tensors, config)
+    elif config.activation != 'silu':
+        print(f"note: an untied GeGLU model is written as LlamaForCausalLM with hidden_act="
+              f"{HF_ACTIVATION[config.activation]}: transformers computes it right, vLLM and llama.cpp's converter "
+              f"do not (they take every Llama for SwiGLU); export.py --format=gguf writes a file llama.cpp runs right",
+              file=sys.stderr)
+    tensors = {name: t.to(DTYPES[dtype]).contiguous() for name, t in tensors.items()}
     if classifier:
         # HF's score layer reads the last token that is not padding: the <eos> classify.py reads
         labels = [str(label) for label in ckpt['labels']]
@@ -326,6 +338,11 @@ def model_card(model, tok, ckpt, dest, dtype, license):
 
     params = model.num_params(non_embedding=False)
     classifier = 'head' in ckpt
+    architecture = ('LlamaForSequenceClassification' if classifier else
+                    'GemmaForCausalLM' if as_gemma(c) else 'LlamaForCausalLM')
+    gemma_note = ("\n(A Llama with a GELU-gated MLP, written as Gemma, the GELU-gated Llama that transformers, vLLM and "
+                  "llama.cpp all implement; the weights are rescaled so it computes exactly the trained function.)"
+                  if architecture == 'GemmaForCausalLM' else '')
     usage = ''
     if classifier:
         usage = (f"\nLabels: {', '.join(map(str, ckpt['labels']))}.\n\n```python\nfrom transformers import pipeline\n"
@@ -360,7 +377,7 @@ tags:
 # {name}
 
 A {params / 1e6:.1f}M-parameter Llama-architecture {'classifier' if classifier else 'language model'} trained with mirim.
-It is a `{'LlamaForSequenceClassification' if classifier else 'LlamaForCausalLM'}`: transformers loads it with no custom code.
+It is a `{architecture}`: transformers loads it with no custom code.{gemma_note}
 
 ## Training
 

@@ -107,10 +107,56 @@ def from_hf_state_dict(tensors, config, dtype=torch.float32):
 
 
 # -----------------------------------------------------------------------------
-# config.json: mirim LlamaConfig <-> Hugging Face LlamaConfig
+# GeGLU models as Gemma. transformers' Llama takes hidden_act=gelu_pytorch_tanh, but vLLM's Llama
+# and llama.cpp's converter compute every Llama as SwiGLU. Gemma is a GELU-gated Llama that all of
+# them implement; it differs in three places, each compensated exactly: it multiplies the input
+# embedding by sqrt(hidden) (store the embedding divided by it), its RMSNorm multiplies by
+# (1 + weight) (store weight - 1), and its head is always the embedding (so a tied model only: the
+# final norm's gain takes the sqrt(hidden) back, stored as gain * sqrt(hidden) - 1).
 
-def hf_config(config, dtype='float32'):
+def as_gemma(config):
+    """Whether the export writes this model as GemmaForCausalLM."""
+    return config.activation != 'silu' and config.tie_embeddings
+
+
+def to_gemma_tensors(tensors, config):
+    """LlamaForCausalLM tensors (to_hf_state_dict's) -> GemmaForCausalLM tensors of the same function."""
+    scale = config.n_embd ** 0.5
+    out = {}
+    for name, t in tensors.items():
+        if name == 'model.embed_tokens.weight':
+            t = t / scale
+        elif name == 'model.norm.weight':
+            t = t * scale - 1
+        elif name.endswith('layernorm.weight'):
+            t = t - 1
+        out[name] = t.contiguous()
+    return out
+
+
+def from_gemma_tensors(tensors, hidden_size):
+    """The inverse of to_gemma_tensors, for any Gemma folder (tied, as Gemma always is)."""
+    scale = hidden_size ** 0.5
+    out = {}
+    for name, t in tensors.items():
+        if name == 'model.embed_tokens.weight':
+            t = t.float() * scale
+        elif name == 'model.norm.weight':
+            t = (t.float() + 1) / scale
+        elif name.endswith('layernorm.weight'):
+            t = t.float() + 1
+        out[name] = t
+    return out
+
+
+# -----------------------------------------------------------------------------
+# config.json: mirim LlamaConfig <-> Hugging Face LlamaConfig (or GemmaConfig)
+
+def hf_config(config, dtype='float32', gemma=False):
     c = config
+    if gemma:  # the same keys; Gemma names its activation hidden_activation
+        return {**hf_config(config, dtype), 'architectures': ['GemmaForCausalLM'], 'model_type': 'gemma',
+                'hidden_activation': HF_ACTIVATION[c.activation], 'tie_word_embeddings': True}
     return {
         'architectures': ['LlamaForCausalLM'], 'model_type': 'llama',
         'vocab_size': c.vocab_size, 'hidden_size': c.n_embd, 'intermediate_size': c.ffn_hidden,
@@ -130,13 +176,15 @@ def hf_config(config, dtype='float32'):
 def config_from_hf(hf):
     """A Hugging Face config.json dict -> mirim LlamaConfig, refusing what mirim cannot compute."""
     problems = []
-    if hf.get('model_type') != 'llama':
-        problems.append(f"model_type={hf.get('model_type')!r} (only 'llama' is supported)")
-    architectures = hf.get('architectures') or ['LlamaForCausalLM']
-    if architectures != ['LlamaForCausalLM']:
-        problems.append(f"architectures={architectures} (only LlamaForCausalLM)")
+    gemma = hf.get('model_type') == 'gemma'  # a GELU-gated Llama (see as_gemma)
+    if hf.get('model_type') not in ('llama', 'gemma'):
+        problems.append(f"model_type={hf.get('model_type')!r} (only 'llama' and 'gemma' are supported)")
+    architectures = hf.get('architectures') or ['GemmaForCausalLM' if gemma else 'LlamaForCausalLM']
+    if architectures not in (['LlamaForCausalLM'], ['GemmaForCausalLM']):
+        problems.append(f"architectures={architectures} (only LlamaForCausalLM and GemmaForCausalLM)")
     activations = {hf_name: name for name, hf_name in HF_ACTIVATION.items()}
-    hidden_act = hf.get('hidden_act', 'silu')
+    hidden_act = (hf.get('hidden_activation') or hf.get('hidden_act') or 'gelu_pytorch_tanh') if gemma \
+        else hf.get('hidden_act', 'silu')
     if hidden_act not in activations:
         problems.append(f"hidden_act={hidden_act!r} (supported: {sorted(activations)})")
     for flag in ('attention_bias', 'mlp_bias'):
@@ -168,7 +216,7 @@ def config_from_hf(hf):
         n_embd=hidden, ffn_hidden=hf['intermediate_size'], activation=activations[hidden_act],
         rope_theta=float(rope.get('rope_theta', hf.get('rope_theta', 10000.0))),
         norm_eps=hf.get('rms_norm_eps', 1e-6),  # transformers' defaults for absent keys
-        tie_embeddings=bool(hf.get('tie_word_embeddings', False)), dropout=0.0,
+        tie_embeddings=bool(hf.get('tie_word_embeddings', gemma)), dropout=0.0,
         bos_id=hf.get('bos_token_id', 1), eos_id=eos[0] if isinstance(eos, list) else eos,
         pad_id=hf.get('pad_token_id'))
 
@@ -210,9 +258,15 @@ def load_hf(path, device='cpu', dtype=None, tokenizer=True):
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{config_path} not found: load_hf reads a local Hugging Face model folder")
     with open(config_path) as f:
-        config = config_from_hf(json.load(f))
+        hf = json.load(f)
+    config = config_from_hf(hf)
+    tensors = read_hf_tensors(path)
+    if hf.get('model_type') == 'gemma':
+        if not config.tie_embeddings:
+            raise ValueError(f"{path}: an untied Gemma is not one mirim can compute (its head is the embedding)")
+        tensors = from_gemma_tensors(tensors, config.n_embd)
     model = Llama(config)
-    model.load_state_dict(from_hf_state_dict(read_hf_tensors(path), config, dtype or torch.float32))
+    model.load_state_dict(from_hf_state_dict(tensors, config, dtype or torch.float32))
     model.to(device=device, dtype=dtype or torch.float32).eval()
     if not tokenizer:
         return model, None

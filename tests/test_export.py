@@ -67,7 +67,7 @@ def sharp_model(config, seed):
 
 # activation, n_head / n_kv_head, tied: every activation, every GQA ratio, tied and untied
 EXPORT_CASES = [('silu', 1, True), ('silu', 2, False), ('silu', 4, True),
-                ('gelu_tanh', 1, False), ('gelu_tanh', 2, True), ('gelu', 4, False)]
+                ('gelu_tanh', 1, False), ('gelu_tanh', 2, True), ('gelu', 4, False), ('gelu', 1, True)]
 
 
 @pytest.fixture(scope='module', params=EXPORT_CASES, ids=lambda c: f'{c[0]}-gqa{c[1]}-{"tied" if c[2] else "untied"}')
@@ -207,8 +207,9 @@ def test_config_json_describes_the_model(tiny_export):
     dest, _ = tiny_export
     with open(os.path.join(dest, 'config.json')) as f:
         config = json.load(f)
-    assert config['architectures'] == ['LlamaForCausalLM']
-    assert (config['hidden_act'], config['num_key_value_heads'], config['head_dim']) == ('gelu_pytorch_tanh', 1, 8)
+    # a tied GeGLU model: Gemma, the GELU-gated Llama that vLLM and llama.cpp's converter compute right too
+    assert (config['architectures'], config['model_type']) == (['GemmaForCausalLM'], 'gemma')
+    assert (config['hidden_activation'], config['num_key_value_heads'], config['head_dim']) == ('gelu_pytorch_tanh', 1, 8)
     assert (config['max_position_embeddings'], config['tie_word_embeddings'], config['torch_dtype']) == (64, True, 'bfloat16')
     assert (config['bos_token_id'], config['eos_token_id'], config['pad_token_id']) == (1, 2, 3)
 
