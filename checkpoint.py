@@ -323,13 +323,37 @@ def differences(want, have, keys):
     return [f"{k}={have.get(k)!r} (this config: {want.get(k)!r})" for k in keys if want.get(k) != have.get(k)]
 
 
+# the file data/prepare.py leaves in a data folder for each kind of tokenizer (data/prepare.py's TOKENIZER_FILE_OF)
+TOKENIZER_FILE = {'sentencepiece': 'tokenizer.model', 'tokenizers': 'tokenizer.json', 'tiktoken': 'tokenizer.tiktoken'}
+
+
+def tokenizer_spec_hint(description, data_dir=None):
+    """What to pass as data/prepare.py --tokenizer to get this tokenizer again, and its kind in words:
+    a file in the model's data folder (when the checkpoint's config names it), a tiktoken name, 'bytes'."""
+    kind = description.get('kind')
+    words = {'sentencepiece': 'a SentencePiece tokenizer.model', 'tokenizers': 'a tokenizer.json',
+             'tiktoken': f"tiktoken {description.get('name') or 'ranks'}", 'bytes': 'raw bytes'}.get(kind, kind)
+    words += f" of {description['vocab_size']:,} pieces" if description.get('vocab_size') else ''
+    if kind == 'bytes':
+        return words, 'bytes'
+    if kind == 'tiktoken' and description.get('name'):
+        return words, f"tiktoken:{description['name']}"
+    file = TOKENIZER_FILE.get(kind, 'tokenizer file')
+    spec = os.path.join(data_dir, file) if data_dir else f"<the model's data dir>/{file}"
+    return words, f"tiktoken:{spec}" if kind == 'tiktoken' else spec
+
+
 def check_tokenizer(checkpoint, tokenizer, data_dir, path):
     """A model trained on one tokenizer's ids must not go on with another's."""
     from tokenizer import load_tokenizer, same_tokenizer
     if 'tokenizer' in checkpoint and not same_tokenizer(load_tokenizer(checkpoint['tokenizer']), tokenizer):
-        raise ValueError(f"{data_dir} was tokenized with another tokenizer than the model in {path}: prepare the "
-                         f"data with the model's tokenizer (data/prepare.py --tokenizer <the model's data "
-                         f"dir>/tokenizer.model)")
+        model_data = (checkpoint.get('config') or {}).get('data_dir')
+        if model_data and os.path.abspath(model_data) == os.path.abspath(data_dir):
+            model_data = None  # prepared again since: its tokenizer file is now the other one
+        words, spec = tokenizer_spec_hint(checkpoint['tokenizer'], model_data)
+        raise ValueError(f"{data_dir} was tokenized with another tokenizer ({tokenizer.kind}, "
+                         f"{tokenizer.vocab_size:,} pieces) than the model in {path}, whose tokenizer is {words}: "
+                         f"prepare the data with the model's tokenizer (data/prepare.py --tokenizer {spec})")
 
 
 def check_hf_tokenizer(folder, tokenizer, data_dir):

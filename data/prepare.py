@@ -4,6 +4,7 @@ Any corpus -> tokenized .bin shards + meta.json, ready for train.py.
     python data/prepare.py --input corpus/ --tokenizer train:8192 --out data/mycorpus
     python data/prepare.py --input 'dumps/*.jsonl.gz' --text_field text --tokenizer data/x/tokenizer.model --out data/y
     python data/prepare.py --hf_dataset NAME --hf_split train --tokenizer tiktoken:gpt2 --out data/z
+    python data/prepare.py --hf_dataset parquet --data_files 'corpus/*.parquet' --tokenizer bytes --out data/w
 
 Inputs: files, folders (searched recursively for .txt .md .jsonl .json, also gzipped, .parquet and
 .arrow), datasets.save_to_disk folders (a DatasetDict's --hf_split), or globs.
@@ -363,25 +364,59 @@ def read_documents(paths, doc_per='block', text_field='text', problems=None):
             yield from read_text_file(path, doc_per, problems)
 
 
-def read_hf_dataset(name, split='train', text_field='text', problems=None):
-    """Stream a Hugging Face dataset; any failure is one line that points to local files."""
-    local = "save the data as .jsonl or .txt files where there is internet and pass them with --input"
+# --hf_dataset FILE: the datasets builder that reads one local data file
+HF_BUILDER_OF = {'.parquet': 'parquet', '.arrow': 'arrow', '.jsonl': 'json', '.json': 'json', '.jsonl.gz': 'json',
+                 '.json.gz': 'json', '.csv': 'csv', '.txt': 'text'}
+WITHOUT_DATASETS = ("or pass the files with --input (text, JSONL, Parquet, Arrow, save_to_disk folders: "
+                    "read without `datasets`)")
+
+
+def open_hf_dataset(name, split='train', data_files=None):
+    """datasets.load_dataset(name, data_files=data_files, split=split, streaming=True): name is a hub
+    name, a local dataset folder or script, a builder ('parquet', 'json', 'csv', 'text', 'arrow') for
+    data_files (files or globs), or one local data file. Opened before anything is written (a missing
+    file, an unknown name or an unreachable hub costs no old data set); any failure is one line."""
+    if os.path.isdir(name) and is_saved_dataset(name):  # load_dataset cannot read these; pyarrow can
+        raise PrepareError(f"{name} is a datasets.save_to_disk folder: pass it with --input (and --hf_split for "
+                           f"a DatasetDict)")
+    if data_files is None and os.path.isfile(name):  # one data file: its builder reads it
+        builder = next((b for suffix, b in HF_BUILDER_OF.items() if name.endswith(suffix)), None)
+        if builder is None:
+            raise PrepareError(f"--hf_dataset {name}: a file that no datasets builder reads by its name "
+                               f"({' '.join(HF_BUILDER_OF)}); {WITHOUT_DATASETS}")
+        name, data_files = builder, [name]
     try:
         import datasets
     except ImportError:
-        raise PrepareError(f"--hf_dataset needs the `datasets` package, which is not installed "
-                           f"(pip install datasets); or {local}") from None
+        raise PrepareError(f"--hf_dataset needs the `datasets` package, which is not installed: pip install "
+                           f"datasets, {WITHOUT_DATASETS}") from None
+    files = f" data_files {' '.join(data_files)}" if data_files else ''
     try:
-        for number, record in enumerate(datasets.load_dataset(name, split=split, streaming=True), 1):
-            text = document_from_record(record, text_field, f"{name}[{split}] record {number}", problems)
+        return datasets.load_dataset(name, data_files=data_files, split=split, streaming=True)
+    except Exception as e:  # offline, unknown name, no such file or split, ...
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ''
+        hub = '' if data_files or os.path.exists(name) else '; the hub may be unreachable'
+        raise PrepareError(f"could not read Hugging Face dataset {name!r}{files} split {split!r} "
+                           f"({type(e).__name__}: {reason}){hub}; {WITHOUT_DATASETS}") from None
+
+
+def hf_documents(dataset, where, text_field='text', problems=None):
+    """The --text_field of each record of an opened dataset (open_hf_dataset), streaming."""
+    try:
+        for number, record in enumerate(dataset, 1):
+            text = document_from_record(record, text_field, f"{where} record {number}", problems)
             if text is not None:
                 yield text
     except PrepareError:
         raise
-    except Exception as e:  # offline, unknown name, no such split, ...
+    except Exception as e:  # a broken file, the hub gone midway, ...
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ''
-        raise PrepareError(f"could not read Hugging Face dataset {name!r} split {split!r} "
-                           f"({type(e).__name__}: {reason}); the hub may be unreachable; {local}") from None
+        raise PrepareError(f"could not read {where} ({type(e).__name__}: {reason}); {WITHOUT_DATASETS}") from None
+
+
+def read_hf_dataset(name, split='train', text_field='text', problems=None, data_files=None):
+    """Stream a Hugging Face dataset's documents (open_hf_dataset's arguments)."""
+    yield from hf_documents(open_hf_dataset(name, split, data_files), f"{name}[{split}]", text_field, problems)
 
 
 def no_documents_error(source, problems):
@@ -798,7 +833,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Tokenize a corpus into .bin shards + meta.json (see the top of this file).")
     parser.add_argument('--input', nargs='+', help="text, JSONL, Parquet or Arrow files, folders (also "
                                                    "datasets.save_to_disk folders) or globs")
-    parser.add_argument('--hf_dataset', help="a Hugging Face dataset name (needs `datasets` and the hub)")
+    parser.add_argument('--hf_dataset', help="read with the `datasets` package: a hub name, a local dataset folder or "
+                                             "script, one data file, or a builder (parquet, json, csv, text, arrow) "
+                                             "with --data_files")
+    parser.add_argument('--data_files', nargs='+', help="files or globs for --hf_dataset (load_dataset's data_files)")
     parser.add_argument('--hf_split', default='train', help="the split of --hf_dataset or of a saved DatasetDict")
     parser.add_argument('--text_field', default='text', help="the JSONL / Parquet / Arrow / dataset field holding the text")
     parser.add_argument('--doc_per', choices=['block', 'line', 'file'], default='block',
@@ -819,6 +857,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if bool(args.input) == bool(args.hf_dataset):
         parser.error("give either --input or --hf_dataset")
+    if args.data_files and not args.hf_dataset:
+        parser.error("--data_files goes with --hf_dataset (e.g. --hf_dataset parquet --data_files 'x/*.parquet'); "
+                     "--input reads files itself")
     vocab_size = None
     bytelevel = args.tokenizer.startswith('train-bytelevel:')
     if args.tokenizer.startswith(('train:', 'train-bytelevel:')):
@@ -849,8 +890,11 @@ def main(argv=None):
                 return read_documents(paths, args.doc_per, args.text_field, problems)
         else:
             source, total_bytes, progress_total = f"hf:{args.hf_dataset}[{args.hf_split}]", None, None
+            if args.data_files:
+                source += ' ' + ' '.join(args.data_files)
+            dataset = open_hf_dataset(args.hf_dataset, args.hf_split, args.data_files)
             def read(problems):
-                return read_hf_dataset(args.hf_dataset, args.hf_split, args.text_field, problems)
+                return hf_documents(dataset, source, args.text_field, problems)
         given = None if vocab_size is not None else open_tokenizer(args.tokenizer)
     except (PrepareError, OSError) as e:
         sys.exit(f"error: {error_line(e, args.out)}")

@@ -105,3 +105,58 @@ def test_chat_input_that_is_not_conversations_data_is_refused(tmp_path):
     pq.write_table(pa.table({'t': ['x']}), tmp_path / 'c.txt')
     with pytest.raises(SystemExit, match='looks like a Parquet file'):
         prepare_chat.main(['--input', str(tmp_path / 'c.txt'), '--tokenizer', 'bytes', '--out', str(tmp_path / 'o')])
+
+
+# --- --hf_dataset: the `datasets` package, when it is installed, with data_files and local files
+
+def hf_prepare(inputs, *hf_args, out='from_hf'):
+    prep.main([*hf_args, '--text_field', 'body', '--tokenizer', 'bytes', '--val_fraction', '0.05',
+               '--out', str(inputs / out)])
+
+
+@pytest.mark.parametrize('hf_args', [['--hf_dataset', 'parquet', '--data_files', 'pq/*.parquet'],
+                                     ['--hf_dataset', 'parquet', '--data_files', 'pq/a.parquet', 'pq/b.parquet'],
+                                     ['--hf_dataset', 'json', '--data_files', 'c.jsonl'],
+                                     ['--hf_dataset', 'c.jsonl']])
+def test_hf_dataset_with_data_files_gives_the_shards_of_input(inputs, monkeypatch, hf_args):
+    pytest.importorskip('datasets')
+    monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
+    monkeypatch.setenv('HF_DATASETS_CACHE', str(inputs / 'hf_cache'))  # nothing written into the user's cache
+    monkeypatch.chdir(inputs)  # relative data files and globs, as typed on a command line
+    hf_prepare(inputs, '--input', str(inputs / 'c.jsonl'), out='from_jsonl')
+    hf_prepare(inputs, *hf_args)
+    assert shards(inputs / 'from_hf') == shards(inputs / 'from_jsonl')
+
+
+def test_hf_dataset_data_files_that_match_nothing_is_one_line(inputs, monkeypatch):
+    pytest.importorskip('datasets')
+    monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
+    monkeypatch.setenv('HF_DATASETS_CACHE', str(inputs / 'hf_cache'))
+    with pytest.raises(SystemExit) as e:
+        hf_prepare(inputs, '--hf_dataset', 'parquet', '--data_files', str(inputs / 'nothing' / '*.parquet'))
+    assert "could not read Hugging Face dataset 'parquet'" in str(e.value) and '\n' not in str(e.value)
+    assert not (inputs / 'from_hf').exists()
+
+
+@pytest.mark.parametrize('hf_args', [['--hf_dataset', 'parquet', '--data_files', 'pq/*.parquet'],
+                                     ['--hf_dataset', 'pq/a.parquet'], ['--hf_dataset', 'some/dataset']])
+def test_hf_dataset_without_the_datasets_package_is_one_line(inputs, monkeypatch, hf_args):
+    monkeypatch.setitem(sys.modules, 'datasets', None)  # makes `import datasets` fail, installed or not
+    monkeypatch.chdir(inputs)
+    with pytest.raises(SystemExit) as e:
+        hf_prepare(inputs, *hf_args)
+    message = str(e.value)
+    assert 'pip install datasets' in message and '--input' in message and '\n' not in message
+    assert not (inputs / 'from_hf').exists()
+
+
+def test_hf_dataset_on_a_saved_dataset_points_to_input(inputs):
+    with pytest.raises(SystemExit, match='save_to_disk folder: pass it with --input'):
+        hf_prepare(inputs, '--hf_dataset', str(inputs / 'saved'))
+    assert not (inputs / 'from_hf').exists()
+
+
+def test_data_files_go_with_hf_dataset(inputs, capsys):
+    with pytest.raises(SystemExit):
+        hf_prepare(inputs, '--input', str(inputs / 'c.jsonl'), '--data_files', str(inputs / 'c.jsonl'))
+    assert '--data_files goes with --hf_dataset' in capsys.readouterr().err

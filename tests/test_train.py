@@ -212,7 +212,16 @@ def test_fine_tuning_on_data_from_another_tokenizer_is_refused(data_dir, tmp_pat
     run(data_dir, tmp_path / 'base', '--max_iters=1', '--eval_interval=1')
     other = retokenized_copy(data_dir, tmp_path / 'other')
     message = error_of(other, tmp_path / 'tuned', f'--init_from={tmp_path / "base"}')
-    assert 'another tokenizer' in message
+    assert 'another tokenizer' in message and 'raw bytes' in message and '--tokenizer bytes' in message
+
+
+def test_the_tokenizer_error_names_the_models_tokenizer_file():
+    from checkpoint import tokenizer_spec_hint
+    assert tokenizer_spec_hint({'kind': 'tokenizers', 'vocab_size': 4096}, 'data/x') == \
+        ('a tokenizer.json of 4,096 pieces', os.path.join('data/x', 'tokenizer.json'))
+    assert tokenizer_spec_hint({'kind': 'sentencepiece'}, 'data/x')[1] == os.path.join('data/x', 'tokenizer.model')
+    assert tokenizer_spec_hint({'kind': 'tiktoken', 'name': 'gpt2'})[1] == 'tiktoken:gpt2'
+    assert tokenizer_spec_hint({'kind': 'tokenizers'})[1] == "<the model's data dir>/tokenizer.json"
 
 
 def test_lr_schedules_warm_up_then_end_at_min_lr():
