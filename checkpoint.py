@@ -154,6 +154,35 @@ def clean_record(record):
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
 
 
+class RunLog:
+    """A run's log: one JSON line per record in out_dir/log.jsonl, and Weights & Biases when
+    c.wandb_log. Only rank 0 writes; on the other ranks it does nothing. Call it with a record."""
+
+    def __init__(self, c, step, rank):
+        self.file = self.wandb = None
+        if rank != 0:
+            return
+        write_json(os.path.join(c.out_dir, 'config.json'), vars(c))
+        self.file = open_log(c.out_dir, step)
+        if c.wandb_log:
+            import wandb  # only when asked for: a slow import
+            self.wandb = wandb.init(project=c.wandb_project, config=vars(c),
+                                    name=c.wandb_run_name or os.path.basename(os.path.abspath(c.out_dir)))
+
+    def __call__(self, record):
+        if self.file is not None:
+            self.file.write(json.dumps(clean_record(record)) + '\n')
+            self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if v is not None}, step=record['step'])
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
 # -----------------------------------------------------------------------------
 # what a path is
 

@@ -121,6 +121,16 @@ def stop_signals():
             signal.signal(signum, handler)
 
 
+def peer_timeout(error, rank, seconds):
+    """The one line for a torchrun collective that gave up waiting (a peer crashed, froze or lost
+    its node), or None when error is something else."""
+    text = str(error)
+    if 'timed out' not in text.lower() and 'timeout' not in text.lower():
+        return None
+    return (f"rank {rank}: no answer from the other processes for ddp_timeout={seconds:g} s (one of them stopped "
+            f"or hangs): {text.splitlines()[0] if text else type(error).__name__}")
+
+
 def peak_flops(device, dtype):
     """The device's dense peak FLOP/s in dtype, or None when unknown (CPU, fp32, an unlisted GPU)."""
     if not device.startswith('cuda') or dtype not in (torch.bfloat16, torch.float16):

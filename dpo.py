@@ -41,9 +41,9 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from checkpoint import (check_tokenizer, claim_out_dir, clean_record, last_good, link_atomic, load_checkpoint,
-                        model_from_checkpoint, open_log, resolve, rng_state, save_atomic, set_rng_state, write_json)
-from common import autocast, fail, resolve_device, stop_signals, training_dtype
+from checkpoint import (RunLog, check_tokenizer, claim_out_dir, last_good, link_atomic, load_checkpoint,
+                        model_from_checkpoint, resolve, rng_state, save_atomic, set_rng_state)
+from common import autocast, fail, peer_timeout, resolve_device, stop_signals, training_dtype
 from configurator import ConfigError, configure, print_config
 from data.prepare_pref import read_pairs
 from shards import ShardError, load_meta
@@ -506,35 +506,16 @@ def main(argv):
         say(f"data: {c.data_dir}: {len(run.pairs['train']):,} train pairs, {len(run.pairs['val']):,} held-out; "
             f"{c.batch_size * c.gradient_accumulation_steps} pairs a step, {c.max_iters} steps; device {device}, "
             f"{world_size} process{'es' if world_size > 1 else ''}")
-        log_file, wandb_run = None, None
-        if rank == 0:
-            write_json(os.path.join(c.out_dir, 'config.json'), vars(c))
-            log_file = open_log(c.out_dir, run.step)
-            if c.wandb_log:
-                import wandb
-                wandb_run = wandb.init(project=c.wandb_project, config=vars(c),
-                                       name=c.wandb_run_name or os.path.basename(os.path.abspath(c.out_dir)))
-
-        def log(record):
-            if log_file is not None:
-                log_file.write(json.dumps(clean_record(record)) + '\n')
-                log_file.flush()
-            if wandb_run is not None:
-                wandb_run.log({k: v for k, v in record.items() if v is not None}, step=record['step'])
-
+        log = RunLog(c, run.step, rank)
         try:
             with stop_signals() as signals:
                 stop_reason, elapsed = train_loop(run, c, rank, world_size, device, signals, start_time, log, say)
         except RuntimeError as e:
-            if ddp and ('timed out' in str(e).lower() or 'timeout' in str(e).lower()):
-                fail(f"rank {rank}: no answer from the other processes for ddp_timeout={c.ddp_timeout:g} s: "
-                     f"{str(e).splitlines()[0]}")
+            if ddp and peer_timeout(e, rank, c.ddp_timeout):
+                fail(peer_timeout(e, rank, c.ddp_timeout))
             raise
         finally:
-            if log_file is not None:
-                log_file.close()
-            if wandb_run is not None:
-                wandb_run.finish()
+            log.close()
         if stop_reason:
             say(f"{stop_reason} at step {run.step}: saved {c.out_dir}/ckpt.pt; continue with --init_from=resume")
         else:

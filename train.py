@@ -16,7 +16,6 @@ with one each train on the same tokens, and a run can resume on a different numb
 """
 
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -27,10 +26,10 @@ from types import SimpleNamespace
 
 import torch
 
-from checkpoint import (build_model, claim_out_dir, clean_record, last_good, link_atomic, open_log, rng_state,
-                        save_atomic, set_rng_state, write_json)
-from common import (autocast, dtype_name, fail, memory_gb, peak_flops, print0, resolve_device, stop_signals,
-                    training_dtype)
+from checkpoint import (RunLog, build_model, claim_out_dir, last_good, link_atomic, rng_state, save_atomic,
+                        set_rng_state)
+from common import (autocast, dtype_name, fail, memory_gb, peak_flops, peer_timeout, print0, resolve_device,
+                    stop_signals, training_dtype)
 from configurator import ConfigError, configure, print_config
 from optim import OPTIMIZERS, get_lr, make_optimizer
 from shards import BatchSampler, ShardError, load_meta
@@ -513,22 +512,7 @@ def main(argv):
                 return
         wrap_model(run, c, ddp)
         describe(run, c)
-        log_file, wandb_run = None, None
-        if rank == 0:
-            write_json(os.path.join(c.out_dir, 'config.json'), vars(c))
-            log_file = open_log(c.out_dir, run.step)
-            if c.wandb_log:
-                import wandb  # only when asked for: a slow import
-                wandb_run = wandb.init(project=c.wandb_project, config=vars(c),
-                                       name=c.wandb_run_name or os.path.basename(os.path.abspath(c.out_dir)))
-
-        def log(record):
-            if log_file is not None:
-                log_file.write(json.dumps(clean_record(record)) + '\n')
-                log_file.flush()
-            if wandb_run is not None:
-                wandb_run.log({k: v for k, v in record.items() if v is not None}, step=record['step'])
-
+        log = RunLog(c, run.step, rank)
         steps_before = run.step
         try:
             with stop_signals() as signals:
@@ -536,15 +520,11 @@ def main(argv):
         except ShardError as e:  # found while reading batches
             fail(str(e))
         except RuntimeError as e:
-            if ddp and ('timed out' in str(e).lower() or 'timeout' in str(e).lower()):
-                fail(f"rank {rank}: no answer from the other processes for ddp_timeout={c.ddp_timeout:g} s "
-                     f"(one of them stopped or hangs): {str(e).splitlines()[0]}")
+            if ddp and peer_timeout(e, rank, c.ddp_timeout):
+                fail(peer_timeout(e, rank, c.ddp_timeout))
             raise
         finally:
-            if log_file is not None:
-                log_file.close()
-            if wandb_run is not None:
-                wandb_run.finish()
+            log.close()
         minutes = (time.time() - start_time) / 60
         if stop_reason:
             print0(f"{stop_reason} at step {run.step}: saved {c.out_dir}/ckpt.pt ({minutes:.1f} min); continue with "

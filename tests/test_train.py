@@ -350,7 +350,8 @@ def test_log_is_plain_json_and_a_resume_logs_each_step_once(data_dir, tmp_path):
     text = (tmp_path / 'log.jsonl').read_text()
     assert 'NaN' not in text and 'Infinity' not in text
     assert [r['step'] for r in log_lines(tmp_path)] == [0, 1, 2, 3, 4, 5, 6]
-    assert train.clean_record({'a': float('nan'), 'b': float('inf'), 'c': 1.5}) == {'a': None, 'b': None, 'c': 1.5}
+    from checkpoint import clean_record
+    assert clean_record({'a': float('nan'), 'b': float('inf'), 'c': 1.5}) == {'a': None, 'b': None, 'c': 1.5}
 
 
 def test_nan_in_a_scratch_run_does_not_name_a_checkpoint_that_is_not_there(data_dir, tmp_path):
