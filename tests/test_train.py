@@ -492,3 +492,12 @@ def test_depth_dial_builds_the_shape_and_sizes_the_run(data_dir, tmp_path, capsy
     from checkpoint import load_model
     params = load_model(str(tmp_path))[0].num_params(non_embedding=False)
     assert 0 <= config['max_iters'] * 32 - 0.002 * params < 32 and checkpoint['step'] == config['max_iters']
+
+
+def test_wandb_logging_works_offline(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv('WANDB_MODE', 'offline')
+    monkeypatch.setenv('WANDB_DIR', str(tmp_path))
+    monkeypatch.setenv('WANDB_SILENT', 'true')
+    run(data_dir, tmp_path / 'out', '--max_iters=2', '--eval_interval=2', '--wandb_log=True')
+    assert [r['step'] for r in log_lines(tmp_path / 'out')] == [0, 1, 2]
+    assert any(name.startswith('offline-run') for name in os.listdir(tmp_path / 'wandb'))
