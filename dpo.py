@@ -521,6 +521,8 @@ def main(argv):
         else:
             say(f"done: {run.step} steps in {elapsed / 60:.1f} min; held-out loss {run.val_loss:.4f}; "
                 f"checkpoint {c.out_dir}/ckpt.pt")
+        if ddp:  # every process reaches the end before any tears the group down (gloo aborts a process
+            torch.distributed.barrier()  # whose peer closes while rank 0 is still saving)
     finally:
         if lock is not None:
             os.close(lock)

@@ -534,6 +534,8 @@ def main(argv):
             print0(f"done: {run.step} steps, {run.tokens_seen:,} tokens in {elapsed / 60:.1f} min{session}; "
                 f"val loss {run.val_loss:.4f}" + bpb_text(run.val_bpb) + f"; best {run.best_val_loss:.4f}; "
                 f"checkpoint {c.out_dir}/ckpt.pt")
+        if ddp:  # every process reaches the end before any tears the group down (gloo aborts a process
+            torch.distributed.barrier()  # whose peer closes while rank 0 is still saving)
     finally:
         if lock is not None:
             os.close(lock)
