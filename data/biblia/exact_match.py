@@ -48,11 +48,19 @@ def main(argv=None):
     parser.add_argument('--tasks', default=','.join(SHORT_TASKS), help="the tasks to ask (comma-separated)")
     args = parser.parse_args(argv)
     tasks = args.tasks.split(',')
-    with open(args.questions, encoding='utf-8') as f:
-        questions = [q for q in map(json.loads, filter(str.strip, f)) if q.get('task') in tasks]
+    if not os.path.isfile(args.questions):
+        sys.exit(f"error: no questions file {args.questions}: build it with python data/biblia/make_tasks.py pref")
+    try:
+        with open(args.questions, encoding='utf-8') as f:
+            questions = [q for q in map(json.loads, filter(str.strip, f)) if q.get('task') in tasks]
+    except (ValueError, AttributeError) as e:  # not JSONL, or lines that are not objects
+        sys.exit(f"error: {args.questions} is not the JSONL make_tasks.py pref writes ({e})")
     if not questions:
         sys.exit(f"error: no questions of the tasks {tasks} in {args.questions}")
-    model, tokenizer, _ = load_model(args.model, checkpoint=args.checkpoint)
+    try:
+        model, tokenizer, _ = load_model(args.model, checkpoint=args.checkpoint)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
     if not tokenizer.chat_template:
         sys.exit(f"error: {args.model} has no chat template: give a chat (SFT or DPO) model")
     scores, _ = exact_match(model, tokenizer, questions)
