@@ -121,6 +121,31 @@ def stop_signals():
             signal.signal(signum, handler)
 
 
+def start_processes(device_name, accumulation, timeout):
+    """This process's place in the run -> (ddp, rank, world_size, device). torchrun sets
+    RANK, LOCAL_RANK and WORLD_SIZE for each process; then the process group is started (nccl on
+    GPUs, gloo on CPUs) with a bounded wait for the others, and each process takes its own GPU."""
+    ddp = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
+    rank, local_rank, world_size = (int(os.environ['RANK']), int(os.environ['LOCAL_RANK']),
+                                    int(os.environ['WORLD_SIZE'])) if ddp else (0, None, 1)
+    if accumulation % world_size:
+        fail(f"gradient_accumulation_steps={accumulation} counts micro-batches over all {world_size} processes, "
+             f"so it must be a multiple of {world_size}")
+    try:
+        device = resolve_device(device_name)
+    except ValueError as e:
+        fail(str(e))
+    if device.startswith('cuda') and local_rank is not None:
+        device = f'cuda:{local_rank}'  # torchrun: one GPU per process
+    if ddp:
+        from datetime import timedelta
+        if device.startswith('cuda'):
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo',
+                                             timeout=timedelta(seconds=timeout))
+    return ddp, rank, world_size, device
+
+
 def peer_timeout(error, rank, seconds):
     """The one line for a torchrun collective that gave up waiting (a peer crashed, froze or lost
     its node), or None when error is something else."""

@@ -35,7 +35,6 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from datetime import timedelta
 from types import SimpleNamespace
 
 import torch
@@ -43,7 +42,7 @@ import torch.nn.functional as F
 
 from checkpoint import (RunLog, check_tokenizer, claim_out_dir, last_good, link_atomic, load_checkpoint,
                         model_from_checkpoint, resolve, rng_state, save_atomic, set_rng_state)
-from common import autocast, fail, peer_timeout, resolve_device, stop_signals, training_dtype
+from common import autocast, fail, peer_timeout, start_processes, stop_signals, training_dtype
 from configurator import ConfigError, configure, print_config
 from data.prepare_pref import read_pairs
 from shards import ShardError, load_meta
@@ -467,24 +466,8 @@ def main(argv):
     except ConfigError as e:
         fail(str(e))
     check_config(c)
-    ddp = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
-    rank, local_rank, world_size = (int(os.environ['RANK']), int(os.environ['LOCAL_RANK']),
-                                    int(os.environ['WORLD_SIZE'])) if ddp else (0, None, 1)
+    ddp, rank, world_size, device = start_processes(c.device, c.gradient_accumulation_steps, c.ddp_timeout)
     say = print if rank == 0 else (lambda *a, **k: None)
-    if c.gradient_accumulation_steps % world_size:
-        fail(f"gradient_accumulation_steps={c.gradient_accumulation_steps} counts micro-batches over all "
-             f"{world_size} processes, so it must be a multiple of {world_size}")
-    try:
-        device = resolve_device(c.device)
-    except ValueError as e:
-        fail(str(e))
-    if device.startswith('cuda') and local_rank is not None:
-        device = f'cuda:{local_rank}'
-    if ddp:
-        if device.startswith('cuda'):
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo',
-                                             timeout=timedelta(seconds=c.ddp_timeout))
     try:
         lock = claim_out_dir(c.out_dir, resume=c.init_from == 'resume') if rank == 0 else None
     except ValueError as e:

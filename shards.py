@@ -289,10 +289,17 @@ def open_split(data_dir, split, vocab_size=None):
 # -----------------------------------------------------------------------------
 # batches
 
-def _to_batch(rows, mask_rows):
-    """Stack block_size+1 windows into (x, y) int64 tensors; masked targets become -100."""
+def _to_batch(rows, mask_rows, meta, data_dir, split):
+    """Stack block_size+1 windows into (x, y) int64 tensors; masked targets become -100. Token ids
+    beyond the vocab (a damaged shard under a valid header) would index past the embedding table:
+    one max over the stacked batch finds them, cheaper than reading every shard up front."""
     import torch  # here, not at the top: data/prepare.py uses this module and need not pay torch's 2 s import
     windows = np.stack(rows)
+    highest = int(windows.max())
+    if highest >= meta['vocab_size']:
+        raise ShardError(f"{data_dir}: a '{split}' shard holds token id {highest}, but the vocab has "
+                         f"{meta['vocab_size']} ids (a damaged shard, or written by another tokenizer): prepare the "
+                         f"data again")
     # numpy makes the int64 copies: torch's multi-threaded .contiguous() was 25x slower on 2 busy cores
     x = windows[:, :-1].astype(np.int64)
     y = windows[:, 1:].astype(np.int64)
@@ -300,15 +307,6 @@ def _to_batch(rows, mask_rows):
         # a mask entry belongs to the token it marks, so the targets' entries are windows[1:]
         y[np.stack(mask_rows)[:, 1:] == 0] = -100
     return torch.from_numpy(x), torch.from_numpy(y)
-
-
-def check_ids(rows, vocab_size, data_dir, split):
-    """Token ids beyond the vocab (a damaged shard under a valid header) would index past the
-    embedding table: a cheap check per batch saves reading every shard up front."""
-    highest = max(int(row.max()) for row in rows)
-    if highest >= vocab_size:
-        raise ShardError(f"{data_dir}: a '{split}' shard holds token id {highest}, but the vocab has {vocab_size} "
-                         f"ids (a damaged shard, or written by another tokenizer): prepare the data again")
 
 
 class BatchSampler:
@@ -372,8 +370,7 @@ class BatchSampler:
         n = self.block_size + 1
         rows = [self.shards[s][o:o + n] for s, o in places]
         mask_rows = [self.masks[s][o:o + n] for s, o in places] if self.masks is not None else None
-        check_ids(rows, self.meta['vocab_size'], self.data_dir, self.split)
-        return _to_batch(rows, mask_rows)
+        return _to_batch(rows, mask_rows, self.meta, self.data_dir, self.split)
 
     def state_dict(self):
         # plain ints and strings: safe for torch.load(weights_only=True)
@@ -410,5 +407,4 @@ def iter_sequential(data_dir, split, batch_size, block_size, rank=0, world_size=
     for batch in batches[rank::world_size]:
         rows = [tokens[s][o:o + n] for s, o in batch]
         mask_rows = [masks[s][o:o + n] for s, o in batch] if masks is not None else None
-        check_ids(rows, meta['vocab_size'], data_dir, split)
-        yield _to_batch(rows, mask_rows)
+        yield _to_batch(rows, mask_rows, meta, data_dir, split)

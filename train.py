@@ -21,14 +21,13 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from datetime import timedelta
 from types import SimpleNamespace
 
 import torch
 
 from checkpoint import (RunLog, build_model, claim_out_dir, last_good, link_atomic, rng_state, save_atomic,
                         set_rng_state)
-from common import (autocast, dtype_name, fail, memory_gb, peak_flops, peer_timeout, print0, resolve_device,
+from common import (autocast, dtype_name, fail, memory_gb, peak_flops, peer_timeout, print0, start_processes,
                     stop_signals, training_dtype)
 from configurator import ConfigError, configure, print_config
 from optim import OPTIMIZERS, get_lr, make_optimizer
@@ -481,24 +480,7 @@ def main(argv):
         fail(str(e))
     check_config(c)
 
-    # processes: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE for each one
-    ddp = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
-    rank, local_rank, world_size = (int(os.environ['RANK']), int(os.environ['LOCAL_RANK']),
-                                    int(os.environ['WORLD_SIZE'])) if ddp else (0, None, 1)
-    if c.gradient_accumulation_steps % world_size:
-        fail(f"gradient_accumulation_steps={c.gradient_accumulation_steps} counts micro-batches over all "
-             f"{world_size} processes, so it must be a multiple of {world_size}")
-    try:
-        device = resolve_device(c.device)
-    except ValueError as e:
-        fail(str(e))
-    if device.startswith('cuda') and local_rank is not None:
-        device = f'cuda:{local_rank}'  # torchrun: one GPU per process
-    if ddp:
-        if device.startswith('cuda'):
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo',
-                                             timeout=timedelta(seconds=c.ddp_timeout))
+    ddp, rank, world_size, device = start_processes(c.device, c.gradient_accumulation_steps, c.ddp_timeout)
     try:
         lock = claim_out_dir(c.out_dir, resume=c.init_from == 'resume') if rank == 0 else None
     except ValueError as e:

@@ -443,6 +443,17 @@ def is_val_document(index, val_fraction, seed=1337):
     return position == int.from_bytes(digest, 'little') % group_size
 
 
+def labelled_splits(items, val_items, val_fraction, seed):
+    """('train' | 'val', item) for each item: val_items (when given) are the val split, else every
+    item's split comes from is_val_document (fine-tuning sets: conversations, preference pairs)."""
+    if val_items is None:
+        for n, item in enumerate(items):
+            yield ('val' if is_val_document(n, val_fraction, seed) else 'train'), item
+    else:
+        yield from (('train', item) for item in items)
+        yield from (('val', item) for item in val_items)
+
+
 # -----------------------------------------------------------------------------
 # tokenizing in worker processes
 

@@ -46,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from chat import CHAT_TEMPLATES, ROLES, chat_ids, get_template, render_chat  # noqa: E402
 from data.prepare import (COLUMNAR_SUFFIXES, JSONL_SUFFIXES, PlainProgress, PrepareError,  # noqa: E402
                           abort_split_writers, check_inputs, check_settings, close_split_writers, columnar_records,
-                          error_line, expand_inputs, is_val_document, jsonl_records, open_split_writers,
+                          error_line, expand_inputs, jsonl_records, labelled_splits, open_split_writers,
                           open_tokenizer, tokenizer_fields, val_share_warning, write_output)
 from shards import write_meta  # noqa: E402
 from tokenizer import DEFAULT_SPECIAL_TOKENS, load_tokenizer  # noqa: E402
@@ -129,6 +129,14 @@ def check_template_tokens(tokenizer, template):
             f"markers it has (tokenizers trained by tokenizer.py have ChatML's: --template chatml)")
 
 
+def with_template(tokenizer, template):
+    """The tokenizer carrying the chat template, checked to hold its markers: the template travels
+    with the tokenizer, meta.json -> train.py -> the checkpoint -> sample.py --chat."""
+    tokenizer = load_tokenizer({**load_tokenizer(tokenizer).to_dict(), 'chat_template': template})
+    check_template_tokens(tokenizer, template)
+    return tokenizer
+
+
 def encode_conversation(messages, template, tokenizer):
     """-> (ids, mask) of one document: <bos> conversation <eos>. mask 1 = trained (the replies and their
     end markers, chat.chat_ids); the closing <eos> only separates documents and is not trained, unless it
@@ -155,20 +163,9 @@ def prepare_chat(conversations, tokenizer, template, out_dir, val_fraction=0.05,
     """
     t0 = time.time()
     template = dict(get_template(template))
-    # the template travels with the tokenizer: meta.json -> train.py -> the checkpoint -> sample.py --chat
-    tokenizer = load_tokenizer({**load_tokenizer(tokenizer).to_dict(), 'chat_template': template})
-    check_template_tokens(tokenizer, template)
+    tokenizer = with_template(tokenizer, template)
     check_settings(val_fraction, shard_tokens)
-
-    def labelled():
-        if val_conversations is None:
-            for n, conversation in enumerate(conversations):
-                yield ('val' if is_val_document(n, val_fraction, seed) else 'train'), conversation
-        else:
-            yield from (('train', c) for c in conversations)
-            yield from (('val', c) for c in val_conversations)
-
-    items = labelled()
+    items = labelled_splits(conversations, val_conversations, val_fraction, seed)
     first = next(items, None)  # peek: no conversations -> nothing touched on disk
     if first is None:
         raise PrepareError(f"no conversations in {source}: the input is empty")

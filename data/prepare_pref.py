@@ -47,9 +47,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 from chat import CHAT_TEMPLATES, ROLES, chat_ids, common_prefix, get_template  # noqa: E402
 from data.prepare import (PrepareError, abort_split_writers, check_settings, close_split_writers,  # noqa: E402
-                          error_line, is_val_document, jsonl_records, open_split_writers, open_tokenizer,
+                          error_line, jsonl_records, labelled_splits, open_split_writers, open_tokenizer,
                           tokenizer_fields, write_output)
-from data.prepare_chat import check_template_tokens  # noqa: E402
+from data.prepare_chat import check_template_tokens, with_template  # noqa: E402
 from shards import ShardError, mask_path, read_mask, read_shard, split_shards, write_meta  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
@@ -177,21 +177,11 @@ def prepare_pref(pairs, tokenizer, template, out_dir, max_length=1024, val_fract
     """
     t0 = time.time()
     template = dict(get_template(template))
-    tokenizer = load_tokenizer({**load_tokenizer(tokenizer).to_dict(), 'chat_template': template})
-    check_template_tokens(tokenizer, template)
+    tokenizer = with_template(tokenizer, template)
     check_settings(val_fraction, shard_tokens)
     if max_length < 8:
         raise PrepareError(f"--max_length {max_length} is too short for a prompt and a reply (at least 8)")
-
-    def labelled():
-        if val_pairs is None:
-            for n, pair in enumerate(pairs):
-                yield ('val' if is_val_document(n, val_fraction, seed) else 'train'), pair
-        else:
-            yield from (('train', p) for p in pairs)
-            yield from (('val', p) for p in val_pairs)
-
-    items = labelled()
+    items = labelled_splits(pairs, val_pairs, val_fraction, seed)
     first = next(items, None)  # peek: no pairs -> nothing touched on disk
     if first is None:
         raise PrepareError(f"no preference pairs in {source}: the input is empty")
