@@ -270,21 +270,22 @@ def load_model(path, device='cpu', dtype=None, checkpoint='ckpt.pt'):
     """(model in eval mode, tokenizer, checkpoint dict) from a mirim checkpoint file, a training
     out_dir (its `checkpoint` file) or a Hugging Face Llama folder. The tokenizer comes from the
     checkpoint alone; an HF folder's dict holds just model_config and hf_dir."""
+    import torch
     kind, where = resolve(path, checkpoint)
     if kind == 'hf':
         from hf import load_hf
         model, tokenizer = load_hf(where, device, dtype)
-        return model, tokenizer, {'model_config': asdict(model.config), 'hf_dir': where}
-    from tokenizer import load_tokenizer
-    import torch
-    ckpt = load_checkpoint(where)
-    model = model_from_checkpoint(ckpt)
+        ckpt = {'model_config': asdict(model.config), 'hf_dir': where}
+    else:
+        from tokenizer import load_tokenizer
+        ckpt = load_checkpoint(where)
+        model = model_from_checkpoint(ckpt).to(device=device, dtype=dtype).eval()
+        tokenizer = load_tokenizer(ckpt['tokenizer'])
     bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
-    if bad:  # a diverged run's weights: sampling, scores and exports of them would all be NaN
+    if bad:  # a diverged run's weights: samples, scores and exports of them would all be NaN
         raise CheckpointError(f"{where} holds non-finite weights (NaN or inf in {len(bad)} tensors, e.g. {bad[0]}): "
                               f"the run that saved it diverged; use an earlier checkpoint")
-    model.to(device=device, dtype=dtype).eval()
-    return model, load_tokenizer(ckpt['tokenizer']), ckpt
+    return model, tokenizer, ckpt
 
 
 # -----------------------------------------------------------------------------

@@ -413,17 +413,6 @@ def check_options(config):
         raise ValueError(f"{' and '.join(given)} each name what to evaluate: give one of them")
 
 
-def load_finite_model(path, device):
-    """load_model, with weights that are not finite refused: a diverged run's checkpoint would
-    otherwise report 'loss nan' as a result."""
-    model, tokenizer, ckpt = load_model(path, device=device)  # its errors name the path and what is wrong
-    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
-    if bad:
-        raise ValueError(f"{path} holds non-finite weights (NaN or inf in {len(bad)} tensors, e.g. {bad[0]}): the run "
-                         f"that saved it diverged; evaluate an earlier checkpoint")
-    return model, tokenizer, ckpt
-
-
 def check_writable(path):
     """Fail before the evaluation, not after it, when its results could not be written."""
     if os.path.isdir(path):
@@ -494,7 +483,7 @@ def evaluate(config):
         examples = read_multiple_choice(task_name, config['n'] or None)
         task_name = os.path.splitext(os.path.basename(task_name))[0]
     path = config['checkpoint'] or config['out_dir']
-    model, tokenizer, ckpt = load_finite_model(path, run_device)
+    model, tokenizer, ckpt = load_model(path, device=run_device)  # non-finite weights are refused there
     if config['block_size'] > model.config.block_size:
         raise ValueError(f"--block_size={config['block_size']} is longer than the model's context {model.config.block_size}")
     block = config['block_size'] or model.config.block_size
