@@ -159,8 +159,7 @@ def train_run(net, is_hf, optimizer_name=None):
     net.train()
     if optimizer_name:
         from optim import make_optimizer
-        optimizer = make_optimizer(net, optimizer_name, 1e-4, 0.1, (0.9, 0.95), device, muon_lr=1e-3,
-                                   ns_dtype=torch.bfloat16 if dtype == 'bfloat16' and device == 'cuda' else torch.float32)
+        optimizer = make_optimizer(net, optimizer_name, 1e-4, 0.1, (0.9, 0.95), device, muon_lr=1e-3)
     else:
         optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
                                       fused=device in ('cuda', 'cpu'))  # as train.py's optimizer

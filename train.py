@@ -234,10 +234,8 @@ def set_up(c, rank, world_size, device):
         fail(str(e))
     model.to(device)
     device_type = device.split(':')[0]
-    # Newton-Schulz in bf16 where the model computes in a 16-bit dtype (a GPU), else fp32
-    ns_dtype = torch.float32 if dtype == torch.float32 or device_type == 'cpu' else torch.bfloat16
     optimizer = make_optimizer(model, c.optimizer, c.learning_rate, c.weight_decay, (c.beta1, c.beta2), device_type,
-                               muon_lr=c.muon_lr, muon_momentum=c.muon_momentum, ns_dtype=ns_dtype)
+                               muon_lr=c.muon_lr, muon_momentum=c.muon_momentum)
     return SimpleNamespace(
         rank=rank, world_size=world_size, device=device, meta=meta, tokenizer=tokenizer, raw_model=model, model=model, eval_model=model, checkpoint=checkpoint,
         samplers=samplers, eval_samplers=eval_samplers, block_size=block_size, dtype=dtype,

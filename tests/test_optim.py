@@ -1,6 +1,9 @@
 """optim.py: Muon's orthogonalization, which tensors get Muon, and the optimizer's step and state."""
+from functools import partial
+
 import torch
 
+import optim
 from conftest import tiny_model
 from optim import Muon, make_optimizer, muon_params, orthogonalize
 
@@ -12,10 +15,27 @@ def test_newton_schulz_gives_a_near_orthogonal_matrix_close_to_u_v_transposed():
         u = torch.linalg.qr(torch.randn(rows, k))[0]
         v = torch.linalg.qr(torch.randn(cols, k))[0]
         g = u @ torch.diag(torch.logspace(-1.5, 1, k)) @ v.T  # singular values spread over 300x
-        o = orthogonalize(g)
-        s = torch.linalg.svdvals(o)
-        assert s.min() > 0.6 and s.max() < 1.25, s  # every direction kept, none dominant
-        assert (o * (u @ v.T)).sum() / (o.norm() * (u @ v.T).norm()) > 0.95  # close to U V^T
+        for dtype in (torch.float32, torch.bfloat16):  # bf16: the dtype where the hardware has it
+            o = orthogonalize(g, dtype=dtype)
+            s = torch.linalg.svdvals(o)
+            assert s.min() > 0.6 and s.max() < 1.25, (dtype, s)  # every direction kept, none dominant
+            assert (o * (u @ v.T)).sum() / (o.norm() * (u @ v.T).norm()) > 0.95  # close to U V^T
+
+
+def test_newton_schulz_runs_in_bf16_only_where_the_hardware_has_it_and_a_resume_keeps_the_runs_choice(monkeypatch):
+    import common
+    monkeypatch.setattr(common, 'cpu_bf16_slowdown', lambda: 12.0)  # emulated bf16
+    assert optim.newton_schulz_dtype('cpu') == torch.float32
+    model = tiny_model()
+    fp32 = make_optimizer(model, 'muon', lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95), device_type='cpu')
+    assert fp32.param_groups[-1]['ns_dtype'] == 'float32'
+    monkeypatch.setattr(common, 'cpu_bf16_slowdown', lambda: 0.5)  # native bf16
+    assert optim.newton_schulz_dtype('cpu') == torch.bfloat16
+    assert optim.newton_schulz_dtype('mps') == torch.float32
+    again = make_optimizer(model, 'muon', lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95), device_type='cpu')
+    assert again.param_groups[-1]['ns_dtype'] == 'bfloat16'
+    again.load_state_dict(fp32.state_dict())
+    assert again.param_groups[-1]['ns_dtype'] == 'float32'
 
 
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
@@ -50,6 +70,8 @@ def test_a_muon_step_moves_every_matrix_by_an_orthogonal_update_and_state_round_
     wo, wqkv = model.layers[0].attention.wo.weight, model.layers[0].attention.wqkv.weight
     before = {p: (p.detach().clone(), p.grad.clone()) for p in (wo, wqkv)}
     optimizer.step()
+    ns = getattr(torch, optimizer.param_groups[-1]['ns_dtype'])  # bf16 on a CPU with native bf16
+    orthogonalize = partial(optim.orthogonalize, dtype=ns)
     old, grad = before[wo]
     assert torch.allclose((old - wo.detach()) / 0.02, orthogonalize(grad), atol=1e-5)
     old, grad = before[wqkv]  # q, k and v orthogonalized apart; k and v are tall: scaled by sqrt(rows / cols)
