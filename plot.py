@@ -4,6 +4,7 @@ learning rate against tokens seen, read from the log.jsonl that train.py writes 
 
     python plot.py out/biblia-pt out/biblia-pt-bf16            # -> runs.png
     python plot.py out/a out/b/log.jsonl --output=compare.png --x=step
+    python plot.py out/cmp-adamw out/cmp-muon --x=minutes     # at equal wall-clock
 
 Loss is per token, so runs with different tokenizers are compared on bits per byte (see eval.py).
 A key a log does not have is left out of that run's lines; a resumed run's repeated steps count
@@ -19,7 +20,7 @@ SERIES = [  # (panel title, [(log key, line style, label suffix)])
     ('val bits per byte', [('val_bpb', '-', '')]),
     ('learning rate', [('lr', '-', '')]),
 ]
-X_LABELS = {'tokens': 'tokens seen', 'step': 'step'}
+X_LABELS = {'tokens': 'tokens seen', 'step': 'step', 'minutes': 'wall-clock minutes'}
 
 
 def read_log(path):
@@ -46,7 +47,10 @@ def read_log(path):
 
 
 def series(records, x_key, y_key):
-    """(xs, ys) of the records that have both keys as finite numbers."""
+    """(xs, ys) of the records that have both keys as finite numbers. x_key 'minutes': the run's
+    elapsed time, to compare runs at equal wall-clock (side by side on one machine)."""
+    if x_key == 'minutes':
+        records = [{**r, 'minutes': r['elapsed'] / 60} for r in records if isinstance(r.get('elapsed'), (int, float))]
     points = [(r[x_key], r[y_key]) for r in records
               if isinstance(r.get(x_key), (int, float)) and isinstance(r.get(y_key), (int, float))
               and math.isfinite(r[y_key])]
@@ -123,12 +127,14 @@ def main(argv=None):
         if arg.startswith('--'):
             key, _, value = arg[2:].partition('=')
             if key not in options or not value:
-                raise SystemExit(f"unknown option {arg}; plot.py takes run folders, --output=FILE.png and --x=tokens|step")
+                raise SystemExit(f"unknown option {arg}; plot.py takes run folders, --output=FILE.png and --x=tokens|step|minutes")
             options[key] = value
         else:
             paths.append(arg)
     if not paths:
-        raise SystemExit("usage: python plot.py out/a out/b ... [--output=runs.png] [--x=tokens|step]")
+        raise SystemExit("usage: python plot.py out/a out/b ... [--output=runs.png] [--x=tokens|step|minutes]")
+    if options['x'] not in X_LABELS:
+        raise SystemExit(f"--x={options['x']}: choose tokens, step or minutes")
     image_format(options['output'])  # before reading the logs
     output = plot_runs(paths, options['output'], options['x'])
     print(f"wrote {output}")

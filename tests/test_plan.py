@@ -155,6 +155,14 @@ def test_series_skips_lines_without_the_key():
     assert plot.series(records, 'tokens', 'val_loss') == ([1, 4], [3.0, 2.0])
 
 
+def test_minutes_on_the_x_axis_are_the_runs_elapsed_seconds_over_60():
+    records = [{'step': 0, 'elapsed': 6.0, 'val_bpb': 3.0}, {'step': 10, 'val_bpb': 2.5},
+               {'step': 20, 'elapsed': 120.0, 'val_bpb': 2.0}]
+    assert plot.series(records, 'minutes', 'val_bpb') == ([0.1, 2.0], [3.0, 2.0])
+    with pytest.raises(SystemExit, match='choose tokens, step or minutes'):
+        plot.main(['out/a', '--x=seconds'])
+
+
 def test_plot_of_a_missing_run_names_the_file(tmp_path):
     with pytest.raises(SystemExit, match='log.jsonl not found'):
         plot.read_log(str(tmp_path / 'nowhere'))
