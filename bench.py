@@ -87,7 +87,7 @@ if __name__ == '__main__':
         sys.exit(f"bench.py: error: {e}")
     checks = [(what in ('train', 'generate', 'loop', 'prompts', 'serve', 'optimizer', 'gguf', 'all'),
                "what must be train, generate, loop, prompts, serve, optimizer, gguf or all"),
-              (set(gguf_types.split(',')) <= {'f32', 'f16', 'q8_0', 'q4_0'}, "gguf_types: f32, f16, q8_0, q4_0"),
+              (set(gguf_types.split(',')) <= {'f32', 'f16', 'q8_0', 'q4_0'}, "gguf_types: one or more of f32, f16, q8_0, q4_0, comma-separated"),
               (threads >= 0, "threads must be at least 0"),
               (dtype in ('float32', 'bfloat16'), "dtype must be float32 or bfloat16"),
               (prompt_tokens + new_tokens <= block_size or what not in ('generate', 'all', 'prompts', 'gguf'),
@@ -313,6 +313,8 @@ def gguf_rows(net, tok, data):
     from gguf_export import write_gguf
     from shards import open_split
     net, context, n_threads = net.to('cpu', torch.float32).eval(), net.config.block_size, torch.get_num_threads()
+    if prompt_tokens + new_tokens > context:  # llama.cpp's context is the model's: no window to slide
+        raise ValueError(f"prompt_tokens + new_tokens must fit in the model's block_size ({context})")
     prompt = torch.randint(0, tok.vocab_size, (1, prompt_tokens), generator=torch.Generator().manual_seed(seed))
     outputs, bpb, metrics = {}, {}, None
 
