@@ -9,6 +9,7 @@ identical shape and weights when transformers is installed.
     python bench.py --what=prompts               # sample.py on a prompts file: batched vs one at a time
     python bench.py --what=serve                 # serve.py: 1, 8, 32 concurrent clients vs one request at a time
     python bench.py --what=optimizer --model=demo           # a training step with Muon vs AdamW
+    python bench.py --what=gguf --out_dir=out/biblia-pt        # mirim fp32 vs llama.cpp on its GGUF files
 
 Loop: train.py run for `loop_iters` steps on config/train_biblia_pt.py (needs data/biblia/pt), its
 tokens/s read from log.jsonl (median of the log intervals), against the bare forward + backward +
@@ -23,6 +24,13 @@ time (max_batch=1) under 32 clients; completion tokens/s and the median time to 
 Optimizer: the training step of the same model and batch with train.py's optimizer='muon' against
 optimizer='adamw' (optim.make_optimizer), in paired turns; muon/adamw is the median of the turns'
 ratios of tokens/s (below 1: Muon's step is slower).
+GGUF: mirim fp32 (sample.py's generate path) against llama.cpp (llama-cpp-python) on the GGUF
+files gguf_export writes in each of `gguf_types`, for the model in `out_dir` (empty: the shape
+below, random weights, the bytes tokenizer), all on the CPU: size on disk (mirim's: its fp32 weights,
+export.py's model.safetensors); batch-1 greedy new tokens/s in paired turns, llama.cpp with torch's
+number of threads; how many greedy tokens agree with mirim's before the first difference; and the
+bits per byte of the val split of `data_dir` (empty: the checkpoint's), scored over eval.py's
+windows with llama.cpp's logits at every position and turned into bits per byte as eval.py does.
 Training: tokens/s of forward + backward + AdamW step on random tokens (same AdamW settings for both;
 mirim computes its loss as train.py does, chunked without full logits, HF as its LlamaForCausalLM does).
 Generation: new tokens/s at batch 1 with a KV cache, greedy, a fixed number of tokens (no eos).
@@ -54,7 +62,7 @@ train_steps = 10           # timed optimizer steps per repeat
 prompt_tokens = 16
 new_tokens = 128
 repeats = 5
-what = 'all'               # train | generate | loop | all (all = train and generate) | prompts | serve | optimizer
+what = 'all'               # train | generate | loop | all (train and generate) | prompts | serve | optimizer | gguf
 loop_config = 'config/train_biblia_pt.py'
 loop_iters = 60
 num_prompts = 32
@@ -64,6 +72,10 @@ dtype = 'float32'          # float32 | bfloat16 (autocast for training, weights 
 compile = False
 seed = 1337
 peak_flops = 0.0           # device peak FLOP/s, to print MFU (e.g. 989e12 for an H100 SXM in bf16)
+threads = 0                # torch's CPU threads, and llama.cpp's with --what=gguf; 0 = torch's default
+out_dir = ''               # --what=gguf: the model (out_dir, checkpoint or HF folder); '' = the shape above
+data_dir = ''              # --what=gguf: data whose val split is scored; '' = the checkpoint's (none: no bpb)
+gguf_types = 'f32,f16,q8_0,q4_0'  # --what=gguf: the GGUF files measured
 
 if __name__ == '__main__':
     from configurator import ConfigError, configure
@@ -73,10 +85,12 @@ if __name__ == '__main__':
                                     help_source=__file__))  # --help reads the comments above
     except ConfigError as e:
         sys.exit(f"bench.py: error: {e}")
-    checks = [(what in ('train', 'generate', 'loop', 'prompts', 'serve', 'optimizer', 'all'),
-               "what must be train, generate, loop, prompts, serve, optimizer or all"),
+    checks = [(what in ('train', 'generate', 'loop', 'prompts', 'serve', 'optimizer', 'gguf', 'all'),
+               "what must be train, generate, loop, prompts, serve, optimizer, gguf or all"),
+              (set(gguf_types.split(',')) <= {'f32', 'f16', 'q8_0', 'q4_0'}, "gguf_types: one or more of f32, f16, q8_0, q4_0, comma-separated"),
+              (threads >= 0, "threads must be at least 0"),
               (dtype in ('float32', 'bfloat16'), "dtype must be float32 or bfloat16"),
-              (prompt_tokens + new_tokens <= block_size or what not in ('generate', 'all', 'prompts'),
+              (prompt_tokens + new_tokens <= block_size or what not in ('generate', 'all', 'prompts', 'gguf'),
                "prompt_tokens + new_tokens must fit in block_size"),
               (min(repeats, train_steps, new_tokens, prompt_tokens, batch_size, block_size, loop_iters, num_prompts,
                    prompt_batch) >= 1, "repeats, train_steps, new_tokens, prompt_tokens, batch_size, block_size, "
@@ -288,6 +302,60 @@ def serve_rates(net):
     return results
 
 
+def gguf_rows(net, tok, data):
+    """{name: (bytes on disk, new tokens/s of each turn, val bpb or None, greedy tokens equal to mirim's)}
+    for mirim fp32 and llama.cpp on each of gguf_types; and eval.py's metrics of mirim (None: no data)."""
+    import itertools
+    import tempfile
+    import numpy as np
+    import llama_cpp
+    from eval import LN2, evaluate_split, loss_windows
+    from gguf_export import write_gguf
+    from shards import open_split
+    net, context, n_threads = net.to('cpu', torch.float32).eval(), net.config.block_size, torch.get_num_threads()
+    if prompt_tokens + new_tokens > context:  # llama.cpp's context is the model's: no window to slide
+        raise ValueError(f"prompt_tokens + new_tokens must fit in the model's block_size ({context})")
+    prompt = torch.randint(0, tok.vocab_size, (1, prompt_tokens), generator=torch.Generator().manual_seed(seed))
+    outputs, bpb, metrics = {}, {}, None
+
+    def mirim_run():
+        outputs['mirim fp32'] = generate(net, prompt, new_tokens, temperature=0)[0, prompt_tokens:].tolist()
+
+    def llama_run(name, llm):
+        def run():
+            llm.reset()  # no prompt cache from the turn before: every turn prefills, as mirim's does
+            outputs[name] = list(itertools.islice(llm.generate(prompt[0].tolist(), temp=0.0), new_tokens))
+        return run
+
+    runs, sizes = {'mirim fp32': mirim_run}, {'mirim fp32': net.num_params(non_embedding=False) * 4}
+    if data:
+        metrics = evaluate_split(net, tok, data, 'val', context)
+        _, _, sequences, _ = open_split(data, 'val')
+        bpb['mirim fp32'] = metrics['bpb']
+    with tempfile.TemporaryDirectory() as folder:
+        for qtype in gguf_types.split(','):
+            name, path = f'llama.cpp {qtype}', os.path.join(folder, f'{qtype}.gguf')
+            write_gguf(net, tok, path, qtype, log=lambda *_: None)
+            sizes[name] = os.path.getsize(path)
+            settings = dict(model_path=path, n_ctx=context, n_batch=context, n_threads=n_threads,
+                            n_threads_batch=n_threads, verbose=False)
+            runs[name] = llama_run(name, llama_cpp.Llama(**settings))
+            if metrics and metrics['bpb'] is not None:
+                scorer, nll = llama_cpp.Llama(**settings, logits_all=True), 0.0
+                for i, start, count in loss_windows([len(s) for s in sequences], context):  # eval.py's windows
+                    ids = np.asarray(sequences[i][start:start + count + 1], dtype=np.int64)
+                    scorer.reset()
+                    scorer.eval(ids[:-1].tolist())
+                    logits = torch.from_numpy(scorer.scores[:count]).double()
+                    nll -= logits.log_softmax(-1)[torch.arange(count), torch.from_numpy(ids[1:])].sum().item()
+                bpb[name] = nll / (LN2 * metrics['bytes'])
+        rates = timed_turns(runs, new_tokens, repeats)
+    same = {name: sum(1 for _ in itertools.takewhile(lambda pair: pair[0] == pair[1],
+                                                     zip(tokens, outputs['mirim fp32'])))
+            for name, tokens in outputs.items()}
+    return {name: (sizes[name], rates[name], bpb.get(name), same[name]) for name in runs}, metrics
+
+
 def same_logits(mirim, twin):
     tokens = torch.randint(0, mirim.config.vocab_size, (2, min(64, block_size)),
                            generator=torch.Generator().manual_seed(0)).to(device)
@@ -299,6 +367,8 @@ def same_logits(mirim, twin):
 
 if __name__ == '__main__':
     torch.manual_seed(seed)
+    if threads:
+        torch.set_num_threads(threads)
     print(f"device {device} ({torch.get_num_threads()} threads), dtype {dtype}, torch {torch.__version__}, "
           f"compile {'on' if compile else 'off'} (mirim)")
     rows = []
@@ -329,6 +399,34 @@ if __name__ == '__main__':
             print(f"{label:34s}{rate:8.0f} completion tok/s ({rate / single:.1f}x one at a time), "
                   f"median first token {first * 1000:.0f} ms")
             rows.append((label + ' tok/s', rate, None, None))
+    elif what == 'gguf':
+        try:
+            if out_dir:
+                from checkpoint import load_model
+                net, tok, ckpt = load_model(out_dir)
+                data = data_dir or ckpt.get('data_dir') or (ckpt.get('config') or {}).get('data_dir') or ''
+            else:
+                from tokenizer import load_tokenizer
+                net, tok, data = build_mirim(), load_tokenizer('bytes'), data_dir
+            import llama_cpp
+            cfg = net.config
+            print(f"{out_dir or 'random weights'}: {net.num_params(non_embedding=False) / 1e6:.2f}M params, vocab "
+                  f"{cfg.vocab_size}, mlp {cfg.ffn_hidden} {cfg.activation}; llama-cpp-python {llama_cpp.__version__} "
+                  f"on the CPU with torch's threads; batch 1, {prompt_tokens} prompt + {new_tokens} new tokens, "
+                  f"greedy, {repeats} paired turns")
+            table, metrics = gguf_rows(net, tok, data)
+        except ImportError as e:
+            sys.exit(f"bench.py: error: --what=gguf needs llama-cpp-python ({e}; README: GGUF)")
+        except (OSError, ValueError) as e:
+            sys.exit(f"bench.py: error: {e}")
+        print(f"\nval bpb: {data}, {metrics['tokens']:,} tokens in windows of {cfg.block_size}" if metrics else
+              "\nval bpb: no data (--data_dir=)")
+        mirim_rates = table['mirim fp32'][1]
+        print(f"\n{'':18s}{'MB on disk':>11s}{'new tok/s':>11s}{'vs mirim':>10s}{'val bpb':>9s}{'greedy = mirim':>16s}")
+        for name, (size, rates, bpb, same) in table.items():
+            ratio = statistics.median(r / m for r, m in zip(rates, mirim_rates))
+            print(f"{name:18s}{size / 1e6:11.1f}{statistics.median(rates):11.0f}{ratio:9.2f}x"
+                  f"{'-' if bpb is None else f'{bpb:.4f}':>9s}{f'{same}/{new_tokens}':>16s}")
     else:
         mirim = build_mirim()
         cfg = mirim.config
@@ -356,7 +454,8 @@ if __name__ == '__main__':
                 runs['hf'] = generate_run(twin, True)
             ours, theirs, ratio = compare(runs, new_tokens, repeats)
             rows.append(('generate new tokens/s (batch 1)', ours, theirs, ratio))
-    print(f"\n{'':34s}{'mirim':>12s}{'HF':>12s}{'mirim/HF':>10s}")
+    if rows:
+        print(f"\n{'':34s}{'mirim':>12s}{'HF':>12s}{'mirim/HF':>10s}")
     for name, ours, theirs, ratio in rows:
         hf = f"{theirs:12.0f}{ratio:9.2f}x" if theirs else f"{'-':>12s}{'-':>10s}"
         print(f"{name:34s}{ours:12.0f}{hf}")

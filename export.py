@@ -87,11 +87,20 @@ def sentencepiece_backend(tok):
         steps.append(normalizers.Replace(Regex(rf'\A(?!(?:{lone})\z)' if lone else r'\A'), SPACE))
     steps.append(normalizers.Replace(' ', SPACE))
     backend.normalizer = normalizers.Sequence(steps)
-    backend.add_special_tokens(
-        [AddedToken(p.piece, special=True, normalized=p.type == Piece.USER_DEFINED)
-         for p in pieces if p.type in (Piece.CONTROL, Piece.UNKNOWN, Piece.USER_DEFINED)])
+    # SentencePiece's decode takes off the '▁' it put before a text; here that happens after <s>
+    # only, where a text starts. Ids without <s> decode to the text they add, leading space and all:
+    # transformers 5's text-generation pipeline decodes the new tokens alone and appends them to the
+    # prompt. So <s> is an added token but not a special one, which skip_special_tokens would drop
+    # before the decoder sees it.
+    strip_after = pieces[tok.bos_id].piece if norm.add_dummy_prefix and tok.bos_id is not None else None
+    added = [AddedToken(p.piece, special=True, normalized=p.type == Piece.USER_DEFINED)
+             for p in pieces if p.type in (Piece.CONTROL, Piece.UNKNOWN, Piece.USER_DEFINED)]
+    backend.add_special_tokens([t for t in added if t.content != strip_after])
+    backend.add_tokens([AddedToken(strip_after, special=False, normalized=False)] if strip_after else [])
     decode = [decoders.Replace(SPACE, ' '), decoders.ByteFallback(), decoders.Fuse()]
-    if norm.add_dummy_prefix:
+    if strip_after:  # as SentencePiece: one space off after the first <s>, every <s> decodes to nothing
+        decode += [decoders.Replace(Regex(rf'\A{regex_escape(strip_after)} '), ''), decoders.Replace(strip_after, '')]
+    elif norm.add_dummy_prefix:  # no <s> to tell where a text starts: every decode is taken as one
         decode.append(decoders.Strip(' ', 1, 0))
     backend.decoder = decoders.Sequence(decode)
     if tok.bos_id is not None:
@@ -249,10 +258,13 @@ def write_tokenizer(tok, dest, model_max_length, check=True, append_eos=False):
         'add_bos_token': tok.bos_id is not None, 'add_eos_token': append_eos,
         'clean_up_tokenization_spaces': False, 'model_max_length': model_max_length,
         # the special tokens by id, as transformers writes them: converters (llama.cpp's) and other
-        # tools read this to treat the chat markers as control tokens, not text
+        # tools read this to treat the chat markers as control tokens, not text. A SentencePiece <s>
+        # that tokenizer.json keeps unspecial (see sentencepiece_backend) is left out: transformers
+        # would make a listed one special again, and llama.cpp's converter read an unspecial one as text
         'added_tokens_decoder': {str(i): {key: getattr(token, key) for key in
                                           ('content', 'lstrip', 'normalized', 'rstrip', 'single_word', 'special')}
-                                 for i, token in sorted(backend.get_added_tokens_decoder().items())},
+                                 for i, token in sorted(backend.get_added_tokens_decoder().items())
+                                 if token.special or i != tok.bos_id},
     }
     if tok.chat_template:
         config['chat_template'] = chat_template_jinja(tok.chat_template)

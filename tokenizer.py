@@ -196,7 +196,10 @@ class Tokenizer:
         if self.kind == 'tiktoken':  # like SentencePiece's <s>, </s>: the document markers are not text
             return self._enc.decode([i for i in ids if i not in (self.bos_id, self.eos_id)], errors='replace')
         if self.kind == 'tokenizers':  # document markers and padding are not text; chat tokens are
-            markers = (self.bos_id, self.eos_id, self.pad_id)
+            # a marker the decoder itself turns into nothing stays in: export.py's SentencePiece
+            # tokenizer.json takes a text's leading space off after its <s>
+            markers = [i for i in (self.bos_id, self.eos_id, self.pad_id)
+                       if self._backend.decode([i], skip_special_tokens=False)]
             return self._backend.decode([i for i in ids if i not in markers], skip_special_tokens=False)
         out, run = [], bytearray()
         for i in ids:

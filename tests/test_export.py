@@ -14,6 +14,7 @@ from checkpoint import load_model  # noqa: E402
 from generate import generate  # noqa: E402
 from hf import load_hf  # noqa: E402
 from model import Llama, LlamaConfig  # noqa: E402
+from sample import continuation_text, main as sample_main  # noqa: E402
 from conftest import tiny_sentencepieces, word_rotations  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
@@ -123,11 +124,22 @@ def test_hf_tokenizer_gives_mirim_ids(tiny_export, name):
 
 
 @pytest.mark.parametrize('name', SAMPLES)
-def test_hf_tokenizer_decodes_like_mirim(tiny_export, name):
+def test_hf_tokenizer_decodes_a_text_like_mirim(tiny_export, name):
     dest, tok = tiny_export
     hf_tok = transformers.AutoTokenizer.from_pretrained(dest)
-    ids = tok.encode(SAMPLES[name])
+    ids = hf_tok(SAMPLES[name])['input_ids']  # <s> first, as every text mirim trains on
     assert hf_tok.decode(ids) == tok.decode(ids) == SAMPLES[name]
+    without_chat_tokens = SAMPLES[name].replace('<|im_start|>', '').replace('<|im_end|>', '')
+    assert hf_tok.decode(ids, skip_special_tokens=True) == without_chat_tokens
+
+
+@pytest.mark.parametrize('name', SAMPLES)
+def test_hf_tokenizer_decodes_ids_without_bos_as_the_text_they_add(tiny_export, name):
+    # what transformers' text-generation pipeline decodes: the new tokens alone, to go after the prompt
+    dest, tok = tiny_export
+    hf_tok = transformers.AutoTokenizer.from_pretrained(dest)
+    context, ids = tok.encode('Deus disse', bos=True), tok.encode(SAMPLES[name])
+    assert hf_tok.decode(ids) == continuation_text(tok, context, ids) == tok.decode(context + ids)[len('Deus disse'):]
 
 
 def test_hf_tokenizer_knows_the_special_tokens(tiny_export):
@@ -191,12 +203,16 @@ def test_bytes_tokenizer_exports_as_byte_level(tmp_path):
     assert hf_tok.decode(tok.encode(text)) == text
 
 
-def test_tiktoken_tokenizer_exports_as_byte_level_bpe(tmp_path):
+def tiny_tiktoken(tmp_path):
     import base64
     merges = [b'de', b'ra', b' a', b'ra ', b'\xc3\xa7', b'\xc3\xa3', b'\xc3\xa7\xc3\xa3', b' d', b' de']
     ranks = tmp_path / 'tiny.tiktoken'
     ranks.write_bytes(b''.join(base64.b64encode(t) + b' %d\n' % i for i, t in enumerate([bytes([b]) for b in range(256)] + merges)))
-    tok = load_tokenizer(f'tiktoken:{ranks}')
+    return load_tokenizer(f'tiktoken:{ranks}')
+
+
+def test_tiktoken_tokenizer_exports_as_byte_level_bpe(tmp_path):
+    tok = tiny_tiktoken(tmp_path)
     export.write_tokenizer(tok, str(tmp_path / 'hf'), 64)
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / 'hf'))
     text = 'Ação de graças, coração da terra: ' + SAMPLES['hindi'] + SAMPLES['chat']
@@ -378,3 +394,37 @@ def test_tokenizer_config_lists_the_chat_tokens_as_special_added_tokens(tiny_exp
     added = {entry['content']: (int(i), entry['special']) for i, entry in config['added_tokens_decoder'].items()}
     for piece in ('<|im_start|>', '<|im_end|>'):
         assert added[piece] == (tok.token_to_id(piece), True)
+
+
+# sample.py's greedy text on these prompts, set beside what transformers' text-generation pipeline
+# makes of the export: a random model whose head is scaled to pick whole characters, often a word's
+# start (the case transformers 5 got wrong: it decodes the new tokens alone and appends them)
+GENERATION_PROMPTS = ['No princípio', 'Deus disse', 'a terra', 'Custa R$', 'Ação, coração,', 'Hapo mwanzo', 'x']
+
+
+@pytest.mark.parametrize('kind', ['bpe', 'unigram', 'bytes', 'tiktoken'])
+def test_text_generation_pipeline_gives_sample_py_greedy_text(sp_toks, tmp_path, kind):
+    tok = sp_toks.get(kind) or (tiny_tiktoken(tmp_path) if kind == 'tiktoken' else load_tokenizer('bytes'))
+    config = LlamaConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                         ffn_hidden=48, tie_embeddings=False, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    model = sharp_model(config, seed=3)
+    context = tok.encode('a', bos=True)
+    with torch.no_grad():
+        for i in range(tok.vocab_size):
+            text = continuation_text(tok, context, [i])
+            if i in tok.special_tokens.values() or not text.isprintable() or not text.strip() or '\ufffd' in text:
+                model.output.weight[i] = 0
+            elif text.startswith(' '):
+                model.output.weight[i] *= 2.0
+    save_checkpoint(str(tmp_path / 'out'), model, tok)
+    export.export(str(tmp_path / 'out'), str(tmp_path / 'hf'))
+    (tmp_path / 'prompts.txt').write_text('\n'.join(GENERATION_PROMPTS), encoding='utf-8')
+    sample_main([f'--out_dir={tmp_path / "out"}', f'--start=FILE:{tmp_path / "prompts.txt"}', '--temperature=0',
+                 '--max_new_tokens=8', '--format=jsonl', f'--output={tmp_path / "samples.jsonl"}', '--device=cpu'])
+    records = [json.loads(line) for line in (tmp_path / 'samples.jsonl').read_text(encoding='utf-8').splitlines()]
+    if tok.kind == 'sentencepiece':  # both cases: a first new token that starts a word and one that does not
+        assert {r['text'].startswith(' ') for r in records} == {True, False}
+    generator = transformers.pipeline('text-generation', model=str(tmp_path / 'hf'))
+    for record in records:
+        theirs = generator(record['prompt'], max_new_tokens=8, do_sample=False)[0]['generated_text']
+        assert theirs == record['prompt'] + record['text']

@@ -199,3 +199,32 @@ def test_plan_prints_the_depth_table_for_model_auto(tmp_path, capsys):
     assert all(r['batch_tokens'] & (r['batch_tokens'] - 1) == 0 and r['batch_tokens'] <= 2 ** 19 for r in rows)
     assert 'depth dial: depth 3' in out and "model='auto'" in out
     assert len([line for line in out.splitlines() if line.split()[:1] and line.split()[0].isdigit()]) >= 23
+
+
+def test_bench_gguf_runs_and_the_f32_file_scores_mirims_bits_per_byte(tmp_path):
+    import subprocess
+    import torch
+    from model import LlamaConfig
+    from test_train import make_corpus
+    from tokenizer import load_tokenizer
+    pytest.importorskip('llama_cpp', reason="llama-cpp-python is not installed (it builds llama.cpp from source)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tok = load_tokenizer('bytes')
+    model = Llama(LlamaConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=2, n_kv_head=1, n_embd=64,
+                              ffn_hidden=96, activation='gelu_tanh', tie_embeddings=True), seed=0)
+    with torch.no_grad():
+        model.tok_embeddings.weight.mul_(20.0)  # logits far from uniform, so that a wrong score shows
+    torch.save({'model': model.state_dict(), 'model_config': asdict(model.config), 'tokenizer': tok.to_dict()},
+               tmp_path / 'ckpt.pt')
+    os.makedirs(tmp_path / 'data')
+    data = make_corpus(tmp_path / 'data')
+    done = subprocess.run([sys.executable, 'bench.py', '--what=gguf', f'--out_dir={tmp_path / "ckpt.pt"}',
+                           f'--data_dir={data}', '--gguf_types=f32,q4_0', '--repeats=1', '--prompt_tokens=4',
+                           '--new_tokens=8', '--threads=1'], cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = {line[:18].strip(): line[18:].split() for line in done.stdout.splitlines()
+            if line.startswith(('mirim', 'llama.cpp'))}
+    assert list(rows) == ['mirim fp32', 'llama.cpp f32', 'llama.cpp q4_0']
+    mirim_bpb, f32_bpb = float(rows['mirim fp32'][3]), float(rows['llama.cpp f32'][3])
+    assert mirim_bpb > 1 and abs(f32_bpb - mirim_bpb) < 1e-3  # the same windows, the same function
+    assert rows['llama.cpp f32'][4] == '8/8'

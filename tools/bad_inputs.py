@@ -366,6 +366,8 @@ CASES = [
     ('bench.py: unknown dtype', BENCH + ['--dtype=float64'], 'dtype'),
     ('bench.py: unknown device', BENCH + ['--device=tpu'], 'device'),
     ('bench.py: unknown key', BENCH + ['--repeat=3'], 'repeat'),
+    ('bench.py: unknown gguf type', BENCH + ['--what=gguf', '--gguf_types=q4_K'], 'gguf_types'),
+    ('bench.py: gguf of a missing model', BENCH + ['--what=gguf', '--out_dir={case}/nowhere'], 'nowhere'),
     ('bench.py: n_head does not divide n_embd', BENCH + ['--n_head=3'], 'n_head|n_embd'),
     ('bench.py: vocab_size=0', BENCH + ['--vocab_size=0'], 'vocab_size'),
     ('bench.py: block_size shorter than the prompt', BENCH + ['--block_size=2'], 'block_size'),
