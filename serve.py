@@ -18,11 +18,13 @@ not fit the context (code context_length_exceeded; nothing slides the window her
 401 for a bad key, 404 for an unknown route or model, 413 for a body over 4 MiB.
 
 How requests are batched: every request becomes rows (one per prompt and choice) in one queue, and
-one worker thread owns the model. It takes the oldest waiting row plus every waiting row that can
-share its batch (the same sampling settings, and the left-padded batch still fits the context),
-up to --max_batch rows, and decodes them together with generate.generate_tokens. Each row stops on
-its own (eos, the chat stop token, a stop string, max_tokens); the batch ends when all have. Rows
-that arrive meanwhile wait for the next batch (static batching: no row joins a running batch).
+one worker thread owns the model. It takes the oldest waiting row plus the waiting rows that can
+share its batch (the same sampling settings, and every row's prompt and tokens still fit the
+context), up to --max_batch rows, prefills them left-padded and decodes them together on the KV
+cache (continuous batching, as in vLLM, but with one cache position shared by the batch): after
+each step, rows that finished (eos, the chat stop token, a stop string, max_tokens) leave, and
+waiting rows join: their prompts are prefilled so that they end where the running rows are (the
+running rows move right when a new prompt is longer), and padding that every row has is dropped.
 A request with a seed batches only with its own rows, so its samples do not depend on who else is
 asking (rows of a batch share a torch.Generator, as in sample.py); greedy rows batch freely.
 
@@ -40,6 +42,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
+from contextlib import nullcontext
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
@@ -48,7 +51,7 @@ from chat import chat_ids, get_template, stop_id
 from checkpoint import load_model
 from common import dtype_name, resolve_device, resolve_dtype
 from configurator import configure
-from generate import generate_tokens
+from generate import decode_one_token, prefill, sample_next, vector_layout
 from sample import continuation_text
 
 # -----------------------------------------------------------------------------
@@ -139,23 +142,99 @@ class Request:
 
 
 class Row:
+    """One choice of one request: its prompt ids and its text so far (sent: how much of it is sent)."""
+
     def __init__(self, request, choice, ids):
         self.request, self.choice, self.ids = request, choice, ids
+        self.text, self.sent, self.count, self.done = '', 0, 0, False
+
+    def remaining(self):
+        return self.request.max_tokens - self.count
+
+
+class Batch:
+    """The rows decoded together on the KV cache. All rows write their next token at the same cache
+    position `pos`; a shorter prompt is left-padded (left_pad). seen (B, pos) holds the tokens in the
+    cache (for the repetition penalty) and logits (B, vocab) each row's next-token logits."""
+
+    def __init__(self, model, pad_id):
+        self.model, self.pad_id = model, pad_id
+        self.device, self.block_size = model.output.weight.device, model.config.block_size
+        self.rows, self.pos, self.seen, self.left_pad, self.logits = [], 0, None, None, None
+
+    def fits(self, rows):
+        """Whether rows can join: every row's remaining tokens still fit the context after the join."""
+        pos = max([self.pos if self.rows else 0] + [len(r.ids) for r in rows])
+        return all(pos + r.remaining() <= self.block_size for r in self.rows + rows)
+
+    def caches(self):
+        return [layer.attention for layer in self.model.layers]
+
+    def shift(self, d):
+        """Move every row d positions right (d > 0: more left padding) or left (d < 0: drop padding
+        that all rows have). Keys keep their rotary positions, which count from each row's text."""
+        for a in self.caches():  # what wraps around lands beyond pos or in the padding: never read
+            a.cache_k, a.cache_v = a.cache_k.roll(d, 2), a.cache_v.roll(d, 2)
+        pad = torch.full((len(self.rows), max(d, 0)), self.pad_id, dtype=torch.long, device=self.device)
+        self.seen = torch.cat([pad, self.seen[:, max(-d, 0):]], 1)
+        self.left_pad, self.pos = self.left_pad + d, self.pos + d
+
+    @torch.inference_mode()
+    def add(self, rows):
+        """Prefill rows' prompts so that they end where the batch's rows are, then join them."""
+        if not self.rows:
+            self.pos = 0
+        pos = max([self.pos] + [len(r.ids) for r in rows])
+        if self.rows and pos > self.pos:
+            self.shift(pos - self.pos)
+        idx = torch.full((len(rows), pos), self.pad_id, dtype=torch.long)
+        for i, row in enumerate(rows):
+            idx[i, pos - len(row.ids):] = torch.tensor(row.ids)
+        idx, left_pad = idx.to(self.device), torch.tensor([pos - len(r.ids) for r in rows], device=self.device)
+        running = [(a.cache_k, a.cache_v) for a in self.caches()] if self.rows else None
+        self.model.setup_cache(len(rows), self.block_size, device=self.device)
+        logits = prefill(self.model, idx, left_pad)
+        if running:
+            for a, (k, v) in zip(self.caches(), running):
+                a.cache_k, a.cache_v = torch.cat([k, a.cache_k]), torch.cat([v, a.cache_v])
+            idx, left_pad, logits = (torch.cat(pair) for pair in ((self.seen, idx), (self.left_pad, left_pad),
+                                                                   (self.logits, logits)))
+        self.rows, self.pos, self.seen, self.left_pad, self.logits = self.rows + rows, pos, idx, left_pad, logits
+
+    def advance(self, tokens, keep):
+        """Append this step's tokens (B,), keep the rows that go on (a list of bools) and run their
+        tokens through the model for the next logits."""
+        if not any(keep):
+            self.rows = []
+            return
+        if not all(keep):
+            index = torch.tensor([i for i, k in enumerate(keep) if k], device=self.device)
+            for a in self.caches():
+                a.cache_k, a.cache_v = a.cache_k[index], a.cache_v[index]
+            self.rows = [row for row, k in zip(self.rows, keep) if k]
+            tokens, self.seen, self.left_pad = tokens[index], self.seen[index], self.left_pad[index]
+        self.seen = torch.cat([self.seen, tokens[:, None]], 1)
+        # one row on the CPU in fp32: generate.py's batch-1 weight layout (switched outside inference mode)
+        vector = len(self.rows) == 1 and self.device.type == 'cpu' and self.model.output.weight.dtype == torch.float32
+        with vector_layout(self.model, vector) if vector else nullcontext(), torch.inference_mode():
+            self.logits = decode_one_token(self.model, tokens, self.pos, self.left_pad)
+        self.pos += 1
+        if int(self.left_pad.min()) > 0:  # the rows that kept the batch this wide have left
+            self.shift(-int(self.left_pad.min()))
 
 
 class Engine:
-    """The worker thread that owns the model and runs waiting rows in batches."""
+    """The worker thread that owns the model and decodes waiting rows in batches, continuously: after
+    every step, rows that finished leave the batch and waiting rows that sample alike join it."""
 
     def __init__(self, model, tokenizer, max_batch=32, batch_wait=0.005):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.batch_wait = max_batch, batch_wait
-        self.device = model.output.weight.device
-        self.block_size = model.config.block_size
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
         self.waiting = []
         self.cond = threading.Condition()
         self.paused = False  # tests hold the worker to line requests up
-        self.batch_sizes = deque(maxlen=10000)
+        self.batch_sizes = deque(maxlen=10000)  # rows in each batch when it starts
         self.stats = Counter()
         threading.Thread(target=self.loop, name='mirim-engine', daemon=True).start()
 
@@ -174,105 +253,102 @@ class Engine:
         with self.cond:
             return len(self.waiting)
 
-    def take_batch(self):
-        """The oldest waiting row and every waiting row that can share its batch."""
+    def take_rows(self, batch):
+        """The waiting rows, oldest first, that can join batch: the same sampling settings, room in the
+        context and in max_batch. An empty batch takes the oldest row first. Stops at the first row
+        that cannot join, so that no row waits behind younger ones for long."""
         self.waiting = [r for r in self.waiting if not r.request.cancelled]
-        if not self.waiting:
-            return []
-        first = self.waiting[0]
-        batch, width, steps = [first], len(first.ids), first.request.max_tokens
-        for row in self.waiting[1:]:
-            if len(batch) == self.max_batch:
+        taken = []
+        key = batch.rows[0].request.key if batch.rows else None
+        for row in self.waiting:
+            if len(batch.rows) + len(taken) == self.max_batch or (key is not None and row.request.key != key):
                 break
-            w, s = max(width, len(row.ids)), max(steps, row.request.max_tokens)
-            if row.request.key == first.request.key and w + s <= self.block_size:
-                batch.append(row)
-                width, steps = w, s
-        chosen = set(map(id, batch))
-        self.waiting = [r for r in self.waiting if id(r) not in chosen]
-        return batch
+            if not batch.fits(taken + [row]):  # alone a row always fits: requests are checked for that
+                break
+            taken.append(row)
+            key = row.request.key
+        self.waiting = self.waiting[len(taken):]
+        return taken
 
     def loop(self):
         while True:
             with self.cond:
                 while self.paused or not self.waiting:
                     self.cond.wait()
-            time.sleep(self.batch_wait)  # let requests that arrive together share the batch
+            time.sleep(self.batch_wait)  # let requests that arrive together start together
             with self.cond:
                 if self.paused:
                     continue
-                batch = self.take_batch()
-            if not batch:
+                batch = Batch(self.model, self.pad_id)
+                rows = self.take_rows(batch)
+            if not rows:
                 continue
+            self.batch_sizes.append(len(rows))
+            self.stats['batches'] += 1
             try:
-                self.run(batch)
-            except Exception as e:  # tell the waiting clients; the server goes on
-                for r in {id(row.request): row.request for row in batch}.values():
-                    r.events.put(e)
+                self.run(batch, rows)
             finally:
                 self.model.release_cache()
 
-    def run(self, batch):
-        """Decode one batch, left-padded, sending each row's new text as it is made."""
-        tok, first = self.tokenizer, batch[0].request
-        lengths = [len(row.ids) for row in batch]
-        width = max(lengths)
-        idx = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        for r, row in enumerate(batch):
-            idx[r, width - lengths[r]:] = torch.tensor(row.ids)
-        left_pad = torch.tensor([width - n for n in lengths], device=self.device) if min(lengths) < width else None
+    def run(self, batch, rows):
+        """Decode until no row is left, sending each row's new text as it is made."""
+        first, everyone = rows[0], list(rows)
         generator = None
-        if first.seed is not None and first.knobs['temperature'] > 0:
-            generator = torch.Generator(device=self.device).manual_seed(first.seed + batch[0].choice)
-        self.batch_sizes.append(len(batch))
-        self.stats['batches'] += 1
-        self.stats['rows'] += len(batch)
-        texts = [RowText(tok, row.ids) for row in batch]
-        state = [dict(text='', sent=0, count=0, done=False) for _ in batch]
-        steps = generate_tokens(self.model, idx.to(self.device), max(row.request.max_tokens for row in batch),
-                                generator=generator, left_pad=left_pad, **first.knobs)
+        if first.request.seed is not None and first.request.knobs['temperature'] > 0:
+            generator = torch.Generator(device=batch.device).manual_seed(first.request.seed + first.choice)
         try:
-            for step in steps:
-                live = 0
-                for r, token in enumerate(step.tolist()):
-                    row, s = batch[r], state[r]
-                    if s['done']:
-                        continue
-                    if row.request.cancelled:
-                        s['done'] = True
-                        continue
-                    self.step_row(row, s, texts[r], token)
-                    live += not s['done']
-                if not live:
-                    break
-        finally:
-            steps.close()
-        self.stats['completion_tokens'] += sum(s['count'] for s in state)
+            while True:
+                if rows:
+                    for row in rows:
+                        row.reader = RowText(self.tokenizer, row.ids)
+                    batch.add(rows)
+                    self.stats['rows'] += len(rows)
+                with torch.inference_mode():
+                    tokens = sample_next(batch.logits.float(), batch.seen, generator=generator,
+                                         left_pad=batch.left_pad, **first.request.knobs)
+                for row, token in zip(batch.rows, tokens.tolist()):
+                    self.step_row(row, token)
+                self.stats['steps'] += 1
+                self.stats['row_steps'] += len(batch.rows)
+                batch.advance(tokens, [not row.done for row in batch.rows])
+                if not batch.rows:
+                    return
+                with self.cond:
+                    rows = self.take_rows(batch)
+                everyone += rows
+                self.stats['joined'] += len(rows)
+        except Exception as e:  # tell the waiting clients; the server goes on
+            for r in {id(row.request): row.request for row in everyone if not row.done}.values():
+                r.events.put(e)
 
-    def step_row(self, row, s, text, token):
+    def step_row(self, row, token):
         """One new token for one row: extend its text, check its stops, send what is safe to send."""
         request = row.request
-        s['count'] += 1
+        if request.cancelled:
+            row.done = True
+            return
+        row.count += 1
+        self.stats['completion_tokens'] += 1
         finish = None
         if token == self.tokenizer.eos_id or token in request.stop_ids:
-            s['text'] += text.flush()
+            row.text += row.reader.flush()
             finish = 'stop'
         else:
-            before = len(s['text'])
-            s['text'] += text.feed(token)
-            cut = [i for i in (s['text'].find(stop, max(0, before - len(stop) + 1)) for stop in request.stops)
+            before = len(row.text)
+            row.text += row.reader.feed(token)
+            cut = [i for i in (row.text.find(stop, max(0, before - len(stop) + 1)) for stop in request.stops)
                    if i >= 0]
             if cut:
-                s['text'] = s['text'][:min(cut)]
+                row.text = row.text[:min(cut)]
                 finish = 'stop'
-            elif s['count'] >= request.max_tokens:
-                s['text'] += text.flush()
+            elif row.count >= request.max_tokens:
+                row.text += row.reader.flush()
                 finish = 'length'
-        end = len(s['text']) if finish else len(s['text']) - held_back(s['text'], request.stops)
-        if end > s['sent'] or finish:
-            request.events.put((row.choice, s['text'][s['sent']:end], finish, s['count']))
-            s['sent'] = end
-        s['done'] = finish is not None
+        end = len(row.text) if finish else len(row.text) - held_back(row.text, request.stops)
+        if end > row.sent or finish:
+            request.events.put((row.choice, row.text[row.sent:end], finish, row.count))
+            row.sent = end
+        row.done = finish is not None
 
 
 # -----------------------------------------------------------------------------

@@ -240,6 +240,42 @@ def test_concurrent_requests_share_a_batch_and_give_one_at_a_time_text(server, c
     assert status == 200 and stats['batch_sizes']['4'] >= 1
 
 
+def test_rows_that_arrive_during_a_batch_join_it_and_give_one_at_a_time_text(server, client, model, tok,
+                                                                              monkeypatch):
+    """A short prompt decodes 40 tokens; after a few steps a longer prompt (the running row moves right
+    to make room) and a shorter one arrive and join the batch instead of waiting for it to end; when
+    the long one leaves, the padding every row has is dropped. Each text is its greedy text alone,
+    with and without the repetition penalty (which must not count the padding)."""
+    engine = server.engine
+    step_row = engine.step_row
+
+    def slow_step(row, token):  # a slower model, so that the later requests surely arrive mid-batch
+        time.sleep(0.004)
+        step_row(row, token)
+    monkeypatch.setattr(engine, 'step_row', slow_step)
+    asks = [('a', 40), ('O rato roeu a roupa do rei', 20), ('xy', 12)]
+    for penalty in (1.0, 1.3):
+        expected = [sample.sample_prompts(model, tok, [p], max_new_tokens=n, temperature=0, repetition_penalty=penalty,
+                                          progress=False)[0]['text'] for p, n in asks]
+        results, joined, steps = [None] * 3, engine.stats['joined'], engine.stats['steps']
+
+        def ask(i):
+            prompt, n = asks[i]
+            results[i] = client.completions.create(model='tiny-chat', prompt=prompt, max_tokens=n, temperature=0,
+                                                   extra_body={'repetition_penalty': penalty}).choices[0].text
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+        threads[0].start()
+        deadline = time.time() + 20
+        while engine.stats['steps'] < steps + 3 and time.time() < deadline:
+            time.sleep(0.001)
+        for t in threads[1:]:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert results == expected
+        assert engine.stats['joined'] >= joined + 2
+
+
 def test_chat_page_is_served(server):
     status, html = raw(server, 'GET', '/')
     assert status == 200 and '/v1/chat/completions' in html and 'stream: true' in html
