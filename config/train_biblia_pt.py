@@ -1,4 +1,4 @@
-# The CPU demo: a 4-layer, 256-wide Llama on the Portuguese Bible, 6-8 minutes on 2 quiet cores.
+# The CPU demo: a 4-layer, 256-wide Llama on the Portuguese Bible, 8-10 minutes on 2 quiet cores.
 # It always runs its whole schedule (no max_time), so the model the quick start samples is finished;
 # on a busy or slower machine it takes longer. Add --max_time=SECONDS to cap it (then resume).
 #   python data/biblia/prepare.py --lang pt       # -> data/biblia/pt/ (SentencePiece 4096, ~1M tokens)
@@ -10,8 +10,10 @@ model = 'demo'                  # 4 layers, width 256, 8 heads (4 kv), GeGLU, ti
 block_size = 256
 batch_size = 8                  # 2,048 tokens a step: small steps, many of them, suit a small model
 max_iters = 600                 # ~1.2M tokens, a little over one epoch
-learning_rate = 2e-3
-min_lr = 2e-4
+optimizer = 'muon'              # Muon for the blocks' matrices (muon_lr 0.02), AdamW for embedding and gains:
+                                # ~3% lower val bits per byte than AdamW alone over 3 seeds (README: Muon)
+learning_rate = 4e-3            # the AdamW part's peak: twice AdamW-alone's 2e-3 won in the sweep
+min_lr = 4e-4
 warmup_iters = 50
 eval_interval = 100
 eval_iters = 10
