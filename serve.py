@@ -147,6 +147,7 @@ class Row:
     def __init__(self, request, choice, ids):
         self.request, self.choice, self.ids = request, choice, ids
         self.text, self.sent, self.count, self.done = '', 0, 0, False
+        self.reader = None  # its RowText, once it is in a batch
 
     def remaining(self):
         return self.request.max_tokens - self.count
@@ -533,7 +534,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def stats(self):
         engine = self.server.engine
-        self.send_json(200, {**engine.stats, 'waiting_rows': engine.queued(),
+        stats = engine.stats
+        self.send_json(200, {**stats, 'waiting_rows': engine.queued(),
+                             'rows_per_step': round(stats['row_steps'] / max(stats['steps'], 1), 2),
                              'batch_sizes': dict(Counter(engine.batch_sizes))})
 
     def model_card(self):

@@ -237,7 +237,7 @@ def test_concurrent_requests_share_a_batch_and_give_one_at_a_time_text(server, c
     assert results == alone
     assert sum(engine.batch_sizes[i] == 4 for i in range(len(engine.batch_sizes))) == before + 1
     status, stats = raw(server, 'GET', '/stats')
-    assert status == 200 and stats['batch_sizes']['4'] >= 1
+    assert status == 200 and stats['batch_sizes']['4'] >= 1 and stats['rows_per_step'] >= 1
 
 
 def test_rows_that_arrive_during_a_batch_join_it_and_give_one_at_a_time_text(server, client, model, tok,
