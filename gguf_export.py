@@ -38,6 +38,9 @@ Vocabularies:
 - bytes and tiktoken: llama.cpp's byte-level 'gpt2' BPE with the merges export.py writes for
   tokenizer.json, and a pre-tokenizer llama.cpp knows: GPT-2's pattern as 'gpt-2', cl100k's as
   'llama-bpe' (Llama 3's form of it). Other split patterns are refused.
+- tokenizer.json: the same, when it is a byte-level BPE split by one of those patterns (GPT-2's
+  kind; cl100k-style); others, mirim's own byte-level training among them (its pattern keeps
+  combining marks with their letters, which no llama.cpp pre-tokenizer does), are refused.
 """
 import math
 import os
@@ -146,10 +149,8 @@ def sentencepiece_vocab(tok):
 
 
 
-def byte_level_pre(tok):
-    """llama.cpp's pre-tokenizer name for a bytes / tiktoken tokenizer's split pattern."""
-    if tok.kind == 'bytes':
-        return 'default'  # every token is one byte: how the text is split changes nothing
+def known_split_patterns():
+    """Split patterns llama.cpp has a pre-tokenizer for -> its name: GPT-2's, and cl100k's (Llama 3's form)."""
     from tiktoken_ext.openai_public import r50k_pat_str
     from tokenizer import CL100K_PATTERN
     known = {r50k_pat_str: 'gpt-2', CL100K_PATTERN: 'llama-bpe'}
@@ -158,11 +159,59 @@ def byte_level_pre(tok):
         known[cl100k_base()['pat_str']] = 'llama-bpe'
     except Exception:  # its ranks file is not needed for the pattern, but older tiktoken may differ
         pass
+    return known
+
+
+def byte_level_pre(tok):
+    """llama.cpp's pre-tokenizer name for a bytes / tiktoken tokenizer's split pattern."""
+    if tok.kind == 'bytes':
+        return 'default'  # every token is one byte: how the text is split changes nothing
     pattern = tok._enc._pat_str
+    known = known_split_patterns()
     if pattern not in known:
         raise ValueError(f"cannot write a GGUF of this tiktoken tokenizer: llama.cpp knows no pre-tokenizer for its "
                          f"split pattern {pattern[:60]!r}... (known: GPT-2's and cl100k's)")
     return known[pattern]
+
+
+def tokenizer_json_vocab(tok):
+    """(tokens, types, merges, pre-tokenizer name) of a tokenizer.json that llama.cpp tokenizes the
+    same way: a byte-level BPE (GPT-2's kind) without a normalizer, split by GPT-2's pattern (the
+    ByteLevel pre-tokenizer's own) or by a Split pattern llama.cpp knows. Anything else is refused:
+    llama.cpp splits text with built-in patterns only, so another one would tokenize differently."""
+    import gguf
+    import json
+    spec = json.loads(tok._backend.to_str())
+    model, pre = spec['model'], spec.get('pre_tokenizer') or {}
+    steps = pre.get('pretokenizers', []) if pre.get('type') == 'Sequence' else [pre]
+    byte_level = steps[-1] if steps and steps[-1].get('type') == 'ByteLevel' else None
+    name = None
+    if byte_level and len(steps) == 1 and byte_level.get('use_regex', True):
+        name = 'gpt-2'
+    elif byte_level and len(steps) == 2 and steps[0].get('type') == 'Split' and not byte_level.get('use_regex', True):
+        name = known_split_patterns().get((steps[0].get('pattern') or {}).get('Regex'))
+    why = ("its model is " + str(model.get('type')) if model.get('type') != 'BPE' else
+           "it has a normalizer" if spec.get('normalizer') else
+           "it is not byte-level (a ByteLevel pre-tokenizer)" if not byte_level else
+           "its ByteLevel pre-tokenizer adds a prefix space" if byte_level.get('add_prefix_space') else
+           "llama.cpp knows no pre-tokenizer for its split pattern (known: GPT-2's and cl100k's; mirim's own "
+           "bytelevel pattern keeps combining marks with letters, which none of llama.cpp's does)" if name is None
+           else None)
+    if why:
+        raise ValueError(f"cannot write a GGUF of this tokenizer.json: {why}; llama.cpp would tokenize text "
+                         f"differently than mirim")
+    tokens = [None] * tok.vocab_size
+    types = [gguf.TokenType.NORMAL] * tok.vocab_size
+    for piece, i in model['vocab'].items():
+        tokens[i] = piece
+    for added in spec.get('added_tokens') or []:
+        tokens[added['id']] = added['content']
+        types[added['id']] = gguf.TokenType.CONTROL if added.get('special') else gguf.TokenType.USER_DEFINED
+    missing = [i for i, t in enumerate(tokens) if t is None]
+    if missing:
+        raise ValueError(f"cannot write a GGUF of this tokenizer.json: ids {missing[:5]} have no token")
+    merges = [m if isinstance(m, str) else ' '.join(m) for m in model.get('merges') or []]
+    return tokens, types, merges, name
 
 
 def byte_level_vocab(tok):
@@ -187,6 +236,9 @@ def add_vocab(writer, tok, vocab_size):
     if tok.kind == 'sentencepiece':
         tokens, scores, types, space_prefix = sentencepiece_vocab(tok)
         model_name, pre, merges = 'llama', 'default', None
+    elif tok.kind == 'tokenizers':
+        tokens, types, merges, pre = tokenizer_json_vocab(tok)
+        scores, space_prefix, model_name = None, False, 'gpt2'
     else:
         tokens, types, merges = byte_level_vocab(tok)
         scores, space_prefix, model_name, pre = None, False, 'gpt2', byte_level_pre(tok)

@@ -240,6 +240,53 @@ def test_byte_level_vocabularies(tmp_path):
         assert ('d e' in merges) == (tok.kind == 'tiktoken')
 
 
+def tiny_tokenizer_json(tmp_path, split_pattern=None):
+    """A byte-level BPE tokenizer.json trained here with the tokenizers library: GPT-2's kind (the
+    ByteLevel pre-tokenizer's own pattern), or split by split_pattern first."""
+    from tokenizers import Regex, Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
+    backend = Backend(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split_pattern is None)
+    backend.pre_tokenizer = byte_level if split_pattern is None else pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(split_pattern), behavior='isolated'), byte_level])
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=['<s>', '</s>', '<pad>', '<|im_start|>', '<|im_end|>'],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator([text * 3 for text in SAMPLES.values()], trainer)
+    path = tmp_path / f"tokenizer-{'gpt2' if split_pattern is None else 'split'}.json"
+    backend.save(str(path))
+    return load_tokenizer(str(path))
+
+
+def tokenizer_json_cases(tmp_path):
+    from tokenizer import CL100K_PATTERN
+    return [(tiny_tokenizer_json(tmp_path), 'gpt-2'), (tiny_tokenizer_json(tmp_path, CL100K_PATTERN), 'llama-bpe')]
+
+
+def small_model(tok):
+    return Llama(LlamaConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_kv_head=1, n_embd=32,
+                             ffn_hidden=32, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id), seed=0)
+
+
+def test_tokenizer_json_vocabularies(tmp_path):
+    for tok, pre in tokenizer_json_cases(tmp_path):
+        assert tok.kind == 'tokenizers'
+        path = str(tmp_path / f'{pre}.gguf')
+        gguf_export.write_gguf(small_model(tok), tok, path, 'f32')
+        reader, f, _ = read_gguf(path)
+        assert (f['tokenizer.ggml.model'], f['tokenizer.ggml.pre']) == ('gpt2', pre)
+        tokens, kinds = field_array(reader, 'tokenizer.ggml.tokens'), field_array(reader, 'tokenizer.ggml.token_type')
+        im_end = tok.token_to_id('<|im_end|>')
+        assert tokens[im_end] == '<|im_end|>' and kinds[im_end] == gguf.TokenType.CONTROL
+        assert len(field_array(reader, 'tokenizer.ggml.merges')) > 0
+
+
+def test_tokenizer_json_llama_cpp_cannot_split_alike_is_refused(tmp_path):
+    from tokenizer import train_bytelevel_bpe
+    own = train_bytelevel_bpe(iter(SAMPLES.values()), str(tmp_path / 'tokenizer.json'), vocab_size=300)
+    with pytest.raises(ValueError, match='no pre-tokenizer for its split pattern'):
+        gguf_export.write_gguf(small_model(own), own, str(tmp_path / 'own.gguf'), 'f32')
+
+
 def test_export_writes_every_type_and_an_ollama_modelfile(tmp_path, sp_toks):
     out = tmp_path / 'run'
     out.mkdir()
@@ -335,3 +382,13 @@ def test_llama_cpp_tokenizes_byte_level_vocabularies_as_mirim(tmp_path):
         llm = llama_vocab(path)
         for text in SAMPLES.values():
             assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok.encode(text, bos=True), (tok.kind, text)
+
+
+@needs_llama_cpp
+def test_llama_cpp_tokenizes_tokenizer_json_vocabularies_as_mirim(tmp_path):
+    for tok, pre in tokenizer_json_cases(tmp_path):
+        path = str(tmp_path / f'{pre}.gguf')
+        gguf_export.write_gguf(small_model(tok), tok, path, 'f32')
+        llm = llama_vocab(path)
+        for text in SAMPLES.values():
+            assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok.encode(text, bos=True), (pre, text)
