@@ -1,4 +1,4 @@
-# The CPU demo: a 4-layer, 256-wide Llama on the Portuguese Bible, 7-9 minutes on 2 quiet cores.
+# The CPU demo: a 4-layer, 256-wide Llama on the Portuguese Bible, about 7 minutes on 2 quiet cores.
 # It always runs its whole schedule (no max_time), so the model the quick start samples is finished;
 # on a busy or slower machine it takes longer. Add --max_time=SECONDS to cap it (then resume).
 #   python data/biblia/prepare.py --lang pt       # -> data/biblia/pt/ (SentencePiece 4096, ~1M tokens)
