@@ -42,6 +42,7 @@ Vocabularies:
   kind; cl100k-style); others, mirim's own byte-level training among them (its pattern keeps
   combining marks with their letters, which no llama.cpp pre-tokenizer does), are refused.
 """
+import json
 import math
 import os
 
@@ -174,14 +175,11 @@ def byte_level_pre(tok):
     return known[pattern]
 
 
-def tokenizer_json_vocab(tok):
-    """(tokens, types, merges, pre-tokenizer name) of a tokenizer.json that llama.cpp tokenizes the
-    same way: a byte-level BPE (GPT-2's kind) without a normalizer, split by GPT-2's pattern (the
+def tokenizer_json_pre(spec):
+    """llama.cpp's pre-tokenizer name for a tokenizer.json (its parsed JSON) that llama.cpp tokenizes
+    the same way: a byte-level BPE (GPT-2's kind) without a normalizer, split by GPT-2's pattern (the
     ByteLevel pre-tokenizer's own) or by a Split pattern llama.cpp knows. Anything else is refused:
     llama.cpp splits text with built-in patterns only, so another one would tokenize differently."""
-    import gguf
-    import json
-    spec = json.loads(tok._backend.to_str())
     model, pre = spec['model'], spec.get('pre_tokenizer') or {}
     steps = pre.get('pretokenizers', []) if pre.get('type') == 'Sequence' else [pre]
     byte_level = steps[-1] if steps and steps[-1].get('type') == 'ByteLevel' else None
@@ -200,8 +198,17 @@ def tokenizer_json_vocab(tok):
     if why:
         raise ValueError(f"cannot write a GGUF of this tokenizer.json: {why}; llama.cpp would tokenize text "
                          f"differently than mirim")
-    tokens = [None] * tok.vocab_size
-    types = [gguf.TokenType.NORMAL] * tok.vocab_size
+    return name
+
+
+def byte_level_vocab(spec, vocab_size):
+    """(tokens, types, merges) of a byte-level BPE, from its tokenizer.json (parsed), as llama.cpp's
+    'gpt2' model: tokens spelled with GPT-2's byte characters, merges as 'a b' strings in rank order,
+    added tokens CONTROL (special ones) or USER_DEFINED."""
+    import gguf
+    model = spec['model']
+    tokens = [None] * vocab_size
+    types = [gguf.TokenType.NORMAL] * vocab_size
     for piece, i in model['vocab'].items():
         tokens[i] = piece
     for added in spec.get('added_tokens') or []:
@@ -209,24 +216,8 @@ def tokenizer_json_vocab(tok):
         types[added['id']] = gguf.TokenType.CONTROL if added.get('special') else gguf.TokenType.USER_DEFINED
     missing = [i for i, t in enumerate(tokens) if t is None]
     if missing:
-        raise ValueError(f"cannot write a GGUF of this tokenizer.json: ids {missing[:5]} have no token")
+        raise ValueError(f"cannot write a GGUF of this tokenizer: ids {missing[:5]} have no token")
     merges = [m if isinstance(m, str) else ' '.join(m) for m in model.get('merges') or []]
-    return tokens, types, merges, name
-
-
-def byte_level_vocab(tok):
-    """(tokens, types, merges) of a bytes or tiktoken tokenizer as llama.cpp's 'gpt2' BPE: the
-    tokens spelled with GPT-2's byte characters, merges as 'a b' strings in rank order."""
-    import gguf
-    import json
-    model = json.loads(byte_level_backend(tok).to_str())['model']
-    merges = [m if isinstance(m, str) else ' '.join(m) for m in model['merges']]
-    tokens = [None] * tok.vocab_size
-    types = [gguf.TokenType.NORMAL] * tok.vocab_size
-    for piece, i in model['vocab'].items():
-        tokens[i] = piece
-    for piece, i in tok.special_tokens.items():
-        tokens[i], types[i] = piece, gguf.TokenType.CONTROL
     return tokens, types, merges
 
 
@@ -236,12 +227,11 @@ def add_vocab(writer, tok, vocab_size):
     if tok.kind == 'sentencepiece':
         tokens, scores, types, space_prefix = sentencepiece_vocab(tok)
         model_name, pre, merges = 'llama', 'default', None
-    elif tok.kind == 'tokenizers':
-        tokens, types, merges, pre = tokenizer_json_vocab(tok)
+    else:  # byte-level BPE: a tokenizer.json as it is, bytes and tiktoken as export.py writes them
+        spec = json.loads((tok._backend if tok.kind == 'tokenizers' else byte_level_backend(tok)).to_str())
+        pre = tokenizer_json_pre(spec) if tok.kind == 'tokenizers' else byte_level_pre(tok)
+        tokens, types, merges = byte_level_vocab(spec, tok.vocab_size)
         scores, space_prefix, model_name = None, False, 'gpt2'
-    else:
-        tokens, types, merges = byte_level_vocab(tok)
-        scores, space_prefix, model_name, pre = None, False, 'gpt2', byte_level_pre(tok)
     # a model may have more embeddings than the tokenizer has ids: name them, never produced by text
     for i in range(len(tokens), vocab_size):
         tokens.append(f'[PAD{i}]'.encode('utf-8') if tok.kind == 'sentencepiece' else f'[PAD{i}]')

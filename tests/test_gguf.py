@@ -224,12 +224,15 @@ def tiny_tiktoken(tmp_path):
                            'extra_special_tokens': ['<|im_start|>', '<|im_end|>']})
 
 
+def small_model(tok):
+    return Llama(LlamaConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_kv_head=1, n_embd=32,
+                             ffn_hidden=32, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id), seed=0)
+
+
 def test_byte_level_vocabularies(tmp_path):
     for tok, pre in ((load_tokenizer('bytes'), 'default'), (tiny_tiktoken(tmp_path), 'llama-bpe')):
         path = str(tmp_path / f'{tok.kind}.gguf')
-        model = Llama(LlamaConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_kv_head=1, n_embd=32,
-                                  ffn_hidden=32, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id), seed=0)
-        gguf_export.write_gguf(model, tok, path, 'f32')
+        gguf_export.write_gguf(small_model(tok), tok, path, 'f32')
         reader, f, _ = read_gguf(path)
         assert (f['tokenizer.ggml.model'], f['tokenizer.ggml.pre']) == ('gpt2', pre)
         tokens, kinds = field_array(reader, 'tokenizer.ggml.tokens'), field_array(reader, 'tokenizer.ggml.token_type')
@@ -260,11 +263,6 @@ def tiny_tokenizer_json(tmp_path, split_pattern=None):
 def tokenizer_json_cases(tmp_path):
     from tokenizer import CL100K_PATTERN
     return [(tiny_tokenizer_json(tmp_path), 'gpt-2'), (tiny_tokenizer_json(tmp_path, CL100K_PATTERN), 'llama-bpe')]
-
-
-def small_model(tok):
-    return Llama(LlamaConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_kv_head=1, n_embd=32,
-                             ffn_hidden=32, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id), seed=0)
 
 
 def test_tokenizer_json_vocabularies(tmp_path):
@@ -376,9 +374,7 @@ def test_llama_cpp_tokenizes_as_mirim(tmp_path, sp_toks):
 def test_llama_cpp_tokenizes_byte_level_vocabularies_as_mirim(tmp_path):
     for tok in (load_tokenizer('bytes'), tiny_tiktoken(tmp_path)):
         path = str(tmp_path / f'{tok.kind}.gguf')
-        model = Llama(LlamaConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_kv_head=1, n_embd=32,
-                                  ffn_hidden=32, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id), seed=0)
-        gguf_export.write_gguf(model, tok, path, 'f32')
+        gguf_export.write_gguf(small_model(tok), tok, path, 'f32')
         llm = llama_vocab(path)
         for text in SAMPLES.values():
             assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok.encode(text, bos=True), (tok.kind, text)
