@@ -44,7 +44,7 @@ import statistics
 
 import torch
 
-from generate import generate
+from mirim.generate import generate
 from model import Llama, LlamaConfig, config_from_preset
 
 # defaults (override with --key=value)
@@ -78,7 +78,7 @@ data_dir = ''              # --what=gguf: data whose val split is scored; '' = t
 gguf_types = 'f32,f16,q8_0,q4_0'  # --what=gguf: the GGUF files measured
 
 if __name__ == '__main__':
-    from configurator import ConfigError, configure
+    from mirim.configurator import ConfigError, configure
     try:
         globals().update(configure({k: v for k, v in globals().items()
                                     if not k.startswith('_') and isinstance(v, (int, float, bool, str))}, sys.argv[1:],
@@ -140,7 +140,7 @@ def build_mirim():
 
 
 def make_mirim():
-    from common import resolve_device
+    from mirim.common import resolve_device
     resolve_device(device)  # a device that is not there: a clear ValueError
     if model:
         config = config_from_preset(model, block_size=block_size)
@@ -155,7 +155,7 @@ def build_hf_twin(mirim):
     """The same shape and weights as a transformers LlamaForCausalLM (sdpa attention), or None."""
     try:
         from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
-        from hf import hf_config, to_hf_state_dict
+        from mirim.hf import hf_config, to_hf_state_dict
     except ImportError as e:
         print(f"(no Hugging Face comparison: {e})", file=sys.stderr)
         return None
@@ -172,7 +172,7 @@ def train_run(net, is_hf, optimizer_name=None):
     optimizer ('adamw' | 'muon', through optim.make_optimizer) instead of one AdamW over everything."""
     net.train()
     if optimizer_name:
-        from optim import make_optimizer
+        from mirim.optim import make_optimizer
         optimizer = make_optimizer(net, optimizer_name, 1e-4, 0.1, (0.9, 0.95), device, muon_lr=1e-3)
     else:
         optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
@@ -216,11 +216,11 @@ def loop_rates():
     import json
     import subprocess
     import tempfile
-    from configurator import configure
+    from mirim.configurator import configure
     import train
     cfg = configure(train.DEFAULTS, [loop_config])
-    from checkpoint import requested_model_config
-    from shards import load_meta
+    from mirim.init_from import requested_model_config
+    from mirim.shards import load_meta
     net = Llama(requested_model_config(cfg, load_meta(cfg['data_dir'])), seed=seed)  # the model train.py builds
     global batch_size, block_size
     batch_size, block_size = cfg['batch_size'] * cfg['gradient_accumulation_steps'], cfg['block_size']
@@ -239,8 +239,8 @@ def loop_rates():
 def prompts_rates(net):
     """New tokens/s of sample.py's prompts-file path, batched and one prompt at a time (the bench
     shape with the bytes tokenizer's 261-token vocab, random weights)."""
-    from sample import sample_prompts
-    from tokenizer import load_tokenizer
+    from mirim.sampling import sample_prompts
+    from mirim.tokenizer import load_tokenizer
     tokenizer = load_tokenizer('bytes')
     net = Llama(LlamaConfig(**{**vars(net.config), 'vocab_size': tokenizer.vocab_size}),
                 seed=seed).to(device).eval()
@@ -264,7 +264,7 @@ def serve_rates(net):
     import threading
     from dataclasses import asdict
     import serve
-    from tokenizer import load_tokenizer
+    from mirim.tokenizer import load_tokenizer
     tokenizer = load_tokenizer('bytes')
     net = Llama(LlamaConfig(**{**vars(net.config), 'vocab_size': tokenizer.vocab_size}), seed=seed)
     results = {}
@@ -310,8 +310,8 @@ def gguf_rows(net, tok, data):
     import numpy as np
     import llama_cpp
     from eval import LN2, evaluate_split, loss_windows
-    from gguf_export import write_gguf
-    from shards import open_split
+    from mirim.gguf_export import write_gguf
+    from mirim.shards import open_split
     net, context, n_threads = net.to('cpu', torch.float32).eval(), net.config.block_size, torch.get_num_threads()
     if prompt_tokens + new_tokens > context:  # llama.cpp's context is the model's: no window to slide
         raise ValueError(f"prompt_tokens + new_tokens must fit in the model's block_size ({context})")
@@ -402,11 +402,11 @@ if __name__ == '__main__':
     elif what == 'gguf':
         try:
             if out_dir:
-                from checkpoint import load_model
+                from mirim.checkpoint import load_model
                 net, tok, ckpt = load_model(out_dir)
                 data = data_dir or ckpt.get('data_dir') or (ckpt.get('config') or {}).get('data_dir') or ''
             else:
-                from tokenizer import load_tokenizer
+                from mirim.tokenizer import load_tokenizer
                 net, tok, data = build_mirim(), load_tokenizer('bytes'), data_dir
             import llama_cpp
             cfg = net.config

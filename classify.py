@@ -34,9 +34,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import (MODEL_KEYS, load_checkpoint, load_model, model_from_checkpoint, resolve, save_atomic,
-                        write_json)
-from common import autocast, resolve_device, resolve_dtype
+from mirim.atomic import save_atomic, write_json
+from mirim.checkpoint import load_checkpoint, load_model, model_from_checkpoint, MODEL_KEYS, resolve
+from mirim.common import autocast, resolve_device, resolve_dtype
 
 DEFAULTS = dict(
     init_from='out/biblia-pt',    # a mirim checkpoint (file, or out_dir holding ckpt.pt) or a Hugging Face Llama folder
@@ -224,7 +224,7 @@ def train_classifier(cfg, say=print):
         backbone.requires_grad_(False)
     groups = [{'params': list(classifier.head.parameters()), 'lr': cfg['head_learning_rate']}]
     if cfg['optimizer'] == 'muon' and not cfg['freeze_backbone']:
-        from optim import make_optimizer
+        from mirim.optim import make_optimizer
         optimizer = make_optimizer(classifier, 'muon', cfg['learning_rate'], cfg['weight_decay'], (0.9, 0.999),
                                    device.split(':')[0], muon_lr=cfg['muon_lr'], muon_momentum=cfg['muon_momentum'],
                                    extra_groups=groups)
@@ -316,7 +316,7 @@ def result_lines(result):
 
 def load_classifier(path, device='cpu'):
     """-> (Classifier in eval mode, tokenizer, labels, max_length) from a classifier.pt (or its out_dir)."""
-    from tokenizer import load_tokenizer
+    from mirim.tokenizer import load_tokenizer
     _, path = resolve(path, 'classifier.pt')
     checkpoint = load_checkpoint(path, keys=MODEL_KEYS + ('head', 'labels', 'classify'))
     backbone = model_from_checkpoint(checkpoint)
@@ -337,7 +337,7 @@ def predict(path_or_loaded, texts, pairs=None, batch_size=32, device='cpu'):
 
 
 def main(argv):
-    from configurator import ConfigError, configure
+    from mirim.configurator import ConfigError, configure
     try:
         cfg = configure(DEFAULTS, argv, help_source=__file__)  # --help reads the comments in DEFAULTS
         train_classifier(cfg)

@@ -40,14 +40,17 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from checkpoint import (RunLog, check_tokenizer, claim_out_dir, last_good, link_atomic, load_checkpoint,
-                        model_from_checkpoint, resolve, rng_state, save_atomic, set_rng_state)
-from common import autocast, fail, peer_timeout, start_processes, stop_signals, training_dtype
-from configurator import ConfigError, configure, print_config
+from mirim.atomic import link_atomic, save_atomic
+from mirim.checkpoint import load_checkpoint, model_from_checkpoint, resolve
+from mirim.init_from import check_tokenizer
+from mirim.out_dir import claim_out_dir, last_good, RunLog
+from mirim.run import rng_state, set_rng_state
+from mirim.common import autocast, fail, peer_timeout, start_processes, stop_signals, training_dtype
+from mirim.configurator import ConfigError, configure, print_config
 from data.prepare_pref import read_pairs
-from shards import ShardError, load_meta
-from tokenizer import load_tokenizer
-from optim import get_lr
+from mirim.shards import load_meta, ShardError
+from mirim.tokenizer import load_tokenizer
+from mirim.optim import get_lr
 
 # -----------------------------------------------------------------------------
 # Default config. A config file (config/dpo_*.py) or --key=value overrides any of these.
@@ -229,7 +232,7 @@ def load_start(c, tokenizer, say):
         return model_from_checkpoint(checkpoint, c.dropout), checkpoint
     kind, where = resolve(c.init_from)
     if kind == 'hf':
-        from hf import load_hf
+        from mirim.hf import load_hf
         model, _ = load_hf(where, tokenizer=False)
         model = model_from_checkpoint({'model_config': dataclasses.asdict(model.config), 'model': model.state_dict()},
                                       c.dropout)

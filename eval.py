@@ -55,11 +55,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoint import load_model, write_json
-from common import autocast, dtype_name, resolve_device, resolve_dtype
-from configurator import ConfigError, configure
-from shards import ShardError, load_meta, open_split
-from tokenizer import load_tokenizer, same_tokenizer
+from mirim.atomic import write_json
+from mirim.checkpoint import load_model
+from mirim.common import autocast, dtype_name, resolve_device, resolve_dtype
+from mirim.configurator import ConfigError, configure
+from mirim.shards import load_meta, open_split, ShardError
+from mirim.tokenizer import load_tokenizer, same_tokenizer
 
 # defaults; override with --key=value
 DEFAULTS = dict(

@@ -19,8 +19,8 @@ import os
 import re
 import sys
 
-from configurator import configure
-from llm import Client, Fatal, Rejected, run_all
+from mirim.configurator import configure
+from mirim.llm import Client, Fatal, Rejected, run_all
 
 # -----------------------------------------------------------------------------
 # defaults; a config file or --key=value overrides them (configurator.py)
@@ -120,7 +120,7 @@ def main(argv):
             m = r['criteria'][c]
             print(f"  {c:<18} " + (f"{m['mean']:.2f} +- {m['se']:.2f}" if m['mean'] is not None else 'n/a'))
     if config['output']:
-        from checkpoint import write_json
+        from mirim.atomic import write_json
         write_json(config['output'], {'judge': client.model, 'rubric': config['rubric'], 'results': results})
         print(f"wrote {config['output']}", file=sys.stderr)
     return results

@@ -167,7 +167,7 @@ def depth_table_text(rows):
 
 def training_config(argv):
     """train.py's resolved config for these config files and --key=value, as train.py resolves it."""
-    from configurator import ConfigError, configure, describe
+    from mirim.configurator import ConfigError, configure, describe
     import train
     usage = None
     if '--help' in argv or '-h' in argv:  # plan.py's own options, then train.py's keys
@@ -184,7 +184,7 @@ def model_shape(train_config, meta=None):
     sets, and the vocab of the data (meta) when given, else the preset's."""
     from dataclasses import asdict
     from model import PRESETS
-    from checkpoint import requested_model_config
+    from mirim.init_from import requested_model_config
     if meta is None:
         meta = {'vocab_size': PRESETS.get(train_config['model'], {}).get('vocab_size', 0) or None}
     return asdict(requested_model_config(train_config, meta))
@@ -244,7 +244,7 @@ def plan(config):
     if config.get('tokens_per_sec'):
         throughput['measured'] = config['tokens_per_sec']
     if config.get('gpu'):
-        from common import PEAK_FLOPS
+        from mirim.common import PEAK_FLOPS
         gpu = config['gpu'].replace('-', ' ')  # --gpu=H100-PCIe: no quotes needed on the command line
         if gpu not in PEAK_FLOPS:
             close = difflib.get_close_matches(gpu, PEAK_FLOPS, n=1)
@@ -355,7 +355,7 @@ def run(argv):
     # the corpus counts when the run names one (a config file, --data_dir) and it has been prepared
     meta = None
     if has_file or 'data_dir' in given:
-        from shards import load_meta
+        from mirim.shards import load_meta
         try:
             meta = load_meta(train_config['data_dir'])
         except FileNotFoundError:

@@ -100,7 +100,7 @@ def plot_runs(paths, output='runs.png', x_key='tokens'):
             axis.ticklabel_format(axis='x', style='sci', scilimits=(0, 3))
     figure.tight_layout()
     import io
-    from checkpoint import write_atomic  # never a half-written image under the real name
+    from mirim.atomic import write_atomic  # never a half-written image under the real name
     image = io.BytesIO()
     figure.savefig(image, format=image_format(output), dpi=110)
     plt.close(figure)

@@ -47,12 +47,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
-from chat import chat_ids, get_template, stop_id
-from checkpoint import load_model
-from common import dtype_name, resolve_device, resolve_dtype
-from configurator import configure
-from generate import decode_one_token, prefill, sample_next, vector_layout
-from sample import continuation_text
+from mirim.chat import chat_ids, get_template, stop_id
+from mirim.checkpoint import load_model
+from mirim.common import dtype_name, resolve_device, resolve_dtype
+from mirim.configurator import configure
+from mirim.generate import decode_one_token, prefill, sample_next, vector_layout
+from mirim.sampling import continuation_text
 
 # -----------------------------------------------------------------------------
 # defaults; a config file or --key=value overrides them (configurator.py)

@@ -25,14 +25,15 @@ from types import SimpleNamespace
 
 import torch
 
-from checkpoint import (RunLog, build_model, claim_out_dir, last_good, link_atomic, rng_state, save_atomic,
-                        set_rng_state)
-from common import (autocast, dtype_name, fail, memory_gb, peak_flops, peer_timeout, print0, start_processes,
-                    stop_signals, training_dtype)
-from configurator import ConfigError, configure, print_config
-from optim import OPTIMIZERS, get_lr, make_optimizer
-from shards import BatchSampler, ShardError, load_meta
-from tokenizer import load_tokenizer
+from mirim.atomic import link_atomic, save_atomic
+from mirim.init_from import build_model
+from mirim.out_dir import claim_out_dir, last_good, RunLog
+from mirim.run import rng_state, set_rng_state
+from mirim.common import (autocast, dtype_name, fail, memory_gb, peak_flops, peer_timeout, print0, start_processes, stop_signals, training_dtype)
+from mirim.configurator import ConfigError, configure, print_config
+from mirim.optim import get_lr, make_optimizer, OPTIMIZERS
+from mirim.shards import BatchSampler, load_meta, ShardError
+from mirim.tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
 # Default config. A config file (config/*.py) or --key=value overrides any of these.

@@ -68,9 +68,9 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-from checkpoint import write_atomic
-from shards import ShardWriter, mask_path, token_dtype, write_meta
-from tokenizer import check_vocab_size, load_tokenizer, train_bytelevel_bpe, train_sentencepiece
+from mirim.atomic import write_atomic
+from mirim.shards import mask_path, ShardWriter, token_dtype, write_meta
+from mirim.tokenizer import check_vocab_size, load_tokenizer, train_bytelevel_bpe, train_sentencepiece
 
 TEXT_SUFFIXES = ('.txt', '.md', '.txt.gz', '.md.gz')
 JSONL_SUFFIXES = ('.jsonl', '.json', '.jsonl.gz', '.json.gz')

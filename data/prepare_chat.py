@@ -43,13 +43,13 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-from chat import CHAT_TEMPLATES, ROLES, chat_ids, get_template, render_chat  # noqa: E402
+from mirim.chat import chat_ids, CHAT_TEMPLATES, get_template, render_chat, ROLES  # noqa: E402
 from data.prepare import (COLUMNAR_SUFFIXES, JSONL_SUFFIXES, PlainProgress, PrepareError,  # noqa: E402
                           abort_split_writers, check_inputs, check_settings, close_split_writers, columnar_records,
                           error_line, expand_inputs, jsonl_records, labelled_splits, open_split_writers,
                           open_tokenizer, tokenizer_fields, val_share_warning, write_output)
-from shards import write_meta  # noqa: E402
-from tokenizer import DEFAULT_SPECIAL_TOKENS, load_tokenizer  # noqa: E402
+from mirim.shards import write_meta  # noqa: E402
+from mirim.tokenizer import DEFAULT_SPECIAL_TOKENS, load_tokenizer  # noqa: E402
 
 FORMATS = ('{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]} '
            'or {"prompt": "...", "completion": "..."}')

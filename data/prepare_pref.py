@@ -45,13 +45,13 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-from chat import CHAT_TEMPLATES, ROLES, chat_ids, common_prefix, get_template  # noqa: E402
+from mirim.chat import chat_ids, CHAT_TEMPLATES, common_prefix, get_template, ROLES  # noqa: E402
 from data.prepare import (PrepareError, abort_split_writers, check_settings, close_split_writers,  # noqa: E402
                           error_line, jsonl_records, labelled_splits, open_split_writers, open_tokenizer,
                           tokenizer_fields, write_output)
 from data.prepare_chat import check_template_tokens, with_template  # noqa: E402
-from shards import ShardError, mask_path, read_mask, read_shard, split_shards, write_meta  # noqa: E402
-from tokenizer import load_tokenizer  # noqa: E402
+from mirim.shards import mask_path, read_mask, read_shard, ShardError, split_shards, write_meta  # noqa: E402
+from mirim.tokenizer import load_tokenizer  # noqa: E402
 
 PROMPT_KEYS = ('messages', 'prompt', 'question', 'instruction')
 REPLY_KEYS = (('chosen', 'rejected'), ('chosen_response', 'rejected_response'))
@@ -308,7 +308,7 @@ def main(argv=None):
             if not os.path.isfile(path):
                 raise PrepareError(f"input not found: {path}")
         if args.model:
-            from checkpoint import load_checkpoint, resolve
+            from mirim.checkpoint import load_checkpoint, resolve
             kind, where = resolve(args.model)
             if kind != 'mirim':
                 raise PrepareError(f"--model {args.model}: a Hugging Face folder; give --tokenizer and --template")

@@ -39,7 +39,7 @@ import time
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-from llm import Client, Fatal, Rejected, run_all  # noqa: E402
+from mirim.llm import Client, Fatal, Rejected, run_all  # noqa: E402
 
 
 # -----------------------------------------------------------------------------

@@ -46,6 +46,6 @@ def word_rotations(texts, rounds=60):
 
 def tiny_sentencepieces(lines, tmp_path_factory, vocab_size=400):
     """{'bpe': tokenizer, 'unigram': tokenizer}, each trained on lines."""
-    from tokenizer import train_sentencepiece
+    from mirim.tokenizer import train_sentencepiece
     return {kind: train_sentencepiece(iter(lines), str(tmp_path_factory.mktemp(kind) / 'tokenizer.model'),
                                       vocab_size=vocab_size, model_type=kind) for kind in ('bpe', 'unigram')}

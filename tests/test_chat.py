@@ -1,7 +1,7 @@
 import pytest
 
-from chat import CHAT_TEMPLATES, chat_ids, get_template, render_chat, stop_id
-from tokenizer import load_tokenizer
+from mirim.chat import chat_ids, CHAT_TEMPLATES, get_template, render_chat, stop_id
+from mirim.tokenizer import load_tokenizer
 
 CONVERSATION = [{'role': 'system', 'content': 'Seja breve.'}, {'role': 'user', 'content': 'Oi!'},
                 {'role': 'assistant', 'content': 'Olá! Tudo bem?'}, {'role': 'user', 'content': 'Sim.'}]

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-from chat import CHAT_TEMPLATES  # noqa: E402
+from mirim.chat import CHAT_TEMPLATES  # noqa: E402
 from data.prepare import PrepareError  # noqa: E402
 from data.prepare_chat import main, prepare_chat, read_conversations  # noqa: E402
-from shards import BatchSampler, ShardWriter, load_meta, mask_path, read_mask, read_shard  # noqa: E402
-from tokenizer import load_tokenizer  # noqa: E402
+from mirim.shards import BatchSampler, load_meta, mask_path, read_mask, read_shard, ShardWriter  # noqa: E402
+from mirim.tokenizer import load_tokenizer  # noqa: E402
 
 MARKERS = ['<s>', '</s>', '<pad>', '<|im_start|>', '<|im_end|>', '<instruction>', '</instruction>']
 CONVERSATIONS = [

@@ -14,7 +14,7 @@ from classify import (Classifier, DataError, encode_example, load_classifier, pa
                       read_examples, scores, train_classifier)
 from conftest import tiny_config  # noqa: E402
 from model import Llama, LlamaConfig  # noqa: E402
-from tokenizer import load_tokenizer  # noqa: E402
+from mirim.tokenizer import load_tokenizer  # noqa: E402
 
 
 def write_jsonl(path, records):
@@ -64,7 +64,7 @@ def test_saved_classifier_predicts_what_training_scored(trained):
 
 
 def test_classifier_checkpoint_is_also_a_mirim_checkpoint(trained):
-    from checkpoint import load_model
+    from mirim.checkpoint import load_model
     cfg, _ = trained
     model, tok, _ = load_model(os.path.join(cfg['out_dir'], 'classifier.pt'))
     assert model.config.n_layer == 1 and tok.kind == 'bytes'

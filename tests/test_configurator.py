@@ -7,7 +7,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from configurator import ConfigError, configure  # noqa: E402
+from mirim.configurator import ConfigError, configure  # noqa: E402
 
 DEFAULTS = {'out_dir': 'out', 'batch_size': 16, 'learning_rate': 1e-3, 'compile': False, 'n_layer': None}
 

@@ -18,8 +18,8 @@ import dpo  # noqa: E402
 from conftest import tiny_model  # noqa: E402
 from data.prepare import PrepareError  # noqa: E402
 from data.prepare_pref import main as prepare_main, pair_messages, prepare_pref, read_pairs  # noqa: E402
-from shards import load_meta  # noqa: E402
-from tokenizer import load_tokenizer  # noqa: E402
+from mirim.shards import load_meta  # noqa: E402
+from mirim.tokenizer import load_tokenizer  # noqa: E402
 
 MARKERS = ['<s>', '</s>', '<pad>', '<|im_start|>', '<|im_end|>']
 GOOD, BAD = ['luz', 'paz', 'amor', 'vida'], ['treva', 'guerra', 'odio', 'morte']
@@ -213,7 +213,7 @@ def test_reference_log_probs_are_those_of_the_starting_model_and_step_one_is_log
 
 
 def test_the_result_loads_and_exports_like_any_checkpoint(setup, tmp_path):
-    from checkpoint import load_model
+    from mirim.checkpoint import load_model
     from export import export
     run(setup, tmp_path / 'run', '--max_iters=2', '--eval_interval=2')
     model, tokenizer, ckpt = load_model(str(tmp_path / 'run'))

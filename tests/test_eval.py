@@ -12,8 +12,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import conftest
 import eval as evaluation
 from model import Llama, LlamaConfig
-from shards import write_meta, write_shard
-from tokenizer import load_tokenizer
+from mirim.shards import write_meta, write_shard
+from mirim.tokenizer import load_tokenizer
 
 TOKENIZER = load_tokenizer('bytes')
 DOCUMENTS = ["No princípio criou Deus os céus e a terra.", "E disse Deus: Haja luz; e houve luz.",
@@ -98,7 +98,7 @@ def test_text_file_counts_its_utf8_bytes_and_every_token():
 
 
 def test_loss_masked_targets_are_not_scored_and_get_no_bpb(tmp_path):
-    from shards import write_mask
+    from mirim.shards import write_mask
     tokens, _ = write_data(str(tmp_path / 'data'))
     mask = np.zeros(tokens, dtype=np.uint8)
     mask[10:30] = 1  # e.g. an assistant answer
@@ -370,7 +370,7 @@ def test_command_line_user_error_is_one_stderr_line_without_traceback(bad_inputs
 def test_results_of_a_folder_go_inside_it_and_a_missing_step_reads_n_a(tmp_path, capsys):
     import export
     from conftest import word_rotations
-    from tokenizer import train_sentencepiece
+    from mirim.tokenizer import train_sentencepiece
     tok = train_sentencepiece(iter(word_rotations(DOCUMENTS)), str(tmp_path / 'sp.model'), vocab_size=300)
     config = tiny_config(vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
     os.makedirs(tmp_path / 'run')

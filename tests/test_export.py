@@ -9,14 +9,16 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 import export  # noqa: E402
-from chat import CHAT_TEMPLATES, chat_ids  # noqa: E402
-from checkpoint import load_model  # noqa: E402
-from generate import generate  # noqa: E402
-from hf import load_hf  # noqa: E402
+from mirim import hf_tokenizer  # noqa: E402
+from mirim.chat import chat_ids, CHAT_TEMPLATES  # noqa: E402
+from mirim.checkpoint import load_model  # noqa: E402
+from mirim.generate import generate  # noqa: E402
+from mirim.hf import load_hf  # noqa: E402
 from model import Llama, LlamaConfig  # noqa: E402
-from sample import continuation_text, main as sample_main  # noqa: E402
+from mirim.sampling import continuation_text
+from sample import main as sample_main  # noqa: E402
 from conftest import tiny_sentencepieces, word_rotations  # noqa: E402
-from tokenizer import load_tokenizer  # noqa: E402
+from mirim.tokenizer import load_tokenizer  # noqa: E402
 
 transformers = pytest.importorskip('transformers')
 safetensors_torch = pytest.importorskip('safetensors.torch')
@@ -161,7 +163,7 @@ def test_hf_chat_template_gives_the_ids_mirim_trains_on(tiny_export):
 def test_chat_template_with_eos_in_replies_gives_chat_ids(sp_toks, tmp_path):
     tok = load_tokenizer(sp_toks['bpe'].to_dict())
     tok.chat_template = 'aira'  # replies end with </s>: the text after it is encoded afresh
-    export.write_tokenizer(tok, str(tmp_path), 64)
+    hf_tokenizer.write_tokenizer(tok, str(tmp_path), 64)
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     messages = [{'role': 'user', 'content': ' Oi? '}, {'role': 'assistant', 'content': 'Olá.'},
                 {'role': 'user', 'content': 'Tudo bem?'}]
@@ -173,7 +175,7 @@ def test_chat_template_with_eos_in_replies_gives_chat_ids(sp_toks, tmp_path):
 def test_tokenizer_json_matches_sentencepiece_on_many_strings(sp_toks, kind):
     import random
     tok = sp_toks[kind]
-    backend = export.tokenizer_backend(tok)
+    backend = hf_tokenizer.tokenizer_backend(tok)
     rng = random.Random(0)
     alphabet = list(''.join(SAMPLES.values())) + ['<|im_start|>', '<|im_end|>', '  ', 'ქ']
     texts = [''.join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(2000)]
@@ -187,16 +189,16 @@ def test_tokenizer_json_matches_sentencepiece_on_many_strings(sp_toks, kind):
 
 def test_export_check_catches_a_tokenizer_json_that_disagrees(sp_toks):
     from tokenizers import normalizers
-    backend = export.tokenizer_backend(sp_toks['bpe'])
+    backend = hf_tokenizer.tokenizer_backend(sp_toks['bpe'])
     # the usual Llama conversion: a '▁' prepended to every string, chat tokens' own text included
     backend.normalizer = normalizers.Sequence([normalizers.Prepend('\u2581'), normalizers.Replace(' ', '\u2581')])
     with pytest.raises(ValueError, match='disagrees with the mirim tokenizer'):
-        export.check_tokenizer_ids(sp_toks['bpe'], backend)
+        hf_tokenizer.check_tokenizer_ids(sp_toks['bpe'], backend)
 
 
 def test_bytes_tokenizer_exports_as_byte_level(tmp_path):
     tok = load_tokenizer('bytes')
-    export.write_tokenizer(tok, str(tmp_path), 64)
+    hf_tokenizer.write_tokenizer(tok, str(tmp_path), 64)
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     text = SAMPLES['emoji'] + SAMPLES['chat']
     assert hf_tok(text)['input_ids'] == tok.encode(text, bos=True)
@@ -213,7 +215,7 @@ def tiny_tiktoken(tmp_path):
 
 def test_tiktoken_tokenizer_exports_as_byte_level_bpe(tmp_path):
     tok = tiny_tiktoken(tmp_path)
-    export.write_tokenizer(tok, str(tmp_path / 'hf'), 64)
+    hf_tokenizer.write_tokenizer(tok, str(tmp_path / 'hf'), 64)
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / 'hf'))
     text = 'Ação de graças, coração da terra: ' + SAMPLES['hindi'] + SAMPLES['chat']
     assert hf_tok(text)['input_ids'] == tok.encode(text, bos=True)

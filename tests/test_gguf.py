@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-from chat import chat_ids  # noqa: E402
+from mirim.chat import chat_ids  # noqa: E402
 from conftest import tiny_sentencepieces, word_rotations  # noqa: E402
-from generate import generate  # noqa: E402
+from mirim.generate import generate  # noqa: E402
 from model import Llama, LlamaConfig  # noqa: E402
-from tokenizer import load_tokenizer  # noqa: E402
+from mirim.tokenizer import load_tokenizer  # noqa: E402
 
 gguf = pytest.importorskip('gguf')
-import gguf_export  # noqa: E402
+from mirim import gguf_export  # noqa: E402
 
 try:
     import llama_cpp
@@ -261,7 +261,7 @@ def tiny_tokenizer_json(tmp_path, split_pattern=None):
 
 
 def tokenizer_json_cases(tmp_path):
-    from tokenizer import CL100K_PATTERN
+    from mirim.tokenizer import CL100K_PATTERN
     return [(tiny_tokenizer_json(tmp_path), 'gpt-2'), (tiny_tokenizer_json(tmp_path, CL100K_PATTERN), 'llama-bpe')]
 
 
@@ -279,7 +279,7 @@ def test_tokenizer_json_vocabularies(tmp_path):
 
 
 def test_tokenizer_json_llama_cpp_cannot_split_alike_is_refused(tmp_path):
-    from tokenizer import train_bytelevel_bpe
+    from mirim.tokenizer import train_bytelevel_bpe
     own = train_bytelevel_bpe(iter(SAMPLES.values()), str(tmp_path / 'tokenizer.json'), vocab_size=300)
     with pytest.raises(ValueError, match='no pre-tokenizer for its split pattern'):
         gguf_export.write_gguf(small_model(own), own, str(tmp_path / 'own.gguf'), 'f32')

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from generate import generate, sample_next, vector_layout
+from mirim.generate import generate, sample_next, vector_layout
 from conftest import tiny_config, tiny_model
 from model import Llama, LlamaConfig, PRESETS, config_from_preset
 

@@ -3,9 +3,9 @@ from functools import partial
 
 import torch
 
-import optim
+from mirim import optim
 from conftest import tiny_model
-from optim import Muon, make_optimizer, muon_params, orthogonalize
+from mirim.optim import make_optimizer, Muon, muon_params, orthogonalize
 
 
 def test_newton_schulz_gives_a_near_orthogonal_matrix_close_to_u_v_transposed():
@@ -23,7 +23,7 @@ def test_newton_schulz_gives_a_near_orthogonal_matrix_close_to_u_v_transposed():
 
 
 def test_newton_schulz_runs_in_bf16_only_where_the_hardware_has_it_and_a_resume_keeps_the_runs_choice(monkeypatch):
-    import common
+    from mirim import common
     monkeypatch.setattr(common, 'cpu_bf16_slowdown', lambda: 12.0)  # emulated bf16
     assert optim.newton_schulz_dtype('cpu') == torch.float32
     model = tiny_model()

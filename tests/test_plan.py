@@ -206,7 +206,7 @@ def test_bench_gguf_runs_and_the_f32_file_scores_mirims_bits_per_byte(tmp_path):
     import torch
     from model import LlamaConfig
     from test_train import make_corpus
-    from tokenizer import load_tokenizer
+    from mirim.tokenizer import load_tokenizer
     pytest.importorskip('llama_cpp', reason="llama-cpp-python is not installed (it builds llama.cpp from source)")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     tok = load_tokenizer('bytes')

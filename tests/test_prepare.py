@@ -15,8 +15,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import prepare as prep  # data/ is a namespace package: no __init__.py needed
 from data.prepare import PrepareError, prepare
-from shards import BatchSampler, ShardWriter, load_meta, read_shard
-from tokenizer import load_tokenizer, train_sentencepiece
+from mirim.shards import BatchSampler, load_meta, read_shard, ShardWriter
+from mirim.tokenizer import load_tokenizer, train_sentencepiece
 
 DOCUMENTS = [
     "O rato roeu a roupa do rei de Roma.\nE a rainha, com raiva, remendou.",

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 import sample
-from chat import CHAT_TEMPLATES
-from common import resolve_dtype
-from generate import generate
+from mirim import sampling
+from mirim.chat import CHAT_TEMPLATES
+from mirim.common import resolve_dtype
+from mirim.generate import generate
 from model import Llama, LlamaConfig
-from tokenizer import load_tokenizer
+from mirim.tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ['No princípio', 'Era uma vez', 'a', 'O rato roeu a roupa do rei de Roma', 'Olá ☃']
@@ -94,7 +95,7 @@ def run_cli(*args, stdin=''):
 # ---------------------------------------------------------------- sampling
 
 def test_same_seed_gives_same_samples_and_another_seed_differs(model, tok):
-    run = lambda seed: sample.sample_prompts(model, tok, PROMPTS[:2], num_samples=2, max_new_tokens=8,
+    run = lambda seed: sampling.sample_prompts(model, tok, PROMPTS[:2], num_samples=2, max_new_tokens=8,
                                              temperature=1.5, top_k=0, seed=seed, progress=False)
     first = run(7)
     assert first == run(7)
@@ -102,7 +103,7 @@ def test_same_seed_gives_same_samples_and_another_seed_differs(model, tok):
 
 
 def test_greedy_sample_matches_model_generate(model, tok):
-    [record] = sample.sample_prompts(model, tok, ['Era uma vez'], max_new_tokens=20, temperature=0, progress=False)
+    [record] = sampling.sample_prompts(model, tok, ['Era uma vez'], max_new_tokens=20, temperature=0, progress=False)
     prompt = torch.tensor([tok.encode('Era uma vez', bos=True)])
     expected = generate(model, prompt, 20, temperature=0, eos_id=tok.eos_id)[0, prompt.size(1):].tolist()
     if tok.eos_id in expected:
@@ -112,34 +113,34 @@ def test_greedy_sample_matches_model_generate(model, tok):
 
 def test_batched_and_one_at_a_time_greedy_outputs_are_identical(model, tok):
     prompts = PROMPTS + ['', 'x' * 40]  # lengths 1 to 41 tokens: most rows are left-padded
-    batched = sample.sample_prompts(model, tok, prompts, max_new_tokens=10, temperature=0, batch_size=8,
+    batched = sampling.sample_prompts(model, tok, prompts, max_new_tokens=10, temperature=0, batch_size=8,
                                     progress=False)
-    single = sample.sample_prompts(model, tok, prompts, max_new_tokens=10, temperature=0, batch_size=1,
+    single = sampling.sample_prompts(model, tok, prompts, max_new_tokens=10, temperature=0, batch_size=1,
                                    progress=False)
     assert [r['tokens'] for r in batched] == [r['tokens'] for r in single]
 
 
 def test_sampling_stops_at_eos(tok):
     model = program_model(tok, {ord('i'): ord('A'), ord('A'): ord('B'), ord('B'): tok.eos_id}, default=ord('z'))
-    [record] = sample.sample_prompts(model, tok, ['hi'], max_new_tokens=10, progress=False)
+    [record] = sampling.sample_prompts(model, tok, ['hi'], max_new_tokens=10, progress=False)
     assert (record['text'], record['finish_reason']) == ('AB', 'eos')
 
 
 def test_never_more_than_max_new_tokens(tok):
     model = program_model(tok, {}, default=ord('z'))  # never says eos
-    records = sample.sample_prompts(model, tok, PROMPTS, max_new_tokens=5, batch_size=2, progress=False)
+    records = sampling.sample_prompts(model, tok, PROMPTS, max_new_tokens=5, batch_size=2, progress=False)
     assert [len(r['tokens']) for r in records] == [5] * len(PROMPTS)
     assert all(r['finish_reason'] == 'length' for r in records)
 
 
 def test_empty_prompt_starts_from_bos(tok):
-    assert sample.encode_prompt(tok, '', budget=10) == ([tok.bos_id], False)
+    assert sampling.encode_prompt(tok, '', budget=10) == ([tok.bos_id], False)
 
 
 def test_prompt_longer_than_context_is_cut_from_the_left_with_a_warning(model, tok, capsys):
     long_prompt = 'abcdefghij' * 20  # 200 tokens, context 96
-    [record] = sample.sample_prompts(model, tok, [long_prompt], max_new_tokens=8, temperature=0, progress=False)
-    budget = sample.prompt_budget(model.config.block_size, 8)
+    [record] = sampling.sample_prompts(model, tok, [long_prompt], max_new_tokens=8, temperature=0, progress=False)
+    budget = sampling.prompt_budget(model.config.block_size, 8)
     kept = tok.encode(long_prompt, bos=True)[-budget:]
     expected = generate(model, torch.tensor([kept]), 8, temperature=0, eos_id=tok.eos_id)[0, budget:].tolist()
     if tok.eos_id in expected:
@@ -150,7 +151,7 @@ def test_prompt_longer_than_context_is_cut_from_the_left_with_a_warning(model, t
 
 def test_stream_never_shows_a_replacement_character_for_a_split_character(tok):
     ids = tok.encode('olá ☃ 𝄞!')  # 2-, 3- and 4-byte characters, one byte per token
-    pieces = list(sample.decode_stream(tok, [tok.bos_id], ids))
+    pieces = list(sampling.decode_stream(tok, [tok.bos_id], ids))
     assert '\ufffd' not in ''.join(pieces)
     assert ''.join(pieces) == 'olá ☃ 𝄞!'
 
@@ -190,7 +191,7 @@ def test_streamed_single_prompt_is_repeatable_and_matches_batch_of_one(out_dir, 
     first = capsys.readouterr().out
     sample.main(args)
     assert capsys.readouterr().out == first
-    [record] = sample.sample_prompts(model, tok, ['Era uma vez'], max_new_tokens=12, temperature=1.0, seed=5,
+    [record] = sampling.sample_prompts(model, tok, ['Era uma vez'], max_new_tokens=12, temperature=1.0, seed=5,
                                      progress=False)
     assert first == 'Era uma vez' + record['text'] + '\n'
 
@@ -256,7 +257,7 @@ def test_chat_with_the_aira_template_stops_at_eos(tok):
                           default=ord('z'))
     written = []
     lines = iter(['Oi?', '/exit', 'never read'])
-    generated, _ = sample.chat_loop(model, tok, 'aira', read=lambda prompt: next(lines), write=written.append,
+    generated, _ = sampling.chat_loop(model, tok, 'aira', read=lambda prompt: next(lines), write=written.append,
                                     flush=lambda: None, max_new_tokens=10)
     assert (''.join(written), generated) == ('Sim\n', 3)
 
@@ -266,7 +267,7 @@ def test_chat_forgets_oldest_exchanges_to_fit_the_context(tok):
     for n in range(10):
         messages += [{'role': 'user', 'content': f'question {n}'}, {'role': 'assistant', 'content': f'answer {n}'}]
     messages.append({'role': 'user', 'content': 'last'})
-    kept, ids = sample.fit_history(messages, 'chatml', tok, budget=150)
+    kept, ids = sampling.fit_history(messages, 'chatml', tok, budget=150)
     assert len(ids) <= 150
     assert kept[0] == messages[0] and kept[-1] == messages[-1] and kept[1]['role'] == 'user'
     assert len(kept) < len(messages)
@@ -279,5 +280,5 @@ def test_chat_without_a_template_is_a_clear_error(out_dir, monkeypatch):
 
 
 def test_no_progress_bar_lines_when_stderr_is_not_a_terminal(model, tok, capsys):
-    sample.sample_prompts(model, tok, PROMPTS[:3], max_new_tokens=4, temperature=0, batch_size=1)
+    sampling.sample_prompts(model, tok, PROMPTS[:3], max_new_tokens=4, temperature=0, batch_size=1)
     assert '%|' not in capsys.readouterr().err  # capsys's stderr is no terminal, like a log file

@@ -12,6 +12,7 @@ import time
 import pytest
 
 import sample
+from mirim import sampling
 import serve
 from test_sample import ROOT, byte_tokenizer, program_model, random_model, save_checkpoint
 
@@ -85,7 +86,7 @@ def test_models_lists_the_served_model(client, server):
 
 def test_greedy_completion_is_sample_py_greedy_text(client, model, tok):
     prompts = ['Era uma vez', 'No princípio', 'a']
-    expected = sample.sample_prompts(model, tok, prompts, max_new_tokens=20, temperature=0, progress=False)
+    expected = sampling.sample_prompts(model, tok, prompts, max_new_tokens=20, temperature=0, progress=False)
     for prompt, record in zip(prompts, expected):
         r = client.completions.create(model='tiny-chat', prompt=prompt, max_tokens=20, temperature=0)
         assert r.choices[0].text == record['text']
@@ -119,7 +120,7 @@ def test_streamed_chunks_join_to_the_whole_text(client):
 
 
 def test_chat_prompt_is_the_checkpoint_template(server, model, tok):
-    from chat import chat_ids
+    from mirim.chat import chat_ids
     messages = [{'role': 'user', 'content': 'Oi!'}]
     status, r = raw(server, 'POST', '/v1/chat/completions', {'messages': messages, 'max_tokens': 5,
                                                             'temperature': 0})
@@ -255,7 +256,7 @@ def test_rows_that_arrive_during_a_batch_join_it_and_give_one_at_a_time_text(ser
     monkeypatch.setattr(engine, 'step_row', slow_step)
     asks = [('a', 40), ('O rato roeu a roupa do rei', 20), ('xy', 12)]
     for penalty in (1.0, 1.3):
-        expected = [sample.sample_prompts(model, tok, [p], max_new_tokens=n, temperature=0, repetition_penalty=penalty,
+        expected = [sampling.sample_prompts(model, tok, [p], max_new_tokens=n, temperature=0, repetition_penalty=penalty,
                                           progress=False)[0]['text'] for p, n in asks]
         results, joined, steps = [None] * 3, engine.stats['joined'], engine.stats['steps']
 
@@ -316,7 +317,7 @@ def test_command_line_serves_with_a_key_from_the_environment(tmp_path, model, to
         assert 'serving cli' in line, line
         port = int(line.split('http://127.0.0.1:')[1].split()[0])
         c = openai.OpenAI(base_url=f'http://127.0.0.1:{port}/v1', api_key='k1', max_retries=0)
-        expected = sample.sample_prompts(model, tok, ['a'], max_new_tokens=3, temperature=0, progress=False)[0]
+        expected = sampling.sample_prompts(model, tok, ['a'], max_new_tokens=3, temperature=0, progress=False)[0]
         # greedy, so the answer is known (a sampled one may end at eos before 3 tokens)
         assert c.completions.create(model='cli', prompt='a', max_tokens=3, temperature=0).choices[0].text == expected['text']
     finally:

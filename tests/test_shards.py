@@ -6,8 +6,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import shards
-from shards import BatchSampler, ShardError, ShardWriter, iter_sequential, read_shard, write_shard
+from mirim import shards
+from mirim.shards import BatchSampler, iter_sequential, read_shard, ShardError, ShardWriter, write_shard
 
 
 def make_data_dir(root, splits, vocab_size=1000, masks=None):

@@ -11,9 +11,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 from conftest import tiny_sentencepieces, word_rotations  # noqa: E402
 import tokenizer  # noqa: E402
-from checkpoint import write_atomic  # noqa: E402
-from tokenizer import (load_tokenizer, read_blocks, tokenizer_stats, train_sentencepiece,  # noqa: E402
-                       training_sentences)
+from mirim.atomic import write_atomic  # noqa: E402
+from mirim.tokenizer import load_tokenizer, tokenizer_stats, train_sentencepiece, training_sentences
+from tokenizer import read_blocks
 
 SAMPLES = {
     'portuguese': "No princípio criou Deus os céus e a terra. Ação, coração, pão e avó!",

@@ -12,14 +12,15 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import export  # noqa: E402
+from mirim import hf_tokenizer  # noqa: E402
 import train  # noqa: E402
-from checkpoint import load_model  # noqa: E402
+from mirim.checkpoint import load_model  # noqa: E402
 from conftest import tiny_sentencepieces, word_rotations  # noqa: E402
 from data import prepare as prep  # noqa: E402
-from hf import load_hf  # noqa: E402
-from sample import sample_prompts  # noqa: E402
-from shards import read_shard  # noqa: E402
-from tokenizer import load_tokenizer, same_tokenizer, tokenizer_stats, train_bytelevel_bpe  # noqa: E402
+from mirim.hf import load_hf  # noqa: E402
+from mirim.sampling import sample_prompts  # noqa: E402
+from mirim.shards import read_shard  # noqa: E402
+from mirim.tokenizer import load_tokenizer, same_tokenizer, tokenizer_stats, train_bytelevel_bpe  # noqa: E402
 
 transformers = pytest.importorskip('transformers')
 transformers.logging.set_verbosity_error()
@@ -57,7 +58,7 @@ def folders(tmp_path_factory):
     bytelevel = train_bytelevel_bpe(iter(lines), str(root / 'bytelevel' / 'tokenizer.json'), vocab_size=700)
     out = {'bytelevel': (str(root / 'bytelevel'), bytelevel)}
     for kind, sp in tiny_sentencepieces(lines, tmp_path_factory, 400).items():
-        text = export.tokenizer_backend(sp).to_str()
+        text = hf_tokenizer.tokenizer_backend(sp).to_str()
         folder = write_folder(root / kind, text, bos_token='<s>', eos_token='</s>', pad_token='<pad>')
         out[kind] = (folder, load_tokenizer(folder))
     return out
@@ -100,7 +101,7 @@ def test_description_travels_in_a_checkpoint_and_same_tokenizer_tells_them_apart
     assert not same_tokenizer(tok, folders['bpe'][1]) and not same_tokenizer(folders['bpe'][1], folders['unigram'][1])
     assert not same_tokenizer(tok, load_tokenizer('bytes'))
     # a bytes tokenizer exported as tokenizer.json and read back is the same tokenizer
-    export.write_tokenizer(load_tokenizer('bytes'), str(tmp_path / 'hf'), 64)
+    hf_tokenizer.write_tokenizer(load_tokenizer('bytes'), str(tmp_path / 'hf'), 64)
     assert same_tokenizer(load_tokenizer(str(tmp_path / 'hf')), load_tokenizer('bytes'))
 
 

@@ -17,8 +17,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train  # noqa: E402
-from shards import write_meta, write_shard  # noqa: E402
-from tokenizer import load_tokenizer  # noqa: E402
+from mirim.shards import write_meta, write_shard  # noqa: E402
+from mirim.tokenizer import load_tokenizer  # noqa: E402
 
 TINY = ['--model=tiny', '--device=cpu', '--dtype=float32', '--batch_size=4', '--block_size=32', '--eval_iters=2',
         '--warmup_iters=2', '--learning_rate=3e-3', '--log_interval=1']
@@ -102,7 +102,7 @@ def test_loss_falls_over_a_few_steps(data_dir, tmp_path):
 
 
 def test_checkpoint_loads_with_model_load_model(data_dir, tmp_path):
-    from checkpoint import load_model
+    from mirim.checkpoint import load_model
     run(data_dir, tmp_path, '--max_iters=2', '--eval_interval=2')
     model, tokenizer, checkpoint = load_model(str(tmp_path))
     assert checkpoint['step'] == 2 and tokenizer.kind == 'bytes'
@@ -216,7 +216,7 @@ def test_fine_tuning_on_data_from_another_tokenizer_is_refused(data_dir, tmp_pat
 
 
 def test_the_tokenizer_error_names_the_models_tokenizer_file():
-    from checkpoint import tokenizer_spec_hint
+    from mirim.init_from import tokenizer_spec_hint
     assert tokenizer_spec_hint({'kind': 'tokenizers', 'vocab_size': 4096}, 'data/x') == \
         ('a tokenizer.json of 4,096 pieces', os.path.join('data/x', 'tokenizer.json'))
     assert tokenizer_spec_hint({'kind': 'sentencepiece'}, 'data/x')[1] == os.path.join('data/x', 'tokenizer.model')
@@ -350,7 +350,7 @@ def test_log_is_plain_json_and_a_resume_logs_each_step_once(data_dir, tmp_path):
     text = (tmp_path / 'log.jsonl').read_text()
     assert 'NaN' not in text and 'Infinity' not in text
     assert [r['step'] for r in log_lines(tmp_path)] == [0, 1, 2, 3, 4, 5, 6]
-    from checkpoint import clean_record
+    from mirim.out_dir import clean_record
     assert clean_record({'a': float('nan'), 'b': float('inf'), 'c': 1.5}) == {'a': None, 'b': None, 'c': 1.5}
 
 
@@ -430,7 +430,7 @@ def test_a_full_disk_while_saving_is_one_line_and_leaves_the_last_checkpoint_and
 def test_token_ids_beyond_the_vocab_under_a_valid_header_are_one_line(data_dir, tmp_path):
     import shutil
     bad = shutil.copytree(data_dir, tmp_path / 'bad')
-    from shards import make_header, read_shard
+    from mirim.shards import make_header, read_shard
     ids = read_shard(str(bad / 'train_000000.bin')).copy()
     ids[::7] = 300  # the header says vocab 261: these ids have no embedding
     with open(bad / 'train_000000.bin', 'wb') as f:  # written by hand: write_shard would refuse them
@@ -489,7 +489,7 @@ def test_depth_dial_builds_the_shape_and_sizes_the_run(data_dir, tmp_path, capsy
     assert 'depth dial: depth 2' in out and '0.002 tokens/param' in out and 'depth dial: max_iters=' in out
     config = checkpoint['config']
     assert config['batch_size'] == 1  # ~900 tokens want steps of a few tokens: one sequence is the least
-    from checkpoint import load_model
+    from mirim.checkpoint import load_model
     params = load_model(str(tmp_path))[0].num_params(non_embedding=False)
     assert 0 <= config['max_iters'] * 32 - 0.002 * params < 32 and checkpoint['step'] == config['max_iters']
 

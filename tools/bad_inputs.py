@@ -427,7 +427,7 @@ def build_fixtures(root):
     sys.path.insert(0, REPO)
     import numpy as np
     import torch
-    from shards import HEADER_BYTES, make_header
+    from mirim.shards import HEADER_BYTES, make_header
 
     rng = random.Random(0)
     words = [['o gato', 'a menina', 'o rei', 'um homem', 'o povo'], ['come', 've', 'ama', 'fala com'],

@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from data.biblia.prepare import CJK, DEFAULT_TRANSLATION, connect, database_path, documents  # noqa: E402
 from data.prepare import prepare  # noqa: E402
-from tokenizer import tokenizer_stats, train_bytelevel_bpe, train_sentencepiece  # noqa: E402
+from mirim.tokenizer import tokenizer_stats, train_bytelevel_bpe, train_sentencepiece  # noqa: E402
 
 KINDS = {'sentencepiece': 'SentencePiece BPE', 'bytelevel': 'byte-level BPE'}
 

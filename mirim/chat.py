@@ -11,6 +11,7 @@ which no text can spell (a SentencePiece '</s>' typed in text is four characters
     render_chat(messages, CHAT_TEMPLATES['chatml'])   # -> the text, for reading
     ids, mask = chat_ids(messages, 'chatml', tok)      # -> tokens, and which ones to train on
 """
+import json
 
 CHAT_TEMPLATES = {
     # ChatML (OpenAI's format, used by cucafera and most small chat models). Its two markers are
@@ -160,3 +161,42 @@ def stop_id(template, tokenizer):
                          f"{template['stop']!r}: train the tokenizer with it as a special token "
                          f"(tokenizer.py --special_tokens) or use another template")
     return token
+
+
+def role_parts(template):
+    """(role, text before the content, text after it) for each role the template has, in ROLES order:
+    the one walk over a template that its Jinja (transformers) and Go (ollama) renderings are built from."""
+    t = get_template(template)
+    return [(role, *t[role].split('{content}')) for role in ROLES if t.get(role) is not None]
+
+
+def chat_template_jinja(template):
+    """A mirim chat template as the Jinja string transformers' apply_chat_template runs.
+    '{eos}' becomes eos_token; the conversation starts with bos_token, as chat_ids does."""
+    t = get_template(template)
+
+    def text(s):  # a Jinja expression for s, with {eos} as the eos_token variable
+        parts = [json.dumps(part, ensure_ascii=False) for part in s.split(EOS)]
+        return ' + eos_token + '.join(parts)
+
+    content = "(message['content'] | trim)" if t.get('strip') else "message['content']"
+    branches = []
+    for role, prefix, suffix in role_parts(t):
+        check = ("{% if not loop.first %}{{ raise_exception('a system message can only come first') }}{% endif %}"
+                 if role == 'system' else '')
+        branches.append(f"message['role'] == '{role}' %}}{check}{{{{ {text(prefix)} + {content} + {text(suffix)} }}}}")
+    roles = ', '.join(role for role, _, _ in role_parts(t))
+    return ("{{ bos_token }}{% for message in messages %}{% if " + '{% elif '.join(branches) +
+            "{% else %}{{ raise_exception('this template knows the roles " + roles + "') }}{% endif %}"
+            "{% endfor %}{% if add_generation_prompt %}{{ " + text(t['generation_prompt']) + " }}{% endif %}")
+
+
+def chat_template_go(template, eos, lead=''):
+    """A mirim chat template in the Go template syntax of an ollama Modelfile, with '{eos}' written as the
+    string eos and `lead` (text a prompt must start with, after <bos>) in front."""
+    t = get_template(template)
+    branches = [f'if eq .Role "{role}" }}}}{prefix.replace(EOS, eos)}{{{{ .Content }}}}{suffix.replace(EOS, eos)}'
+                for role, prefix, suffix in role_parts(t)]
+    body = ('{{- range .Messages }}{{ ' + '{{ else '.join(branches) + '{{ end }}{{ end }}' +
+            t['generation_prompt'].replace(EOS, eos))
+    return (f'{{{{ "{lead}" }}}}' if lead else '') + body  # not bare text: '{{-' would trim it

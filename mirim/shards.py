@@ -23,7 +23,7 @@ import warnings
 
 import numpy as np
 
-from checkpoint import atomic_file, write_json
+from mirim.atomic import atomic_file, write_json
 
 MAGIC = 20251123
 VERSION = 1

@@ -49,8 +49,11 @@ import os
 import numpy as np
 import torch
 
-from checkpoint import load_model, write_atomic
-from export import byte_level_backend, chat_template_jinja
+from mirim.atomic import write_atomic
+from mirim.checkpoint import load_model
+from mirim.chat import EOS, chat_template_go, chat_template_jinja, get_template
+from mirim.hf_tokenizer import byte_level_backend
+from mirim.sampling import KNOBS
 
 GGUF_TYPES = ('f32', 'f16', 'q8_0', 'q4_0')
 BLOCK = 32  # q8_0 and q4_0 quantize rows in blocks of 32 values
@@ -153,7 +156,7 @@ def sentencepiece_vocab(tok):
 def known_split_patterns():
     """Split patterns llama.cpp has a pre-tokenizer for -> its name: GPT-2's, and cl100k's (Llama 3's form)."""
     from tiktoken_ext.openai_public import r50k_pat_str
-    from tokenizer import CL100K_PATTERN
+    from mirim.tokenizer import CL100K_PATTERN
     known = {r50k_pat_str: 'gpt-2', CL100K_PATTERN: 'llama-bpe'}
     try:
         from tiktoken_ext.openai_public import cl100k_base
@@ -281,31 +284,20 @@ def gguf_chat_template(template, lead=''):
 def modelfile(gguf_name, tok, block_size, lead=''):
     """An ollama Modelfile: the chat template in Go template syntax, stop tokens, and sample.py's
     sampling defaults."""
-    from chat import ROLES, get_template
-    from sample import DEFAULTS
     names = {i: p for p, i in tok.special_tokens.items()}
     eos = names.get(tok.eos_id, '')
-    quote = lambda s: s.replace('{eos}', eos)  # noqa: E731
     stops = []
     if tok.chat_template:
-        t = get_template(tok.chat_template)
-        branches = []
-        for role in ROLES:
-            if t.get(role) is not None:
-                prefix, suffix = t[role].split('{content}')
-                branches.append(f'if eq .Role "{role}" }}}}{quote(prefix)}{{{{ .Content }}}}{quote(suffix)}')
-        body = ('{{- range .Messages }}{{ ' + '{{ else '.join(branches) + '{{ end }}{{ end }}' +
-                quote(t['generation_prompt']))
-        template = (f'{{{{ "{lead}" }}}}' if lead else '') + body  # not bare text: '{{-' would trim it
-        stops.append(quote(t['stop']))
+        template = chat_template_go(tok.chat_template, eos, lead)
+        stops.append(get_template(tok.chat_template)['stop'].replace(EOS, eos))
     else:
         template = '{{ .Prompt }}'
     if eos and eos not in stops:
         stops.append(eos)
     lines = [f'FROM ./{gguf_name}', f'TEMPLATE """{template}"""']
     lines += [f'PARAMETER stop "{s}"' for s in stops]
-    lines += [f"PARAMETER temperature {DEFAULTS['temperature']}", f"PARAMETER top_k {DEFAULTS['top_k']}",
-              f"PARAMETER top_p {DEFAULTS['top_p']}", f"PARAMETER repeat_penalty {DEFAULTS['repetition_penalty']}",
+    lines += [f"PARAMETER temperature {KNOBS['temperature']}", f"PARAMETER top_k {KNOBS['top_k']}",
+              f"PARAMETER top_p {KNOBS['top_p']}", f"PARAMETER repeat_penalty {KNOBS['repetition_penalty']}",
               f'PARAMETER num_ctx {block_size}']
     return '\n'.join(lines) + '\n'
 

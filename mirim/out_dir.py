@@ -1,0 +1,93 @@
+"""A run's out_dir: claimed and locked for one run, its log.jsonl (written and read back), and what is
+left in it when a run stops without saving."""
+import fcntl
+import json
+import math
+import os
+
+from mirim.atomic import write_json
+
+
+def claim_out_dir(out_dir, resume):
+    """Make out_dir, check it can be written, and lock it for this run: a second run into the same
+    out_dir is refused while this one goes on (the lock is the folder's own flock, so it leaves no
+    file behind and goes with the process, even on kill -9). A new run (not resume) never writes
+    over a previous run's checkpoints. -> the locked folder's file descriptor (keep it open).
+    ValueError says what is wrong."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f'.write_test_{os.getpid()}')
+        try:
+            with open(probe, 'w') as f:
+                f.write('ok')
+        finally:
+            if os.path.exists(probe):
+                os.remove(probe)
+        lock = os.open(out_dir, os.O_RDONLY)
+    except OSError as e:
+        raise ValueError(f"out_dir {out_dir!r} is not writable: {e.strerror or e}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(lock)
+        raise ValueError(f"another run is using {out_dir} (a train.py or dpo.py still running); wait for it to "
+                         f"end, or choose another --out_dir") from None
+    if not resume:
+        previous = [f for f in ('ckpt.pt', 'best.pt') if os.path.exists(os.path.join(out_dir, f))]
+        if previous:
+            os.close(lock)
+            raise ValueError(f"{out_dir} already holds a run ({', '.join(previous)}): continue it with "
+                             f"--init_from=resume, or choose another --out_dir (or delete it) to start over")
+    return lock
+
+
+def last_good(out_dir):
+    """What a run that stops without saving leaves behind, for its error message."""
+    path = os.path.join(out_dir, 'ckpt.pt')
+    return f"{path} still holds the last good checkpoint" if os.path.exists(path) else "no checkpoint was written"
+
+
+def open_log(out_dir, step):
+    """log.jsonl for appending; on resume (step > 0), lines past the checkpoint's step are dropped
+    first (the steps after the last save are trained again, and logged again)."""
+    path = os.path.join(out_dir, 'log.jsonl')
+    if step > 0 and os.path.exists(path):
+        with open(path, encoding='utf-8') as f:
+            kept = [line for line in f if line.strip() and json.loads(line).get('step', 0) <= step]
+        with open(path, 'w', encoding='utf-8') as f:
+            f.writelines(kept)
+    return open(path, 'a' if step > 0 else 'w', encoding='utf-8')
+
+
+def clean_record(record):
+    """JSON has no NaN or infinity: such numbers are logged as null."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+
+
+class RunLog:
+    """A run's log: one JSON line per record in out_dir/log.jsonl, and Weights & Biases when
+    c.wandb_log. Only rank 0 writes; on the other ranks it does nothing. Call it with a record."""
+
+    def __init__(self, c, step, rank):
+        self.file = self.wandb = None
+        if rank != 0:
+            return
+        write_json(os.path.join(c.out_dir, 'config.json'), vars(c))
+        self.file = open_log(c.out_dir, step)
+        if c.wandb_log:
+            import wandb  # only when asked for: a slow import
+            self.wandb = wandb.init(project=c.wandb_project, config=vars(c),
+                                    name=c.wandb_run_name or os.path.basename(os.path.abspath(c.out_dir)))
+
+    def __call__(self, record):
+        if self.file is not None:
+            self.file.write(json.dumps(clean_record(record)) + '\n')
+            self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if v is not None}, step=record['step'])
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
