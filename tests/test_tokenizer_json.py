@@ -17,6 +17,7 @@ import train  # noqa: E402
 from mirim.checkpoint import load_model  # noqa: E402
 from conftest import tiny_sentencepieces, word_rotations  # noqa: E402
 from data import prepare as prep  # noqa: E402
+from mirim.prepare import is_val_document  # noqa: E402
 from mirim.hf import load_hf  # noqa: E402
 from mirim.sampling import sample_prompts  # noqa: E402
 from mirim.shards import read_shard  # noqa: E402
@@ -139,7 +140,7 @@ def test_prepare_train_sample_export_keeps_the_ids_of_autotokenizer(folders, tmp
     assert meta['tokenizer']['kind'] == 'tokenizers' and meta['tokenizer']['path'] == 'tokenizer.json'
     assert (data / 'tokenizer.json').read_bytes() == open(os.path.join(folder, 'tokenizer.json'), 'rb').read()
     hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
-    expected = [i for n in range(40) if not prep.is_val_document(n, 0.1) for i in
+    expected = [i for n in range(40) if not is_val_document(n, 0.1) for i in
                 [tok.bos_id] + hf_tok(SAMPLES[n % len(SAMPLES)], add_special_tokens=False).input_ids + [tok.eos_id]]
     assert read_shard(str(data / 'train_000000.bin')).tolist() == expected
 

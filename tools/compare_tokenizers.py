@@ -2,7 +2,7 @@
 SentencePiece BPE vs byte-level BPE on the embedded Bible: for each language, train both at the
 same vocab on the train books (as data/biblia/prepare.py does), then measure on the held-out books
 (VAL_BOOKS): training time, tokens per word ("fertility"), bytes per token, and the throughput of
-data/prepare.py's core (prepare(): tokenize + write shards) over the whole Bible, in MB/s.
+mirim/prepare.py's prepare() (tokenize + write shards) over the whole Bible, in MB/s.
 
     python tools/compare_tokenizers.py                          # pt, hi, zh at 4096 pieces
     python tools/compare_tokenizers.py --langs=pt,bn,sw --vocab_size=8192 --repeat=2
@@ -19,8 +19,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from data.biblia.prepare import CJK, DEFAULT_TRANSLATION, connect, database_path, documents  # noqa: E402
-from data.prepare import prepare  # noqa: E402
+from mirim.biblia import CJK, connect, database_path, DEFAULT_TRANSLATION, documents  # noqa: E402
+from mirim.prepare import prepare  # noqa: E402
 from mirim.tokenizer import tokenizer_stats, train_bytelevel_bpe, train_sentencepiece  # noqa: E402
 
 KINDS = {'sentencepiece': 'SentencePiece BPE', 'bytelevel': 'byte-level BPE'}
@@ -30,7 +30,7 @@ def measure(kind, lang, train_docs, val_docs, vocab_size, work_dir):
     """Train one tokenizer kind on train_docs -> one row of numbers."""
     t0 = time.perf_counter()
     if kind == 'sentencepiece':
-        coverage = 0.9995 if lang in CJK else 1.0  # as data/biblia/prepare.py
+        coverage = 0.9995 if lang in CJK else 1.0  # as mirim/biblia.py's build
         tok = train_sentencepiece(iter(train_docs), os.path.join(work_dir, 'tokenizer.model'),
                                   vocab_size=vocab_size, character_coverage=coverage)
     else:
@@ -70,8 +70,8 @@ def main(argv=None):
 
     print(f"\n{args.vocab_size} pieces, trained on the train books, measured on the held-out books; "
           f"{os.cpu_count()} CPU cores")
-    print(f"| lang | tokenizer | training (s) | tokens/word | bytes/token | prepare.py (MB/s) |")
-    print(f"|---|---|---|---|---|---|")
+    print("| lang | tokenizer | training (s) | tokens/word | bytes/token | prepare.py (MB/s) |")
+    print("|---|---|---|---|---|---|")
     for lang in langs:
         for kind in KINDS:
             mine = [r for r in rows if r['lang'] == lang and r['kind'] == kind]

