@@ -217,8 +217,8 @@ def loop_rates():
     import subprocess
     import tempfile
     from mirim.configurator import configure
-    import train
-    cfg = configure(train.DEFAULTS, [loop_config])
+    from mirim import train_config
+    cfg = configure(train_config.DEFAULTS, [loop_config])
     from mirim.init_from import requested_model_config
     from mirim.shards import load_meta
     net = Llama(requested_model_config(cfg, load_meta(cfg['data_dir'])), seed=seed)  # the model train.py builds

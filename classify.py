@@ -72,7 +72,7 @@ class DataError(ValueError):
 
 def read_examples(path, text_field='text', text_pair_field='text_pair', label_field='label'):
     """-> [(text, text_pair or None, label)]; DataError naming path:line for anything malformed."""
-    from data.prepare import jsonl_records
+    from mirim.corpus import jsonl_records
     if not os.path.isfile(path):
         raise DataError(f"{path} not found" + (": build the demo data with python data/biblia/make_tasks.py classify"
                                                 if 'biblia' in path else ""))

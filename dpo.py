@@ -20,37 +20,29 @@ where the chosen one's is higher) and the margin (their mean difference); log.js
 loss and the log-probabilities, for the training steps and, at each evaluation, for held-out pairs
 (val_*) and a fixed sample of training pairs (eval_train_*).
 
-The loop is train.py's: checkpoints written atomically (ckpt.pt, best.pt by held-out loss) that
-checkpoint.load_model and export.py read like any other, Ctrl-C or SIGTERM saves and exits,
---init_from=resume continues exactly, weights that are no longer finite are never saved, and under
-torchrun micro-batch j of each step takes the same pairs whichever process runs it (the pair order
-is a seeded permutation per epoch), so N processes match one with N times the accumulation.
+The loop is train.py's run skeleton (mirim/run.py): checkpoints written atomically (ckpt.pt, best.pt
+by held-out loss) that mirim.checkpoint.load_model and export.py read like any other, Ctrl-C or SIGTERM
+saves and exits, --init_from=resume continues exactly, weights that are no longer finite are never
+saved, AdamW or Muon (--optimizer=muon), a mirim checkpoint or a Hugging Face folder to start from (with
+the same tokenizer checks as train.py), and under torchrun micro-batch j of each step takes the same
+pairs whichever process runs it (the pair order is a seeded permutation per epoch), so N processes
+match one with N times the accumulation. This file holds what is DPO's own: its pairs, its loss and
+its evaluation.
 """
 
-import dataclasses
 import hashlib
 import json
-import math
 import os
 import sys
 import time
-from contextlib import nullcontext
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
-from mirim.atomic import link_atomic, save_atomic
-from mirim.checkpoint import load_checkpoint, model_from_checkpoint, resolve
-from mirim.init_from import check_tokenizer
-from mirim.out_dir import claim_out_dir, last_good, RunLog
-from mirim.run import rng_state, set_rng_state
-from mirim.common import autocast, fail, peer_timeout, start_processes, stop_signals, training_dtype
-from mirim.configurator import ConfigError, configure, print_config
-from data.prepare_pref import read_pairs
-from mirim.shards import load_meta, ShardError
-from mirim.tokenizer import load_tokenizer
-from mirim.optim import get_lr
+from mirim.atomic import save_atomic
+from mirim.common import fail, print0
+from mirim.pref_data import read_pairs
+from mirim.run import Task, train
 
 # -----------------------------------------------------------------------------
 # Default config. A config file (config/dpo_*.py) or --key=value overrides any of these.
@@ -73,8 +65,11 @@ dropout = 0.0                     # 0 keeps policy == reference at step 0 (dropo
 # batch: pairs per optimizer step = batch_size * gradient_accumulation_steps
 batch_size = 8                    # pairs per micro-batch, per process (each pair is two sequences)
 gradient_accumulation_steps = 1   # micro-batches per step over ALL processes (divided among DDP ranks)
-# optimizer: AdamW, as in train.py
+# optimizer, as in train.py
+optimizer = 'adamw'               # 'adamw' | 'muon': Muon for the blocks' matrices, AdamW for the rest (mirim/optim.py)
 learning_rate = 1e-5              # peak learning rate; DPO wants a small one (TeenyTinyLlama's Aira: 1e-6-1e-5)
+muon_lr = 1e-3                    # optimizer='muon': the blocks' matrices' peak learning rate (untuned)
+muon_momentum = 0.95
 min_lr = 1e-6
 lr_schedule = 'cosine'            # 'cosine' | 'wsd' | 'constant', after a linear warmup
 warmup_iters = 10
@@ -195,96 +190,13 @@ class PairOrder:
 
 
 # -----------------------------------------------------------------------------
-# set-up
-
-def check_config(c):
-    checks = [
-        (c.init_from, "init_from must name the fine-tuned model to start from (a checkpoint, out_dir or HF "
-                      "folder), or be 'resume'"),
-        (c.loss_type in ('sigmoid', 'ipo'), "loss_type must be 'sigmoid' or 'ipo'"),
-        (c.beta > 0, "beta must be positive"),
-        (0 <= c.label_smoothing < 0.5, "label_smoothing must be in [0, 0.5)"),
-        (c.loss_type == 'sigmoid' or c.label_smoothing == 0, "label_smoothing applies to loss_type='sigmoid' only"),
-        (c.lr_schedule in ('cosine', 'wsd', 'constant'), "lr_schedule must be 'cosine', 'wsd' or 'constant'"),
-        (c.batch_size >= 1 and c.gradient_accumulation_steps >= 1 and c.max_iters >= 1,
-         "batch_size, gradient_accumulation_steps and max_iters must be at least 1"),
-        (c.eval_interval >= 1 and c.log_interval >= 1 and c.eval_pairs >= 0,
-         "eval_interval and log_interval must be at least 1, eval_pairs not negative"),
-        (c.learning_rate >= 0 and c.min_lr >= 0 and c.warmup_iters >= 0 and c.lr_decay_iters >= 0,
-         "learning rates, warmup_iters and lr_decay_iters must not be negative"),
-        (0 <= c.dropout < 1 and c.weight_decay >= 0 and c.grad_clip >= 0 and c.max_time >= 0 and c.ddp_timeout > 0,
-         "dropout must be in [0, 1); weight_decay, grad_clip, max_time not negative; ddp_timeout positive"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            fail(message)
-
-
-def load_start(c, tokenizer, say):
-    """-> (the model to train, on the CPU in float32, the resumed checkpoint or None)."""
-    if c.init_from == 'resume':
-        path = os.path.join(c.out_dir, 'ckpt.pt')
-        if not os.path.exists(path):
-            fail(f"init_from='resume' but {path} does not exist")
-        checkpoint = load_checkpoint(path)
-        if 'dpo' not in checkpoint:
-            fail(f"{path} is not a dpo.py checkpoint; resume it with train.py")
-        return model_from_checkpoint(checkpoint, c.dropout), checkpoint
-    kind, where = resolve(c.init_from)
-    if kind == 'hf':
-        from mirim.hf import load_hf
-        model, _ = load_hf(where, tokenizer=False)
-        model = model_from_checkpoint({'model_config': dataclasses.asdict(model.config), 'model': model.state_dict()},
-                                      c.dropout)
-    else:
-        checkpoint = load_checkpoint(where)
-        check_tokenizer(checkpoint, tokenizer, c.data_dir, c.init_from)
-        model = model_from_checkpoint(checkpoint, c.dropout)
-    say(f"starting from {c.init_from} (policy and reference)")
-    return model, None
-
+# the task: pairs, loss, evaluation
 
 def data_fingerprint(meta):
     return hashlib.sha256(json.dumps(meta['splits'], sort_keys=True).encode()).hexdigest()[:16]
 
 
-def set_up(c, rank, world_size, device, say):
-    torch.manual_seed(c.seed + rank)
-    try:
-        meta = load_meta(c.data_dir)
-        tokenizer = load_tokenizer(meta['tokenizer'], base_dir=c.data_dir)
-        pairs = {split: read_pairs(c.data_dir, split, meta) for split in ('train', 'val')}
-    except (FileNotFoundError, ShardError, KeyError, ValueError) as e:
-        fail(f"data {c.data_dir}: {e}")
-    try:
-        model, checkpoint = load_start(c, tokenizer, say)
-    except (FileNotFoundError, ValueError) as e:
-        fail(str(e))
-    longest = max(len(p[k]) for split in pairs.values() for p in split for k in (0, 2))
-    if longest > model.config.block_size + 1:  # the last token is only a target
-        fail(f"{c.data_dir} holds sequences of {longest} tokens, longer than the model's context "
-             f"({model.config.block_size}): prepare it again with --max_length={model.config.block_size}")
-    if meta['vocab_size'] > model.config.vocab_size:
-        fail(f"the data's vocab ({meta['vocab_size']}) is larger than the model's ({model.config.vocab_size})")
-    try:
-        dtype = training_dtype(c.dtype, device)
-    except ValueError as e:
-        fail(str(e))
-    model.to(device)
-    optimizer = model.configure_optimizer(c.weight_decay, c.learning_rate, (c.beta1, c.beta2), device.split(':')[0])
-    n_eval = lambda n: n if c.eval_pairs == 0 else min(n, c.eval_pairs)  # noqa: E731
-    eval_train = torch.randperm(len(pairs['train']), generator=torch.Generator().manual_seed(c.seed + 1))
-    return SimpleNamespace(
-        meta=meta, tokenizer=tokenizer, pairs=pairs, raw_model=model, model=model, checkpoint=checkpoint,
-        pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id, dtype=dtype,
-        amp=autocast(device, dtype), optimizer=optimizer, order=PairOrder(len(pairs['train']), c.seed),
-        scaler=torch.amp.GradScaler(device.split(':')[0], enabled=dtype == torch.float16),
-        eval_sets={'val': list(range(n_eval(len(pairs['val'])))),
-                   'eval_train': sorted(eval_train[:n_eval(len(pairs['train']))].tolist())},
-        step=0, best_val_loss=float('inf'), val_loss=None, elapsed_before=0.0, reference=None)
-
-
-def reference(run, c, rank, world_size, device, say):
+def reference(run, c):
     """The reference log-probabilities: computed now (a new run) and stored in out_dir/reference.pt, or
     read back from there (a resumed run: the reference is the model the run started from)."""
     path = os.path.join(c.out_dir, 'reference.pt')
@@ -298,222 +210,119 @@ def reference(run, c, rank, world_size, device, say):
             fail(f"{path} was computed on other data than {c.data_dir}: resume on the data the run started with")
         return ref
     t0 = time.time()
-    ref = {split: reference_logps(run.raw_model, pairs, c.batch_size * 2, run.pad_id, device, run.amp, rank,
-                                  world_size) for split, pairs in run.pairs.items()}
+    ref = {split: reference_logps(run.raw_model, pairs, c.batch_size * 2, run.pad_id, run.device, run.amp, run.rank,
+                                  run.world_size) for split, pairs in run.pairs.items()}
     if not all(torch.isfinite(v).all() for v in ref.values()):
         fail(f"the starting model {c.init_from} gives non-finite log-probabilities on {c.data_dir}")
     ref.update(data=fingerprint, init_from=c.init_from)
-    if rank == 0:
+    if run.rank == 0:
         save_atomic(ref, path)
-    say(f"reference log-probabilities of {len(run.pairs['train']):,} train and {len(run.pairs['val']):,} held-out "
-        f"pairs: {time.time() - t0:.1f}s, stored in {path}")
+    print0(f"reference log-probabilities of {len(run.pairs['train']):,} train and {len(run.pairs['val']):,} held-out "
+           f"pairs: {time.time() - t0:.1f}s, stored in {path}")
     return ref
 
 
-def restore(run, c, rank, say):
-    checkpoint, run.checkpoint = run.checkpoint, None
-    run.optimizer.load_state_dict(checkpoint['optimizer'])
-    run.scaler.load_state_dict(checkpoint['scaler'])
-    run.step, run.best_val_loss, run.val_loss = checkpoint['step'], checkpoint['best_val_loss'], checkpoint['val_loss']
-    run.elapsed_before = checkpoint.get('elapsed', 0.0)
-    rng = checkpoint['rng']
-    set_rng_state(rng[rank] if rank < len(rng) else rng[0])
-    say(f"resuming {c.out_dir}/ckpt.pt at step {run.step}")
+class Preference(Task):
+    name = 'dpo.py'
+    metrics = METRICS
+    hint = "Try a lower learning_rate or a higher beta"
 
+    def check_config(self, c):
+        checks = [
+            (c.init_from not in ('', 'scratch'), "init_from must name the fine-tuned model to start from (a "
+                                                 "checkpoint, out_dir or HF folder), or be 'resume'"),
+            (c.loss_type in ('sigmoid', 'ipo'), "loss_type must be 'sigmoid' or 'ipo'"),
+            (c.beta > 0, "beta must be positive"),
+            (0 <= c.label_smoothing < 0.5, "label_smoothing must be in [0, 0.5)"),
+            (c.loss_type == 'sigmoid' or c.label_smoothing == 0, "label_smoothing applies to loss_type='sigmoid' only"),
+            (c.eval_pairs >= 0, "eval_pairs must not be negative"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                fail(message)
 
-# -----------------------------------------------------------------------------
-# evaluation, saving
+    def set_up(self, run, c):
+        try:
+            run.pairs = {split: read_pairs(c.data_dir, split, run.meta) for split in ('train', 'val')}
+        except (FileNotFoundError, KeyError, ValueError) as e:
+            fail(f"data {c.data_dir}: {e}")
+        block_size = run.raw_model.config.block_size
+        longest = max(len(p[k]) for split in run.pairs.values() for p in split for k in (0, 2))
+        if longest > block_size + 1:  # the last token is only a target
+            fail(f"{c.data_dir} holds sequences of {longest} tokens, longer than the model's context "
+                 f"({block_size}): prepare it again with --max_length={block_size}")
+        run.pairs_per_step = c.batch_size * c.gradient_accumulation_steps
+        run.pad_id = run.tokenizer.pad_id if run.tokenizer.pad_id is not None else run.tokenizer.eos_id
+        run.order = PairOrder(len(run.pairs['train']), c.seed)
+        n_eval = lambda n: n if c.eval_pairs == 0 else min(n, c.eval_pairs)  # noqa: E731
+        eval_train = torch.randperm(len(run.pairs['train']), generator=torch.Generator().manual_seed(c.seed + 1))
+        run.eval_sets = {'val': list(range(n_eval(len(run.pairs['val'])))),
+                         'eval_train': sorted(eval_train[:n_eval(len(run.pairs['train']))].tolist())}
+        if c.init_from != 'resume':
+            print0(f"starting from {c.init_from} (policy and reference)")
+        run.reference = reference(run, c)
 
-@torch.no_grad()
-def evaluate(run, c, split, rank, world_size, device):
-    """METRICS averaged over the fixed pairs of run.eval_sets[split] ('val' or 'eval_train')."""
-    indices = run.eval_sets[split]
-    pairs = run.pairs['val' if split == 'val' else 'train']
-    ref_all = run.reference['val' if split == 'val' else 'train']
-    total = torch.zeros(len(METRICS), device=device)
-    run.model.eval()
-    for n, start in enumerate(range(0, len(indices), c.batch_size)):
-        if n % world_size != rank:
-            continue
-        batch = indices[start:start + c.batch_size]
-        logps = pair_logps(run.raw_model, pairs, batch, run.pad_id, device, run.amp)
-        ref = ref_all[batch].to(device)
-        total += metrics(*dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], c.beta, c.label_smoothing,
-                                   c.loss_type), logps, ref)
-    if world_size > 1:
-        torch.distributed.all_reduce(total)
-    run.model.train()
-    prefix = 'val_' if split == 'val' else 'eval_train_'
-    return {prefix + name: v / len(indices) for name, v in zip(METRICS, total.tolist())}
+    def micro_step(self, run, c, micro):
+        indices = run.order.micro_batch(run.step, run.rank * (c.gradient_accumulation_steps // run.world_size) + micro, c)
+        logps = pair_logps(run.model, run.pairs['train'], indices, run.pad_id, run.device, run.amp)
+        ref = run.reference['train'][indices].to(run.device)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], c.beta,
+                                                            c.label_smoothing, c.loss_type)
+        return losses.mean(), metrics(losses, chosen_rewards, rejected_rewards, logps, ref)
 
+    def units_per_step(self, run, c):
+        return run.pairs_per_step
 
-def save(run, c, rank, world_size, improved, elapsed):
-    """ckpt.pt (and best.pt when the held-out loss improved); every rank calls it, rank 0 writes. Weights that
-    are no longer finite are never saved."""
-    states = [None] * world_size
-    if world_size > 1:
-        torch.distributed.all_gather_object(states, rng_state())
-    else:
-        states = [rng_state()]
-    if not all(torch.isfinite(p).all() for p in run.raw_model.parameters()):
-        fail(f"the weights are no longer finite at step {run.step} (the training diverged); stopped without "
-             f"saving, so {last_good(c.out_dir)}. Try a lower learning_rate or a higher beta")
-    if rank != 0:
-        return ''
-    ckpt = {'model': run.raw_model.state_dict(), 'model_config': dataclasses.asdict(run.raw_model.config),
-            'config': vars(c), 'tokenizer': run.tokenizer.to_dict(), 'step': run.step, 'tokens_seen': 0,
-            'best_val_loss': run.best_val_loss, 'val_loss': run.val_loss, 'val_bpb': None,
-            'optimizer': run.optimizer.state_dict(), 'scaler': run.scaler.state_dict(), 'rng': states,
-            'data_dir': c.data_dir, 'elapsed': elapsed, 'dpo': {'init_from': c.init_from, 'beta': c.beta,
-                                                                 'loss_type': c.loss_type}}
-    path = os.path.join(c.out_dir, 'ckpt.pt')
-    try:
-        save_atomic(ckpt, path)
-        if improved:
-            link_atomic(path, os.path.join(c.out_dir, 'best.pt'))
-    except (OSError, RuntimeError) as e:
-        fail(f"cannot write {path}: {e}; {last_good(c.out_dir)} (free some space, then --init_from=resume)")
-    return 'saved ckpt.pt' + (' and best.pt' if improved else '')
+    @torch.no_grad()
+    def evaluate_set(self, run, c, split):
+        """METRICS averaged over the fixed pairs of run.eval_sets[split] ('val' or 'eval_train')."""
+        indices = run.eval_sets[split]
+        pairs = run.pairs['val' if split == 'val' else 'train']
+        ref_all = run.reference['val' if split == 'val' else 'train']
+        total = torch.zeros(len(METRICS), device=run.device)
+        run.raw_model.eval()
+        for n, start in enumerate(range(0, len(indices), c.batch_size)):
+            if n % run.world_size != run.rank:
+                continue
+            batch = indices[start:start + c.batch_size]
+            logps = pair_logps(run.raw_model, pairs, batch, run.pad_id, run.device, run.amp)
+            ref = ref_all[batch].to(run.device)
+            total += metrics(*dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], c.beta, c.label_smoothing,
+                                       c.loss_type), logps, ref)
+        if run.world_size > 1:
+            torch.distributed.all_reduce(total)
+        run.raw_model.train()
+        prefix = 'val_' if split == 'val' else 'eval_train_'
+        return {prefix + name: v / len(indices) for name, v in zip(METRICS, total.tolist())}
 
+    def evaluate(self, run, c):
+        return {**self.evaluate_set(run, c, 'val'), **self.evaluate_set(run, c, 'eval_train')}
 
-# -----------------------------------------------------------------------------
-# the loop
+    def progress(self, run):
+        return {'pairs': run.step * run.pairs_per_step}
 
-def train_loop(run, c, rank, world_size, device, signals, start_time, log, say):
-    ddp = isinstance(run.model, torch.nn.parallel.DistributedDataParallel)
-    local = c.gradient_accumulation_steps // world_size
-    params = [p for p in run.raw_model.parameters() if p.requires_grad]
-    elapsed = lambda: run.elapsed_before + time.time() - start_time  # noqa: E731
-    pairs_per_step = c.batch_size * c.gradient_accumulation_steps
+    def step_text(self, m):
+        return f"loss {m['loss']:.4f} | reward accuracy {m['reward_accuracy']:.1%} | margin {m['reward_margin']:.3f}"
 
-    def run_eval():
-        found = {**evaluate(run, c, 'val', rank, world_size, device),
-                 **evaluate(run, c, 'eval_train', rank, world_size, device)}
-        if not math.isfinite(found['val_loss']):
-            fail(f"the held-out loss became {found['val_loss']} at step {run.step}; stopped without saving, "
-                 f"so {last_good(c.out_dir)}")
-        run.val_loss = found['val_loss']
-        say(f"step {run.step}: held-out loss {found['val_loss']:.4f}, reward accuracy "
-            f"{found['val_reward_accuracy']:.1%}, margin {found['val_reward_margin']:.3f} | train pairs: loss "
-            f"{found['eval_train_loss']:.4f}, accuracy {found['eval_train_reward_accuracy']:.1%}")
-        return found
+    def eval_text(self, found):
+        return (f"held-out loss {found['val_loss']:.4f}, reward accuracy {found['val_reward_accuracy']:.1%}, margin "
+                f"{found['val_reward_margin']:.3f} | train pairs: loss {found['eval_train_loss']:.4f}, accuracy "
+                f"{found['eval_train_reward_accuracy']:.1%}")
 
-    if run.step == 0:
-        log({'step': 0, 'pairs': 0, 'lr': None, **run_eval(), 'elapsed': elapsed()})
+    def describe(self, run, c):
+        return [f"data: {c.data_dir}: {len(run.pairs['train']):,} train pairs, {len(run.pairs['val']):,} held-out; "
+                f"{run.pairs_per_step} pairs a step, {c.max_iters} steps"]
 
-    stop_reason = None
-    while run.step < c.max_iters:
-        lr = get_lr(run.step, c)
-        for group in run.optimizer.param_groups:
-            group['lr'] = lr
-        total = torch.zeros(len(METRICS), device=device)
-        for micro in range(local):
-            indices = run.order.micro_batch(run.step, rank * local + micro, c)
-            last_micro = micro == local - 1
-            with nullcontext() if last_micro or not ddp else run.model.no_sync():
-                logps = pair_logps(run.model, run.pairs['train'], indices, run.pad_id, device, run.amp)
-                ref = run.reference['train'][indices].to(device)
-                losses, chosen_rewards, rejected_rewards = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1],
-                                                                    c.beta, c.label_smoothing, c.loss_type)
-                run.scaler.scale(losses.mean() / local).backward()
-            total += metrics(losses, chosen_rewards, rejected_rewards, logps, ref)
-        timed_out = c.max_time > 0 and time.time() - start_time >= c.max_time
-        status = torch.cat([total, torch.tensor([float(bool(signals)), float(timed_out)], device=device)])
-        if world_size > 1:
-            torch.distributed.all_reduce(status)
-        status = status.tolist()
-        step_metrics = {name: v / pairs_per_step for name, v in zip(METRICS, status)}
-        signalled, timed_out = status[-2], status[-1]
-        if not math.isfinite(step_metrics['loss']):
-            fail(f"the loss became {step_metrics['loss']} at step {run.step + 1} (lr {lr:.3g}); stopped without "
-                 f"saving, so {last_good(c.out_dir)}. Try a lower learning_rate or a higher beta")
-        grad_norm = None
-        if c.grad_clip > 0:
-            run.scaler.unscale_(run.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip).item()
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-        run.optimizer.zero_grad(set_to_none=True)
-        run.step += 1
-        if signalled:
-            stop_reason = f"stopped by {signals[0] if signals else 'a signal to another process'}"
-        elif timed_out:
-            stop_reason = f"max_time ({c.max_time:g} s) reached"
-        last = run.step >= c.max_iters or stop_reason is not None
-        eval_now = (run.step % c.eval_interval == 0 or last) and not signalled
-        record = {'step': run.step, 'pairs': run.step * pairs_per_step, 'lr': lr, 'grad_norm': grad_norm,
-                  **step_metrics, 'elapsed': elapsed()}
-        if run.step % c.log_interval == 0 or last or eval_now:
-            say(f"step {run.step}/{c.max_iters} | loss {step_metrics['loss']:.4f} | reward accuracy "
-                f"{step_metrics['reward_accuracy']:.1%} | margin {step_metrics['reward_margin']:.3f} | lr {lr:.2e}")
-        if eval_now:
-            record.update(run_eval())
-            improved = run.val_loss < run.best_val_loss
-            run.best_val_loss = min(run.best_val_loss, run.val_loss)
-            log(record)  # before the save: a resume drops log lines past its checkpoint, never misses one
-            say(save(run, c, rank, world_size, improved, elapsed()))
-        else:
-            if run.step % c.log_interval == 0 or last:
-                log(record)
-            if signalled:
-                save(run, c, rank, world_size, False, elapsed())
-        if stop_reason:
-            break
-    return stop_reason, elapsed()
+    def restore(self, run, c, checkpoint):
+        if 'dpo' not in checkpoint:
+            fail(f"{c.out_dir}/ckpt.pt is not a dpo.py checkpoint; resume it with train.py")
+
+    def checkpoint_state(self, run, c):
+        return {'dpo': {'init_from': c.init_from, 'beta': c.beta, 'loss_type': c.loss_type}}
 
 
 def main(argv):
-    start_time = time.time()
-    try:
-        c = SimpleNamespace(**configure(DEFAULTS, argv, help_source=__file__))  # --help reads the comments above
-    except ConfigError as e:
-        fail(str(e))
-    check_config(c)
-    ddp, rank, world_size, device = start_processes(c.device, c.gradient_accumulation_steps, c.ddp_timeout)
-    say = print if rank == 0 else (lambda *a, **k: None)
-    try:
-        lock = claim_out_dir(c.out_dir, resume=c.init_from == 'resume') if rank == 0 else None
-    except ValueError as e:
-        fail(str(e))
-    try:
-        run = set_up(c, rank, world_size, device, say)
-        run.reference = reference(run, c, rank, world_size, device, say)
-        if run.checkpoint is not None:
-            restore(run, c, rank, say)
-            if run.step >= c.max_iters:
-                say(f"nothing to do: the checkpoint is at step {run.step}, max_iters is {c.max_iters}")
-                return
-        if ddp:
-            from torch.nn.parallel import DistributedDataParallel
-            run.model = DistributedDataParallel(run.raw_model, device_ids=[device] if device.startswith('cuda')
-                                                else None, forward_sync_buffers=False)
-        say("config:")
-        print_config(vars(c), say)
-        say(f"data: {c.data_dir}: {len(run.pairs['train']):,} train pairs, {len(run.pairs['val']):,} held-out; "
-            f"{c.batch_size * c.gradient_accumulation_steps} pairs a step, {c.max_iters} steps; device {device}, "
-            f"{world_size} process{'es' if world_size > 1 else ''}")
-        log = RunLog(c, run.step, rank)
-        try:
-            with stop_signals() as signals:
-                stop_reason, elapsed = train_loop(run, c, rank, world_size, device, signals, start_time, log, say)
-        except RuntimeError as e:
-            if ddp and peer_timeout(e, rank, c.ddp_timeout):
-                fail(peer_timeout(e, rank, c.ddp_timeout))
-            raise
-        finally:
-            log.close()
-        if stop_reason:
-            say(f"{stop_reason} at step {run.step}: saved {c.out_dir}/ckpt.pt; continue with --init_from=resume")
-        else:
-            say(f"done: {run.step} steps in {elapsed / 60:.1f} min; held-out loss {run.val_loss:.4f}; "
-                f"checkpoint {c.out_dir}/ckpt.pt")
-        if ddp:  # every process reaches the end before any tears the group down (gloo aborts a process
-            torch.distributed.barrier()  # whose peer closes while rank 0 is still saving)
-    finally:
-        if lock is not None:
-            os.close(lock)
-        if ddp:
-            torch.distributed.destroy_process_group()
+    train(Preference(), DEFAULTS, argv, help_source=__file__)
 
 
 if __name__ == '__main__':

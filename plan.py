@@ -30,11 +30,14 @@ datasheets' "with sparsity" figures halved). An MFU of 0.3-0.5 is typical of a w
 """
 import ast
 import difflib
-import json
-import math
-import os
 import statistics
 import sys
+
+from mirim import train_config as train_settings
+from mirim.run import check_run_config
+from mirim.sizing import CHINCHILLA_TOKENS_PER_PARAM, human, size_run
+from mirim.out_dir import read_log
+from mirim.train_config import check_config, depth_dial
 
 # plan.py's own options; every other --key=value (and any config file) is train.py's, resolved as
 # train.py resolves it: --model=PRESET, --n_layer=..., --max_iters=..., --batch_size=..., --data_dir=...
@@ -51,7 +54,6 @@ DEFAULTS = dict(
 )
 
 
-CHINCHILLA_TOKENS_PER_PARAM = 20
 # (name, tokens, parameters) of published runs, for their tokens per parameter
 PUBLISHED_RUNS = [
     ('TeenyTinyLlama-160m', 457_969 * 4 * 2048, 162_417_408),  # model card: 457,969 steps, batch 4, context 2048
@@ -60,14 +62,6 @@ PUBLISHED_RUNS = [
     ('TinyLlama-1.1B', 3e12, 1.1e9),                           # arXiv:2401.02385: 3T tokens (1T x ~3 epochs)
 ]
 TTL_CORPUS_TOKENS = 6.2e9  # Pt-Corpus Instruct, the TeenyTinyLlama models' pre-training data (model cards)
-
-
-def human(x, unit=''):
-    """1234567 -> '1.23M'"""
-    for value, suffix in ((1e12, 'T'), (1e9, 'B'), (1e6, 'M'), (1e3, 'k')):
-        if abs(x) >= value:
-            return f"{x / value:.3g}{suffix}{unit}"
-    return f"{x:.3g}{unit}"
 
 
 def duration(seconds):
@@ -118,27 +112,6 @@ def token_rules(params):
     return [(name, ratio, ratio * params) for name, ratio in rules]
 
 
-MAX_BATCH_TOKENS = 2 ** 19  # nanochat's and cucafera's batch: 524,288 tokens a step
-MIN_STEPS = 1000            # the dial's batch leaves at least ~this many steps
-
-
-def size_run(params, block_size, tokens_per_param=CHINCHILLA_TOKENS_PER_PARAM, corpus_tokens=None, max_epochs=4.0):
-    """The depth dial's run size for a model of `params` parameters: {'tokens', 'batch_tokens',
-    'max_iters', 'why'}. Tokens: tokens_per_param x params, but at most max_epochs over the corpus
-    (repeating data beyond ~4 epochs buys little; Muennighoff et al. 2023). Tokens per step: the
-    power of two that leaves about MIN_STEPS steps (a small run wants many small steps, a big one
-    big batches), at least one sequence and at most MAX_BATCH_TOKENS."""
-    tokens = tokens_per_param * params
-    why = f"{tokens_per_param:g} tokens/param"
-    if corpus_tokens and tokens > max_epochs * corpus_tokens:
-        tokens = max_epochs * corpus_tokens
-        why = f"{max_epochs:g} epochs of the corpus ({tokens_per_param:g} tokens/param: {human(tokens_per_param * params)})"
-    batch_tokens = 2 ** max(0, round(math.log2(max(1.0, tokens / MIN_STEPS))))
-    batch_tokens = min(MAX_BATCH_TOKENS, max(block_size, batch_tokens))
-    return {'tokens': tokens, 'batch_tokens': batch_tokens, 'max_iters': max(1, math.ceil(tokens / batch_tokens)),
-            'why': why}
-
-
 def depth_table(vocab_size, corpus_tokens=None, tokens_per_param=CHINCHILLA_TOKENS_PER_PARAM, max_epochs=4.0,
                 depths=range(2, 25)):
     """One row per depth: the shape model='auto' builds and the run the dial sizes for it."""
@@ -168,13 +141,12 @@ def depth_table_text(rows):
 def training_config(argv):
     """train.py's resolved config for these config files and --key=value, as train.py resolves it."""
     from mirim.configurator import ConfigError, configure, describe
-    import train
     usage = None
     if '--help' in argv or '-h' in argv:  # plan.py's own options, then train.py's keys
         usage = (f"usage: python plan.py [config.py ...] [--key=value ...]\n\nplan.py's options:\n"
                  f"{describe(DEFAULTS, __file__)}\n\nand train.py's, read as train.py reads them:")
     try:
-        return configure(train.DEFAULTS, argv, help_source=train.__file__, usage=usage)
+        return configure(train_settings.DEFAULTS, argv, help_source=train_settings.__file__, usage=usage)
     except ConfigError as e:
         raise ValueError(f"{e} (plan.py's own options: {', '.join(DEFAULTS)})") from None
 
@@ -200,17 +172,7 @@ def tokens_from_config(train_config, block_size):
 def tokens_per_sec_from_log(path):
     """Median training tokens/s over a log.jsonl's lines, the first (warm-up, compilation) left out.
     Reads a tokens/s field if there is one, else divides tokens by time between lines."""
-    if os.path.isdir(path):
-        path = os.path.join(path, 'log.jsonl')
-    records = []
-    with open(path, encoding='utf-8') as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash
-            if isinstance(record, dict):
-                records.append(record)
+    records = read_log(path)
     for key in ('tokens_per_sec', 'tokens_per_second', 'tok_per_sec', 'tokens/s'):
         rates = [r[key] for r in records if isinstance(r.get(key), (int, float)) and r[key] > 0]
         if rates:
@@ -327,7 +289,6 @@ def parse_args(argv):
 
 def check_options(options, train_config):
     from types import SimpleNamespace
-    from train import check_config
     checks = [(min(options['params'], options['tokens'], options['tokens_per_sec'], options['gpu_hour_price'],
                    options['context']) >= 0, "params, tokens, tokens_per_sec, gpu_hour_price and context must not be "
                                              "negative (0 = not given)"),
@@ -336,7 +297,9 @@ def check_options(options, train_config):
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
-    check_config(SimpleNamespace(**train_config))  # the run's own settings, as train.py checks them
+    settings = SimpleNamespace(**train_config)  # the run's own settings, as train.py checks them
+    check_run_config(settings)
+    check_config(settings)
 
 
 def main(argv=None):
@@ -368,10 +331,9 @@ def run(argv):
     else:
         config['shape'], config['name'] = model_shape(train_config, meta), train_config['model']
     if train_config['model'] == 'auto':  # max_iters and batch_size as train.py's depth dial sets them
-        import train
         block_size = config['shape']['block_size']
-        for line in train.depth_dial(train_config, count_params(config['shape'])['params'], block_size,
-                                     meta['splits']['train']['tokens'] if meta else None):
+        for line in depth_dial(train_config, count_params(config['shape'])['params'], block_size,
+                                meta['splits']['train']['tokens'] if meta else None):
             print(line)
         given |= {'max_iters'}
     if not config['tokens'] and config['shape'] and (has_file or given & {'max_iters', 'batch_size',

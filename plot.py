@@ -10,10 +10,11 @@ Loss is per token, so runs with different tokenizers are compared on bits per by
 A key a log does not have is left out of that run's lines; a resumed run's repeated steps count
 once (the later lines win). Needs matplotlib (pip install matplotlib).
 """
-import json
 import math
 import os
 import sys
+
+from mirim import out_dir
 
 SERIES = [  # (panel title, [(log key, line style, label suffix)])
     ('loss (nats/token)', [('train_loss', '-', 'train'), ('val_loss', '--', 'val')]),
@@ -24,26 +25,10 @@ X_LABELS = {'tokens': 'tokens seen', 'step': 'step', 'minutes': 'wall-clock minu
 
 
 def read_log(path):
-    """The records of a log.jsonl (or of out_dir/log.jsonl), in step order. When a run was resumed
-    from an earlier checkpoint, the steps it repeats replace the lines logged before the resume."""
-    if os.path.isdir(path) or not path.endswith('.jsonl'):
-        path = os.path.join(path, 'log.jsonl')
-    if not os.path.isfile(path):
-        raise SystemExit(f"{path} not found: give a train.py out_dir (holding log.jsonl) or a log.jsonl file")
-    records = []
-    with open(path, encoding='utf-8') as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a last line cut short by a crash
-            if not isinstance(record, dict):
-                continue
-            step = record.get('step')
-            while step is not None and records and records[-1].get('step', -1) >= step:
-                records.pop()
-            records.append(record)
-    return records
+    try:
+        return out_dir.read_log(path)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
 
 
 def series(records, x_key, y_key):

@@ -87,7 +87,9 @@ def build_model(cfg, meta, tokenizer, say=print):
     """The model a training run starts from -> (model on the CPU in float32, checkpoint dict when
     resuming else None). cfg['init_from'] is 'scratch', 'resume' (out_dir/ckpt.pt: same shape, same
     tokenizer) or a mirim checkpoint / HF folder to fine-tune (its shape; weights only). tokenizer is
-    the data's. ValueError / FileNotFoundError say what does not fit."""
+    the data's. A config without a 'model' key (dpo.py's) describes no shape: it cannot start from scratch,
+    and it resumes or fine-tunes whatever shape the checkpoint holds. ValueError / FileNotFoundError say
+    what does not fit."""
     from model import Llama, LlamaConfig
     init_from = cfg['init_from']
     if init_from == 'scratch':
@@ -99,7 +101,8 @@ def build_model(cfg, meta, tokenizer, say=print):
             raise FileNotFoundError(f"init_from='resume' but {path} does not exist; start with --init_from=scratch")
         checkpoint = load_checkpoint(path)
         keys = [f.name for f in fields(LlamaConfig) if f.name != 'dropout']
-        diff = differences(asdict(requested_model_config(cfg, meta)), checkpoint['model_config'], keys)
+        diff = differences(asdict(requested_model_config(cfg, meta)), checkpoint['model_config'], keys) \
+            if 'model' in cfg else None
         if diff:
             raise ValueError(f"{path} holds a model of a different shape: {'; '.join(diff)}. Resume with the config "
                              f"that started the run, or train this one in another out_dir")
@@ -117,12 +120,13 @@ def build_model(cfg, meta, tokenizer, say=print):
         checkpoint = load_checkpoint(where)
         check_tokenizer(checkpoint, tokenizer, cfg['data_dir'], init_from)
         source, state = checkpoint['model_config'], clean_state_dict(checkpoint['model'])
-    asked = {k: cfg[k] for k in SHAPE_KEYS + ('vocab_size',) if cfg[k] is not None}
+    asked = {k: cfg[k] for k in SHAPE_KEYS + ('vocab_size',) if cfg.get(k) is not None}
     diff = differences(asked, source, asked)
     if diff:
         raise ValueError(f"{init_from} holds a model with {'; '.join(diff)}; fine-tuning keeps the model's shape, "
                          f"so leave those keys unset")
-    say(f"fine-tuning the weights of {init_from} (its shape; the 'model' preset is not used; optimizer fresh)")
+    say(f"fine-tuning the weights of {init_from} (its shape" + ("; the 'model' preset is not used" if 'model' in cfg
+                                                                else "") + "; optimizer fresh)")
     model = Llama(LlamaConfig.from_dict({**source, 'dropout': cfg['dropout']}))
     model.load_state_dict(state)
     return model, None

@@ -5,7 +5,7 @@ import json
 import math
 import os
 
-from mirim.atomic import write_json
+from mirim.atomic import atomic_file, write_json
 
 
 def claim_out_dir(out_dir, resume):
@@ -47,15 +47,39 @@ def last_good(out_dir):
     return f"{path} still holds the last good checkpoint" if os.path.exists(path) else "no checkpoint was written"
 
 
+def read_log(path):
+    """The records of a log.jsonl (or of out_dir/log.jsonl), in step order: the one reader of a run's log
+    (plot.py, plan.py, and a resuming run itself). When a run was resumed from an earlier checkpoint,
+    the steps it repeats replace the lines logged before the resume; a line cut short by a crash is
+    skipped. FileNotFoundError when there is no log."""
+    if os.path.isdir(path) or not path.endswith('.jsonl'):
+        path = os.path.join(path, 'log.jsonl')
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: give a training out_dir (holding log.jsonl) or a log.jsonl file")
+    records = []
+    with open(path, encoding='utf-8', errors='replace') as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a last line cut short by a crash
+            if not isinstance(record, dict):
+                continue
+            step = record.get('step')
+            while isinstance(step, (int, float)) and records and records[-1].get('step', -1) >= step:
+                records.pop()
+            records.append(record)
+    return records
+
+
 def open_log(out_dir, step):
     """log.jsonl for appending; on resume (step > 0), lines past the checkpoint's step are dropped
     first (the steps after the last save are trained again, and logged again)."""
     path = os.path.join(out_dir, 'log.jsonl')
     if step > 0 and os.path.exists(path):
-        with open(path, encoding='utf-8') as f:
-            kept = [line for line in f if line.strip() and json.loads(line).get('step', 0) <= step]
-        with open(path, 'w', encoding='utf-8') as f:
-            f.writelines(kept)
+        kept = [record for record in read_log(path) if record.get('step', 0) <= step]
+        with atomic_file(path) as f:
+            f.write(''.join(json.dumps(record) + '\n' for record in kept).encode('utf-8'))
     return open(path, 'a' if step > 0 else 'w', encoding='utf-8')
 
 

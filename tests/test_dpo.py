@@ -327,3 +327,45 @@ def test_bible_pairs_are_right_against_plausible_wrong_and_hold_out_whole_chapte
             assert {p['chosen'], p['rejected']} == set(answers)
         if p['task'] == 'book':
             assert p['chosen'].startswith('Em ') and p['rejected'].startswith('Em ')
+
+
+# --- what the run skeleton gives DPO (mirim/run.py): the optimizer choice and every starting point
+
+def test_muon_reaches_dpo_and_resumes_exactly(setup, tmp_path):
+    common = ['--optimizer=muon', '--muon_lr=0.02', '--eval_interval=100', '--lr_decay_iters=4']
+    run(setup, tmp_path / 'straight', '--max_iters=4', *common)
+    run(setup, tmp_path / 'split', '--max_iters=2', *common)
+    run(setup, tmp_path / 'split', '--max_iters=4', '--init_from=resume', *common)
+    run(setup, tmp_path / 'adamw', '--max_iters=4', '--eval_interval=100', '--lr_decay_iters=4')
+    steps = lambda out: [(r['step'], r['loss'], r['grad_norm']) for r in log_lines(out) if r['step'] > 0]  # noqa: E731
+    assert steps(tmp_path / 'split') == steps(tmp_path / 'straight') and len(steps(tmp_path / 'straight')) == 4
+    assert steps(tmp_path / 'straight')[1:] != steps(tmp_path / 'adamw')[1:]  # a Muon step is not an AdamW step
+    state = torch.load(tmp_path / 'straight' / 'ckpt.pt', weights_only=True)['optimizer']
+    assert any(group.get('use_muon') for group in state['param_groups'])
+
+
+def test_dpo_from_a_hugging_face_folder_starts_from_its_weights(setup, tmp_path):
+    from export import export
+    data, start = setup
+    export(start, str(tmp_path / 'hf'), check_tokenizer=False)
+    dpo.main(TINY + [f'--data_dir={data}', f'--out_dir={tmp_path / "from_hf"}', f'--init_from={tmp_path / "hf"}',
+                     '--max_iters=1'])
+    run(setup, tmp_path / 'from_ckpt', '--max_iters=1')
+    hf_ref = torch.load(tmp_path / 'from_hf' / 'reference.pt', weights_only=True)
+    ckpt_ref = torch.load(tmp_path / 'from_ckpt' / 'reference.pt', weights_only=True)
+    assert torch.allclose(hf_ref['val'], ckpt_ref['val'], atol=1e-5)
+    assert log_lines(tmp_path / 'from_hf')[0]['val_loss'] == pytest.approx(math.log(2))
+
+
+def test_dpo_from_a_hugging_face_folder_with_another_tokenizer_is_refused(setup, tmp_path):
+    from export import export
+    data, _ = setup
+    other = load_tokenizer({'kind': 'bytes', 'special_tokens': ['<s>', '</s>', '<pad>', '<|user|>', '<|end|>']})
+    model = tiny_model(seed=0, tokenizer=other, block_size=64)
+    path = str(tmp_path / 'other.pt')
+    torch.save({'model': model.state_dict(), 'model_config': model.config.__dict__, 'tokenizer': other.to_dict()}, path)
+    export(path, str(tmp_path / 'hf'), check_tokenizer=False)
+    with pytest.raises(SystemExit) as e:
+        dpo.main(TINY + [f'--data_dir={data}', f'--out_dir={tmp_path / "out"}', f'--init_from={tmp_path / "hf"}'])
+    assert 'another tokenizer' in str(e.value.code)
+    assert not os.path.exists(tmp_path / 'out' / 'reference.pt')

@@ -116,7 +116,7 @@ def test_unknown_gpu_is_an_error_naming_the_known_ones():
 
 
 def test_without_a_model_it_plans_train_py_default_model():
-    from train import DEFAULTS as TRAIN_DEFAULTS
+    from mirim.train_config import DEFAULTS as TRAIN_DEFAULTS
     result = plan.main([])
     assert result['model'] == TRAIN_DEFAULTS['model']
 

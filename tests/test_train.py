@@ -17,6 +17,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train  # noqa: E402
+from mirim import run as run_skeleton, train_config  # noqa: E402
+from mirim.optim import get_lr  # noqa: E402
 from mirim.shards import write_meta, write_shard  # noqa: E402
 from mirim.tokenizer import load_tokenizer  # noqa: E402
 
@@ -225,15 +227,15 @@ def test_the_tokenizer_error_names_the_models_tokenizer_file():
 
 
 def test_lr_schedules_warm_up_then_end_at_min_lr():
-    cfg = dict(train.DEFAULTS, learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=100, lr_decay_iters=0,
+    cfg = dict(train_config.DEFAULTS, learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=100, lr_decay_iters=0,
                wsd_decay_fraction=0.2)
     del cfg['lr_schedule']
     for schedule in ('cosine', 'wsd'):
-        lrs = [train.get_lr(s, SimpleNamespace(**cfg, lr_schedule=schedule)) for s in range(101)]
+        lrs = [get_lr(s, SimpleNamespace(**cfg, lr_schedule=schedule)) for s in range(101)]
         assert lrs[0] < lrs[5] < lrs[10] == 1.0 and lrs[100] == pytest.approx(0.1)
-    wsd = [train.get_lr(s, SimpleNamespace(**cfg, lr_schedule='wsd')) for s in range(101)]
+    wsd = [get_lr(s, SimpleNamespace(**cfg, lr_schedule='wsd')) for s in range(101)]
     assert wsd[10] == wsd[80] == 1.0 and wsd[81] < 1.0
-    assert train.get_lr(99, SimpleNamespace(**cfg, lr_schedule='constant')) == 1.0
+    assert get_lr(99, SimpleNamespace(**cfg, lr_schedule='constant')) == 1.0
 
 
 # --- errors users hit
@@ -293,13 +295,13 @@ def sha(path):
 def test_a_signal_during_a_diverging_step_never_saves_non_finite_weights(data_dir, tmp_path, monkeypatch):
     run(data_dir, tmp_path, '--max_iters=2', '--eval_interval=2')
     before = sha(tmp_path / 'ckpt.pt')
-    get_lr = train.get_lr
+    real_get_lr = run_skeleton.get_lr
 
     def lr_then_sigterm(step, c):  # SIGTERM arrives during the first resumed step, whose update blows up
         if step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
-        return get_lr(step, c)
-    monkeypatch.setattr(train, 'get_lr', lr_then_sigterm)
+        return real_get_lr(step, c)
+    monkeypatch.setattr(run_skeleton, 'get_lr', lr_then_sigterm)
     message = error_of(data_dir, tmp_path, '--init_from=resume', '--max_iters=10', '--learning_rate=1e40',
                        '--warmup_iters=0', '--grad_clip=0.0')
     assert 'no longer finite' in message and 'still holds the last good checkpoint' in message
