@@ -16,51 +16,78 @@ sees the padding). By default every weight is trained, the backbone with a small
 freeze_backbone=True trains the head alone (a linear probe: fast, and a measure of what
 pre-training learned).
 
+Training is the run skeleton every training command shares (mirim/run.py, as train.py and dpo.py):
+the out_dir is claimed (a second run never writes over a classifier.pt), Ctrl-C or SIGTERM saves and
+exits, --init_from=resume continues exactly, torchrun runs it on several processes, and log.jsonl
+records the loss and accuracy. A share of the train file (val_fraction, whole examples, seeded) is held
+out: its loss and accuracy are logged once an epoch and pick best.pt; the test file is scored once, at
+the end, by the final model, so no choice is ever made on it.
+
 Output: accuracy, macro F1 (the mean of the per-label F1, so every label counts the same however
 rare) and the majority-class baseline on the test file, printed and saved to out_dir/results.json,
-and out_dir/classifier.pt: a mirim checkpoint (checkpoint.load_model reads it) plus the head and the
-label names; load_classifier() and predict() below use it.
+and out_dir/classifier.pt: a mirim checkpoint (mirim.checkpoint.load_model reads it) plus the head and
+the label names; load_classifier() and predict() below use it.
 """
 
 import math
 import os
-import random
 import sys
-import time
 from contextlib import nullcontext
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from mirim.atomic import save_atomic, write_json
-from mirim.checkpoint import load_checkpoint, load_model, model_from_checkpoint, MODEL_KEYS, resolve
-from mirim.common import autocast, resolve_device, resolve_dtype
+from mirim.checkpoint import MODEL_KEYS, load_checkpoint, load_model, model_from_checkpoint, resolve
+from mirim.common import fail, print0
+from mirim.run import ExampleOrder, Task, run_task, train
+from mirim.tokenizer import load_tokenizer
 
 DEFAULTS = dict(
-    init_from='out/biblia-pt',    # a mirim checkpoint (file, or out_dir holding ckpt.pt) or a Hugging Face Llama folder
+    init_from='out/biblia-pt',    # a mirim checkpoint (file, or out_dir holding ckpt.pt) or a Hugging Face Llama
+                                  # folder; 'resume' continues out_dir/ckpt.pt
     train_file='data/biblia/pt-classify/train.jsonl',
     test_file='data/biblia/pt-classify/test.jsonl',
     text_field='text',
     text_pair_field='text_pair',  # used when the records have it
     label_field='label',
+    val_fraction=0.1,             # share of the train file held out (whole examples, seeded) for best.pt and the log
     out_dir='out/biblia-pt-classify',
     freeze_backbone=False,        # True: train only the head (a linear probe)
     epochs=3,
-    batch_size=32,
+    max_iters=0,                  # optimizer steps in all; 0 = epochs over the train examples
+    eval_interval=0,              # steps between evaluations (each also saves ckpt.pt); 0 = once an epoch
+    log_interval=10,
+    batch_size=32,                # examples per micro-batch, per process
+    gradient_accumulation_steps=1,
     learning_rate=1e-4,           # the pre-trained weights: small, so fine-tuning does not wreck them
     head_learning_rate=1e-3,      # the new head
     optimizer='adamw',            # 'adamw' | 'muon': Muon for the backbone's block matrices (optim.py), AdamW for the rest
     muon_lr=1e-3,                 # optimizer='muon': the block matrices' learning rate (untuned; pre-training's is 0.02)
     muon_momentum=0.95,
     weight_decay=0.01,
-    warmup_fraction=0.1,          # linear warmup over this share of the steps, then linear decay to 0
+    beta1=0.9,
+    beta2=0.999,
+    warmup_fraction=0.1,          # linear warmup over this share of the steps, then linear decay to min_lr
+    lr_schedule='linear',         # after the warmup: 'linear' | 'cosine' | 'wsd' | 'constant' (mirim/optim.py)
+    min_lr=0.0,
     grad_clip=1.0,
     max_length=0,                 # tokens per example, <bos>/<eos> included; longer ones are cut; 0 = the model's context
+    dropout=0.0,
+    max_time=0.0,                 # seconds: evaluate, save and stop once this run has lasted this long; 0 = no limit
     device='auto',                # 'auto' (cuda, then mps, then cpu) | 'cpu' | 'cuda' | 'mps'
+    dtype='auto',                 # 'float32' | 'bfloat16' | 'float16'; auto = bf16 (else fp16) on CUDA, fp32 elsewhere
     seed=1337,
+    ddp_timeout=300.0,
+    wandb_log=False,              # also log to Weights & Biases (WANDB_MODE=offline works)
+    wandb_project='mirim',
+    wandb_run_name='',
 )
+# the schedule's settings a classifier derives from the ones above (kept in the run's config for a resume)
+DERIVED = dict(warmup_iters=0, lr_decay_iters=0, wsd_decay_fraction=0.2)
 
 
 class DataError(ValueError):
@@ -179,127 +206,179 @@ def predict_ids(classifier, encoded, batch_size, pad_id, device, amp=nullcontext
 
 
 # -----------------------------------------------------------------------------
-# training
+# training: the classifier's part of the run skeleton
 
-def train_classifier(cfg, say=print):
-    """Fine-tune on cfg['train_file'], score cfg['test_file'], save out_dir/classifier.pt and results.json.
-    Returns the results dict."""
-    cfg = {**DEFAULTS, **cfg}
-    checks = [(cfg['epochs'] >= 1 and cfg['batch_size'] >= 1, "epochs and batch_size must be at least 1"),
-              (cfg['learning_rate'] >= 0 and cfg['head_learning_rate'] >= 0 and cfg['weight_decay'] >= 0
-               and cfg['grad_clip'] >= 0, "learning_rate, head_learning_rate, weight_decay and grad_clip must not be "
-                                          "negative"),
-              (0 <= cfg['warmup_fraction'] <= 1, "warmup_fraction must be between 0 and 1"),
-              (cfg['max_length'] >= 0, "max_length must not be negative (0 = the model's context)"),
-              (cfg['optimizer'] in ('adamw', 'muon'), f"optimizer={cfg['optimizer']!r}: choose 'adamw' or 'muon'")]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-    t0 = time.time()
-    torch.manual_seed(cfg['seed'])
-    device = resolve_device(cfg['device'])
-    fields = (cfg['text_field'], cfg['text_pair_field'], cfg['label_field'])
-    train = read_examples(cfg['train_file'], *fields)
-    test = read_examples(cfg['test_file'], *fields)
-    labels = sorted({label for _, _, label in train}, key=lambda x: (isinstance(x, str), x))
-    if len(labels) < 2:
-        raise DataError(f"{cfg['train_file']}: every example has the label {labels[0]!r}; a classifier needs two or more")
-    label_index = {label: k for k, label in enumerate(labels)}
-    unseen = sorted({str(label) for _, _, label in test if label not in label_index})
-    if unseen:
-        raise DataError(f"{cfg['test_file']} has labels that {cfg['train_file']} never has: {', '.join(unseen)}")
+def split_off(examples, fraction, seed):
+    """-> (train, held out): round(fraction * N) examples, at least one when fraction > 0, drawn by seed."""
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    n = max(1, round(fraction * len(examples))) if fraction > 0 else 0
+    held = set(order[:n])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
 
-    backbone, tokenizer = load_backbone(cfg['init_from'], device)
-    if tokenizer is None:
-        raise DataError(f"{cfg['init_from']} has no tokenizer mirim can read")
-    max_length = min(cfg['max_length'] or backbone.config.block_size, backbone.config.block_size)
-    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
-    encode = lambda examples: [encode_example(tokenizer, t, p, max_length) for t, p, _ in examples]  # noqa: E731
-    train_ids, test_ids = encode(train), encode(test)
-    train_y = [label_index[label] for _, _, label in train]
-    test_y = [label_index[label] for _, _, label in test]
 
-    classifier = Classifier(backbone, len(labels)).to(device)
-    if cfg['freeze_backbone']:
-        backbone.requires_grad_(False)
-    groups = [{'params': list(classifier.head.parameters()), 'lr': cfg['head_learning_rate']}]
-    if cfg['optimizer'] == 'muon' and not cfg['freeze_backbone']:
-        from mirim.optim import make_optimizer
-        optimizer = make_optimizer(classifier, 'muon', cfg['learning_rate'], cfg['weight_decay'], (0.9, 0.999),
-                                   device.split(':')[0], muon_lr=cfg['muon_lr'], muon_momentum=cfg['muon_momentum'],
-                                   extra_groups=groups)
-    else:
-        if not cfg['freeze_backbone']:
-            groups.append({'params': [p for p in backbone.parameters() if p.requires_grad], 'lr': cfg['learning_rate']})
-        optimizer = torch.optim.AdamW(groups, weight_decay=cfg['weight_decay'])
-    for group in optimizer.param_groups:
-        group['initial_lr'] = group['lr']
-    amp = autocast(device, resolve_dtype('auto', device))
+class Classification(Task):
+    name = 'classify.py'
+    metrics = ('train_loss', 'train_accuracy')
+    hint = "Try a lower learning_rate / head_learning_rate"
 
-    steps_per_epoch = math.ceil(len(train_ids) / cfg['batch_size'])
-    total_steps = steps_per_epoch * cfg['epochs']
-    warmup = max(1, int(cfg['warmup_fraction'] * total_steps))
-    counts = {k: train_y.count(k) for k in range(len(labels))}
-    majority = max(counts, key=counts.get)
-    say(f"classify: {len(train):,} train / {len(test):,} test examples, {len(labels)} labels "
-        f"({', '.join(map(str, labels))}); {cfg['init_from']} ({backbone.num_params() / 1e6:.2f}M parameters "
-        f"without embeddings), {'head only (backbone frozen)' if cfg['freeze_backbone'] else 'all weights'}; "
-        f"{cfg['epochs']} epochs x {steps_per_epoch} steps on {device}")
+    def check_config(self, c):
+        checks = [(c.epochs >= 1, "epochs must be at least 1"),
+                  (c.head_learning_rate >= 0, "head_learning_rate must not be negative"),
+                  (0 <= c.warmup_fraction <= 1, "warmup_fraction must be between 0 and 1"),
+                  (0 < c.val_fraction < 1, "val_fraction must be in (0, 1): best.pt is chosen on held-out examples"),
+                  (c.max_length >= 0, "max_length must not be negative (0 = the model's context)"),
+                  (c.max_iters >= 0 and c.eval_interval >= 0, "max_iters and eval_interval must not be negative")]
+        for ok, message in checks:
+            if not ok:
+                fail(message)
+        try:
+            fields = (c.text_field, c.text_pair_field, c.label_field)
+            train_examples, test = read_examples(c.train_file, *fields), read_examples(c.test_file, *fields)
+        except (DataError, OSError) as e:
+            fail(str(e))
+        self.labels = sorted({label for _, _, label in train_examples}, key=lambda x: (isinstance(x, str), x))
+        if len(self.labels) < 2:
+            fail(f"{c.train_file}: every example has the label {self.labels[0]!r}; a classifier needs two or more")
+        unseen = sorted({str(label) for _, _, label in test if label not in self.labels})
+        if unseen:
+            fail(f"{c.test_file} has labels that {c.train_file} never has: {', '.join(unseen)}")
+        self.examples = dict(zip(('train', 'val'), split_off(train_examples, c.val_fraction, c.seed)), test=test)
+        # the schedule in steps, from epochs and shares (a resumed run keeps the values its config.json has)
+        steps_per_epoch = math.ceil(len(self.examples['train']) / (c.batch_size * c.gradient_accumulation_steps))
+        c.max_iters = c.max_iters or c.epochs * steps_per_epoch
+        c.eval_interval = c.eval_interval or steps_per_epoch
+        c.warmup_iters = int(c.warmup_fraction * c.max_iters)
 
-    from tqdm import tqdm
-    rng = random.Random(cfg['seed'])
-    step = 0
-    for epoch in range(cfg['epochs']):
-        classifier.train()
-        if cfg['freeze_backbone']:
-            backbone.eval()  # no dropout in a frozen feature extractor
-        order = list(range(len(train_ids)))
-        rng.shuffle(order)
-        total_loss, correct = 0.0, 0
-        bar = tqdm(range(0, len(order), cfg['batch_size']), desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False,
-                   disable=not sys.stderr.isatty())  # no bar lines in a log file
-        for start in bar:
-            rows = order[start:start + cfg['batch_size']]
-            idx, lengths = padded([train_ids[i] for i in rows], pad_id)
-            y = torch.tensor([train_y[i] for i in rows], device=device)
-            # linear warmup, then linear decay to 0 (the usual schedule for fine-tuning a classifier)
-            scale = min((step + 1) / warmup, max(0.0, (total_steps - step) / max(1, total_steps - warmup)))
-            for group in optimizer.param_groups:
-                group['lr'] = group['initial_lr'] * scale
-            with amp:
-                logits = classifier(idx.to(device), lengths.to(device))
-            loss = F.cross_entropy(logits.float(), y)
-            if not math.isfinite(loss.item()):
-                raise ValueError(f"the training loss became {loss.item()} at step {step + 1} (epoch {epoch + 1}); "
-                                 f"stopped without saving. Try a lower learning_rate / head_learning_rate")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg['grad_clip'] > 0:
-                torch.nn.utils.clip_grad_norm_(classifier.parameters(), cfg['grad_clip'])
-            optimizer.step()
-            step += 1
-            total_loss += loss.item() * len(rows)
-            correct += (logits.argmax(-1) == y).sum().item()
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-        say(f"epoch {epoch + 1}: train loss {total_loss / len(order):.4f}, train accuracy {correct / len(order):.3f} "
-            f"({time.time() - t0:.0f}s)")
+    def load_start(self, c):
+        if c.init_from == 'resume':
+            path = os.path.join(c.out_dir, 'ckpt.pt')
+            if not os.path.exists(path):
+                fail(f"init_from='resume' but {path} does not exist")
+            try:
+                checkpoint = load_checkpoint(path, keys=MODEL_KEYS + ('head', 'labels'))
+            except ValueError as e:
+                fail(f"{e}; resume a classifier with classify.py")
+            if checkpoint['labels'] != self.labels:
+                fail(f"{path} was trained on the labels {checkpoint['labels']}, {c.train_file} has {self.labels}")
+            backbone, tokenizer = model_from_checkpoint(checkpoint, c.dropout), load_tokenizer(checkpoint['tokenizer'])
+            classifier = Classifier(backbone, len(self.labels))
+            classifier.head.load_state_dict(checkpoint['head'])
+            return classifier, tokenizer, None, checkpoint
+        try:
+            backbone, tokenizer = load_backbone(c.init_from)
+        except (OSError, ValueError) as e:
+            fail(str(e))
+        if tokenizer is None:
+            fail(f"{c.init_from} has no tokenizer mirim can read")
+        torch.manual_seed(c.seed)  # the head's initial weights
+        return Classifier(backbone, len(self.labels)).train(), tokenizer, None, None
 
-    preds = predict_ids(classifier, test_ids, cfg['batch_size'], pad_id, device, amp)
-    result = scores(test_y, preds, len(labels))
-    result['majority_baseline'] = sum(y == majority for y in test_y) / len(test_y)
-    result.update(labels=labels, test_examples=len(test), train_examples=len(train), seconds=time.time() - t0,
-                  config=cfg)
-    say('\n'.join(result_lines(result)))
+    def set_up(self, run, c):
+        backbone = run.raw_model.backbone
+        self.max_length = min(c.max_length or backbone.config.block_size, backbone.config.block_size)
+        run.pad_id = run.tokenizer.pad_id if run.tokenizer.pad_id is not None else run.tokenizer.eos_id
+        label_index = {label: k for k, label in enumerate(self.labels)}
+        try:
+            run.data = {split: ([encode_example(run.tokenizer, t, p, self.max_length) for t, p, _ in examples],
+                                [label_index[label] for _, _, label in examples])
+                        for split, examples in self.examples.items()}
+        except ValueError as e:
+            fail(str(e))
+        run.order = ExampleOrder(len(run.data['train'][0]), c.seed)
+        run.examples_per_step = c.batch_size * c.gradient_accumulation_steps
+        if c.freeze_backbone:
+            backbone.requires_grad_(False)
 
-    os.makedirs(cfg['out_dir'], exist_ok=True)
-    checkpoint = {'model': backbone.state_dict(), 'model_config': asdict(backbone.config),
-                  'tokenizer': tokenizer.to_dict(), 'head': classifier.head.state_dict(), 'labels': labels,
-                  'config': cfg, 'classify': {'accuracy': result['accuracy'], 'macro_f1': result['macro_f1'],
-                                              'max_length': max_length}}
-    save_atomic(checkpoint, os.path.join(cfg['out_dir'], 'classifier.pt'))
-    write_json(os.path.join(cfg['out_dir'], 'results.json'), result)
-    say(f"saved {cfg['out_dir']}/classifier.pt and results.json")
-    return result
+    def optimizer_groups(self, run, c):
+        return [{'params': list(run.raw_model.head.parameters()), 'lr': c.head_learning_rate}]
+
+    def micro_step(self, run, c, micro):
+        rows = run.order.micro_batch(run.step, run.rank * (c.gradient_accumulation_steps // run.world_size) + micro, c)
+        ids, labels = run.data['train']
+        idx, lengths = padded([ids[i] for i in rows], run.pad_id)
+        y = torch.tensor([labels[i] for i in rows], device=run.device)
+        with run.amp:
+            logits = run.model(idx.to(run.device), lengths.to(run.device))
+        loss = F.cross_entropy(logits.float(), y)
+        return loss, torch.stack([loss.detach() * len(rows), (logits.argmax(-1) == y).sum().float()])
+
+    def units_per_step(self, run, c):
+        return run.examples_per_step
+
+    @torch.no_grad()
+    def evaluate(self, run, c):
+        ids, labels = run.data['val']
+        total = torch.zeros(2, device=run.device)
+        run.raw_model.eval()
+        for n, start in enumerate(range(0, len(ids), c.batch_size)):
+            if n % run.world_size == run.rank:
+                idx, lengths = padded(ids[start:start + c.batch_size], run.pad_id)
+                y = torch.tensor(labels[start:start + c.batch_size], device=run.device)
+                with run.amp:
+                    logits = run.raw_model(idx.to(run.device), lengths.to(run.device)).float()
+                total += torch.stack([F.cross_entropy(logits, y, reduction='sum'), (logits.argmax(-1) == y).sum()])
+        if run.world_size > 1:
+            torch.distributed.all_reduce(total)
+        run.raw_model.train()
+        if c.freeze_backbone:
+            run.raw_model.backbone.eval()  # no dropout in a frozen feature extractor
+        loss, correct = total.tolist()
+        return {'val_loss': loss / len(ids), 'val_accuracy': correct / len(ids)}
+
+    def progress(self, run):
+        return {'examples': run.step * run.examples_per_step}
+
+    def step_text(self, m):
+        return f"loss {m['train_loss']:.4f} | accuracy {m['train_accuracy']:.3f}"
+
+    def eval_text(self, found):
+        return f"held-out loss {found['val_loss']:.4f}, accuracy {found['val_accuracy']:.3f}"
+
+    def describe(self, run, c):
+        return [f"classify: {len(self.examples['train']):,} train / {len(self.examples['val']):,} held-out / "
+                f"{len(self.examples['test']):,} test examples, {len(self.labels)} labels "
+                f"({', '.join(map(str, self.labels))}); "
+                + ('head only (backbone frozen)' if c.freeze_backbone else 'all weights')
+                + f"; {c.max_iters} steps of {run.examples_per_step} examples"]
+
+    def restore(self, run, c, checkpoint):
+        if 'head' not in checkpoint:
+            fail(f"{c.out_dir}/ckpt.pt is not a classify.py checkpoint")
+
+    def checkpoint_state(self, run, c):
+        return {'head': run.raw_model.head.state_dict(), 'labels': self.labels,
+                'classify': {'max_length': self.max_length}}
+
+    def finish(self, run, c):
+        """Score the test file with the final model; write classifier.pt and results.json."""
+        ids, golds = run.data['test']
+        preds = predict_ids(run.raw_model, ids, c.batch_size, run.pad_id, run.device, run.amp)
+        result = scores(golds, preds, len(self.labels))
+        train_labels = run.data['train'][1]
+        majority = max(set(train_labels), key=train_labels.count)
+        result['majority_baseline'] = sum(y == majority for y in golds) / len(golds)
+        result.update(labels=self.labels, test_examples=len(golds), train_examples=len(train_labels),
+                      config=vars(c))
+        print0('\n'.join(result_lines(result)))
+        backbone = run.raw_model.backbone
+        save_atomic({'model': backbone.state_dict(), 'model_config': asdict(backbone.config),
+                     'tokenizer': run.tokenizer.to_dict(), 'head': run.raw_model.head.state_dict(),
+                     'labels': self.labels, 'config': vars(c),
+                     'classify': {'accuracy': result['accuracy'], 'macro_f1': result['macro_f1'],
+                                  'max_length': self.max_length}}, os.path.join(c.out_dir, 'classifier.pt'))
+        write_json(os.path.join(c.out_dir, 'results.json'), result)
+        print0(f"saved {c.out_dir}/classifier.pt and results.json")
+        run.result = result
+
+
+def train_classifier(cfg):
+    """Fine-tune on cfg['train_file'] (the settings not given take DEFAULTS), score cfg['test_file'], save
+    out_dir/classifier.pt and results.json. -> the results dict. A setting or data that cannot be used
+    exits with its one-line message, as the command does."""
+    unknown = sorted(set(cfg) - set(DEFAULTS) - set(DERIVED))
+    if unknown:
+        raise ValueError(f"unknown settings {unknown}")
+    return run_task(Classification(), SimpleNamespace(**{**DEFAULTS, **DERIVED, **cfg})).result
 
 
 def result_lines(result):
@@ -337,12 +416,7 @@ def predict(path_or_loaded, texts, pairs=None, batch_size=32, device='cpu'):
 
 
 def main(argv):
-    from mirim.configurator import ConfigError, configure
-    try:
-        cfg = configure(DEFAULTS, argv, help_source=__file__)  # --help reads the comments in DEFAULTS
-        train_classifier(cfg)
-    except (ConfigError, DataError, OSError, ValueError) as e:
-        sys.exit(f"classify.py: error: {e}")
+    train(Classification(), {**DEFAULTS, **DERIVED}, argv, help_source=__file__)  # --help reads DEFAULTS' comments
 
 
 if __name__ == '__main__':

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from mirim.atomic import save_atomic
 from mirim.common import fail, print0
 from mirim.pref_data import read_pairs
-from mirim.run import Task, train
+from mirim.run import ExampleOrder, Task, train
 
 # -----------------------------------------------------------------------------
 # Default config. A config file (config/dpo_*.py) or --key=value overrides any of these.
@@ -71,7 +71,7 @@ learning_rate = 1e-5              # peak learning rate; DPO wants a small one (T
 muon_lr = 1e-3                    # optimizer='muon': the blocks' matrices' peak learning rate (untuned)
 muon_momentum = 0.95
 min_lr = 1e-6
-lr_schedule = 'cosine'            # 'cosine' | 'wsd' | 'constant', after a linear warmup
+lr_schedule = 'cosine'            # 'cosine' | 'linear' | 'wsd' | 'constant', after a linear warmup
 warmup_iters = 10
 lr_decay_iters = 0                # 0 = max_iters
 wsd_decay_fraction = 0.2
@@ -166,30 +166,6 @@ def reference_logps(model, pairs, batch_size, pad_id, device, amp, rank=0, world
 
 
 # -----------------------------------------------------------------------------
-# which pairs each micro-batch takes
-
-class PairOrder:
-    """Position p of the training stream is pair perm_e[p % N] of epoch e = p // N, perm_e a permutation
-    seeded by (seed, e). Micro-batch j of step s takes positions (s * accumulation + j) * batch_size on:
-    a function of the step alone, so resuming needs no state and any split among processes draws the same."""
-
-    def __init__(self, n, seed):
-        self.n, self.seed, self.perms = n, seed, {}
-
-    def positions(self, start, count):
-        out = []
-        for p in range(start, start + count):
-            epoch = p // self.n
-            if epoch not in self.perms:
-                self.perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))}
-            out.append(int(self.perms[epoch][p % self.n]))
-        return out
-
-    def micro_batch(self, step, j, c):
-        return self.positions((step * c.gradient_accumulation_steps + j) * c.batch_size, c.batch_size)
-
-
-# -----------------------------------------------------------------------------
 # the task: pairs, loss, evaluation
 
 def data_fingerprint(meta):
@@ -253,7 +229,7 @@ class Preference(Task):
                  f"({block_size}): prepare it again with --max_length={block_size}")
         run.pairs_per_step = c.batch_size * c.gradient_accumulation_steps
         run.pad_id = run.tokenizer.pad_id if run.tokenizer.pad_id is not None else run.tokenizer.eos_id
-        run.order = PairOrder(len(run.pairs['train']), c.seed)
+        run.order = ExampleOrder(len(run.pairs['train']), c.seed)
         n_eval = lambda n: n if c.eval_pairs == 0 else min(n, c.eval_pairs)  # noqa: E731
         eval_train = torch.randperm(len(run.pairs['train']), generator=torch.Generator().manual_seed(c.seed + 1))
         run.eval_sets = {'val': list(range(n_eval(len(run.pairs['val'])))),

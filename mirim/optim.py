@@ -180,12 +180,12 @@ def make_optimizer(model, name, lr, weight_decay, betas, device_type, muon_lr=0.
 
 
 # -----------------------------------------------------------------------------
-# the learning-rate schedule (train.py and dpo.py)
+# the learning-rate schedule (every run: mirim/run.py)
 
 def get_lr(step, c):
     """The learning rate for optimizer step `step` (0-based): a linear warmup to learning_rate, then
-    cosine to min_lr at lr_decay_iters, or WSD (flat, then linear to min_lr over the last
-    wsd_decay_fraction), or constant."""
+    cosine to min_lr at lr_decay_iters, or linear to min_lr (as classifiers are usually fine-tuned), or
+    WSD (flat, then linear to min_lr over the last wsd_decay_fraction), or constant."""
     if step < c.warmup_iters:
         return c.learning_rate * (step + 1) / (c.warmup_iters + 1)
     end = c.lr_decay_iters or c.max_iters
@@ -198,4 +198,6 @@ def get_lr(step, c):
     if step >= end:
         return c.min_lr
     progress = (step - c.warmup_iters) / max(1, end - c.warmup_iters)
+    if c.lr_schedule == 'linear':
+        return c.learning_rate - (c.learning_rate - c.min_lr) * progress
     return c.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (c.learning_rate - c.min_lr)

@@ -30,7 +30,7 @@ def claim_out_dir(out_dir, resume):
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(lock)
-        raise ValueError(f"another run is using {out_dir} (a train.py or dpo.py still running); wait for it to "
+        raise ValueError(f"another run is using {out_dir} (a training run still going on); wait for it to "
                          f"end, or choose another --out_dir") from None
     if not resume:
         previous = [f for f in ('ckpt.pt', 'best.pt') if os.path.exists(os.path.join(out_dir, f))]

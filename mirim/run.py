@@ -1,7 +1,7 @@
 """
-The run skeleton every training command shares: train.py (pre-training, SFT) and dpo.py (preference
-tuning) describe what is their own in a Task (their data, one micro-batch's loss, their evaluation);
-train() does the rest, the same way for each:
+The run skeleton every training command shares: train.py (pre-training, SFT), dpo.py (preference
+tuning) and classify.py (a classifier head) describe what is their own in a Task (their data, one
+micro-batch's loss, their evaluation); train() does the rest, the same way for each:
 
 - claims the out_dir (a lock; a new run never replaces a previous run's checkpoints) and starts the
   processes: one, or many under torchrun (DDP: nccl on GPUs, gloo on CPUs);
@@ -50,9 +50,31 @@ class Task:
     def check_config(self, c):
         """Fail on the command's own settings (the shared ones are checked by check_run_config)."""
 
+    def load_start(self, c):
+        """-> (model on the CPU in float32, tokenizer, the data's meta.json or None, the checkpoint resumed or
+        None). By default the data in c.data_dir (token shards) and the model init_from names, with every
+        check that the two agree (mirim/init_from.py)."""
+        try:
+            meta = load_meta(c.data_dir)
+            tokenizer = load_tokenizer(meta['tokenizer'], base_dir=c.data_dir)
+        except (FileNotFoundError, ShardError, KeyError, ValueError) as e:
+            fail(f"data {c.data_dir}: {e}")
+        try:
+            model, checkpoint = build_model(vars(c), meta, tokenizer, print0)
+        except (FileNotFoundError, ValueError) as e:
+            fail(str(e))
+        if meta['vocab_size'] > model.config.vocab_size:
+            fail(f"the data in {c.data_dir} has a vocab of {meta['vocab_size']} tokens but the model only "
+                 f"{model.config.vocab_size} embeddings; use a model with vocab_size >= {meta['vocab_size']}")
+        return model, tokenizer, meta, checkpoint
+
     def set_up(self, run, c):
         """The data (batches, evaluation sets) and checks of the model against it; the model is built and on
         its device."""
+
+    def optimizer_groups(self, run, c):
+        """More AdamW parameter groups, each at its own peak 'lr' (e.g. a classifier's new head)."""
+        return []
 
     def micro_step(self, run, c, micro):
         """-> (the loss to back-propagate, the sums of `metrics` over the micro-batch, a 1-d tensor on the device)
@@ -88,11 +110,36 @@ class Task:
         """The task's own entries of ckpt.pt."""
         return {}
 
+    def finish(self, run, c):
+        """After a run that completed its schedule, on rank 0 (e.g. a final test score)."""
+
+
+class ExampleOrder:
+    """Position p of the training stream is example perm_e[p % N] of epoch e = p // N, perm_e a permutation
+    seeded by (seed, e). Micro-batch j of step s takes positions (s * accumulation + j) * batch_size on:
+    a function of the step alone, so resuming needs no state and any split among processes draws the same."""
+
+    def __init__(self, n, seed):
+        self.n, self.seed, self.perms = n, seed, {}
+
+    def positions(self, start, count):
+        out = []
+        for p in range(start, start + count):
+            epoch = p // self.n
+            if epoch not in self.perms:
+                self.perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))}
+            out.append(int(self.perms[epoch][p % self.n]))
+        return out
+
+    def micro_batch(self, step, j, c):
+        return self.positions((step * c.gradient_accumulation_steps + j) * c.batch_size, c.batch_size)
+
 
 def check_run_config(c):
     """The settings every run has; a command checks its own in Task.check_config."""
     checks = [
-        (c.lr_schedule in ('cosine', 'wsd', 'constant'), "lr_schedule must be 'cosine', 'wsd' or 'constant'"),
+        (c.lr_schedule in ('cosine', 'linear', 'wsd', 'constant'),
+         "lr_schedule must be 'cosine', 'linear', 'wsd' or 'constant'"),
         (c.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(map(repr, OPTIMIZERS))}"),
         (c.muon_lr >= 0 and 0 <= c.muon_momentum < 1, "muon_lr must not be negative, muon_momentum in [0, 1)"),
         (c.optimizer != 'muon' or c.learning_rate > 0, "optimizer='muon' needs learning_rate > 0 (the schedule is "
@@ -120,24 +167,13 @@ def check_run_config(c):
 # set-up, resume, save
 
 def set_up(c, task, rank, world_size, device):
-    """Everything the loop needs, in one namespace: this process's place, the data's tokenizer, the
-    model (and the checkpoint it resumes, if any), the task's data, the optimizer and the counters."""
+    """Everything the loop needs, in one namespace: this process's place, the tokenizer, the model (and
+    the checkpoint it resumes, if any), the task's data, the optimizer and the counters."""
     torch.manual_seed(c.seed + rank)  # dropout differs between ranks; the weights come from `seed` alone
     if device.startswith('cuda'):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    try:
-        meta = load_meta(c.data_dir)
-        tokenizer = load_tokenizer(meta['tokenizer'], base_dir=c.data_dir)
-    except (FileNotFoundError, ShardError, KeyError, ValueError) as e:
-        fail(f"data {c.data_dir}: {e}")
-    try:
-        model, checkpoint = build_model(vars(c), meta, tokenizer, print0)
-    except (FileNotFoundError, ValueError) as e:
-        fail(str(e))
-    if meta['vocab_size'] > model.config.vocab_size:
-        fail(f"the data in {c.data_dir} has a vocab of {meta['vocab_size']} tokens but the model only "
-             f"{model.config.vocab_size} embeddings; use a model with vocab_size >= {meta['vocab_size']}")
+    model, tokenizer, meta, checkpoint = task.load_start(c)
     try:
         dtype = training_dtype(c.dtype, device)
     except ValueError as e:
@@ -150,7 +186,8 @@ def set_up(c, task, rank, world_size, device):
         elapsed_before=0.0)
     task.set_up(run, c)
     run.optimizer = make_optimizer(model, c.optimizer, c.learning_rate, c.weight_decay, (c.beta1, c.beta2),
-                                   device.split(':')[0], muon_lr=c.muon_lr, muon_momentum=c.muon_momentum)
+                                   device.split(':')[0], muon_lr=c.muon_lr, muon_momentum=c.muon_momentum,
+                                   extra_groups=task.optimizer_groups(run, c))
     return run
 
 
@@ -215,12 +252,17 @@ def wrap_model(run, c, ddp):
                                             forward_sync_buffers=False)
 
 
+def llama(model):
+    """The Llama a run trains: the model itself, or the one a wrapper holds as .backbone (a classifier)."""
+    return getattr(model, 'backbone', model)
+
+
 def describe(run, c, task):
-    config = run.raw_model.config
+    config = llama(run.raw_model).config
     print0("config:")
     print_config(vars(c), print0)
-    print0(f"model: {run.raw_model.num_params() / 1e6:.2f}M parameters without embeddings "
-           f"({run.raw_model.num_params(non_embedding=False) / 1e6:.2f}M in all): {config.n_layer} layers, "
+    print0(f"model: {llama(run.raw_model).num_params() / 1e6:.2f}M parameters without embeddings "
+           f"({llama(run.raw_model).num_params(non_embedding=False) / 1e6:.2f}M in all): {config.n_layer} layers, "
            f"width {config.n_embd}, {config.n_head} heads ({config.n_kv_head} kv), vocab {config.vocab_size}, "
            f"context {config.block_size}")
     for line in task.describe(run, c):
@@ -243,11 +285,11 @@ def save(run, c, task, improved, elapsed):
              f"saving, so {last_good(c.out_dir)}. {task.hint}")
     if run.rank != 0:
         return ''
-    ckpt = {'model': run.raw_model.state_dict(), 'model_config': dataclasses.asdict(run.raw_model.config),
+    ckpt = {'model': llama(run.raw_model).state_dict(), 'model_config': dataclasses.asdict(llama(run.raw_model).config),
             'config': vars(c), 'tokenizer': run.tokenizer.to_dict(), 'step': run.step,
             'tokens_seen': run.tokens_seen, 'best_val_loss': run.best_val_loss, 'val_loss': run.val_loss,
             'val_bpb': run.val_bpb, 'optimizer': run.optimizer.state_dict(), 'scaler': run.scaler.state_dict(),
-            'rng': states, 'data_dir': c.data_dir, 'elapsed': elapsed, **task.checkpoint_state(run, c)}
+            'rng': states, 'data_dir': getattr(c, 'data_dir', None), 'elapsed': elapsed, **task.checkpoint_state(run, c)}
     path = os.path.join(c.out_dir, 'ckpt.pt')
     try:
         save_atomic(ckpt, path)
@@ -296,7 +338,8 @@ def train_loop(run, c, task, signals, start_time, log):
     while run.step < c.max_iters:
         lr = get_lr(run.step, c)
         for group in optimizer.param_groups:  # every group follows the schedule, from its own peak
-            group['lr'] = lr if group['base_lr'] == c.learning_rate else group['base_lr'] * lr / c.learning_rate
+            group['lr'] = lr if group['base_lr'] == c.learning_rate else group['base_lr'] * (
+                lr / c.learning_rate if c.learning_rate else 0.0)
         total = torch.zeros(len(task.metrics), device=device)
         for micro in range(local_steps):
             # gradients are averaged across processes only on the last micro-step; syncing on every
@@ -385,15 +428,20 @@ def train_loop(run, c, task, signals, start_time, log):
 
 def train(task, defaults, argv, help_source):
     """Run the command: its settings (`defaults`, with the comments in `help_source` for --help) as a
-    config file and --key=value set them, then set-up, resume, the loop and the summary."""
+    config file and --key=value set them, then run_task."""
     start_time = time.time()
     try:
         c = SimpleNamespace(**configure(defaults, argv, help_source=help_source))
     except ConfigError as e:
         fail(str(e))
-    check_run_config(c)
-    task.check_config(c)
+    return run_task(task, c, start_time)
 
+
+def run_task(task, c, start_time=None):
+    """Set-up, resume, the loop, the summary and Task.finish, for the settings c (a namespace). -> the run."""
+    start_time = start_time or time.time()
+    task.check_config(c)  # first: a command may derive shared settings (classify.py: max_iters from epochs)
+    check_run_config(c)
     ddp, rank, world_size, device = start_processes(c.device, c.gradient_accumulation_steps, c.ddp_timeout)
     try:
         lock = claim_out_dir(c.out_dir, resume=c.init_from == 'resume') if rank == 0 else None
@@ -405,7 +453,7 @@ def train(task, defaults, argv, help_source):
             restore(run, c, task)
             if run.step >= c.max_iters:
                 print0(f"nothing to do: the checkpoint is at step {run.step}, max_iters is {c.max_iters}")
-                return
+                return run
         wrap_model(run, c, ddp)
         describe(run, c, task)
         log = RunLog(c, run.step, rank)
@@ -431,6 +479,8 @@ def train(task, defaults, argv, help_source):
             bpb = f" ({run.val_bpb:.3f} bpb)" if run.val_bpb is not None else ""
             print0(f"done: {run.step} steps{tokens} in {elapsed / 60:.1f} min{session}; val loss {run.val_loss:.4f}"
                    f"{bpb}; best {run.best_val_loss:.4f}; checkpoint {c.out_dir}/ckpt.pt")
+            if rank == 0:
+                task.finish(run, c)
         if ddp:  # every process reaches the end before any tears the group down (gloo aborts a process
             torch.distributed.barrier()  # whose peer closes while rank 0 is still saving)
     finally:
@@ -438,3 +488,4 @@ def train(task, defaults, argv, help_source):
             os.close(lock)
         if ddp:
             torch.distributed.destroy_process_group()
+    return run

