@@ -7,18 +7,33 @@ chosen reply of each pair over the rejected one, from data/prepare_pref.py's pai
     torchrun --standalone --nproc_per_node=8 dpo.py config/dpo_biblia_pt.py
 
 The loss compares the policy's log-probability of each reply (summed over the reply's tokens only)
-with the starting model's, the reference: with h = (log pi(chosen) - log ref(chosen))
-- (log pi(rejected) - log ref(rejected)),
+with the starting model's, the reference: with r(y) = log pi(y) - log ref(y), the log-ratio of a
+reply y, and h = r(chosen) - r(rejected),
     sigmoid (DPO):  -log sigmoid(beta h)
     with label_smoothing e (cDPO, Mitchell 2023: each label is wrong with probability e):
                     -(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h)
-    ipo (Azar et al. 2023): (h - 1 / (2 beta))^2
+    ipo (Azar et al. 2023): (h - 1 / (2 beta))^2, where each log-ratio is divided by its reply's
+                    length in tokens first: h = r(chosen) / |chosen| - r(rejected) / |rejected|
+                    (the form TRL uses, which the IPO authors confirmed to it)
 The reference is fixed, so its log-probabilities are computed once, before the first step, and
 stored in out_dir/reference.pt: no second model sits in memory while training. The implicit
-rewards beta (log pi - log ref) of the two replies give the reward accuracy (the share of pairs
-where the chosen one's is higher) and the margin (their mean difference); log.jsonl has them, the
-loss and the log-probabilities, for the training steps and, at each evaluation, for held-out pairs
-(val_*) and a fixed sample of training pairs (eval_train_*).
+rewards beta r(y) (for ipo beta r(y) / |y|, per reply token) of the two replies give the reward
+accuracy (the share of pairs where the chosen one's is higher) and the margin (their mean
+difference); log.jsonl has them, the loss and the (summed) log-probabilities, for the training steps
+and, at each evaluation, for held-out pairs (val_*) and a fixed sample of training pairs
+(eval_train_*). When the pairs name their task (data/prepare_pref.py keeps a record's "task"; the
+Bible pairs of data/biblia/make_tasks.py have one), each evaluation also logs the held-out reward
+accuracy of each task: val_reward_accuracy/<task>.
+
+A pair's log-probabilities do not depend on how the pairs are batched: every forward pass of a run has
+the same shape, batch_size pairs (a last partial batch is filled with rows of padding) padded to the
+longest sequence of the data set, so the reference, the training steps and each evaluation compute a
+pair with the same kernels on the same tokens. At step 0 (policy == reference) the rewards are then
+exactly 0 and the reward accuracy exactly 0, whatever batch_size, eval_pairs or the number of
+processes. (Padded to each batch's own longest sequence, a pair's log-probability moved by ~1e-6 with
+the batch it was in, and the reward accuracy's strict comparison counted such noise as wins.) The
+price: every batch costs what a batch holding the data set's longest pair costs (the memory peak is
+unchanged; on uneven lengths, more compute a step).
 
 The loop is train.py's run skeleton (mirim/run.py): checkpoints written atomically (ckpt.pt, best.pt
 by held-out loss) that mirim.checkpoint.load_model and export.py read like any other, Ctrl-C or SIGTERM
@@ -41,7 +56,7 @@ import torch.nn.functional as F
 
 from mirim.atomic import save_atomic
 from mirim.common import fail, print0
-from mirim.pref_data import read_pairs
+from mirim.pref_data import read_pair_tasks, read_pairs
 from mirim.run import ExampleOrder, Task, train
 
 # -----------------------------------------------------------------------------
@@ -58,7 +73,7 @@ wandb_log = False                 # also log to Weights & Biases (WANDB_MODE=off
 wandb_project = 'mirim'
 wandb_run_name = ''               # '' = the out_dir's name
 # DPO
-loss_type = 'sigmoid'             # 'sigmoid' (DPO; with label_smoothing > 0: cDPO) | 'ipo'
+loss_type = 'sigmoid'             # 'sigmoid' (DPO; with label_smoothing > 0: cDPO) | 'ipo' (log-ratios per reply token)
 beta = 0.1                        # how far the policy may move from the reference (higher: less far)
 label_smoothing = 0.0             # cDPO: the probability that a pair's preference label is wrong, in [0, 0.5)
 dropout = 0.0                     # 0 keeps policy == reference at step 0 (dropout would make them differ)
@@ -97,17 +112,24 @@ METRICS = ('loss', 'reward_accuracy', 'reward_margin', 'chosen_logp', 'rejected_
 # the loss
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1, label_smoothing=0.0,
-             loss_type='sigmoid'):
-    """Per-pair losses and the implicit rewards beta (log pi - log ref) of the chosen and rejected
-    replies, from summed reply log-probabilities (tensors of shape (pairs,))."""
-    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+             loss_type='sigmoid', chosen_tokens=None, rejected_tokens=None):
+    """Per-pair losses and the implicit rewards of the chosen and rejected replies, from summed reply
+    log-probabilities (tensors of shape (pairs,)). The rewards are beta (log pi - log ref); for 'ipo', which
+    needs the replies' lengths (chosen_tokens, rejected_tokens: reply tokens per pair), each log-ratio is
+    divided by its reply's length first, in the loss and the rewards."""
+    chosen, rejected = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    if loss_type == 'ipo':
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError("loss_type='ipo' needs the replies' lengths (chosen_tokens, rejected_tokens)")
+        chosen, rejected = chosen / chosen_tokens, rejected / rejected_tokens
+    h = chosen - rejected
     if loss_type == 'sigmoid':
         losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
     elif loss_type == 'ipo':
         losses = (h - 1 / (2 * beta)) ** 2
     else:
         raise ValueError(f"loss_type={loss_type!r}: expected 'sigmoid' or 'ipo'")
-    return losses, beta * (policy_chosen - ref_chosen).detach(), beta * (policy_rejected - ref_rejected).detach()
+    return losses, beta * chosen.detach(), beta * rejected.detach()
 
 
 def metrics(losses, chosen_rewards, rejected_rewards, logps, ref):
@@ -120,16 +142,22 @@ def metrics(losses, chosen_rewards, rejected_rewards, logps, ref):
 # -----------------------------------------------------------------------------
 # log-probabilities of replies
 
-def collate(pairs, indices, pad_id):
-    """-> (ids, mask) of shape (2B, T): the chosen sides of the pairs, then their rejected sides, padded on
-    the right (a causal model's earlier positions never see the padding); mask 1 = a reply token."""
-    sides = [pairs[i][0:2] for i in indices] + [pairs[i][2:4] for i in indices]
-    width = max(len(ids) for ids, _ in sides)
-    ids = torch.full((len(sides), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sides), width), dtype=torch.bool)
-    for row, (x, m) in enumerate(sides):
-        ids[row, :len(x)] = torch.from_numpy(x)
-        mask[row, :len(m)] = torch.from_numpy(m)
+def collate(pairs, indices, pad_id, width=None, rows=None):
+    """-> (ids, mask) of shape (2 R, T): the chosen sides of the pairs, then their rejected sides, padded on
+    the right (a causal model's earlier positions never see the padding) to `width` (default: the longest
+    side); mask 1 = a reply token. R = rows pairs (default len(indices)): each half ends with rows of padding
+    (mask 0) after the pairs, so that batches of fewer pairs keep the shape."""
+    rows = len(indices) if rows is None else rows
+    if rows < len(indices):
+        raise ValueError(f"{len(indices)} pairs do not fit in {rows} rows")
+    sides = [pairs[i][0:2] for i in indices], [pairs[i][2:4] for i in indices]
+    width = max(len(ids) for half in sides for ids, _ in half) if width is None else width
+    ids = torch.full((2 * rows, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((2 * rows, width), dtype=torch.bool)
+    for start, half in zip((0, rows), sides):
+        for row, (x, m) in enumerate(half, start):
+            ids[row, :len(x)] = torch.from_numpy(x)
+            mask[row, :len(m)] = torch.from_numpy(m)
     return ids, mask
 
 
@@ -141,24 +169,37 @@ def sequence_logps(model, ids, mask):
     return (logp * mask[:, 1:]).sum(-1)
 
 
-def pair_logps(model, pairs, indices, pad_id, device, amp):
-    """-> (len(indices), 2): the summed reply log-probabilities of the chosen and rejected sides."""
-    ids, mask = collate(pairs, indices, pad_id)
+def pair_logps(model, pairs, indices, pad_id, device, amp, width=None, rows=None):
+    """-> (len(indices), 2): the summed reply log-probabilities of the chosen and rejected sides, computed in
+    a batch of `rows` pairs padded to `width` tokens (collate). With the same width and rows for every batch,
+    a pair's log-probabilities do not depend on the pairs batched with it."""
+    ids, mask = collate(pairs, indices, pad_id, width, rows)
     with amp:
         logps = sequence_logps(model, ids.to(device), mask.to(device))
-    return logps.view(2, -1).t()
+    return logps.view(2, -1).t()[:len(indices)]
+
+
+def longest(pairs):
+    """The longest side of all pairs, in tokens: every batch is padded to it."""
+    return max(len(p[k]) for split in pairs.values() for p in split for k in (0, 2))
+
+
+def reply_tokens(pairs):
+    """-> float32 (N, 2): the number of reply tokens counted in each side's log-probability (sequence_logps)."""
+    return torch.tensor([[p[1][1:].sum(), p[3][1:].sum()] for p in pairs], dtype=torch.float32).view(-1, 2)
 
 
 @torch.no_grad()
-def reference_logps(model, pairs, batch_size, pad_id, device, amp, rank=0, world_size=1):
-    """The starting model's (N, 2) reply log-probabilities of every pair; under DDP each process does a
-    share and the shares are added up."""
+def reference_logps(model, pairs, batch_size, pad_id, device, amp, rank=0, world_size=1, width=None):
+    """The starting model's (N, 2) reply log-probabilities of every pair, in batches of batch_size pairs padded
+    to width (the shape of the run's other batches); under DDP each process does a share and the shares are
+    added up."""
     out = torch.zeros(len(pairs), 2, device=device)
     model.eval()
     for n, start in enumerate(range(0, len(pairs), batch_size)):
         if n % world_size == rank:
             indices = list(range(start, min(start + batch_size, len(pairs))))
-            out[indices] = pair_logps(model, pairs, indices, pad_id, device, amp)
+            out[indices] = pair_logps(model, pairs, indices, pad_id, device, amp, width, batch_size)
     if world_size > 1:
         torch.distributed.all_reduce(out)
     model.train()
@@ -186,11 +227,11 @@ def reference(run, c):
             fail(f"{path} was computed on other data than {c.data_dir}: resume on the data the run started with")
         return ref
     t0 = time.time()
-    ref = {split: reference_logps(run.raw_model, pairs, c.batch_size * 2, run.pad_id, run.device, run.amp, run.rank,
-                                  run.world_size) for split, pairs in run.pairs.items()}
+    ref = {split: reference_logps(run.raw_model, pairs, c.batch_size, run.pad_id, run.device, run.amp, run.rank,
+                                  run.world_size, run.width) for split, pairs in run.pairs.items()}
     if not all(torch.isfinite(v).all() for v in ref.values()):
         fail(f"the starting model {c.init_from} gives non-finite log-probabilities on {c.data_dir}")
-    ref.update(data=fingerprint, init_from=c.init_from)
+    ref.update(data=fingerprint, init_from=c.init_from, width=run.width, batch_size=c.batch_size)
     if run.rank == 0:
         save_atomic(ref, path)
     print0(f"reference log-probabilities of {len(run.pairs['train']):,} train and {len(run.pairs['val']):,} held-out "
@@ -220,13 +261,15 @@ class Preference(Task):
     def set_up(self, run, c):
         try:
             run.pairs = {split: read_pairs(c.data_dir, split, run.meta) for split in ('train', 'val')}
+            run.tasks = read_pair_tasks(c.data_dir, 'val', run.meta)  # (names, task of each held-out pair) or None
         except (FileNotFoundError, KeyError, ValueError) as e:
             fail(f"data {c.data_dir}: {e}")
         block_size = run.raw_model.config.block_size
-        longest = max(len(p[k]) for split in run.pairs.values() for p in split for k in (0, 2))
-        if longest > block_size + 1:  # the last token is only a target
-            fail(f"{c.data_dir} holds sequences of {longest} tokens, longer than the model's context "
+        run.width = longest(run.pairs)  # every batch is padded to it: a pair's scores never depend on its batch
+        if run.width > block_size + 1:  # the last token is only a target
+            fail(f"{c.data_dir} holds sequences of {run.width} tokens, longer than the model's context "
                  f"({block_size}): prepare it again with --max_length={block_size}")
+        run.reply_tokens = {split: reply_tokens(pairs) for split, pairs in run.pairs.items()}
         run.pairs_per_step = c.batch_size * c.gradient_accumulation_steps
         run.pad_id = run.tokenizer.pad_id if run.tokenizer.pad_id is not None else run.tokenizer.eos_id
         run.order = ExampleOrder(len(run.pairs['train']), c.seed)
@@ -238,12 +281,18 @@ class Preference(Task):
             print0(f"starting from {c.init_from} (policy and reference)")
         run.reference = reference(run, c)
 
+    def scores(self, run, c, model, split, indices):
+        """-> (the policy's (len(indices), 2) log-probabilities of these pairs of a split, the reference's, and
+        dpo_loss's (losses, chosen rewards, rejected rewards))."""
+        logps = pair_logps(model, run.pairs[split], indices, run.pad_id, run.device, run.amp, run.width, c.batch_size)
+        ref = run.reference[split][indices].to(run.device)
+        tokens = run.reply_tokens[split][indices].to(run.device)
+        return logps, ref, dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], c.beta, c.label_smoothing,
+                                    c.loss_type, tokens[:, 0], tokens[:, 1])
+
     def micro_step(self, run, c, micro):
         indices = run.order.micro_batch(run.step, run.rank * (c.gradient_accumulation_steps // run.world_size) + micro, c)
-        logps = pair_logps(run.model, run.pairs['train'], indices, run.pad_id, run.device, run.amp)
-        ref = run.reference['train'][indices].to(run.device)
-        losses, chosen_rewards, rejected_rewards = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], c.beta,
-                                                            c.label_smoothing, c.loss_type)
+        logps, ref, (losses, chosen_rewards, rejected_rewards) = self.scores(run, c, run.model, 'train', indices)
         return losses.mean(), metrics(losses, chosen_rewards, rejected_rewards, logps, ref)
 
     def units_per_step(self, run, c):
@@ -251,25 +300,36 @@ class Preference(Task):
 
     @torch.no_grad()
     def evaluate_set(self, run, c, split):
-        """METRICS averaged over the fixed pairs of run.eval_sets[split] ('val' or 'eval_train')."""
+        """METRICS averaged over the fixed pairs of run.eval_sets[split] ('val' or 'eval_train'); for 'val' when
+        the pairs name their task, the reward accuracy of each task too (reward_accuracy/<task>)."""
         indices = run.eval_sets[split]
-        pairs = run.pairs['val' if split == 'val' else 'train']
-        ref_all = run.reference['val' if split == 'val' else 'train']
+        pairs_split = 'val' if split == 'val' else 'train'
+        tasks = run.tasks if split == 'val' else None
+        task_of = torch.tensor(tasks[1], device=run.device) if tasks else None
         total = torch.zeros(len(METRICS), device=run.device)
+        wins = torch.zeros(len(tasks[0]) if tasks else 0, device=run.device)  # chosen reward higher, per task
         run.raw_model.eval()
         for n, start in enumerate(range(0, len(indices), c.batch_size)):
             if n % run.world_size != run.rank:
                 continue
             batch = indices[start:start + c.batch_size]
-            logps = pair_logps(run.raw_model, pairs, batch, run.pad_id, run.device, run.amp)
-            ref = ref_all[batch].to(run.device)
-            total += metrics(*dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], c.beta, c.label_smoothing,
-                                       c.loss_type), logps, ref)
+            logps, ref, (losses, chosen_rewards, rejected_rewards) = self.scores(run, c, run.raw_model, pairs_split,
+                                                                                 batch)
+            total += metrics(losses, chosen_rewards, rejected_rewards, logps, ref)
+            if tasks:
+                wins.index_add_(0, task_of[batch], (chosen_rewards > rejected_rewards).float())
         if run.world_size > 1:
-            torch.distributed.all_reduce(total)
+            both = torch.cat([total, wins])
+            torch.distributed.all_reduce(both)
+            total, wins = both[:len(METRICS)], both[len(METRICS):]
         run.raw_model.train()
         prefix = 'val_' if split == 'val' else 'eval_train_'
-        return {prefix + name: v / len(indices) for name, v in zip(METRICS, total.tolist())}
+        found = {prefix + name: v / len(indices) for name, v in zip(METRICS, total.tolist())}
+        if tasks:
+            counts = torch.bincount(torch.tensor([tasks[1][i] for i in indices]), minlength=len(tasks[0])).tolist()
+            found.update({f"{prefix}reward_accuracy/{name}": w / n
+                          for name, w, n in zip(tasks[0], wins.tolist(), counts) if n})
+        return found
 
     def evaluate(self, run, c):
         return {**self.evaluate_set(run, c, 'val'), **self.evaluate_set(run, c, 'eval_train')}
@@ -281,13 +341,17 @@ class Preference(Task):
         return f"loss {m['loss']:.4f} | reward accuracy {m['reward_accuracy']:.1%} | margin {m['reward_margin']:.3f}"
 
     def eval_text(self, found):
-        return (f"held-out loss {found['val_loss']:.4f}, reward accuracy {found['val_reward_accuracy']:.1%}, margin "
-                f"{found['val_reward_margin']:.3f} | train pairs: loss {found['eval_train_loss']:.4f}, accuracy "
-                f"{found['eval_train_reward_accuracy']:.1%}")
+        per_task = ', '.join(f"{key.split('/', 1)[1]} {v:.1%}" for key, v in found.items()
+                             if key.startswith('val_reward_accuracy/'))
+        return (f"held-out loss {found['val_loss']:.4f}, reward accuracy {found['val_reward_accuracy']:.1%}"
+                + (f" ({per_task})" if per_task else "") + f", margin {found['val_reward_margin']:.3f} | train "
+                f"pairs: loss {found['eval_train_loss']:.4f}, accuracy {found['eval_train_reward_accuracy']:.1%}")
 
     def describe(self, run, c):
-        return [f"data: {c.data_dir}: {len(run.pairs['train']):,} train pairs, {len(run.pairs['val']):,} held-out; "
-                f"{run.pairs_per_step} pairs a step, {c.max_iters} steps"]
+        tasks = f"; tasks: {', '.join(run.tasks[0])}" if run.tasks else ""
+        return [f"data: {c.data_dir}: {len(run.pairs['train']):,} train pairs, {len(run.pairs['val']):,} held-out"
+                f"{tasks}; {run.pairs_per_step} pairs a step, {c.max_iters} steps; every batch padded to "
+                f"{run.width} tokens (the longest sequence)"]
 
     def restore(self, run, c, checkpoint):
         if 'dpo' not in checkpoint:

@@ -1,13 +1,17 @@
 """
 Preference pairs -> token shards + loss masks, for preference tuning (DPO) with dpo.py: reading pairs
 in the common spellings (pair_messages), encoding and truncating them, prepare_pref(), the core, and
-read_pairs(), which reads a prepared set back for dpo.py. data/prepare_pref.py is the command; its
-docstring gives the record formats, the shard layout and the truncation rule.
+read_pairs() and read_pair_tasks(), which read a prepared set (and the task each pair names) back for
+dpo.py. data/prepare_pref.py is the command; its docstring gives the record formats, the shard layout
+and the truncation rule. A record may name its kind of pair in an optional "task" string
+(data/biblia/make_tasks.py's pairs do: 'testament', 'book'...): meta.json keeps the task of every pair
+('pair_tasks'), and dpo.py reports the held-out reward accuracy of each task.
 """
 
 import itertools
 import sys
 import time
+from collections import namedtuple
 
 import numpy as np
 
@@ -19,6 +23,8 @@ from mirim.prepare import (abort_split_writers, check_settings, close_split_writ
 from mirim.shards import mask_path, read_mask, read_shard, ShardError, split_shards, write_meta
 
 PROMPT_KEYS = ('messages', 'prompt', 'question', 'instruction')
+TASK_KEY = 'task'  # an optional field naming the kind of pair ('testament', 'book'...): dpo.py scores each kind
+UNTAGGED = 'untagged'  # the task of a pair without one, in a data set where other pairs have one
 REPLY_KEYS = (('chosen', 'rejected'), ('chosen_response', 'rejected_response'))
 FORMATS = ('{"prompt"|"question"|"instruction"|"messages": ..., "chosen": ..., "rejected": ...} or '
            '{"instruction": ..., "chosen_response": ..., "rejected_response": ...}')
@@ -46,9 +52,14 @@ def as_messages(value, role, where, field):
     return check_messages(value, where, field)
 
 
+class Pair(namedtuple('Pair', 'prompt chosen rejected task', defaults=(None,))):
+    """A preference pair: prompt messages, chosen reply messages, rejected reply messages, and the name of its
+    task (None: the record named none)."""
+
+
 def pair_messages(record, where):
-    """A JSONL record -> (prompt messages, chosen reply messages, rejected reply messages); PrepareError
-    naming `where` when it is not a preference pair."""
+    """A JSONL record -> Pair(prompt messages, chosen reply messages, rejected reply messages, task); PrepareError
+    naming `where` when it is not a preference pair. The task is the record's optional "task" string."""
     if not isinstance(record, dict):
         raise PrepareError(f"{where}: a {type(record).__name__}, not a preference pair; each line must be {FORMATS}")
     keys = next(((c, r) for c, r in REPLY_KEYS if c in record and r in record), None)
@@ -93,11 +104,14 @@ def pair_messages(record, where):
         if not any(m['content'].strip() for m in reply):
             raise PrepareError(f"{where}: {key!r} is empty")
         replies.append(reply)
-    return prompt, replies[0], replies[1]
+    task = record.get(TASK_KEY)
+    if task is not None and (not isinstance(task, str) or not task.strip()):
+        raise PrepareError(f"{where}: {TASK_KEY!r} must be a non-empty string (the kind of pair), got {task!r:.100}")
+    return Pair(prompt, replies[0], replies[1], task)
 
 
 def read_pairs_jsonl(path):
-    """(where, (prompt, chosen, rejected)) for every non-blank line of a JSONL file."""
+    """(where, Pair) for every non-blank line of a JSONL file."""
     for where, record in jsonl_records(path):
         yield where, pair_messages(record, where)
 
@@ -135,10 +149,12 @@ def truncate_pair(sides, max_length):
 def prepare_pref(pairs, tokenizer, template, out_dir, max_length=1024, val_fraction=0.05, val_pairs=None,
                  seed=1337, shard_tokens=100_000_000, source='the input', extra_meta=None):
     """
-    Tokenize preference pairs (an iterable of (prompt, chosen, rejected) message lists, or of
+    Tokenize preference pairs (an iterable of Pairs or (prompt, chosen, rejected) message lists, or of
     (where, that) pairs, which name the record in errors) into out_dir: train_*.bin + masks, val_*.bin +
     masks, the tokenizer file and meta.json (written last). Returns the meta dict.
     Split: one pair in round(1/val_fraction) goes to val, or, with val_pairs, those go to val.
+    When pairs name their task, meta.json keeps the task of every pair written (read_pair_tasks reads it
+    back) and the pairs per task; pairs without one count as UNTAGGED.
     """
     t0 = time.time()
     template = dict(get_template(template))
@@ -153,9 +169,11 @@ def prepare_pref(pairs, tokenizer, template, out_dir, max_length=1024, val_fract
     writers = open_split_writers(out_dir, tokenizer.vocab_size, shard_tokens, with_mask=True)
     counts = {split: {'tokens': 0, 'trained_tokens': 0, 'documents': 0, 'pairs': 0} for split in writers}
     stats = {'truncated_prompts': 0, 'truncated_replies': 0, 'skipped_identical': [], 'longest_pair_tokens': 0}
+    tasks = {split: [] for split in writers}  # the task of each pair written (None: not named)
     try:
         for n, (split, pair) in enumerate(itertools.chain([first], items)):
-            where, (prompt, chosen, rejected) = pair if isinstance(pair[0], str) else (f"pair {n}", pair)
+            where, pair = pair if isinstance(pair[0], str) else (f"pair {n}", pair)
+            prompt, chosen, rejected, task = Pair(*pair)
             if chosen == rejected:
                 stats['skipped_identical'].append(where)
                 continue
@@ -177,6 +195,7 @@ def prepare_pref(pairs, tokenizer, template, out_dir, max_length=1024, val_fract
                 c['trained_tokens'] += sum(mask)
                 c['documents'] += 1
             c['pairs'] += 1
+            tasks[split].append(task)
         names = close_split_writers(writers, out_dir, counts,
                                     f"all {counts['val']['pairs']} pair(s) of {source} went to val, none to "
                                     f"train: give more pairs or a smaller --val_fraction")
@@ -197,6 +216,7 @@ def prepare_pref(pairs, tokenizer, template, out_dir, max_length=1024, val_fract
                            'max_length': max_length, **stats, 'skipped_identical': len(skipped),
                            'skipped_identical_first': skipped[:10]},
             **(extra_meta or {}),
+            **task_fields(tasks),
         }
         write_meta(out_dir, meta)
     except BaseException:
@@ -205,6 +225,10 @@ def prepare_pref(pairs, tokenizer, template, out_dir, max_length=1024, val_fract
     for split, c in counts.items():
         print(f"{split}: {c['pairs']:,} pairs, {c['tokens']:,} tokens, {c['trained_tokens']:,} in replies, "
               f"{len(names[split])} shard(s)")
+    if 'pair_tasks' in meta:
+        per_task = meta['pair_tasks']['pairs']
+        print("pairs per task (train/val): " + ', '.join(f"{name} {per_task['train'][name]:,}/{per_task['val'][name]:,}"
+                                                         for name in meta['pair_tasks']['names']))
     print(f"truncated to --max_length {max_length}: {stats['truncated_prompts']} prompt(s), "
           f"{stats['truncated_replies']} reply(ies); the longest side had {stats['longest_pair_tokens']} tokens")
     if skipped:
@@ -212,6 +236,23 @@ def prepare_pref(pairs, tokenizer, template, out_dir, max_length=1024, val_fract
               f"{', '.join(skipped[:3])})", file=sys.stderr)
     print(f"wrote {out_dir} ({template.get('name', 'custom')} template) in {time.time() - t0:.1f}s")
     return meta
+
+
+def task_fields(tasks):
+    """{split: [task or None per pair]} -> meta.json's 'pair_tasks' ({} when no pair names a task): the task
+    names, the pairs per task of each split, and per split the task of each pair, in order, as one string of
+    indices into the names ('0 2 1 ...': one line of meta.json, where a list would take a line a pair)."""
+    if not any(t is not None for split in tasks.values() for t in split):
+        return {}
+    tasks = {split: [t or UNTAGGED for t in split_tasks] for split, split_tasks in tasks.items()}
+    names = sorted({t for split_tasks in tasks.values() for t in split_tasks})
+    index = {name: n for n, name in enumerate(names)}
+    return {'pair_tasks': {
+        'names': names,
+        'pairs': {split: {name: split_tasks.count(name) for name in names} for split, split_tasks in tasks.items()},
+        'per_pair': {split: ' '.join(str(index[t]) for t in split_tasks) for split, split_tasks in tasks.items()},
+        'format': "per_pair: the task of each pair of a split, in order, as indices into names separated by spaces",
+    }}
 
 
 # -----------------------------------------------------------------------------
@@ -241,3 +282,21 @@ def read_pairs(data_dir, split, meta):
     if empty:
         raise ShardError(f"{data_dir} '{split}': pair {empty[0]} has a side with no reply token")
     return pairs
+
+
+def read_pair_tasks(data_dir, split, meta):
+    """-> (task names, a list of the task index of each pair of the split), or None for a data set whose pairs
+    name no task (or one prepared before tasks were kept). ShardError when it does not match the pair count."""
+    tasks = meta.get('pair_tasks')
+    if tasks is None:
+        return None
+    try:
+        names, ids = list(tasks['names']), [int(i) for i in tasks['per_pair'][split].split()]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise ShardError(f"{data_dir}/meta.json: 'pair_tasks' is not what prepare_pref writes; prepare the data "
+                         f"again") from None
+    want = meta['splits'][split].get('pairs')
+    if len(ids) != want or any(not 0 <= i < len(names) for i in ids):
+        raise ShardError(f"{data_dir} '{split}': meta.json names the task of {len(ids)} pairs, not of its {want} "
+                         f"pairs; prepare the data again")
+    return names, ids

