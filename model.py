@@ -5,7 +5,7 @@ The whole mirim model in one file: a Llama-style decoder-only transformer.
                     -> RMSNorm -> LM head (tied to the embedding or not)
 
 The layout follows Hugging Face's LlamaForCausalLM (rotate-half RoPE, no biases, the gated MLP
-down(act(gate(x)) * up(x))), so weights move 1:1 between the two (see hf.py). Two projections
+down(act(gate(x)) * up(x))), so weights move 1:1 between the two (see mirim/hf.py). Two projections
 are fused for speed: q, k, v are one matmul (wqkv) and gate, up are one matmul (w13).
 """
 import math
