@@ -28,7 +28,6 @@ PaLM appendix B). Time from peak FLOP/s: FLOPs / (peak x MFU x GPUs); peak bf16 
 NVIDIA's datasheets (A100 312 TFLOPS; H100 SXM and H200 989 TFLOPS; H100 PCIe 756 TFLOPS: the
 datasheets' "with sparsity" figures halved). An MFU of 0.3-0.5 is typical of a well-tuned run.
 """
-import ast
 import difflib
 import statistics
 import sys
@@ -138,17 +137,16 @@ def depth_table_text(rows):
 # -----------------------------------------------------------------------------
 # config files and logs
 
-def training_config(argv):
-    """train.py's resolved config for these config files and --key=value, as train.py resolves it."""
-    from mirim.configurator import ConfigError, configure, describe
-    usage = None
+def resolve(argv):
+    """plan.py's options and train.py's resolved config, for these config files and --key=value (train.py's keys
+    resolved as train.py resolves them) -> (options, train_config)."""
+    from mirim.configurator import configure, describe
     if '--help' in argv or '-h' in argv:  # plan.py's own options, then train.py's keys
         usage = (f"usage: python plan.py [config.py ...] [--key=value ...]\n\nplan.py's options:\n"
                  f"{describe(DEFAULTS, __file__)}\n\nand train.py's, read as train.py reads them:")
-    try:
-        return configure(train_settings.DEFAULTS, argv, help_source=train_settings.__file__, usage=usage)
-    except ConfigError as e:
-        raise ValueError(f"{e} (plan.py's own options: {', '.join(DEFAULTS)})") from None
+        configure(train_settings.DEFAULTS, ['--help'], help_source=train_settings.__file__, usage=usage)
+    config = configure({**train_settings.DEFAULTS, **DEFAULTS}, argv)
+    return {key: config[key] for key in DEFAULTS}, {key: config[key] for key in train_settings.DEFAULTS}
 
 
 def model_shape(train_config, meta=None):
@@ -262,31 +260,6 @@ def report(result):
     return '\n'.join(lines)
 
 
-def parse_args(argv):
-    """plan.py's own --key=value options -> (options, the rest: config files and train.py's options)."""
-    options, rest = dict(DEFAULTS), []
-    for arg in argv:
-        key, _, value = arg[2:].partition('=')
-        if not arg.startswith('--') or key not in options:
-            rest.append(arg)
-            continue
-        try:
-            parsed = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            parsed = value
-        expected = type(options[key])
-        if expected is str:
-            parsed = value
-        elif expected is float and isinstance(parsed, int) and not isinstance(parsed, bool):
-            parsed = float(parsed)
-        elif expected is int and isinstance(parsed, float) and parsed.is_integer():
-            parsed = int(parsed)
-        if type(parsed) is not expected:
-            raise ValueError(f"--{key} must be {expected.__name__}, got {value!r}")
-        options[key] = parsed
-    return options, rest
-
-
 def check_options(options, train_config):
     from types import SimpleNamespace
     checks = [(min(options['params'], options['tokens'], options['tokens_per_sec'], options['gpu_hour_price'],
@@ -310,11 +283,10 @@ def main(argv=None):
 
 
 def run(argv):
-    options, rest = parse_args(argv)
-    train_config = training_config(rest)
+    options, train_config = resolve(argv)
     check_options(options, train_config)
-    has_file = any(not arg.startswith('--') for arg in rest)
-    given = {arg[2:].partition('=')[0] for arg in rest if arg.startswith('--')}
+    has_file = any(arg.endswith('.py') and not arg.startswith('-') for arg in argv)  # a config file (not a value)
+    given = {arg[2:].partition('=')[0] for arg in argv if arg.startswith('--')} & set(train_config)
     # the corpus counts when the run names one (a config file, --data_dir) and it has been prepared
     meta = None
     if has_file or 'data_dir' in given:

@@ -15,6 +15,7 @@ import os
 import sys
 
 from mirim import out_dir
+from mirim.configurator import ConfigError, configure
 
 SERIES = [  # (panel title, [(log key, line style, label suffix)])
     ('loss (nats/token)', [('train_loss', '-', 'train'), ('val_loss', '--', 'val')]),
@@ -22,6 +23,13 @@ SERIES = [  # (panel title, [(log key, line style, label suffix)])
     ('learning rate', [('lr', '-', '')]),
 ]
 X_LABELS = {'tokens': 'tokens seen', 'step': 'step', 'minutes': 'wall-clock minutes'}
+
+# --key=value or --key value (configurator.py); the run folders may come first: plot.py out/a out/b
+DEFAULTS = dict(
+    runs=[],                  # run folders (out_dirs) or log.jsonl files
+    output='runs.png',        # the image to write: .png, .svg or .pdf
+    x='tokens',               # the x axis: tokens | step | minutes
+)
 
 
 def read_log(path):
@@ -106,22 +114,15 @@ def image_format(output):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    options = {'output': 'runs.png', 'x': 'tokens'}
-    paths = []
-    for arg in argv:
-        if arg.startswith('--'):
-            key, _, value = arg[2:].partition('=')
-            if key not in options or not value:
-                raise SystemExit(f"unknown option {arg}; plot.py takes run folders, --output=FILE.png and --x=tokens|step|minutes")
-            options[key] = value
-        else:
-            paths.append(arg)
-    if not paths:
-        raise SystemExit("usage: python plot.py out/a out/b ... [--output=runs.png] [--x=tokens|step|minutes]")
-    if options['x'] not in X_LABELS:
-        raise SystemExit(f"--x={options['x']}: choose tokens, step or minutes")
+    if argv and not argv[0].startswith('-'):
+        argv = ['--runs', *argv]  # plot.py out/a out/b --x=step: the run folders, named first
+    try:
+        options = configure(DEFAULTS, argv, help_source=__file__, required=('runs',), choices={'x': list(X_LABELS)},
+                            usage="usage: python plot.py out/a out/b ... [--output=runs.png] [--x=tokens|step|minutes]")
+    except ConfigError as e:
+        raise SystemExit(f"plot.py: error: {e}") from None
     image_format(options['output'])  # before reading the logs
-    output = plot_runs(paths, options['output'], options['x'])
+    output = plot_runs(options['runs'], options['output'], options['x'])
     print(f"wrote {output}")
     return output
 

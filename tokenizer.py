@@ -11,10 +11,12 @@ Bengali than on English; a tokenizer trained on your own language is the cheapes
 The tokenizer interface itself (load_tokenizer, encode, decode) is mirim/tokenizer.py.
 """
 
-import argparse
 import os
+import sys
 import time
+from types import SimpleNamespace
 
+from mirim.configurator import ConfigError, configure
 from mirim.tokenizer import (DEFAULT_SPECIAL_TOKENS, expand_paths, read_blocks, tokenizer_stats, train_bytelevel_bpe,
                              train_sentencepiece)
 
@@ -32,31 +34,36 @@ def compare_with_bytes(tok, texts):
             f"  -> {b['tokens'] / max(s['tokens'], 1):.2f}x fewer tokens than raw bytes"]
 
 
-def main():
-    parser = argparse.ArgumentParser(description="Train a tokenizer: SentencePiece (byte fallback) or byte-level BPE "
-                                                 "(tokenizer.json); digits split, chat tokens single pieces.")
-    parser.add_argument('--input', nargs='+', required=True,
-                        help="text files or globs; a document is a blank-line-separated block")
-    parser.add_argument('--out', required=True, help="output path: data/x/tokenizer.model (SentencePiece) or "
-                                                     "data/x/tokenizer.json (--model_type bytelevel)")
-    parser.add_argument('--vocab_size', type=int, default=8192)
-    parser.add_argument('--model_type', choices=['bpe', 'unigram', 'bytelevel'], default='bpe',
-                        help="bpe, unigram: SentencePiece; bytelevel: byte-level BPE with `tokenizers` (tokenizer.json)")
-    parser.add_argument('--special_tokens', nargs='*', default=list(DEFAULT_SPECIAL_TOKENS))
-    parser.add_argument('--character_coverage', type=float, default=0.9995,
-                        help="0.9995 suits any script; 1.0 gives each character of a clean small alphabet a piece")
-    parser.add_argument('--input_sentence_size', type=int, default=2_000_000,
-                        help="at most this many training pieces (line groups), sampled at random")
-    parser.add_argument('--num_threads', type=int, default=os.cpu_count())
-    parser.add_argument('--held_out_every', type=int, default=100, help="every Nth block is held out for the stats")
-    parser.add_argument('--max_held_out', type=int, default=20_000, help="at most this many held-out blocks")
-    parser.add_argument('--verbose', action='store_true', help="show SentencePiece's own log")
-    args = parser.parse_args()
+DEFAULTS = dict(
+    input=[],                 # text files or globs; a document is a blank-line-separated block
+    out='',                   # the file to write: data/x/tokenizer.model (SentencePiece) or data/x/tokenizer.json
+                              # (--model_type bytelevel)
+    vocab_size=8192,          # pieces in the tokenizer
+    model_type='bpe',         # bpe | unigram: SentencePiece; bytelevel: byte-level BPE with `tokenizers`
+                              # (tokenizer.json)
+    special_tokens=list(DEFAULT_SPECIAL_TOKENS),  # single pieces, never split: the chat markers
+    character_coverage=0.9995,  # 0.9995 suits any script; 1.0 gives each character of a clean small alphabet a piece
+    input_sentence_size=2_000_000,  # at most this many training pieces (line groups), sampled at random
+    num_threads=os.cpu_count(),  # SentencePiece's training threads
+    held_out_every=100,       # every Nth block is held out for the stats
+    max_held_out=20_000,      # at most this many held-out blocks
+    verbose=False,            # show SentencePiece's own log
+)
+
+
+def main(argv=None):
+    try:
+        args = SimpleNamespace(**configure(DEFAULTS, sys.argv[1:] if argv is None else argv, help_source=__file__,
+                                           required=('input', 'out'),
+                                           choices={'model_type': ['bpe', 'unigram', 'bytelevel']}))
+    except ConfigError as e:
+        sys.exit(f"tokenizer.py: error: {e}")
     if args.held_out_every < 1 or args.num_threads < 1 or args.max_held_out < 0 or args.input_sentence_size < 1:
-        parser.error("--held_out_every, --num_threads and --input_sentence_size must be at least 1, "
-                     "--max_held_out at least 0")
+        sys.exit("tokenizer.py: error: --held_out_every, --num_threads and --input_sentence_size must be at least 1, "
+                 "--max_held_out at least 0")
     if os.path.isdir(args.out):
-        parser.error(f"--out {args.out} is a folder: name the .model file, e.g. {os.path.join(args.out, 'tokenizer.model')}")
+        sys.exit(f"tokenizer.py: error: --out {args.out} is a folder: name the .model file, e.g. "
+                 f"{os.path.join(args.out, 'tokenizer.model')}")
 
     held_out = []
 
@@ -81,7 +88,7 @@ def main():
                                       input_sentence_size=args.input_sentence_size, num_threads=args.num_threads,
                                       verbose=args.verbose)
     except (ValueError, OSError) as e:  # bad input, settings or --out: a message, not a traceback
-        parser.exit(1, f"tokenizer.py: error: {e}\n")
+        sys.exit(f"tokenizer.py: error: {e}")
     print(f"wrote {args.out} ({tok.vocab_size:,} pieces, {args.model_type}) in {time.time() - t0:.1f}s")
     if held_out:
         print('\n'.join(compare_with_bytes(tok, held_out)))

@@ -50,57 +50,62 @@ The library part is in mirim/: mirim/corpus.py reads the documents, mirim/prepar
 prepare(documents, tokenizer, out_dir, ...) writes the shards (mirim/biblia.py calls it too).
 """
 
-import argparse
 import os
 import sys
+from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+from mirim.configurator import ConfigError, configure  # noqa: E402
 from mirim.corpus import (check_inputs, COLUMNAR_SUFFIXES, expand_inputs, hf_documents, JSONL_SUFFIXES,  # noqa: E402
                           open_hf_dataset, PrepareError, read_documents)
 from mirim.prepare import (check_settings, error_line, open_tokenizer, prepare, train_tokenizer_on_input,  # noqa: E402
                            write_output)
 from mirim.tokenizer import check_vocab_size  # noqa: E402
 
+DEFAULTS = dict(
+    input=[],                 # text, JSONL, Parquet or Arrow files, folders (also datasets.save_to_disk folders)
+                              # or globs
+    hf_dataset='',            # instead of --input, read with the `datasets` package: a hub name, a local dataset
+                              # folder or script, one data file, or a builder (parquet, json, csv, text, arrow)
+                              # with --data_files
+    data_files=[],            # files or globs for --hf_dataset (load_dataset's data_files)
+    hf_split='train',         # the split of --hf_dataset or of a saved DatasetDict
+    text_field='text',        # the JSONL / Parquet / Arrow / dataset field holding the text
+    doc_per='block',          # block | line | file: text files give a document per blank-line-separated block,
+                              # per line, or per file
+    tokenizer='',             # bytes | tiktoken:NAME | path/to/tokenizer.model | path/to/tokenizer.json | an HF
+                              # model folder | train:VOCAB (SentencePiece BPE) | train-bytelevel:VOCAB (byte-level BPE)
+    out='',                   # the data folder to write, e.g. data/mycorpus
+    val_fraction=0.005,       # the share of documents that go to val
+    shard_tokens=100_000_000,  # tokens per shard file
+    num_proc=1,               # tokenizing processes, one thread each; with 1, SentencePiece and tiktoken already use
+                              # threads. Worth raising for big corpora on many cores (the output does not change)
+    seed=1337,                # which document of each group goes to val
+    sample_bytes=200_000_000,  # train:VOCAB trains on at most this much text
+    overwrite=False,          # replace the data set already in --out (its shards, meta.json and tokenizer files)
+)
+
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Tokenize a corpus into .bin shards + meta.json (see the top of this file).")
-    parser.add_argument('--input', nargs='+', help="text, JSONL, Parquet or Arrow files, folders (also "
-                                                   "datasets.save_to_disk folders) or globs")
-    parser.add_argument('--hf_dataset', help="read with the `datasets` package: a hub name, a local dataset folder or "
-                                             "script, one data file, or a builder (parquet, json, csv, text, arrow) "
-                                             "with --data_files")
-    parser.add_argument('--data_files', nargs='+', help="files or globs for --hf_dataset (load_dataset's data_files)")
-    parser.add_argument('--hf_split', default='train', help="the split of --hf_dataset or of a saved DatasetDict")
-    parser.add_argument('--text_field', default='text', help="the JSONL / Parquet / Arrow / dataset field holding the text")
-    parser.add_argument('--doc_per', choices=['block', 'line', 'file'], default='block',
-                        help="text files: a document per blank-line-separated block, per line, or per file")
-    parser.add_argument('--tokenizer', required=True,
-                        help="bytes | tiktoken:NAME | path/to/tokenizer.model | path/to/tokenizer.json | an HF model "
-                             "folder | train:VOCAB (SentencePiece BPE) | train-bytelevel:VOCAB (byte-level BPE)")
-    parser.add_argument('--out', required=True, help="the data folder to write, e.g. data/mycorpus")
-    parser.add_argument('--val_fraction', type=float, default=0.005)
-    parser.add_argument('--shard_tokens', type=int, default=100_000_000)
-    parser.add_argument('--num_proc', type=int, default=1,
-                        help="tokenizing processes, one thread each; with 1, SentencePiece and tiktoken already use "
-                             "threads. Worth raising for big corpora on many cores (the output does not change)")
-    parser.add_argument('--seed', type=int, default=1337)
-    parser.add_argument('--sample_bytes', type=int, default=200_000_000, help="train:VOCAB trains on at most this much text")
-    parser.add_argument('--overwrite', action='store_true',
-                        help="replace the data set already in --out (its shards, meta.json and tokenizer files)")
-    args = parser.parse_args(argv)
+    try:
+        args = SimpleNamespace(**configure(DEFAULTS, sys.argv[1:] if argv is None else argv, help_source=__file__,
+                                           required=('tokenizer', 'out'),
+                                           choices={'doc_per': ['block', 'line', 'file']}))
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
     if bool(args.input) == bool(args.hf_dataset):
-        parser.error("give either --input or --hf_dataset")
+        sys.exit("error: give either --input or --hf_dataset")
     if args.data_files and not args.hf_dataset:
-        parser.error("--data_files goes with --hf_dataset (e.g. --hf_dataset parquet --data_files 'x/*.parquet'); "
-                     "--input reads files itself")
+        sys.exit("error: --data_files goes with --hf_dataset (e.g. --hf_dataset parquet --data_files 'x/*.parquet'); "
+                 "--input reads files itself")
     vocab_size = None
     bytelevel = args.tokenizer.startswith('train-bytelevel:')
     if args.tokenizer.startswith(('train:', 'train-bytelevel:')):
         try:
             vocab_size = int(args.tokenizer.split(':', 1)[1])
         except ValueError:
-            parser.error(f"--tokenizer {args.tokenizer}: expected train:VOCAB or train-bytelevel:VOCAB with VOCAB a "
-                         f"number, e.g. train:8192")
+            sys.exit(f"error: --tokenizer {args.tokenizer}: expected train:VOCAB or train-bytelevel:VOCAB with VOCAB "
+                     f"a number, e.g. train:8192")
 
     # every check that can fail before anything is written: a bad setting never costs the old data set
     try:
@@ -125,7 +130,7 @@ def main(argv=None):
             source, total_bytes, progress_total = f"hf:{args.hf_dataset}[{args.hf_split}]", None, None
             if args.data_files:
                 source += ' ' + ' '.join(args.data_files)
-            dataset = open_hf_dataset(args.hf_dataset, args.hf_split, args.data_files)
+            dataset = open_hf_dataset(args.hf_dataset, args.hf_split, args.data_files or None)
             def read(problems):
                 return hf_documents(dataset, source, args.text_field, problems)
         given = None if vocab_size is not None else open_tokenizer(args.tokenizer)

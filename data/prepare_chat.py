@@ -32,35 +32,40 @@ so a window may start inside a conversation. Keep block_size above most conversa
 longest is printed at the end and kept in meta.json under "chat").
 """
 
-import argparse
 import os
 import sys
+from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 from mirim.chat import CHAT_TEMPLATES  # noqa: E402
 from mirim.chat_data import chat_input_files, check_template_tokens, prepare_chat, read_conversations  # noqa: E402
+from mirim.configurator import ConfigError, configure  # noqa: E402
 from mirim.corpus import PrepareError  # noqa: E402
 from mirim.prepare import check_settings, error_line, open_tokenizer, write_output  # noqa: E402
 
+DEFAULTS = dict(
+    input='',                 # conversations: JSONL (.jsonl, .jsonl.gz), Parquet or Arrow files; a file, folder, glob
+                              # or datasets.save_to_disk folder
+    val_input='',             # validation conversations, the same way (instead of --val_fraction)
+    hf_split='train',         # the split of a saved DatasetDict
+    tokenizer='',             # the pre-trained model's tokenizer: path/to/tokenizer.model | path/to/tokenizer.json |
+                              # an HF model folder | tiktoken:NAME | bytes
+    template='chatml',        # the chat template: chatml | aira (mirim/chat.py)
+    out='',                   # the data folder to write, e.g. data/mychat
+    val_fraction=0.05,        # the share of conversations that go to val (without --val_input)
+    shard_tokens=100_000_000,  # tokens per shard file
+    seed=1337,                # which conversations go to val
+    overwrite=False,          # replace the data set already in --out (its shards, masks, meta.json and tokenizer file)
+)
+
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Tokenize JSONL chat conversations into shards + loss masks "
-                                                 "(see the top of this file).")
-    parser.add_argument('--input', required=True, help="conversations: JSONL (.jsonl, .jsonl.gz), Parquet or Arrow "
-                                                       "files; a file, folder, glob or datasets.save_to_disk folder")
-    parser.add_argument('--val_input', help="validation conversations, the same way (instead of --val_fraction)")
-    parser.add_argument('--hf_split', default='train', help="the split of a saved DatasetDict")
-    parser.add_argument('--tokenizer', required=True,
-                        help="the pre-trained model's tokenizer: path/to/tokenizer.model | path/to/tokenizer.json | "
-                             "an HF model folder | tiktoken:NAME | bytes")
-    parser.add_argument('--template', default='chatml', choices=sorted(CHAT_TEMPLATES))
-    parser.add_argument('--out', required=True, help="the data folder to write, e.g. data/mychat")
-    parser.add_argument('--val_fraction', type=float, default=0.05)
-    parser.add_argument('--shard_tokens', type=int, default=100_000_000)
-    parser.add_argument('--seed', type=int, default=1337)
-    parser.add_argument('--overwrite', action='store_true',
-                        help="replace the data set already in --out (its shards, masks, meta.json and tokenizer file)")
-    args = parser.parse_args(argv)
+    try:
+        args = SimpleNamespace(**configure(DEFAULTS, sys.argv[1:] if argv is None else argv, help_source=__file__,
+                                           required=('input', 'tokenizer', 'out'),
+                                           choices={'template': sorted(CHAT_TEMPLATES)}))
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
     try:  # everything that can fail before a file is written: a bad setting never costs the old data set
         check_settings(args.val_fraction, args.shard_tokens)
         for pattern in filter(None, [args.input, args.val_input]):
@@ -71,7 +76,7 @@ def main(argv=None):
         sys.exit(f"error: {error_line(e, args.out)}")
 
     def write():
-        val = None if args.val_input is None else read_conversations(args.val_input, args.hf_split)
+        val = read_conversations(args.val_input, args.hf_split) if args.val_input else None
         source = args.input + (f" + {args.val_input} (val)" if args.val_input else '')
         prepare_chat(read_conversations(args.input, args.hf_split), tokenizer, args.template, args.out,
                      val_fraction=args.val_fraction, val_conversations=val, seed=args.seed,

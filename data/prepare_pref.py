@@ -36,40 +36,43 @@ The output folder is handled as data/prepare.py does: refused when it holds a da
 --overwrite, and never left with a data set that looks complete after an error or Ctrl-C.
 """
 
-import argparse
 import os
 import sys
+from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 from mirim.chat import CHAT_TEMPLATES  # noqa: E402
 from mirim.chat_data import check_template_tokens  # noqa: E402
+from mirim.configurator import ConfigError, configure  # noqa: E402
 from mirim.corpus import PrepareError  # noqa: E402
 from mirim.pref_data import prepare_pref, read_pairs_jsonl  # noqa: E402
 from mirim.prepare import check_settings, error_line, open_tokenizer, write_output  # noqa: E402
 from mirim.tokenizer import load_tokenizer  # noqa: E402
 
+DEFAULTS = dict(
+    input='',                 # JSONL of preference pairs (.jsonl or .jsonl.gz)
+    val_input='',             # JSONL of held-out pairs (instead of --val_fraction)
+    model='',                 # the fine-tuned (SFT) checkpoint or out_dir: its tokenizer and chat template
+    tokenizer='',             # instead of --model: path/to/tokenizer.model | tiktoken:NAME | bytes
+    template='',              # the chat template: chatml | aira; '' = the --model's, else chatml
+    out='',                   # the data folder to write, e.g. data/mypref
+    max_length=1024,          # tokens per side at most (keep it <= the model's block_size); longer pairs are
+                              # truncated prompt first
+    val_fraction=0.05,        # the share of pairs that go to val (without --val_input)
+    shard_tokens=100_000_000,  # tokens per shard file
+    seed=1337,                # which pairs go to val
+    overwrite=False,          # replace the data set already in --out (its shards, masks, meta.json and tokenizer file)
+)
+
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Tokenize JSONL preference pairs into shards + loss masks for "
-                                                 "dpo.py (see the top of this file).")
-    parser.add_argument('--input', required=True, help="JSONL of preference pairs (.jsonl or .jsonl.gz)")
-    parser.add_argument('--val_input', help="JSONL of held-out pairs (instead of --val_fraction)")
-    parser.add_argument('--model', help="the fine-tuned (SFT) checkpoint or out_dir: its tokenizer and chat template")
-    parser.add_argument('--tokenizer', help="instead of --model: path/to/tokenizer.model | tiktoken:NAME | bytes")
-    parser.add_argument('--template', choices=sorted(CHAT_TEMPLATES),
-                        help="the chat template (default: the --model's, else chatml)")
-    parser.add_argument('--out', required=True, help="the data folder to write, e.g. data/mypref")
-    parser.add_argument('--max_length', type=int, default=1024,
-                        help="tokens per side at most (keep it <= the model's block_size); longer pairs are "
-                             "truncated prompt first")
-    parser.add_argument('--val_fraction', type=float, default=0.05)
-    parser.add_argument('--shard_tokens', type=int, default=100_000_000)
-    parser.add_argument('--seed', type=int, default=1337)
-    parser.add_argument('--overwrite', action='store_true',
-                        help="replace the data set already in --out (its shards, masks, meta.json and tokenizer file)")
-    args = parser.parse_args(argv)
+    try:
+        args = SimpleNamespace(**configure(DEFAULTS, sys.argv[1:] if argv is None else argv, help_source=__file__,
+                                           required=('input', 'out'), choices={'template': sorted(CHAT_TEMPLATES)}))
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
     try:  # everything that can fail before a file is written: a bad setting never costs the old data set
-        if (args.model is None) == (args.tokenizer is None):
+        if bool(args.model) == bool(args.tokenizer):
             raise PrepareError("give --model (a fine-tuned checkpoint: its tokenizer and chat template) or "
                                "--tokenizer, one of them")
         check_settings(args.val_fraction, args.shard_tokens)
@@ -92,7 +95,7 @@ def main(argv=None):
         sys.exit(f"error: {error_line(e, args.out)}")
 
     def write():
-        val = None if args.val_input is None else read_pairs_jsonl(args.val_input)
+        val = read_pairs_jsonl(args.val_input) if args.val_input else None
         source = args.input + (f" + {args.val_input} (val)" if args.val_input else '')
         prepare_pref(read_pairs_jsonl(args.input), tokenizer, template, args.out, max_length=args.max_length,
                      val_fraction=args.val_fraction, val_pairs=val, seed=args.seed, shard_tokens=args.shard_tokens,

@@ -27,7 +27,6 @@ and nothing is written twice; with the same --seed it draws the same combination
 A half-written last line (a kill mid-write) is dropped. Combinations that failed every retry are
 not written, and are tried again by the next run.
 """
-import argparse
 import itertools
 import json
 import os
@@ -35,10 +34,12 @@ import random
 import re
 import sys
 import time
+from types import SimpleNamespace
 
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+from mirim.configurator import ConfigError, configure  # noqa: E402
 from mirim.llm import Client, Fatal, Rejected, run_all  # noqa: E402
 
 
@@ -153,27 +154,34 @@ def run(jobs, work, out, total, concurrency, desc):
 
 # -----------------------------------------------------------------------------
 
+DEFAULTS = dict(
+    lang='',                  # a language folder (prompt.txt, words.json, cleanup.json): stories mode
+    prompts='',               # a JSONL of prompts: generic mode
+    out='',                   # output JSONL (appended to; a rerun resumes)
+    n=100,                    # stories wanted in --out in all (stories mode)
+    base_url='http://127.0.0.1:8000/v1',  # the OpenAI-compatible endpoint
+    model='',                 # the endpoint's model name ('' = its first /v1/models entry)
+    api_key_env='OPENAI_API_KEY',  # environment variable holding the API key
+    chat=1,                   # 1: /chat/completions; 0: /completions with the raw prompt
+    concurrency=8,            # requests in flight
+    temperature=1.0,
+    max_tokens=1024,
+    retries=5,                # per prompt, after the first try
+    backoff=1.0,              # seconds before the first retry; doubles each time
+    timeout=120.0,            # seconds per request
+    min_words=40,             # shorter stories are asked for again
+    seed=1337,                # the order combinations are drawn in
+)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[1], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument('--lang', help='a language folder (prompt.txt, words.json, cleanup.json): stories mode')
-    p.add_argument('--prompts', help='a JSONL of prompts: generic mode')
-    p.add_argument('--out', required=True, help='output JSONL (appended to; a rerun resumes)')
-    p.add_argument('--n', type=int, default=100, help='stories wanted in --out in all (stories mode)')
-    p.add_argument('--base_url', default='http://127.0.0.1:8000/v1')
-    p.add_argument('--model', default='', help="the endpoint's model name ('' = its first /v1/models entry)")
-    p.add_argument('--api_key_env', default='OPENAI_API_KEY', help='environment variable holding the API key')
-    p.add_argument('--chat', type=int, default=1, help='1: /chat/completions; 0: /completions with the raw prompt')
-    p.add_argument('--concurrency', type=int, default=8, help='requests in flight')
-    p.add_argument('--temperature', type=float, default=1.0)
-    p.add_argument('--max_tokens', type=int, default=1024)
-    p.add_argument('--retries', type=int, default=5, help='per prompt, after the first try')
-    p.add_argument('--backoff', type=float, default=1.0, help='seconds before the first retry; doubles each time')
-    p.add_argument('--timeout', type=float, default=120.0, help='seconds per request')
-    p.add_argument('--min_words', type=int, default=40, help='shorter stories are asked for again')
-    p.add_argument('--seed', type=int, default=1337, help='the order combinations are drawn in')
-    args = p.parse_args(argv)
+    try:
+        args = SimpleNamespace(**configure(DEFAULTS, sys.argv[1:] if argv is None else argv, help_source=__file__,
+                                           required=('out',)))
+    except ConfigError as e:
+        sys.exit(f"synth.py: error: {e}")
     if bool(args.lang) == bool(args.prompts):
-        p.error('give --lang (stories) or --prompts (generic), not both')
+        sys.exit('synth.py: error: give --lang (stories) or --prompts (generic), not both')
     client = Client(args.base_url, args.model, os.environ.get(args.api_key_env, ''), args.timeout, args.retries,
                     args.backoff)
     if not client.model:

@@ -1,16 +1,23 @@
 """
-Config for train.py, sample.py and eval.py: defaults, then config files, then --key=value.
+Options for every command: defaults, then config files, then --key=value.
 
     python train.py config/train_biblia_pt.py --batch_size=32 --out_dir=out/try
+    python data/prepare.py --input a.txt b.txt --tokenizer train:8192 --out data/x --overwrite
 
 Arguments apply left to right. A config file is plain Python run top to bottom; the names it sets
 must be config keys (it may also import modules and define helpers or names starting with '_').
 It sees the config so far, so `out_dir = out_dir + '-big'` works. A --key=value is parsed with
 ast.literal_eval (3e-4, True, None, 'x' all work) and falls back to the plain string, so
---out_dir=out/x needs no quotes. An unknown key or a value of the wrong type is an error that says
-what was expected: a typo must never silently train the wrong model. A config file that cannot
-be run (a syntax error, an exception, bytes that are not UTF-8) is a one-line error naming its file
-and line. --help (or -h) prints every key with its default and the comment beside it in the script.
+--out_dir=out/x needs no quotes; a text setting keeps what was typed (--start=1984 is '1984').
+--key value (the next argument, when it does not start with --) is the same as --key=value; a bare
+--flag switches a boolean on. A setting whose default is a list takes every following argument up
+to the next --option (--input a.txt b.txt); --key=a gives ['a'], --key=['a', 'b'] the list.
+An unknown key or a value of the wrong type is an error that says what was expected: a typo must
+never silently train the wrong model. A command may name required keys (left at their empty
+default: "give --out: <its comment>") and choices ({key: values}: "--key=x: choose a, b or c").
+A config file that cannot be run (a syntax error, an exception, bytes that are not UTF-8) is a
+one-line error naming its file and line. --help (or -h) prints every key with its default and the
+comment beside it in the script.
 """
 
 import ast
@@ -26,31 +33,54 @@ class ConfigError(ValueError):
     """A config file or --key=value that cannot be used; the message says why."""
 
 
-def configure(defaults, argv, help_source=None, usage=None):
-    """Resolve `argv` (config file paths, --key=value, and --flag for a boolean) against `defaults` -> a new dict.
-    A key whose default is None takes any value; otherwise the type must match the default's
-    (an int is accepted, and converted, where a float is expected). --help or -h anywhere prints
-    `usage` and the keys, with the comments written beside them in the file `help_source`, and exits."""
+def configure(defaults, argv, help_source=None, usage=None, required=(), choices=None):
+    """Resolve `argv` (config file paths, --key=value or --key value, --flag for a boolean, --key A B for a list)
+    against `defaults` -> a new dict. A key whose default is None takes any value; otherwise the type must match
+    the default's (an int is accepted, and converted, where a float is expected). Each key of `required` must be
+    given (a value other than its default), each key of `choices` ({key: [values]}) one of its values (or its
+    default). --help or -h anywhere prints `usage` and the keys, with the comments written beside them in the
+    file `help_source`, and exits."""
     if ('--help' in argv or '-h' in argv) and 'help' not in defaults:
-        script = os.path.basename(sys.argv[0]) or 'script.py'
-        print(usage or f"usage: python {script} [config.py ...] [--key=value ...]")
+        print(usage or ' '.join([f"usage: python {sys.argv[0] or 'script.py'}", *(f"--{key}=..." for key in required),
+                                 "[config.py ...] [--key=value ...]"]))
         print(describe(defaults, help_source))
         raise SystemExit(0)
-    config = dict(defaults)
-    for arg in argv:
-        if arg.startswith('--'):
-            key, equals, text = arg[2:].partition('=')
-            if not equals and isinstance(defaults.get(key), bool):
-                text = 'True'  # a bare --flag switches a boolean on: --compile, --chat
-            elif not equals:
-                raise ConfigError(f"{arg}: write --{key}=VALUE, with '='")
-            value = parse_value(text)
-            if isinstance(defaults.get(key), str) and not isinstance(value, str):
-                value = text  # a text setting takes what was typed: --start=1984, --start=...
-            config[key] = checked(defaults, key, value, f"--{key}")
-        else:
+    config, args = dict(defaults), list(argv)
+    while args:
+        arg = args.pop(0)
+        if not arg.startswith('--'):
             for key, value in run_config_file(arg, config).items():
                 config[key] = checked(defaults, key, value, arg)
+            continue
+        key, equals, text = arg[2:].partition('=')
+        default = defaults.get(key)
+        if key not in defaults:
+            checked(defaults, key, None, f"--{key}")  # raises: an unknown key, with the closest ones
+        if isinstance(default, (list, tuple)):  # --input a.txt b.txt, --input=a.txt, --input=['a.txt']
+            value = parse_value(text) if equals else []
+            value = value if isinstance(value, list) else [text]
+            while not equals and args and not args[0].startswith('--'):
+                value.append(args.pop(0))
+            value = type(default)(value)
+        else:
+            if not equals and isinstance(default, bool):
+                text = 'True'  # a bare --flag switches a boolean on: --compile, --chat
+            elif not equals and args and not args[0].startswith('--'):
+                text = args.pop(0)  # --key value
+            elif not equals:
+                raise ConfigError(f"{arg}: give it a value: --{key}=VALUE or --{key} VALUE")
+            value = parse_value(text)
+            if isinstance(default, str) and not isinstance(value, str):
+                value = text  # a text setting takes what was typed: --start=1984, --start=...
+        config[key] = checked(defaults, key, value, f"--{key}")
+    for key in required:
+        if config[key] == defaults[key]:
+            note = comments(help_source).get(key, ([], ''))[1] if help_source else ''
+            raise ConfigError(f"give --{key}" + (f": {note}" if note else ''))
+    for key, allowed in (choices or {}).items():
+        if config[key] != defaults[key] and config[key] not in allowed:
+            *first, last = map(str, allowed)
+            raise ConfigError(f"--{key}={config[key]}: choose {', '.join(first)} or {last}")
     return config
 
 

@@ -104,6 +104,62 @@ def test_a_text_setting_takes_numbers_and_dots_as_typed():
     assert configure({'start': ''}, ['--start=1984'])['start'] == '1984'
 
 
+
+# -----------------------------------------------------------------------------
+# --key value, lists, required keys and choices: the forms the data commands and tools take
+
+def test_key_space_value_is_the_same_as_key_equals_value(tmp_path):
+    config = configure(DEFAULTS, ['--batch_size', '32', '--out_dir', 'out/x', '--learning_rate', '-1e-4', '--compile'])
+    assert [config[k] for k in ('batch_size', 'out_dir', 'learning_rate', 'compile')] == [32, 'out/x', -1e-4, True]
+    assert configure({'start': ''}, ['--start', '1984'])['start'] == '1984'  # text keeps what was typed
+    config = configure(DEFAULTS, ['--compile', write(tmp_path, "batch_size = 8\n")])  # a bare flag takes no value
+    assert config['compile'] is True and config['batch_size'] == 8
+
+
+def test_a_list_setting_takes_the_values_up_to_the_next_option():
+    defaults = {'input': [], 'out': '', 'overwrite': False}
+    config = configure(defaults, ['--input', 'a.txt', 'b 2.txt', '--out', 'data/x', '--overwrite'])
+    assert config == {'input': ['a.txt', 'b 2.txt'], 'out': 'data/x', 'overwrite': True}
+    assert configure(defaults, ['--input=a.txt'])['input'] == ['a.txt']
+    assert configure(defaults, ['--input=1984'])['input'] == ['1984']
+    assert configure(defaults, ["--input=['a', 'b']"])['input'] == ['a', 'b']
+    assert configure({'tokens': ('<a>',)}, ['--tokens', '<b>', '<c>'])['tokens'] == ('<b>', '<c>')
+
+
+def test_a_key_without_a_value_still_says_how_to_give_one():
+    with pytest.raises(ConfigError, match=r"--batch_size: give it a value: --batch_size=VALUE or --batch_size VALUE"):
+        configure(DEFAULTS, ['--batch_size', '--compile'])
+
+
+def test_unknown_key_without_equals_names_the_closest_keys():
+    with pytest.raises(ConfigError, match=r"unknown config key 'batch_sise'; did you mean batch_size"):
+        configure(DEFAULTS, ['--batch_sise', '3'])
+
+
+def test_a_required_key_left_empty_names_it_with_its_comment(tmp_path):
+    source = write(tmp_path, "DEFAULTS = dict(\n    input=[],  # text files or globs\n    out='',  # the data folder "
+                             "to write\n)\n", name='script.py')
+    defaults = {'input': [], 'out': ''}
+    with pytest.raises(ConfigError, match=r"^give --out: the data folder to write$"):
+        configure(defaults, ['--input', 'a.txt'], help_source=source, required=('input', 'out'))
+    with pytest.raises(ConfigError, match=r"^give --input$"):
+        configure(defaults, [], required=('input', 'out'))
+    assert configure(defaults, ['--input', 'a', '--out', 'b'], required=('input', 'out'))['out'] == 'b'
+
+
+def test_a_choice_outside_its_values_lists_them():
+    defaults = {'doc_per': 'block', 'template': ''}
+    choices = {'doc_per': ['block', 'line', 'file'], 'template': ['aira', 'chatml']}
+    with pytest.raises(ConfigError, match=r"^--doc_per=page: choose block, line or file$"):
+        configure(defaults, ['--doc_per', 'page'], choices=choices)
+    assert configure(defaults, ['--doc_per=line'], choices=choices) == {'doc_per': 'line', 'template': ''}
+
+
+def test_help_names_the_required_keys_in_its_usage(capsys):
+    with pytest.raises(SystemExit):
+        configure({'input': [], 'out': ''}, ['-h'], required=('input', 'out'))
+    assert capsys.readouterr().out.splitlines()[0].endswith(' --input=... --out=... [config.py ...] [--key=value ...]')
+
 # -----------------------------------------------------------------------------
 # a config file that cannot be run is one line naming the file (and the line), never a traceback
 
@@ -201,6 +257,10 @@ HELP = {  # script -> lines its --help must show: a key, its default and the com
     'export.py': ["--dest='' ", "the Hugging Face folder to write", "--check_tokenizer=True "],
     'classify.py': ["--freeze_backbone=False ", "True: train only the head (a linear probe)"],
     'bench.py': ["--what='all' ", "train | generate | loop | all", "--loop_iters=60"],
+    'data/prepare.py': ["--input=[] ", "--overwrite=False ", "the data folder to write, e.g. data/mycorpus"],
+    'tokenizer.py': ["--model_type='bpe' ", "--special_tokens=['<|im_start|>', '<|im_end|>']"],
+    'data/biblia/make_tasks.py': ["--what='' ", "chat | classify | pref"],
+    'plot.py': ["--x='tokens' ", "tokens | step | minutes"],
 }
 
 

@@ -156,7 +156,6 @@ def test_hf_dataset_on_a_saved_dataset_points_to_input(inputs):
     assert not (inputs / 'from_hf').exists()
 
 
-def test_data_files_go_with_hf_dataset(inputs, capsys):
-    with pytest.raises(SystemExit):
+def test_data_files_go_with_hf_dataset(inputs):
+    with pytest.raises(SystemExit, match='--data_files goes with --hf_dataset'):
         hf_prepare(inputs, '--input', str(inputs / 'c.jsonl'), '--data_files', str(inputs / 'c.jsonl'))
-    assert '--data_files goes with --hf_dataset' in capsys.readouterr().err

@@ -12,7 +12,7 @@ choice, an unwritable output, ...) and says how it ended:
 
     python tools/bad_inputs.py                 # every case (~5 minutes on 2 CPU cores)
     python tools/bad_inputs.py --list          # the cases, without running them
-    python tools/bad_inputs.py --only sample.py --only 'train.py: beta'   # the cases whose name has one of these
+    python tools/bad_inputs.py --only sample.py 'train.py: beta'   # the cases whose name has one of these
     python tools/bad_inputs.py --jobs=4 --timeout=60
 
 It first builds tiny fixtures in a temporary folder (a prepared corpus, a SentencePiece tokenizer,
@@ -26,7 +26,6 @@ in ({case} is the case's own folder, {new} a path in it that does not exist yet,
 that never will); names is what the error message must mention, '|'-separated alternatives
 (case-insensitive), looked for in the last lines of the output.
 """
-import argparse
 import json
 import os
 import random
@@ -38,8 +37,11 @@ import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from mirim.configurator import ConfigError, configure  # noqa: E402
 ENV = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', WANDB_MODE='disabled', HF_HUB_OFFLINE='1',
            TRANSFORMERS_OFFLINE='1', HF_DATASETS_OFFLINE='1', TOKENIZERS_PARALLELISM='false', PYTHONUNBUFFERED='1',
            TQDM_DISABLE='1')
@@ -102,7 +104,7 @@ CASES = [
     ('train.py: ddp_timeout=0', TRAIN + ['--ddp_timeout=0'], 'ddp_timeout'),
     ('train.py: device_peak_flops=-1', TRAIN + ['--device_peak_flops=-1'], 'device_peak_flops|peak'),
     ('train.py: compile=maybe', TRAIN + ['--compile=maybe'], 'compile'),
-    ('train.py: lr_schedule=linear', TRAIN + ['--lr_schedule=linear'], 'lr_schedule'),
+    ('train.py: lr_schedule=exponential', TRAIN + ['--lr_schedule=exponential'], 'lr_schedule'),
     ('train.py: unknown model preset', TRAIN + ['--model=gpt5'], 'gpt5|model'),
     ('train.py: unknown activation', TRAIN + ['--activation=relu'], 'activation|relu'),
     ('train.py: n_head does not divide n_embd', TRAIN + ['--n_head=3'], 'n_head|n_embd'),
@@ -253,6 +255,8 @@ CASES = [
 
     # data/prepare.py
     ('prepare.py: no arguments', ['data/prepare.py'], 'required|--tokenizer'),
+    ('prepare.py: misspelt flag', PREPARE + ['--ovewrite'], 'overwrite'),
+    ('prepare.py: option without its value', PREPARE[:-1], '--out'),
     ('prepare.py: input missing', PREPARE[:2] + ['{missing}.txt'] + PREPARE[3:], 'missing'),
     ('prepare.py: input empty', PREPARE[:2] + ['{empty}'] + PREPARE[3:], 'empty|no documents'),
     ('prepare.py: input an empty folder', PREPARE[:2] + ['{emptydir}'] + PREPARE[3:], 'emptydir|no'),
@@ -347,7 +351,7 @@ CASES = [
                                                   '--gpu_hour_price=cheap'], 'gpu_hour_price'),
 
     # plot.py
-    ('plot.py: no arguments', ['plot.py'], 'usage'),
+    ('plot.py: no arguments', ['plot.py'], 'usage|runs'),
     ('plot.py: run folder missing', ['plot.py', '{missing}', '--output={case}/runs.png'], 'missing'),
     ('plot.py: folder without log.jsonl', ['plot.py', '{data}', '--output={case}/runs.png'], 'log.jsonl'),
     ('plot.py: log with nothing to plot', ['plot.py', '{badlog}', '--output={case}/runs.png'], 'nothing to plot|log'),
@@ -378,8 +382,8 @@ CASES = [
     ('biblia/prepare.py: unknown translation', BIBLIA + ['--translation', 'Z'], 'Z|translation'),
     ('biblia/prepare.py: books is text', BIBLIA[:4] + ['genesis'] + BIBLIA[5:], 'books|genesis'),
     ('biblia/prepare.py: book 999', BIBLIA[:4] + ['999'] + BIBLIA[5:], '999'),
-    ('biblia/prepare.py: max_chapters=0', BIBLIA[:6] + ['0'] + BIBLIA[7:], 'max_chapters'),
-    ('biblia/prepare.py: vocab_size=0', BIBLIA[:8] + ['0'] + BIBLIA[9:], 'vocab'),
+    ('biblia/prepare.py: max_chapters=-1', BIBLIA[:6] + ['-1'] + BIBLIA[7:], 'max_chapters'),
+    ('biblia/prepare.py: vocab_size=-1', BIBLIA[:8] + ['-1'] + BIBLIA[9:], 'vocab'),
     ('biblia/prepare.py: num_proc=0', BIBLIA + ['--num_proc', '0'], 'num_proc'),
     ('biblia/prepare.py: out under a file', BIBLIA[:-1] + ['{file}/biblia'], 'plain.txt'),
 
@@ -571,16 +575,21 @@ def run_case(case, fx, root, timeout):
     return outcome, shown, tail, time.time() - t0
 
 
+DEFAULTS = dict(
+    list=False,               # print the cases and exit
+    only=[],                  # run the cases whose name contains one of these: --only sample.py 'train.py: beta'
+    jobs=2,                   # cases run at once
+    timeout=60.0,             # seconds one case may run
+    keep=False,               # keep the temporary folder (its path is printed)
+    all=False,                # print every case, the clear ones too
+)
+
+
 def main():
-    parser = argparse.ArgumentParser(description="Run every command line of the project on bad inputs.")
-    parser.add_argument('--list', action='store_true', help="print the cases and exit")
-    parser.add_argument('--only', action='append', default=[], help="run the cases whose name contains this "
-                                                                    "(repeat for several)")
-    parser.add_argument('--jobs', type=int, default=2, help="cases run at once")
-    parser.add_argument('--timeout', type=float, default=60, help="seconds one case may run")
-    parser.add_argument('--keep', action='store_true', help="keep the temporary folder (its path is printed)")
-    parser.add_argument('--all', action='store_true', help="print every case, the clear ones too")
-    args = parser.parse_args()
+    try:
+        args = SimpleNamespace(**configure(DEFAULTS, sys.argv[1:], help_source=__file__))
+    except ConfigError as e:
+        sys.exit(f"bad_inputs.py: error: {e}")
     names = [name for name, _, _ in CASES]
     assert len(names) == len(set(names)), "two cases have the same name"
     cases = [c for c in CASES if not args.only or any(s in c[0] for s in args.only)]

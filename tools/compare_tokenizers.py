@@ -11,19 +11,26 @@ Times are wall-clock on whatever else the machine is doing: run it on a quiet ma
 than once (--repeat) to see how much they move. Tokens per word is left out for languages
 written without spaces (zh, ja), where a "word" is a whole clause.
 """
-import argparse
 import os
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from mirim.biblia import CJK, connect, database_path, DEFAULT_TRANSLATION, documents  # noqa: E402
+from mirim.configurator import ConfigError, configure  # noqa: E402
 from mirim.prepare import prepare  # noqa: E402
 from mirim.tokenizer import tokenizer_stats, train_bytelevel_bpe, train_sentencepiece  # noqa: E402
 
 KINDS = {'sentencepiece': 'SentencePiece BPE', 'bytelevel': 'byte-level BPE'}
+
+DEFAULTS = dict(
+    langs='pt,hi,zh',         # comma-separated languages (see data/biblia/prepare.py --list)
+    vocab_size=4096,          # pieces in both tokenizers
+    repeat=1,                 # measure each this many times (times move on a busy machine)
+)
 
 
 def measure(kind, lang, train_docs, val_docs, vocab_size, work_dir):
@@ -47,15 +54,15 @@ def measure(kind, lang, train_docs, val_docs, vocab_size, work_dir):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--langs', default='pt,hi,zh', help="comma-separated languages (see data/biblia/prepare.py --list)")
-    parser.add_argument('--vocab_size', type=int, default=4096, help="pieces in both tokenizers")
-    parser.add_argument('--repeat', type=int, default=1, help="measure each this many times (times move on a busy machine)")
-    args = parser.parse_args(argv)
+    try:
+        args = SimpleNamespace(**configure(DEFAULTS, sys.argv[1:] if argv is None else argv, help_source=__file__))
+    except ConfigError as e:
+        sys.exit(f"compare_tokenizers.py: error: {e}")
     langs = [lang for lang in args.langs.split(',') if lang]
     unknown = [lang for lang in langs if lang not in DEFAULT_TRANSLATION]
     if unknown or not langs:
-        parser.error(f"unknown language {', '.join(unknown) or '(none)'}; choose from {' '.join(DEFAULT_TRANSLATION)}")
+        sys.exit(f"compare_tokenizers.py: error: unknown language {', '.join(unknown) or '(none)'}; "
+                 f"choose from {' '.join(DEFAULT_TRANSLATION)}")
 
     db = connect(database_path())
     rows = []

@@ -9,15 +9,16 @@ preference set (make_tasks.py pref writes them to data/biblia/pt-pref/val.jsonl:
 An answer counts when its text, stripped, equals the right one ("Em Gênesis.", "Do Novo Testamento.").
 """
 
-import argparse
 import json
 import os
 import sys
+from types import SimpleNamespace
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 from mirim.chat import chat_ids, stop_id  # noqa: E402
 from mirim.checkpoint import load_model  # noqa: E402
+from mirim.configurator import ConfigError, configure  # noqa: E402
 from mirim.sampling import continuation_text, make_generator, stream_sample  # noqa: E402
 
 SHORT_TASKS = ('book', 'testament')
@@ -40,13 +41,20 @@ def exact_match(model, tokenizer, questions, max_new_tokens=24):
     return scores, answers
 
 
+DEFAULTS = dict(
+    model='',                 # a chat checkpoint or out_dir
+    checkpoint='ckpt.pt',     # file inside the out_dir: ckpt.pt (latest) or best.pt
+    questions=os.path.join(HERE, 'pt-pref', 'val.jsonl'),  # the held-out questions (make_tasks.py pref writes them)
+    tasks=','.join(SHORT_TASKS),  # the tasks to ask, comma-separated
+)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Exact-match accuracy of greedy chat answers (see the top of this file).")
-    parser.add_argument('--model', required=True, help="a chat checkpoint or out_dir")
-    parser.add_argument('--checkpoint', default='ckpt.pt')
-    parser.add_argument('--questions', default=os.path.join(HERE, 'pt-pref', 'val.jsonl'))
-    parser.add_argument('--tasks', default=','.join(SHORT_TASKS), help="the tasks to ask (comma-separated)")
-    args = parser.parse_args(argv)
+    try:
+        args = SimpleNamespace(**configure(DEFAULTS, sys.argv[1:] if argv is None else argv, help_source=__file__,
+                                           required=('model',)))
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
     tasks = args.tasks.split(',')
     if not os.path.isfile(args.questions):
         sys.exit(f"error: no questions file {args.questions}: build it with python data/biblia/make_tasks.py pref")

@@ -32,18 +32,19 @@ classify: {"text": verse, "label": group} with six groups (Lei, Hist√≥ricos, Po√
   by a hash) that share no verse with train. Any language of the corpus works (--lang).
 """
 
-import argparse
 import hashlib
 import json
 import os
 import random
 import re
 import sys
+from types import SimpleNamespace
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
 from mirim.biblia import clean_verse, connect, database_path, DEFAULT_TRANSLATION, VAL_BOOKS  # noqa: E402
+from mirim.configurator import ConfigError, configure  # noqa: E402
 from mirim.corpus import PrepareError  # noqa: E402
 from mirim.atomic import write_atomic  # noqa: E402
 
@@ -301,22 +302,35 @@ def write_jsonl(path, records):
     write_atomic(path, ''.join(json.dumps(record, ensure_ascii=False) + '\n' for record in records).encode('utf-8'))
 
 
+# --key=value or --key value (configurator.py); the first word may name the set: make_tasks.py chat
+DEFAULTS = dict(
+    what='',                  # chat | classify | pref: the set to build
+    lang='pt',                # the language of the verses (and of chat's and pref's questions)
+    out='',                   # output folder; '' = data/biblia/<lang>-chat, <lang>-pref or <lang>-classify
+    tokenizer='',             # chat, pref: '' = data/biblia/<lang>/tokenizer.model (the pre-trained model's)
+    template='chatml',        # chat, pref: the chat template (mirim/chat.py)
+    task='group',             # classify: the labels, group (six book groups) | testament
+    train_per_label=1000,     # classify: training verses per label
+    test_per_label=200,       # classify: test verses per label
+    train_pairs=2000,         # pref: training pairs
+    val_pairs=400,            # pref: held-out pairs
+    seed=1337,
+)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Fine-tuning tasks from the Bible corpus (see the top of this file).")
-    parser.add_argument('what', choices=['chat', 'classify', 'pref'])
-    parser.add_argument('--lang', default='pt')
-    parser.add_argument('--out', help="output folder (default data/biblia/<lang>-chat or <lang>-classify)")
-    parser.add_argument('--tokenizer', help="chat: default data/biblia/<lang>/tokenizer.model (the pre-trained model's)")
-    parser.add_argument('--template', default='chatml', help="chat: the chat template (chat.py)")
-    parser.add_argument('--task', default='group', choices=['group', 'testament'], help="classify: the labels")
-    parser.add_argument('--train_per_label', type=int, default=1000)
-    parser.add_argument('--test_per_label', type=int, default=200)
-    parser.add_argument('--train_pairs', type=int, default=2000, help="pref: training pairs")
-    parser.add_argument('--val_pairs', type=int, default=400, help="pref: held-out pairs")
-    parser.add_argument('--seed', type=int, default=1337)
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and not argv[0].startswith('-') and not argv[0].endswith('.py'):
+        argv = [f'--what={argv[0]}', *argv[1:]]  # make_tasks.py chat: the set to build, named first
+    try:
+        args = SimpleNamespace(**configure(
+            DEFAULTS, argv, help_source=__file__, required=('what',),
+            choices={'what': ['chat', 'classify', 'pref'], 'task': ['group', 'testament']},
+            usage="usage: python data/biblia/make_tasks.py chat|classify|pref [--key=value ...]"))
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
     if args.train_per_label < 1 or args.test_per_label < 1:
-        parser.error("--train_per_label and --test_per_label must be at least 1")
+        sys.exit("error: --train_per_label and --test_per_label must be at least 1")
     try:
         if args.what == 'chat':
             build_chat(args.lang, args.out, args.tokenizer, args.template, seed=args.seed)

@@ -22,41 +22,47 @@ file for where the text comes from and its licences.
 The reading and the building (VAL_BOOKS, clean_verse, build) are in mirim/biblia.py.
 """
 
-import argparse
 import os
 import sys
+from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repo root
 from mirim.biblia import build, connect, database_path, DEFAULT_TRANSLATION, list_translations  # noqa: E402
+from mirim.configurator import ConfigError, configure  # noqa: E402
 from mirim.corpus import PrepareError  # noqa: E402
 from mirim.prepare import error_line  # noqa: E402
 
+DEFAULTS = dict(
+    lang='',                  # language code(s), comma-separated (--list shows them): pt, or pt,hi for one shared
+                              # tokenizer
+    all=False,                # every language, one shared tokenizer -> data/biblia/all
+    translation='',           # a translation letter from --list instead of the language's default
+    list=False,               # show languages, translations and sizes
+    out='',                   # output folder; '' = data/biblia/<lang>
+    vocab_size=0,             # 0 = 4096 for one language, 8192 for several, 32768 for --all
+    books='',                 # only these book numbers, e.g. 1,8,57 (1-39 OT, 40-66 NT), for quick tests
+    max_chapters=0,           # only the first N chapters of each book, for quick tests; 0 = every chapter
+    num_proc=1,               # tokenizing processes
+)
+
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Prepare the embedded Bible corpus (see the top of this file).")
-    parser.add_argument('--lang', default='',
-                        help="language code(s), comma-separated: " + ' '.join(DEFAULT_TRANSLATION))
-    parser.add_argument('--all', action='store_true', help="every language, one shared tokenizer -> data/biblia/all")
-    parser.add_argument('--translation', help="a translation letter from --list instead of the language's default")
-    parser.add_argument('--list', action='store_true', help="show languages, translations and sizes")
-    parser.add_argument('--out', help="output folder (default data/biblia/<lang>)")
-    parser.add_argument('--vocab_size', type=int, help="default 4096 for one language, 8192 for several, "
-                                                        "32768 for --all")
-    parser.add_argument('--books', help="only these book numbers, e.g. 1,8,57 (1-39 OT, 40-66 NT), for quick tests")
-    parser.add_argument('--max_chapters', type=int, help="only the first N chapters of each book, for quick tests")
-    parser.add_argument('--num_proc', type=int, default=1, help="tokenizing processes")
-    args = parser.parse_args(argv)
+    try:
+        args = SimpleNamespace(**configure(DEFAULTS, sys.argv[1:] if argv is None else argv, help_source=__file__))
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
     if args.list:
         return list_translations(connect(database_path()))
     langs = list(DEFAULT_TRANSLATION) if args.all else [lang.strip() for lang in args.lang.split(',') if lang.strip()]
     if not langs and not args.translation:
-        parser.error("give --lang (e.g. --lang pt), --all, or --translation; --list shows the choices")
+        sys.exit("error: give --lang (e.g. --lang pt), --all, or --translation; --list shows the choices")
     try:
-        books = None if args.books is None else {int(b) for b in args.books.split(',')}
+        books = {int(b) for b in args.books.split(',')} if args.books else None
     except ValueError:
-        parser.error(f"--books {args.books}: expected book numbers such as 1,8,57")
+        sys.exit(f"error: --books {args.books}: expected book numbers such as 1,8,57")
     try:
-        build(langs, args.out, args.translation, args.vocab_size, books, args.max_chapters, args.num_proc)
+        build(langs, args.out or None, args.translation or None, args.vocab_size or None, books,
+              args.max_chapters or None, args.num_proc)
     except PrepareError as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # a full disk, a read-only folder: prepare() removed its shards, meta.json comes last
