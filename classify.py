@@ -223,6 +223,8 @@ class Classification(Task):
 
     def check_config(self, c):
         checks = [(c.epochs >= 1, "epochs must be at least 1"),
+                  (c.batch_size >= 1 and c.gradient_accumulation_steps >= 1,
+                   "batch_size and gradient_accumulation_steps must be at least 1"),
                   (c.head_learning_rate >= 0, "head_learning_rate must not be negative"),
                   (0 <= c.warmup_fraction <= 1, "warmup_fraction must be between 0 and 1"),
                   (0 < c.val_fraction < 1, "val_fraction must be in (0, 1): best.pt is chosen on held-out examples"),

@@ -14,9 +14,8 @@ The tokenizer interface itself (load_tokenizer, encode, decode) is mirim/tokeniz
 import os
 import sys
 import time
-from types import SimpleNamespace
 
-from mirim.configurator import ConfigError, configure
+from mirim.configurator import settings
 from mirim.tokenizer import (DEFAULT_SPECIAL_TOKENS, expand_paths, read_blocks, tokenizer_stats, train_bytelevel_bpe,
                              train_sentencepiece)
 
@@ -52,12 +51,8 @@ DEFAULTS = dict(
 
 
 def main(argv=None):
-    try:
-        args = SimpleNamespace(**configure(DEFAULTS, sys.argv[1:] if argv is None else argv, help_source=__file__,
-                                           required=('input', 'out'),
-                                           choices={'model_type': ['bpe', 'unigram', 'bytelevel']}))
-    except ConfigError as e:
-        sys.exit(f"tokenizer.py: error: {e}")
+    args = settings(DEFAULTS, argv, help_source=__file__, required=('input', 'out'), choices={'model_type': ['bpe',
+                    'unigram', 'bytelevel']})
     if args.held_out_every < 1 or args.num_threads < 1 or args.max_held_out < 0 or args.input_sentence_size < 1:
         sys.exit("tokenizer.py: error: --held_out_every, --num_threads and --input_sentence_size must be at least 1, "
                  "--max_held_out at least 0")

@@ -52,10 +52,9 @@ prepare(documents, tokenizer, out_dir, ...) writes the shards (mirim/biblia.py c
 
 import os
 import sys
-from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-from mirim.configurator import ConfigError, configure  # noqa: E402
+from mirim.configurator import settings  # noqa: E402
 from mirim.corpus import (check_inputs, COLUMNAR_SUFFIXES, expand_inputs, hf_documents, JSONL_SUFFIXES,  # noqa: E402
                           open_hf_dataset, PrepareError, read_documents)
 from mirim.prepare import (check_settings, error_line, open_tokenizer, prepare, train_tokenizer_on_input,  # noqa: E402
@@ -87,12 +86,8 @@ DEFAULTS = dict(
 
 
 def main(argv=None):
-    try:
-        args = SimpleNamespace(**configure(DEFAULTS, sys.argv[1:] if argv is None else argv, help_source=__file__,
-                                           required=('tokenizer', 'out'),
-                                           choices={'doc_per': ['block', 'line', 'file']}))
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    args = settings(DEFAULTS, argv, help_source=__file__, required=('tokenizer', 'out'),
+                    choices={'doc_per': ['block', 'line', 'file']})
     if bool(args.input) == bool(args.hf_dataset):
         sys.exit("error: give either --input or --hf_dataset")
     if args.data_files and not args.hf_dataset:

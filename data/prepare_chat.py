@@ -34,12 +34,11 @@ longest is printed at the end and kept in meta.json under "chat").
 
 import os
 import sys
-from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 from mirim.chat import CHAT_TEMPLATES  # noqa: E402
 from mirim.chat_data import chat_input_files, check_template_tokens, prepare_chat, read_conversations  # noqa: E402
-from mirim.configurator import ConfigError, configure  # noqa: E402
+from mirim.configurator import settings  # noqa: E402
 from mirim.corpus import PrepareError  # noqa: E402
 from mirim.prepare import check_settings, error_line, open_tokenizer, write_output  # noqa: E402
 
@@ -60,12 +59,8 @@ DEFAULTS = dict(
 
 
 def main(argv=None):
-    try:
-        args = SimpleNamespace(**configure(DEFAULTS, sys.argv[1:] if argv is None else argv, help_source=__file__,
-                                           required=('input', 'tokenizer', 'out'),
-                                           choices={'template': sorted(CHAT_TEMPLATES)}))
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    args = settings(DEFAULTS, argv, help_source=__file__, required=('input', 'tokenizer', 'out'),
+                    choices={'template': sorted(CHAT_TEMPLATES)})
     try:  # everything that can fail before a file is written: a bad setting never costs the old data set
         check_settings(args.val_fraction, args.shard_tokens)
         for pattern in filter(None, [args.input, args.val_input]):

@@ -38,12 +38,11 @@ The output folder is handled as data/prepare.py does: refused when it holds a da
 
 import os
 import sys
-from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 from mirim.chat import CHAT_TEMPLATES  # noqa: E402
 from mirim.chat_data import check_template_tokens  # noqa: E402
-from mirim.configurator import ConfigError, configure  # noqa: E402
+from mirim.configurator import settings  # noqa: E402
 from mirim.corpus import PrepareError  # noqa: E402
 from mirim.pref_data import prepare_pref, read_pairs_jsonl  # noqa: E402
 from mirim.prepare import check_settings, error_line, open_tokenizer, write_output  # noqa: E402
@@ -66,11 +65,8 @@ DEFAULTS = dict(
 
 
 def main(argv=None):
-    try:
-        args = SimpleNamespace(**configure(DEFAULTS, sys.argv[1:] if argv is None else argv, help_source=__file__,
-                                           required=('input', 'out'), choices={'template': sorted(CHAT_TEMPLATES)}))
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    args = settings(DEFAULTS, argv, help_source=__file__, required=('input', 'out'),
+                    choices={'template': sorted(CHAT_TEMPLATES)})
     try:  # everything that can fail before a file is written: a bad setting never costs the old data set
         if bool(args.model) == bool(args.tokenizer):
             raise PrepareError("give --model (a fine-tuned checkpoint: its tokenizer and chat template) or "

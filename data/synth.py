@@ -34,12 +34,11 @@ import random
 import re
 import sys
 import time
-from types import SimpleNamespace
 
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-from mirim.configurator import ConfigError, configure  # noqa: E402
+from mirim.configurator import settings  # noqa: E402
 from mirim.llm import Client, Fatal, Rejected, run_all  # noqa: E402
 
 
@@ -175,11 +174,7 @@ DEFAULTS = dict(
 
 
 def main(argv=None):
-    try:
-        args = SimpleNamespace(**configure(DEFAULTS, sys.argv[1:] if argv is None else argv, help_source=__file__,
-                                           required=('out',)))
-    except ConfigError as e:
-        sys.exit(f"synth.py: error: {e}")
+    args = settings(DEFAULTS, argv, help_source=__file__, required=('out',))
     if bool(args.lang) == bool(args.prompts):
         sys.exit('synth.py: error: give --lang (stories) or --prompts (generic), not both')
     client = Client(args.base_url, args.model, os.environ.get(args.api_key_env, ''), args.timeout, args.retries,

@@ -26,11 +26,21 @@ import io
 import os
 import sys
 import tokenize
+from types import SimpleNamespace
 import types
 
 
 class ConfigError(ValueError):
     """A config file or --key=value that cannot be used; the message says why."""
+
+
+def settings(defaults, argv=None, help_source=None, **options):
+    """configure() for a command line (argv None: sys.argv[1:]) -> a namespace; a setting that cannot be used
+    exits with its one line, named after the command."""
+    try:
+        return SimpleNamespace(**configure(defaults, sys.argv[1:] if argv is None else argv, help_source, **options))
+    except ConfigError as e:
+        raise SystemExit(f"{os.path.basename(sys.argv[0]) or 'mirim'}: error: {e}") from None
 
 
 def configure(defaults, argv, help_source=None, usage=None, required=(), choices=None):

@@ -136,26 +136,24 @@ class ExampleOrder:
 
 
 def check_run_config(c):
-    """The settings every run has; a command checks its own in Task.check_config."""
+    """The settings every run has, each error naming its key; a command checks its own in Task.check_config."""
+    for key in ('batch_size', 'gradient_accumulation_steps', 'max_iters', 'eval_interval', 'log_interval'):
+        if getattr(c, key) < 1:
+            fail(f"{key} must be at least 1")
+    for key in ('learning_rate', 'min_lr', 'warmup_iters', 'lr_decay_iters', 'muon_lr', 'weight_decay', 'grad_clip',
+                'max_time'):
+        if getattr(c, key) < 0:
+            fail(f"{key} must not be negative" + (" (0 = off)" if key in ('grad_clip', 'max_time') else ""))
+    for key in ('beta1', 'beta2', 'muon_momentum', 'dropout'):
+        if not 0 <= getattr(c, key) < 1:
+            fail(f"{key} must be in [0, 1)")
     checks = [
         (c.lr_schedule in ('cosine', 'linear', 'wsd', 'constant'),
          "lr_schedule must be 'cosine', 'linear', 'wsd' or 'constant'"),
         (c.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(map(repr, OPTIMIZERS))}"),
-        (c.muon_lr >= 0 and 0 <= c.muon_momentum < 1, "muon_lr must not be negative, muon_momentum in [0, 1)"),
         (c.optimizer != 'muon' or c.learning_rate > 0, "optimizer='muon' needs learning_rate > 0 (the schedule is "
                                                        "a fraction of it)"),
-        (c.batch_size >= 1, "batch_size must be at least 1"),
-        (c.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be at least 1"),
-        (c.max_iters >= 1, "max_iters must be at least 1"),
-        (c.eval_interval >= 1 and c.log_interval >= 1, "eval_interval and log_interval must be at least 1"),
         (0 <= c.wsd_decay_fraction <= 1, "wsd_decay_fraction must be between 0 and 1"),
-        (c.learning_rate >= 0 and c.min_lr >= 0 and c.warmup_iters >= 0 and c.lr_decay_iters >= 0,
-         "learning rates, warmup_iters and lr_decay_iters must not be negative"),
-        (0 <= c.beta1 < 1 and 0 <= c.beta2 < 1, "beta1 and beta2 must be in [0, 1)"),
-        (0 <= c.dropout < 1, "dropout must be in [0, 1)"),
-        (c.weight_decay >= 0, "weight_decay must not be negative"),
-        (c.grad_clip >= 0, "grad_clip must not be negative (0 = no clipping)"),
-        (c.max_time >= 0, "max_time must not be negative (0 = no limit)"),
         (c.ddp_timeout > 0, "ddp_timeout must be positive (seconds)"),
     ]
     for ok, message in checks:

@@ -37,11 +37,10 @@ import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from mirim.configurator import ConfigError, configure  # noqa: E402
+from mirim.configurator import settings  # noqa: E402
 ENV = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', WANDB_MODE='disabled', HF_HUB_OFFLINE='1',
            TRANSFORMERS_OFFLINE='1', HF_DATASETS_OFFLINE='1', TOKENIZERS_PARALLELISM='false', PYTHONUNBUFFERED='1',
            TQDM_DISABLE='1')
@@ -586,10 +585,7 @@ DEFAULTS = dict(
 
 
 def main():
-    try:
-        args = SimpleNamespace(**configure(DEFAULTS, sys.argv[1:], help_source=__file__))
-    except ConfigError as e:
-        sys.exit(f"bad_inputs.py: error: {e}")
+    args = settings(DEFAULTS, sys.argv[1:], help_source=__file__)
     names = [name for name, _, _ in CASES]
     assert len(names) == len(set(names)), "two cases have the same name"
     cases = [c for c in CASES if not args.only or any(s in c[0] for s in args.only)]

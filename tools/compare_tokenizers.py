@@ -15,12 +15,11 @@ import os
 import sys
 import tempfile
 import time
-from types import SimpleNamespace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from mirim.biblia import CJK, connect, database_path, DEFAULT_TRANSLATION, documents  # noqa: E402
-from mirim.configurator import ConfigError, configure  # noqa: E402
+from mirim.configurator import settings  # noqa: E402
 from mirim.prepare import prepare  # noqa: E402
 from mirim.tokenizer import tokenizer_stats, train_bytelevel_bpe, train_sentencepiece  # noqa: E402
 
@@ -54,10 +53,7 @@ def measure(kind, lang, train_docs, val_docs, vocab_size, work_dir):
 
 
 def main(argv=None):
-    try:
-        args = SimpleNamespace(**configure(DEFAULTS, sys.argv[1:] if argv is None else argv, help_source=__file__))
-    except ConfigError as e:
-        sys.exit(f"compare_tokenizers.py: error: {e}")
+    args = settings(DEFAULTS, argv, help_source=__file__)
     langs = [lang for lang in args.langs.split(',') if lang]
     unknown = [lang for lang in langs if lang not in DEFAULT_TRANSLATION]
     if unknown or not langs:

@@ -12,13 +12,12 @@ An answer counts when its text, stripped, equals the right one ("Em Gênesis.", 
 import json
 import os
 import sys
-from types import SimpleNamespace
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 from mirim.chat import chat_ids, stop_id  # noqa: E402
 from mirim.checkpoint import load_model  # noqa: E402
-from mirim.configurator import ConfigError, configure  # noqa: E402
+from mirim.configurator import settings  # noqa: E402
 from mirim.sampling import continuation_text, make_generator, stream_sample  # noqa: E402
 
 SHORT_TASKS = ('book', 'testament')
@@ -50,11 +49,7 @@ DEFAULTS = dict(
 
 
 def main(argv=None):
-    try:
-        args = SimpleNamespace(**configure(DEFAULTS, sys.argv[1:] if argv is None else argv, help_source=__file__,
-                                           required=('model',)))
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    args = settings(DEFAULTS, argv, help_source=__file__, required=('model',))
     tasks = args.tasks.split(',')
     if not os.path.isfile(args.questions):
         sys.exit(f"error: no questions file {args.questions}: build it with python data/biblia/make_tasks.py pref")

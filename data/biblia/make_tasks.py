@@ -38,13 +38,12 @@ import os
 import random
 import re
 import sys
-from types import SimpleNamespace
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
 from mirim.biblia import clean_verse, connect, database_path, DEFAULT_TRANSLATION, VAL_BOOKS  # noqa: E402
-from mirim.configurator import ConfigError, configure  # noqa: E402
+from mirim.configurator import settings  # noqa: E402
 from mirim.corpus import PrepareError  # noqa: E402
 from mirim.atomic import write_atomic  # noqa: E402
 
@@ -322,13 +321,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and not argv[0].startswith('-') and not argv[0].endswith('.py'):
         argv = [f'--what={argv[0]}', *argv[1:]]  # make_tasks.py chat: the set to build, named first
-    try:
-        args = SimpleNamespace(**configure(
-            DEFAULTS, argv, help_source=__file__, required=('what',),
-            choices={'what': ['chat', 'classify', 'pref'], 'task': ['group', 'testament']},
-            usage="usage: python data/biblia/make_tasks.py chat|classify|pref [--key=value ...]"))
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    args = settings(DEFAULTS, argv, help_source=__file__, required=('what',), choices={'what': ['chat', 'classify',
+                    'pref'], 'task': ['group', 'testament']},
+                    usage="usage: python data/biblia/make_tasks.py chat|classify|pref [--key=value ...]")
     if args.train_per_label < 1 or args.test_per_label < 1:
         sys.exit("error: --train_per_label and --test_per_label must be at least 1")
     try:

@@ -24,11 +24,10 @@ The reading and the building (VAL_BOOKS, clean_verse, build) are in mirim/biblia
 
 import os
 import sys
-from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repo root
 from mirim.biblia import build, connect, database_path, DEFAULT_TRANSLATION, list_translations  # noqa: E402
-from mirim.configurator import ConfigError, configure  # noqa: E402
+from mirim.configurator import settings  # noqa: E402
 from mirim.corpus import PrepareError  # noqa: E402
 from mirim.prepare import error_line  # noqa: E402
 
@@ -47,10 +46,7 @@ DEFAULTS = dict(
 
 
 def main(argv=None):
-    try:
-        args = SimpleNamespace(**configure(DEFAULTS, sys.argv[1:] if argv is None else argv, help_source=__file__))
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    args = settings(DEFAULTS, argv, help_source=__file__)
     if args.list:
         return list_translations(connect(database_path()))
     langs = list(DEFAULT_TRANSLATION) if args.all else [lang.strip() for lang in args.lang.split(',') if lang.strip()]
