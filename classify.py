@@ -43,10 +43,14 @@ import torch.nn.functional as F
 from mirim.atomic import save_atomic, write_json
 from mirim.checkpoint import MODEL_KEYS, load_checkpoint, load_model, model_from_checkpoint, resolve
 from mirim.common import fail, print0
+from mirim import train_config
 from mirim.run import ExampleOrder, Task, run_task, train
 from mirim.tokenizer import load_tokenizer
 
+# every run setting train.py has (mirim/train_config.py: logging, batch, optimizer, schedule, system;
+# `python classify.py --help` lists them all), with a classifier's values where they differ, and its own
 DEFAULTS = dict(
+    train_config.RUN_DEFAULTS,
     init_from='out/biblia-pt',    # a mirim checkpoint (file, or out_dir holding ckpt.pt) or a Hugging Face Llama
                                   # folder; 'resume' continues out_dir/ckpt.pt
     train_file='data/biblia/pt-classify/train.jsonl',
@@ -60,34 +64,17 @@ DEFAULTS = dict(
     epochs=3,
     max_iters=0,                  # optimizer steps in all; 0 = epochs over the train examples
     eval_interval=0,              # steps between evaluations (each also saves ckpt.pt); 0 = once an epoch
-    log_interval=10,
     batch_size=32,                # examples per micro-batch, per process
-    gradient_accumulation_steps=1,
     learning_rate=1e-4,           # the pre-trained weights: small, so fine-tuning does not wreck them
     head_learning_rate=1e-3,      # the new head
-    optimizer='adamw',            # 'adamw' | 'muon': Muon for the backbone's block matrices (optim.py), AdamW for the rest
     muon_lr=1e-3,                 # optimizer='muon': the block matrices' learning rate (untuned; pre-training's is 0.02)
-    muon_momentum=0.95,
     weight_decay=0.01,
-    beta1=0.9,
     beta2=0.999,
     warmup_fraction=0.1,          # linear warmup over this share of the steps, then linear decay to min_lr
     lr_schedule='linear',         # after the warmup: 'linear' | 'cosine' | 'wsd' | 'constant' (mirim/optim.py)
     min_lr=0.0,
-    grad_clip=1.0,
     max_length=0,                 # tokens per example, <bos>/<eos> included; longer ones are cut; 0 = the model's context
-    dropout=0.0,
-    max_time=0.0,                 # seconds: evaluate, save and stop once this run has lasted this long; 0 = no limit
-    device='auto',                # 'auto' (cuda, then mps, then cpu) | 'cpu' | 'cuda' | 'mps'
-    dtype='auto',                 # 'float32' | 'bfloat16' | 'float16'; auto = bf16 (else fp16) on CUDA, fp32 elsewhere
-    seed=1337,
-    ddp_timeout=300.0,
-    wandb_log=False,              # also log to Weights & Biases (WANDB_MODE=offline works)
-    wandb_project='mirim',
-    wandb_run_name='',
 )
-# the schedule's settings a classifier derives from the ones above (kept in the run's config for a resume)
-DERIVED = dict(warmup_iters=0, lr_decay_iters=0, wsd_decay_fraction=0.2)
 
 
 class DataError(ValueError):
@@ -377,10 +364,10 @@ def train_classifier(cfg):
     """Fine-tune on cfg['train_file'] (the settings not given take DEFAULTS), score cfg['test_file'], save
     out_dir/classifier.pt and results.json. -> the results dict. A setting or data that cannot be used
     exits with its one-line message, as the command does."""
-    unknown = sorted(set(cfg) - set(DEFAULTS) - set(DERIVED))
+    unknown = sorted(set(cfg) - set(DEFAULTS))
     if unknown:
         raise ValueError(f"unknown settings {unknown}")
-    return run_task(Classification(), SimpleNamespace(**{**DEFAULTS, **DERIVED, **cfg})).result
+    return run_task(Classification(), SimpleNamespace(**{**DEFAULTS, **cfg})).result
 
 
 def result_lines(result):
@@ -418,7 +405,7 @@ def predict(path_or_loaded, texts, pairs=None, batch_size=32, device='cpu'):
 
 
 def main(argv):
-    train(Classification(), {**DEFAULTS, **DERIVED}, argv, help_source=__file__)  # --help reads DEFAULTS' comments
+    train(Classification(), DEFAULTS, argv, help_source=(__file__, train_config.__file__))  # --help: the comments
 
 
 if __name__ == '__main__':

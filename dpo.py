@@ -58,9 +58,12 @@ from mirim.atomic import save_atomic
 from mirim.common import fail, print0
 from mirim.pref_data import read_pair_tasks, read_pairs
 from mirim.run import ExampleOrder, Task, train
+from mirim import train_config
 
 # -----------------------------------------------------------------------------
-# Default config. A config file (config/dpo_*.py) or --key=value overrides any of these.
+# Default config: every run setting train.py has (mirim/train_config.py: logging, batch, optimizer, schedule,
+# system; `python dpo.py --help` lists them all), with DPO's values below where they differ, and DPO's own.
+# A config file (config/dpo_*.py) or --key=value overrides any of them.
 # I/O
 out_dir = 'out/dpo'               # ckpt.pt (latest), best.pt (best held-out loss), reference.pt, log.jsonl
 data_dir = 'data/pref'            # preference pairs from data/prepare_pref.py
@@ -68,10 +71,6 @@ init_from = ''                    # the fine-tuned (SFT) model to start from and
                                   # or out_dir, or a Hugging Face folder; 'resume' continues out_dir/ckpt.pt
 eval_interval = 50                # steps between evaluations; each one also saves ckpt.pt
 eval_pairs = 256                  # held-out pairs (and training pairs) per evaluation; 0 = all held-out pairs
-log_interval = 10                 # steps between log.jsonl lines
-wandb_log = False                 # also log to Weights & Biases (WANDB_MODE=offline works)
-wandb_project = 'mirim'
-wandb_run_name = ''               # '' = the out_dir's name
 # DPO
 loss_type = 'sigmoid'             # 'sigmoid' (DPO; with label_smoothing > 0: cDPO) | 'ipo' (log-ratios per reply token)
 beta = 0.1                        # how far the policy may move from the reference (higher: less far)
@@ -79,31 +78,17 @@ label_smoothing = 0.0             # cDPO: the probability that a pair's preferen
 dropout = 0.0                     # 0 keeps policy == reference at step 0 (dropout would make them differ)
 # batch: pairs per optimizer step = batch_size * gradient_accumulation_steps
 batch_size = 8                    # pairs per micro-batch, per process (each pair is two sequences)
-gradient_accumulation_steps = 1   # micro-batches per step over ALL processes (divided among DDP ranks)
-# optimizer, as in train.py
-optimizer = 'adamw'               # 'adamw' | 'muon': Muon for the blocks' matrices, AdamW for the rest (mirim/optim.py)
+# optimizer
 learning_rate = 1e-5              # peak learning rate; DPO wants a small one (TeenyTinyLlama's Aira: 1e-6-1e-5)
 muon_lr = 1e-3                    # optimizer='muon': the blocks' matrices' peak learning rate (untuned)
-muon_momentum = 0.95
 min_lr = 1e-6
-lr_schedule = 'cosine'            # 'cosine' | 'linear' | 'wsd' | 'constant', after a linear warmup
 warmup_iters = 10
-lr_decay_iters = 0                # 0 = max_iters
-wsd_decay_fraction = 0.2
 weight_decay = 0.0
-beta1 = 0.9
-beta2 = 0.95
-grad_clip = 1.0                   # clip the global gradient norm to this; 0 = no clipping
 max_iters = 200
-max_time = 0.0                    # seconds: evaluate, save and stop once this run has lasted this long; 0 = no limit
-# system
-device = 'auto'
 dtype = 'auto'                    # 'float32' | 'bfloat16' | 'float16'; log-probabilities are summed in float32
-seed = 1337
-ddp_timeout = 300.0
 
-DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and k != 'DEFAULTS'
-            and isinstance(v, (int, float, bool, str, type(None)))}
+DEFAULTS = {**train_config.RUN_DEFAULTS, **{k: v for k, v in globals().items() if not k.startswith('_') and k != 'DEFAULTS'
+                                               and isinstance(v, (int, float, bool, str, type(None)))}}
 METRICS = ('loss', 'reward_accuracy', 'reward_margin', 'chosen_logp', 'rejected_logp', 'ref_chosen_logp',
            'ref_rejected_logp')
 
@@ -362,7 +347,7 @@ class Preference(Task):
 
 
 def main(argv):
-    train(Preference(), DEFAULTS, argv, help_source=__file__)
+    train(Preference(), DEFAULTS, argv, help_source=(__file__, train_config.__file__))
 
 
 if __name__ == '__main__':

@@ -67,6 +67,14 @@ ddp_timeout = 300.0               # seconds a process waits for the others (torc
 
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and k != 'DEFAULTS'
             and isinstance(v, (int, float, bool, str, type(None)))}
+# the settings every training run has (mirim/run.py reads them): dpo.py and classify.py take them from
+# here, documented once above, and set their own values where theirs differ
+RUN_KEYS = ('out_dir', 'init_from', 'eval_interval', 'log_interval', 'wandb_log', 'wandb_project', 'wandb_run_name',
+            'dropout', 'batch_size', 'gradient_accumulation_steps', 'optimizer', 'learning_rate', 'muon_lr',
+            'muon_momentum', 'min_lr', 'lr_schedule', 'warmup_iters', 'lr_decay_iters', 'wsd_decay_fraction',
+            'weight_decay', 'beta1', 'beta2', 'grad_clip', 'max_iters', 'max_time', 'device', 'dtype', 'seed',
+            'ddp_timeout')
+RUN_DEFAULTS = {key: DEFAULTS[key] for key in RUN_KEYS}
 
 
 def depth_dial(cfg, params, block_size, corpus_tokens):
