@@ -363,7 +363,7 @@ def train_loop(run, c, task, signals, start_time, log):
         grad_norm = None
         if c.grad_clip > 0:
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip)  # read only when logged: no sync a step
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -381,7 +381,8 @@ def train_loop(run, c, task, signals, start_time, log):
         record = None
         if run.step % c.log_interval == 0 or last or eval_now:
             seconds = time.time() - interval_start
-            record = {'step': run.step, **task.progress(run), **metrics, 'lr': lr, 'grad_norm': grad_norm}
+            record = {'step': run.step, **task.progress(run), **metrics, 'lr': lr,
+                      'grad_norm': grad_norm.item() if grad_norm is not None else None}
             if run.tokens_per_step:
                 tokens_per_sec = interval_tokens / max(seconds, 1e-9)
                 mfu = (run.raw_model.estimate_mfu(tokens_per_sec / run.world_size, peak, run.block_size)
