@@ -13,9 +13,13 @@ Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (the che
 template), GET /health, GET /stats (batch sizes, tokens), GET / (the chat page). Sampling:
 temperature, top_p, top_k, max_tokens, stop, stop_token_ids, seed, n, repetition_penalty (named as
 in vLLM; 1.0 = off), echo (completions), stream (server-sent events, with stream_options
-include_usage). Errors are the API's error objects: 400 for a bad parameter or a prompt that does
-not fit the context (code context_length_exceeded; nothing slides the window here, as in vLLM),
-401 for a bad key, 404 for an unknown route or model, 413 for a body over 4 MiB.
+include_usage). Errors are the API's error objects: 400 for a bad parameter (every number must be
+finite, a seed an integer 0 <= seed < 2**64; a temperature under 1e-5 is greedy, as in vLLM) or a
+prompt that does not fit the context (code context_length_exceeded; nothing slides the window here,
+as in vLLM), 401 for a bad key, 404 for an unknown route or model, 413 for a body over 4 MiB, 500
+when generating a request fails (that request alone: a stream gets the error object as an event,
+then its end; the engine goes on with the others), 503 if the engine thread has stopped (a bug:
+/health then answers 503 with the reason, and requests are refused at once instead of hanging).
 
 How requests are batched: every request becomes rows (one per prompt and choice) in one queue, and
 one worker thread owns the model. It takes the oldest waiting row plus the waiting rows that can
@@ -35,11 +39,13 @@ dependency. It is not hardened for the open internet: keep it on localhost or be
 """
 import hmac
 import json
+import math
 import os
 import queue
 import sys
 import threading
 import time
+import traceback
 import uuid
 from collections import Counter, deque
 from contextlib import ExitStack
@@ -73,6 +79,8 @@ DEFAULTS = dict(
 
 MAX_BODY = 4 << 20  # bytes of request JSON
 MAX_N = 128
+MIN_TEMPERATURE = 1e-5  # below it sampling is greedy, as in vLLM (1e-300 would overflow the logits)
+SEEDS = 2 ** 64  # torch.Generator.manual_seed takes 0 <= seed < 2**64 (and a negative one as 2**64 + seed)
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'serve_chat.html')
 
 
@@ -133,7 +141,8 @@ class Request:
         self.prompts, self.n, self.max_tokens, self.knobs, self.seed = prompts, n, max_tokens, knobs, seed
         self.stops, self.stop_ids = stops, stop_ids
         self.events = queue.Queue()
-        self.cancelled = False
+        self.cancelled = False  # the client left, or the request failed: its rows stop
+        self.error = None       # the exception that failed it, once it has
         greedy = knobs['temperature'] == 0
         # rows batch together when they sample alike; a seeded request only with itself
         self.key = (('greedy', knobs['repetition_penalty']) if greedy else
@@ -162,6 +171,8 @@ class Batch:
         self.model, self.pad_id = model, pad_id
         self.device, self.block_size = model.output.weight.device, model.config.block_size
         self.rows, self.pos, self.seen, self.left_pad, self.logits = [], 0, None, None, None
+        self.generator = None  # the torch.Generator of a seeded batch (its first request's)
+        self.taken = []  # every row taken for the batch (their requests fail if the engine must give up)
         self.layout = None  # an ExitStack holding generate.vector_layout while the batch is one row
 
     def fits(self, rows):
@@ -194,23 +205,28 @@ class Batch:
 
     @torch.inference_mode()
     def add(self, rows):
-        """Prefill rows' prompts so that they end where the batch's rows are, then join them."""
+        """Prefill rows' prompts so that they end where the batch's rows are, then join them. When the
+        prefill fails, the batch is as it was (its rows' caches are put back) and can go on."""
         self.vector_layout(False)  # a prefill, and the batch grows: the usual layout
-        if not self.rows:
-            self.pos = 0
-        pos = max([self.pos] + [len(r.ids) for r in rows])
-        if self.rows and pos > self.pos:
-            self.shift(pos - self.pos)
+        pos = max([self.pos if self.rows else 0] + [len(r.ids) for r in rows])
         idx = torch.full((len(rows), pos), self.pad_id, dtype=torch.long)
         for i, row in enumerate(rows):
             idx[i, pos - len(row.ids):] = torch.tensor(row.ids)
         idx, left_pad = idx.to(self.device), torch.tensor([pos - len(r.ids) for r in rows], device=self.device)
         running = [(a.cache_k, a.cache_v) for a in self.caches()] if self.rows else None
-        self.model.setup_cache(len(rows), self.block_size, device=self.device)
-        logits = prefill(self.model, idx, left_pad)
+        try:
+            self.model.setup_cache(len(rows), self.block_size, device=self.device)
+            logits = prefill(self.model, idx, left_pad)
+            new = [(a.cache_k, a.cache_v) for a in self.caches()]
+        finally:
+            if running:
+                for a, (k, v) in zip(self.caches(), running):
+                    a.cache_k, a.cache_v = k, v
         if running:
-            for a, (k, v) in zip(self.caches(), running):
-                a.cache_k, a.cache_v = torch.cat([k, a.cache_k]), torch.cat([v, a.cache_v])
+            if pos > self.pos:
+                self.shift(pos - self.pos)
+            for a, (k, v) in zip(self.caches(), new):
+                a.cache_k, a.cache_v = torch.cat([a.cache_k, k]), torch.cat([a.cache_v, v])
             idx, left_pad, logits = (torch.cat(pair) for pair in ((self.seen, idx), (self.left_pad, left_pad),
                                                                    (self.logits, logits)))
         self.rows, self.pos, self.seen, self.left_pad, self.logits = self.rows + rows, pos, idx, left_pad, logits
@@ -237,9 +253,20 @@ class Batch:
             self.shift(-int(self.left_pad.min()))
 
 
+def requests_of(rows):
+    """The requests rows belong to, each once, in order."""
+    return list({id(row.request): row.request for row in rows}.values())
+
+
 class Engine:
     """The worker thread that owns the model and decodes waiting rows in batches, continuously: after
-    every step, rows that finished leave the batch and waiting rows that sample alike join it."""
+    every step, rows that finished leave the batch and waiting rows that sample alike join it.
+
+    No request stops it: whatever raises while a request's rows are admitted, prefilled, sampled or
+    stepped fails that request alone (fail(): its client hears an error object, its rows leave) and
+    the batch goes on; only a failed forward step, which the batch's rows share, fails the requests
+    of that batch. What raises outside of that (a bug in the engine's own bookkeeping) stops the
+    thread, and then failure() says why: /health answers 503 and requests are refused at once."""
 
     def __init__(self, model, tokenizer, max_batch=32, batch_wait=0.005):
         self.model, self.tokenizer = model, tokenizer
@@ -250,13 +277,39 @@ class Engine:
         self.paused = False  # tests hold the worker to line requests up
         self.batch_sizes = deque(maxlen=10000)  # rows in each batch when it starts
         self.stats = Counter()
-        threading.Thread(target=self.loop, name='mirim-engine', daemon=True).start()
+        self.batch = None  # the batch being decoded
+        self.dead = None   # why the worker thread stopped, once it has
+        self.thread = threading.Thread(target=self.loop, name='mirim-engine', daemon=True)
+        self.thread.start()
 
     def submit(self, request):
         with self.cond:
+            reason = self.failure()
+            if reason:
+                raise APIError(503, reason, type='server_error', code='engine_stopped')
             self.waiting.extend(request.rows)
             self.stats['requests'] += 1
             self.cond.notify()
+
+    def failure(self):
+        """None while the worker thread serves; else why it does not."""
+        if self.dead:
+            return self.dead
+        return None if self.thread.is_alive() else "the engine thread is not running"
+
+    def fail(self, request, error):
+        """Fail one request with error (an APIError for bad input, else an internal error): its client
+        hears it, its running rows leave the batch after this step and its waiting rows are dropped."""
+        request.cancelled = True
+        if request.error is not None:
+            return
+        request.error = error
+        self.stats['failed_requests'] += 1
+        if not isinstance(error, APIError):
+            print(f"serve.py: a request failed in the engine, which goes on: {type(error).__name__}: {error}",
+                  file=sys.stderr)
+            traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+        request.events.put(error)
 
     def pause(self, paused=True):
         with self.cond:
@@ -285,56 +338,127 @@ class Engine:
         return taken
 
     def loop(self):
-        while True:
-            with self.cond:
-                while self.paused or not self.waiting:
-                    self.cond.wait()
-            time.sleep(self.batch_wait)  # let requests that arrive together start together
-            with self.cond:
-                if self.paused:
+        try:
+            while True:
+                with self.cond:
+                    while self.paused or not self.waiting:
+                        self.cond.wait()
+                time.sleep(self.batch_wait)  # let requests that arrive together start together
+                with self.cond:
+                    if self.paused:
+                        continue
+                    batch = self.batch = Batch(self.model, self.pad_id)
+                    rows = self.take_rows(batch)
+                if not rows:
                     continue
-                batch = Batch(self.model, self.pad_id)
-                rows = self.take_rows(batch)
-            if not rows:
-                continue
-            self.batch_sizes.append(len(rows))
-            self.stats['batches'] += 1
-            try:
-                self.run(batch, rows)
-            finally:
-                batch.vector_layout(False)
-                self.model.release_cache()
+                self.batch_sizes.append(len(rows))
+                self.stats['batches'] += 1
+                try:
+                    self.run(batch, rows)
+                except Exception as e:  # escaped the per-request handling: the batch's requests fail
+                    for request in requests_of(row for row in batch.taken if not row.done):
+                        self.fail(request, e)
+                finally:
+                    self.batch = None
+                    batch.vector_layout(False)
+                    self.model.release_cache()
+        except BaseException as e:  # a bug in the engine itself: say so, refuse new requests, fail the rest
+            self.die(e)
+
+    def die(self, error):
+        reason = f"the engine stopped: {type(error).__name__}: {error}"
+        print(f"serve.py: {reason}; requests get 503 from now on", file=sys.stderr)
+        traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+        with self.cond:
+            self.dead = reason
+            rows, self.waiting = self.waiting + (self.batch.taken if self.batch else []), []
+        for request in requests_of(row for row in rows if not row.done):
+            self.fail(request, APIError(503, reason, type='server_error', code='engine_stopped'))
 
     def run(self, batch, rows):
         """Decode until no row is left, sending each row's new text as it is made."""
-        first, everyone = rows[0], list(rows)
-        generator = None
-        if first.request.seed is not None and first.request.knobs['temperature'] > 0:
-            generator = torch.Generator(device=batch.device).manual_seed(first.request.seed + first.choice)
-        try:
-            while True:
-                if rows:
-                    for row in rows:
-                        row.reader = RowText(self.tokenizer, row.ids)
-                    batch.add(rows)
-                    self.stats['rows'] += len(rows)
-                with torch.inference_mode():
-                    tokens = sample_next(batch.logits.float(), batch.seen, generator=generator,
-                                         left_pad=batch.left_pad, **first.request.knobs)
-                for row, token in zip(batch.rows, tokens.tolist()):
+        batch.taken += rows
+        while True:
+            self.admit(batch, rows)
+            if not batch.rows:
+                return
+            tokens = self.sample(batch)
+            for row, token in zip(batch.rows, tokens.tolist()):
+                try:
                     self.step_row(row, token)
-                self.stats['steps'] += 1
-                self.stats['row_steps'] += len(batch.rows)
-                batch.advance(tokens, [not row.done for row in batch.rows])
-                if not batch.rows:
-                    return
-                with self.cond:
-                    rows = self.take_rows(batch)
-                everyone += rows
-                self.stats['joined'] += len(rows)
-        except Exception as e:  # tell the waiting clients; the server goes on
-            for r in {id(row.request): row.request for row in everyone if not row.done}.values():
-                r.events.put(e)
+                except Exception as e:
+                    self.fail(row.request, e)
+            self.stats['steps'] += 1
+            self.stats['row_steps'] += len(batch.rows)
+            try:
+                batch.advance(tokens, [not row.done and not row.request.cancelled for row in batch.rows])
+            except Exception as e:  # the rows share the step: none of them can go on
+                for request in requests_of(batch.rows):
+                    self.fail(request, e)
+                return
+            if not batch.rows:
+                return
+            with self.cond:
+                rows = self.take_rows(batch)
+            batch.taken += rows
+            self.stats['joined'] += len(rows)
+
+    def admit(self, batch, rows):
+        """Join rows to the batch: their readers, the generator of a seeded batch, the prefill. A request
+        whose rows raise fails and the others join; a prefill that raises for the rows of several
+        requests is tried again one request at a time, so that only the one that raises fails."""
+        groups = []  # the rows of each request
+        for request in requests_of(rows):
+            group = [row for row in rows if row.request is request]
+            try:
+                if not batch.rows and not groups:  # the batch starts with this request: its generator
+                    batch.generator = None
+                    if request.seed is not None and request.knobs['temperature'] > 0:
+                        batch.generator = torch.Generator(device=batch.device).manual_seed(
+                            (request.seed + group[0].choice) % SEEDS)
+                for row in group:
+                    row.reader = RowText(self.tokenizer, row.ids)
+                groups.append(group)
+            except Exception as e:
+                self.fail(request, e)
+        if not groups:
+            return
+        try:
+            batch.add([row for group in groups for row in group])
+        except Exception as e:
+            if len(groups) == 1:
+                return self.fail(groups[0][0].request, e)
+            for group in list(groups):
+                try:
+                    batch.add(group)
+                except Exception as e:
+                    self.fail(group[0].request, e)
+                    groups.remove(group)
+        self.stats['rows'] += sum(map(len, groups))
+
+    def sample(self, batch):
+        """This step's token of every row (B,). When sampling the batch raises, its rows are sampled
+        one by one: the requests whose rows raise fail (their rows get a pad token and leave)."""
+        knobs = batch.rows[0].request.knobs  # the same for every row of the batch
+        draw = lambda rows: sample_next(batch.logits[rows].float(), batch.seen[rows], generator=batch.generator,
+                                        left_pad=batch.left_pad[rows], **knobs)
+        with torch.inference_mode():
+            try:
+                return draw(slice(None))
+            except Exception as e:
+                if len(requests_of(batch.rows)) == 1:
+                    self.fail(batch.rows[0].request, e)
+                    return torch.full((len(batch.rows),), self.pad_id, dtype=torch.long, device=batch.device)
+            tokens = []
+            for i, row in enumerate(batch.rows):
+                token = torch.full((1,), self.pad_id, dtype=torch.long, device=batch.device)
+                if not row.request.cancelled:
+                    try:
+                        token = draw(slice(i, i + 1))
+                    except Exception as e:
+                        self.fail(row.request, e)
+                tokens.append(token)
+            return torch.cat(tokens)
 
     def step_row(self, row, token):
         """One new token for one row: extend its text, check its stops, send what is safe to send."""
@@ -369,32 +493,49 @@ class Engine:
 # -----------------------------------------------------------------------------
 # reading a request's parameters
 
+def shown(value, limit=40):
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + '...'
+
+
 def number(body, name, default, lo=None, hi=None, integer=False, open_lo=False):
+    """body[name], checked: an int (integer=True) or a finite float, within lo and hi; missing or null ->
+    default. Anything else (a bool, a string, a float for an integer, NaN, Infinity, a number beyond a
+    float) is a 400 that names the parameter: every number of a request is read here."""
     value = body.get(name)
     if value is None:
         return default
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind):
-        raise APIError(400, f"'{name}' must be {'an integer' if integer else 'a number'}, got {value!r}", param=name)
+        raise APIError(400, f"'{name}' must be {'an integer' if integer else 'a number'}, got {shown(value)}",
+                       param=name)
+    if not integer:
+        try:
+            value = float(value)
+        except OverflowError:  # an integer too big for a float
+            value = math.inf
+        if not math.isfinite(value):
+            raise APIError(400, f"'{name}' must be a finite number, got {shown(body[name])}", param=name)
     if (lo is not None and (value <= lo if open_lo else value < lo)) or (hi is not None and value > hi):
         bounds = ' and '.join(b for b in (lo is not None and f"{'>' if open_lo else '>='} {lo}",
                                           hi is not None and f"<= {hi}") if b)
-        raise APIError(400, f"'{name}' must be {bounds}, got {value!r}", param=name)
+        raise APIError(400, f"'{name}' must be {bounds}, got {shown(value)}", param=name)
     return value
 
 
 def sampling(body):
     """The request's sampling settings in generate.py's terms (0 / 1.0 = off)."""
     for name in ('presence_penalty', 'frequency_penalty'):
-        if body.get(name):
+        if number(body, name, 0):
             raise APIError(400, f"'{name}' is not supported; use 'repetition_penalty' (> 1 penalizes)", param=name)
     if body.get('logit_bias'):
         raise APIError(400, "'logit_bias' is not supported", param='logit_bias')
     top_k = number(body, 'top_k', 0, lo=-1, integer=True)
-    return dict(temperature=float(number(body, 'temperature', 1.0, lo=0)),
-                top_p=float(number(body, 'top_p', 1.0, lo=0, hi=1, open_lo=True)),
+    temperature = number(body, 'temperature', 1.0, lo=0)
+    return dict(temperature=temperature if temperature >= MIN_TEMPERATURE else 0.0,
+                top_p=number(body, 'top_p', 1.0, lo=0, hi=1, open_lo=True),
                 top_k=max(top_k, 0),  # vLLM's -1 and 0 both mean no limit
-                repetition_penalty=float(number(body, 'repetition_penalty', 1.0, lo=0, open_lo=True)))
+                repetition_penalty=number(body, 'repetition_penalty', 1.0, lo=0, open_lo=True))
 
 
 def stop_strings(body):
@@ -460,6 +601,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_json(error.status, error.body())
 
     def start_stream(self):
+        self.streaming = True
         self.send_response(200)
         self.send_header('Content-Type', 'text/event-stream')
         self.send_header('Cache-Control', 'no-cache')
@@ -508,6 +650,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def dispatch(self, method):
         path = self.path.split('?')[0].rstrip('/') or '/'
+        self.streaming = False
         try:
             if path.startswith('/v1/'):
                 self.check_key()
@@ -525,6 +668,12 @@ class Handler(BaseHTTPRequestHandler):
             self.send_error_object(e)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+        except Exception as e:  # a bug in a route: a 500 error object rather than a dropped connection
+            traceback.print_exc()
+            self.close_connection = True
+            if not self.streaming:
+                self.send_error_object(APIError(500, f"internal error: {type(e).__name__}: {e}",
+                                                type='server_error'))
 
     def do_GET(self):
         self.dispatch('GET')
@@ -544,6 +693,9 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def health(self):
+        reason = self.server.engine.failure()
+        if reason:
+            return self.send_json(503, {'status': 'error', 'reason': reason})
         self.send_json(200, {'status': 'ok'})
 
     def stats(self):
@@ -574,12 +726,14 @@ class Handler(BaseHTTPRequestHandler):
         fmt = body.get('response_format')
         if fmt is not None and (not isinstance(fmt, dict) or fmt.get('type') != 'text'):
             raise APIError(400, "only response_format {'type': 'text'} is supported", param='response_format')
+        if not isinstance(body.get('stream_options') or {}, dict):
+            raise APIError(400, "'stream_options' must be an object", param='stream_options')
         n = number(body, 'n', 1, lo=1, hi=MAX_N, integer=True)
         best_of = body.get('best_of')
         if best_of is not None and best_of != n:
             raise APIError(400, "'best_of' is not supported (other than equal to n)", param='best_of')
         knobs = sampling(body)
-        seed = number(body, 'seed', None, integer=True)
+        seed = number(body, 'seed', None, lo=0, hi=SEEDS - 1, integer=True)
         key = 'max_completion_tokens' if body.get('max_completion_tokens') is not None else 'max_tokens'
         longest = max(len(p) for p in prompts)
         block = self.server.block_size
@@ -651,7 +805,24 @@ class Handler(BaseHTTPRequestHandler):
     def answer(self, body, request, kind, prefix, head):
         """Submit the request and send its choices, whole or streamed. head(choice) is text a
         completion choice starts with (echo); None for chat."""
-        engine = self.server.engine
+        self.server.engine.submit(request)
+        try:
+            self.send_choices(body, request, kind, prefix, head)
+        finally:  # answered, failed or left: nothing more of it is decoded
+            request.cancelled = True
+
+    def next_event(self, request):
+        """The request's next event; while none comes, check that the engine still runs (a stopped one
+        fails the request with a 503 instead of leaving its client waiting forever)."""
+        while True:
+            try:
+                return request.events.get(timeout=0.5)
+            except queue.Empty:
+                reason = self.server.engine.failure()
+                if reason:
+                    return APIError(503, reason, type='server_error', code='engine_stopped')
+
+    def send_choices(self, body, request, kind, prefix, head):
         chat = head is None
         rid, created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
         usage = lambda counts: {'prompt_tokens': sum(map(len, request.prompts)),
@@ -659,15 +830,13 @@ class Handler(BaseHTTPRequestHandler):
                                 'total_tokens': sum(map(len, request.prompts)) + sum(counts.values())}
         meta = {'id': rid, 'object': kind + ('.chunk' if chat and body.get('stream') else ''), 'created': created,
                 'model': self.server.model_name}
-        total = len(request.rows)
-        engine.submit(request)
-        counts, finished = {}, {}
+        total, counts, finished = len(request.rows), {}, {}
         if not body.get('stream'):
             texts = {c: (head(c) if head else '') for c in range(total)}
             while len(finished) < total:
-                event = request.events.get()
+                event = self.next_event(request)
                 if isinstance(event, Exception):
-                    raise APIError(500, f"generation failed: {event}", type='server_error')
+                    raise engine_error(event)
                 choice, piece, finish, count = event
                 texts[choice] += piece
                 counts[choice] = count
@@ -690,14 +859,13 @@ class Handler(BaseHTTPRequestHandler):
                 elif head(c):
                     self.send_event(chunk([{'index': c, 'text': head(c), 'logprobs': None, 'finish_reason': None}]))
             while len(finished) < total:
-                events = [request.events.get()]
+                events = [self.next_event(request)]
                 while not request.events.empty():  # when this thread fell behind, one chunk per choice for all
                     events.append(request.events.get())
-                if any(isinstance(e, Exception) for e in events):
-                    error = next(e for e in events if isinstance(e, Exception))
-                    self.send_event({'error': APIError(500, f"generation failed: {error}", type='server_error')
-                                    .body()['error']})
-                    break
+                error = next((e for e in events if isinstance(e, Exception)), None)
+                if error is not None:  # the error object as an event, then the end of the stream
+                    self.send_event(engine_error(error).body())
+                    return self.end_stream()
                 pieces = {}  # choice -> (its new text, its finish_reason or None)
                 for choice, piece, finish, count in events:
                     counts[choice] = count
@@ -712,9 +880,15 @@ class Handler(BaseHTTPRequestHandler):
             if include_usage:
                 self.send_event({**meta, 'choices': [], 'usage': usage(counts)})
             self.end_stream()
-        except (BrokenPipeError, ConnectionResetError):  # the client left: stop its rows
-            request.cancelled = True
+        except (BrokenPipeError, ConnectionResetError):  # the client left
             self.close_connection = True
+
+
+def engine_error(error):
+    """The API error for a request that failed in the engine: its own APIError (bad input), else a 500."""
+    if isinstance(error, APIError):
+        return error
+    return APIError(500, f"generation failed: {type(error).__name__}: {error}", type='server_error')
 
 
 # -----------------------------------------------------------------------------

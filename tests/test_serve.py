@@ -3,7 +3,6 @@ client where it is installed, raw http.client for what a client library hides (s
 import http.client
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -11,7 +10,6 @@ import time
 
 import pytest
 
-import sample
 from mirim import sampling
 import serve
 from test_sample import ROOT, byte_tokenizer, program_model, random_model, save_checkpoint
@@ -275,6 +273,192 @@ def test_rows_that_arrive_during_a_batch_join_it_and_give_one_at_a_time_text(ser
             t.join(30)
         assert results == expected
         assert engine.stats['joined'] >= joined + 2
+
+
+def stream(server, body, path='/v1/completions'):
+    """A streamed request by hand -> (status, the data of each server-sent event, JSON parsed but [DONE])."""
+    conn = http.client.HTTPConnection('127.0.0.1', server.server_address[1], timeout=30)
+    conn.request('POST', path, json.dumps({**body, 'stream': True}).encode(), {'Content-Type': 'application/json'})
+    response = conn.getresponse()
+    text = response.read().decode()
+    conn.close()
+    if response.status != 200:
+        return response.status, [json.loads(text)]
+    return 200, [line[6:] if line == 'data: [DONE]' else json.loads(line[6:])
+                 for line in text.split('\n') if line.startswith('data: ')]
+
+
+def greedy(server, prompt, max_tokens=12):
+    status, r = raw(server, 'POST', '/v1/completions', {'prompt': prompt, 'max_tokens': max_tokens, 'temperature': 0})
+    assert status == 200, r
+    return r['choices'][0]['text']
+
+
+def test_bad_numbers_are_400s_that_name_them_and_the_engine_goes_on(server):
+    """A seed torch.Generator cannot take once killed the engine thread (every later request hung);
+    every number is now checked where parameters are read."""
+    before = greedy(server, 'Era uma vez')
+    cases = [('seed', 2 ** 64), ('seed', -1), ('seed', 1.5), ('seed', '5'), ('seed', 5.0), ('seed', True),
+             ('temperature', float('nan')), ('temperature', float('inf')), ('temperature', 10 ** 400),
+             ('top_p', float('nan')), ('repetition_penalty', float('-inf')), ('repetition_penalty', float('nan')),
+             ('presence_penalty', float('nan')), ('frequency_penalty', float('inf')), ('max_tokens', float('inf')),
+             ('n', float('nan')), ('top_k', float('nan'))]
+    for name, value in cases:
+        got, r = raw(server, 'POST', '/v1/completions', {'prompt': 'a', 'max_tokens': 3, 'temperature': 1,
+                                                         name: value})
+        assert got == 400 and r['error']['param'] == name, (name, value, r)
+        assert len(r['error']['message']) < 200  # 10**400 is not echoed whole
+    status, r = raw(server, 'POST', '/v1/chat/completions', {'messages': [{'role': 'user', 'content': 'Oi'}],
+                                                             'seed': 2 ** 64, 'temperature': 1})
+    assert status == 400 and r['error']['param'] == 'seed'
+    assert stream(server, {'prompt': 'a', 'seed': -1})[0] == 400
+    # the largest seed works, for every choice (seed + choice wraps around), and reproducibly
+    body = {'prompt': 'a', 'max_tokens': 6, 'temperature': 1.5, 'n': 3, 'seed': 2 ** 64 - 1}
+    status, r = raw(server, 'POST', '/v1/completions', body)
+    assert status == 200 and len(r['choices']) == 3
+    assert [c['text'] for c in raw(server, 'POST', '/v1/completions', body)[1]['choices']] == \
+        [c['text'] for c in r['choices']]
+    # a temperature too small to divide by is greedy (as in vLLM), not a NaN in the sampler
+    status, r = raw(server, 'POST', '/v1/completions', {'prompt': 'Era uma vez', 'max_tokens': 12,
+                                                        'temperature': 1e-300})
+    assert status == 200 and r['choices'][0]['text'] == before
+    assert greedy(server, 'Era uma vez') == before
+    assert raw(server, 'GET', '/health') == (200, {'status': 'ok'})
+
+
+BAD = 'Quoth the raven'  # the bad request's prompt: the faults below raise for rows that hold a Q
+Q = ord('Q')             # (the byte tokenizer's id of 'Q'; the good request's text has none)
+
+
+@pytest.mark.parametrize('where', ['prefill', 'sample_next', 'step_row'])
+def test_a_request_that_raises_in_the_engine_fails_alone(where, server, monkeypatch):
+    """A fault while one request's rows are prefilled, sampled or stepped fails that request (a 500
+    error object; a stream gets it as an event, then its end) and not the request it shares the
+    batch with; the engine goes on."""
+    engine = server.engine
+    good, long = greedy(server, 'Era uma vez'), greedy(server, 'a', 40)
+    assert 'Q' not in good + long
+    faulty = {'prefill': lambda model, idx, left_pad=None: (idx == Q).any(),
+              'sample_next': lambda logits, seen, **knobs: (seen == Q).any(),
+              'step_row': lambda row, token: Q in row.ids}[where]
+    owner = engine if where == 'step_row' else serve
+    real = getattr(owner, where)
+
+    def fault(*args, **kwargs):
+        if faulty(*args, **kwargs):
+            raise RuntimeError(f'injected fault in {where}')
+        return real(*args, **kwargs)
+    monkeypatch.setattr(owner, where, fault)
+    results = {}
+
+    def ask(name, prompt, max_tokens=12):
+        results[name] = raw(server, 'POST', '/v1/completions', {'prompt': prompt, 'max_tokens': max_tokens,
+                                                                'temperature': 0})
+    threads = [threading.Thread(target=ask, args=args) for args in (('bad', BAD), ('good', 'Era uma vez'))]
+    engine.pause()
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.time() + 20
+        while engine.queued() < 2 and time.time() < deadline:
+            time.sleep(0.01)
+    finally:
+        engine.pause(False)
+    for t in threads:
+        t.join(30)
+    assert engine.batch_sizes[-1] == 2  # they shared the batch
+    assert results['good'][0] == 200 and results['good'][1]['choices'][0]['text'] == good
+    status, r = results['bad']
+    assert status == 500 and r['error']['type'] == 'server_error'
+    assert f'injected fault in {where}' in r['error']['message']
+    status, events = stream(server, {'prompt': BAD, 'max_tokens': 12, 'temperature': 0})
+    assert status == 200 and events[-1] == '[DONE]'
+    assert f'injected fault in {where}' in events[-2]['error']['message']
+    # the bad request joins a running batch (its longer prompt would move the running row right): the
+    # running request goes on as if it had not come
+    inner = engine.step_row
+
+    def slow_step(row, token):
+        time.sleep(0.01)
+        inner(row, token)
+    monkeypatch.setattr(engine, 'step_row', slow_step)
+    steps, joined = engine.stats['steps'], engine.stats['joined']
+    runner = threading.Thread(target=ask, args=('long', 'a'), kwargs={'max_tokens': 40})
+    runner.start()
+    deadline = time.time() + 20
+    while engine.stats['steps'] < steps + 3 and time.time() < deadline:
+        time.sleep(0.001)
+    status, r = raw(server, 'POST', '/v1/completions', {'prompt': BAD, 'max_tokens': 12, 'temperature': 0})
+    runner.join(30)
+    assert status == 500 and f'injected fault in {where}' in r['error']['message']
+    assert engine.stats['joined'] == joined + 1
+    assert results['long'][0] == 200 and results['long'][1]['choices'][0]['text'] == long
+    monkeypatch.undo()
+    assert greedy(server, 'Era uma vez') == good
+    assert raw(server, 'GET', '/health')[0] == 200
+
+
+def test_a_failed_forward_step_fails_its_batch_and_the_engine_goes_on(server, monkeypatch):
+    good = greedy(server, 'xyz', 8)
+    real, calls = serve.decode_one_token, []
+
+    def once(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError('injected forward fault')
+        return real(*args)
+    monkeypatch.setattr(serve, 'decode_one_token', once)
+    status, r = raw(server, 'POST', '/v1/completions', {'prompt': 'xyz', 'max_tokens': 8, 'temperature': 0})
+    assert status == 500 and 'injected forward fault' in r['error']['message']
+    assert greedy(server, 'xyz', 8) == good  # the cache and the one-row weight layout were let go
+
+
+def test_a_stopped_engine_is_reported_and_refuses_requests(tmp_path, model, tok, one_thread):
+    """Should the engine thread stop (a bug), /health says so and requests get a 503 at once, those
+    already waiting too, instead of hanging."""
+    s = start(save_checkpoint(tmp_path / 'doomed', model, tok))
+    engine = s.engine
+    body = {'prompt': 'a', 'max_tokens': 3, 'temperature': 0}
+    try:
+        assert raw(s, 'GET', '/health') == (200, {'status': 'ok'})
+        # a thread that ended without a word: a waiting request notices within a second
+        engine.pause()
+        result = []
+        asker = threading.Thread(target=lambda: result.append(raw(s, 'POST', '/v1/completions', body)))
+        asker.start()
+        deadline = time.time() + 20
+        while engine.queued() < 1 and time.time() < deadline:
+            time.sleep(0.01)
+        thread, engine.thread = engine.thread, threading.Thread(target=lambda: None)
+        engine.thread.start()
+        engine.thread.join()
+        asker.join(10)
+        assert result and result[0][0] == 503 and 'not running' in result[0][1]['error']['message']
+        status, r = raw(s, 'GET', '/health')
+        assert status == 503 and r['status'] == 'error' and 'not running' in r['reason']
+        engine.thread = thread
+        engine.pause(False)
+        assert raw(s, 'GET', '/health')[0] == 200 and raw(s, 'POST', '/v1/completions', body)[0] == 200
+        # a bug outside the per-request handling stops the thread: the request it met fails with a 503
+        def broken(batch):
+            raise RuntimeError('injected engine bug')
+        engine.take_rows = broken
+        status, r = raw(s, 'POST', '/v1/completions', body)
+        assert status == 503 and 'injected engine bug' in r['error']['message']
+        engine.thread.join(10)
+        assert not engine.thread.is_alive()
+        status, r = raw(s, 'GET', '/health')
+        assert status == 503 and 'injected engine bug' in r['reason']
+        chat = {'messages': [{'role': 'user', 'content': 'Oi'}]}
+        for request in (lambda: raw(s, 'POST', '/v1/completions', body), lambda: stream(s, body),
+                        lambda: raw(s, 'POST', '/v1/chat/completions', chat)):
+            started = time.time()
+            status, r = request()
+            assert status == 503 and time.time() - started < 5
+    finally:
+        engine.pause(False)
+        s.shutdown()
+        s.server_close()
 
 
 def test_chat_page_is_served(server):
