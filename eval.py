@@ -41,7 +41,8 @@ fixed seed (each choice starts with a newline: the corpus joins verses with one)
 
 Results are printed as a table and written as JSON to --output (default: eval_<task>.json with the
 model: inside its folder, an out_dir or a Hugging Face folder, or beside a checkpoint file), with the
-per-example log-likelihoods of multiple-choice tasks.
+per-example log-likelihoods of multiple-choice tasks. A results file already there (an earlier
+evaluation's) is never replaced without --overwrite.
 """
 import json
 import math
@@ -55,7 +56,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mirim.atomic import write_json
+from mirim.atomic import claim_file, write_json
 from mirim.checkpoint import load_model
 from mirim.common import autocast, dtype_name, resolve_device, resolve_dtype
 from mirim.configurator import ConfigError, configure
@@ -78,6 +79,7 @@ DEFAULTS = dict(
     device='auto',       # 'auto' = cuda, else mps, else cpu
     dtype='auto',        # 'float32' | 'bfloat16' | 'float16'; 'auto' = bfloat16 on GPUs that have it, else float32
     output='',           # JSON results path; empty = eval_<task>.json in the model's folder, or beside its file
+    overwrite=False,     # replace the results file if it is already there (refused otherwise)
 )
 
 LN2 = math.log(2)
@@ -503,6 +505,7 @@ def evaluate(config):
     results_dir = path if os.path.isdir(path) else os.path.dirname(path)
     destination = config['output'] or os.path.join(results_dir, f"eval_{task_name}.json")
     check_writable(destination)
+    claim_file(destination, config['overwrite'], '--output')  # an earlier result (or a checkpoint) stays
 
     started = time.time()
     per_example = None

@@ -11,7 +11,10 @@ Export a mirim checkpoint as a folder that transformers loads with no custom cod
 
 The folder holds config.json, model.safetensors, generation_config.json, the tokenizer
 (tokenizer.json + tokenizer_config.json + special_tokens_map.json, and tokenizer.model for
-SentencePiece) and a README.md model card filled from the checkpoint.
+SentencePiece) and a README.md model card filled from the checkpoint. A --dest that already holds an
+export is replaced only with --overwrite, and then wholly: the files of the old export that the new one
+does not write go too (a tokenizer.model of another model, eval.py's results of the old one); other
+files there stay. A training out_dir or a data set folder is never a --dest.
 
 The weights and config.json are mapped by mirim/hf.py (which also reads HF folders back into mirim:
 mirim.hf.load_hf, or point sample.py / eval.py / train.py's init_from at the folder), the tokenizer files
@@ -28,7 +31,7 @@ import sys
 
 import torch
 
-from mirim.atomic import write_atomic, write_json
+from mirim.atomic import claim_folder, OTHER_RESULTS, write_atomic, write_json
 from mirim.checkpoint import load_model
 from mirim.common import DTYPES
 from mirim.hf import HF_ACTIVATION, as_gemma, hf_config, to_gemma_tensors, to_hf_state_dict
@@ -36,12 +39,27 @@ from mirim.configurator import configure
 from mirim.gguf_export import export_gguf
 from mirim.hf_tokenizer import write_tokenizer
 
-def export(source, dest, dtype='float32', checkpoint='ckpt.pt', license='other', check_tokenizer=True):
+# the files of an export (tokenizer.model only for SentencePiece, generation_config.json not for a
+# classifier), and the results eval.py writes beside a model: an export with overwrite replaces or removes
+# them all, so that nothing of the model it replaces stays (a tokenizer.model beside a bytes tokenizer.json)
+HF_FILES = ('config.json', 'model.safetensors', 'generation_config.json', 'README.md', 'tokenizer.json',
+            'tokenizer_config.json', 'special_tokens_map.json', 'tokenizer.model')
+
+
+def hf_file(name):
+    return name in HF_FILES or (name.startswith('eval_') and name.endswith('.json'))
+
+
+def export(source, dest, dtype='float32', checkpoint='ckpt.pt', license='other', check_tokenizer=True,
+           overwrite=False):
     """Write the Hugging Face folder dest from a mirim out_dir (its `checkpoint` file) or checkpoint
-    file: a LlamaForCausalLM, or for a classify.py classifier.pt a LlamaForSequenceClassification."""
+    file: a LlamaForCausalLM, or for a classify.py classifier.pt a LlamaForSequenceClassification.
+    A dest that holds an export already is refused unless overwrite, one that holds a training run or a
+    data set always (mirim/atomic.claim_folder); other files in it are left as they are."""
     from safetensors.torch import save
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: choose one of {sorted(DTYPES)}")
+    old = claim_folder(dest, hf_file, overwrite, 'an export', '--dest', refuse=OTHER_RESULTS)  # before the load
     model, tok, ckpt = load_model(source, checkpoint=checkpoint)
     classifier = 'head' in ckpt  # never export a classifier as a language model without its head
     if classifier:
@@ -55,6 +73,8 @@ def export(source, dest, dtype='float32', checkpoint='ckpt.pt', license='other',
     if stale:
         raise ValueError(f"{dest} already holds weight files that transformers would read too: {stale}; "
                          f"remove them or export to an empty folder")
+    for name in sorted(old, key=lambda name: name != 'config.json'):  # from then on no model to load
+        os.remove(os.path.join(dest, name))
     write_tokenizer(tok, dest, config.block_size, check=check_tokenizer, append_eos=classifier)
     gemma = as_gemma(config) and not classifier
     hf = hf_config(config, dtype, gemma=gemma)
@@ -192,6 +212,7 @@ DEFAULTS = dict(
     dtype='float32',          # weights in model.safetensors: float32, bfloat16 or float16
     license='other',          # the model card's license field (a Hub license id, e.g. apache-2.0)
     check_tokenizer=True,     # verify tokenizer.json gives the mirim tokenizer's ids on sample texts
+    overwrite=False,          # replace the export already in --dest (refused otherwise; a run or data set never)
     format='hf',              # hf: a transformers folder; gguf: GGUF files for llama.cpp / ollama (gguf_export.py)
     gguf_type='f16',          # with format=gguf: f32, f16, q8_0, q4_0, or several, comma-separated
 )
@@ -202,14 +223,15 @@ def main(argv):
     if config['format'] == 'gguf':
         if not config['dest']:
             raise ValueError("say where to write the GGUF files: --dest=gguf/NAME")
-        export_gguf(config['out_dir'], config['dest'], config['gguf_type'].split(','), config['checkpoint'])
+        export_gguf(config['out_dir'], config['dest'], config['gguf_type'].split(','), config['checkpoint'],
+                    overwrite=config['overwrite'])
         return
     if config['format'] != 'hf':
         raise ValueError(f"format={config['format']!r}: choose hf or gguf")
     if not config['dest']:
         raise ValueError("say where to write the Hugging Face folder: --dest=hf/NAME")
     dest = export(config['out_dir'], config['dest'], config['dtype'], config['checkpoint'], config['license'],
-                  config['check_tokenizer'])
+                  config['check_tokenizer'], config['overwrite'])
     print(f"wrote {dest}: load it with transformers.AutoModelForCausalLM.from_pretrained({dest!r})")
 
 

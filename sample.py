@@ -11,6 +11,7 @@ Prompts start with <bos>, like every training document; an empty prompt is just 
 A single prompt streams its samples to the terminal, one after another. A prompts file (one
 prompt per line, blank lines skipped) is generated in batches on the KV cache: prompts of
 similar length are batched together and left-padded, so a batch wastes little work on padding.
+--output names a new file: one already there (an earlier run's samples) is replaced only with --overwrite.
 
 What --seed fixes: each batch draws from its own torch.Generator seeded with seed + the batch's
 number (batches run in order of prompt length; a single prompt's samples are batches of one).
@@ -23,7 +24,7 @@ import os
 import sys
 import time
 
-from mirim.atomic import write_atomic
+from mirim.atomic import claim_file, write_atomic
 from mirim.chat import get_template
 from mirim.checkpoint import load_model
 from mirim.common import dtype_name, resolve_device, resolve_dtype
@@ -47,6 +48,7 @@ DEFAULTS = dict(
     batch_size=16,            # prompts-file rows generated together
     format='text',            # 'text' (readable) or 'jsonl' (one JSON record per sample)
     output='',                # write the samples to this file instead of stdout
+    overwrite=False,          # replace the --output file if it is already there (refused otherwise)
     chat=False,               # interactive chat with a model fine-tuned on a chat template
     chat_template='',         # override the checkpoint's chat template: 'chatml' or 'aira' (chat.py)
     system='',                # system message for --chat (templates that have a system role)
@@ -90,6 +92,8 @@ def main(argv):
     check_sampling(**knobs)
     if config['max_new_tokens'] < 1 or config['num_samples'] < 1 or config['batch_size'] < 1:
         raise ValueError("max_new_tokens, num_samples and batch_size must be at least 1")
+    if config['output'] and not config['chat']:  # refused before the model loads, not after the work
+        claim_file(config['output'], config['overwrite'], '--output')
     device = resolve_device(config['device'])
     dtype = resolve_dtype(config['dtype'], device)
     model, tokenizer, _ = load_model(config['out_dir'], device, dtype, checkpoint=config['checkpoint'])

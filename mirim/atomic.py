@@ -1,6 +1,10 @@
 """Writing files so that a crash never leaves half of one: a temp file beside the target, fsync, rename.
 A reader sees the old file or the new one, never half. torch is imported only by save_atomic: the data
-commands write through these too and need not pay for importing torch."""
+commands write through these too and need not pay for importing torch.
+
+And the one rule of every command that writes (claim_file, claim_folder): it never replaces a file it
+did not write in this run unless told to (--overwrite). train.py, dpo.py and classify.py keep their run
+folders by mirim/out_dir.claim_out_dir."""
 import json
 import os
 import shutil
@@ -69,3 +73,50 @@ def link_atomic(src, dst):
     except OSError:
         shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
+
+
+# -----------------------------------------------------------------------------
+# the rule: a command never replaces a file it did not write in this run unless told to (--overwrite)
+
+# files that make a folder another command's result, never a folder to export into, even with --overwrite
+OTHER_RESULTS = {'ckpt.pt': 'a training run', 'best.pt': 'a training run', 'log.jsonl': 'a training run',
+                 'classifier.pt': 'a training run', 'reference.pt': 'a training run',
+                 'meta.json': 'a prepared data set'}
+
+
+def listing(names):
+    """'a, b, c and 2 more'"""
+    return ', '.join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else '')
+
+
+def claim_file(path, overwrite, option):
+    """Before a command writes the file `path` (its --output): refused (ValueError, one line naming the
+    file and --overwrite) when something is already there and not overwrite. Call it before the work,
+    so that a refusal costs nothing."""
+    if os.path.isdir(path):
+        raise ValueError(f"{option}={path} is a directory: name a file in it")
+    if os.path.lexists(path) and not overwrite:
+        raise ValueError(f"{path} already exists: pass --overwrite to replace it, or choose another {option}")
+
+
+def claim_folder(folder, ours, overwrite, what, option, keep=(), refuse=None):
+    """Before a command fills the folder `folder` (export's --dest, a data set's --out): -> the names
+    of its files already in it, for the command to remove before it writes, so that nothing of an
+    earlier result stays beside the new one (a tokenizer.model of another model). ours(name) says which
+    files are the command's (those it writes, and those an earlier run of it may have left); every other
+    file is never touched. keep: files of ours that already hold what this run writes (they stay).
+    Refused (ValueError, one line) when files of ours are there and not overwrite, and, even with
+    overwrite, when the folder holds any file of `refuse` ({name: what it marks}), another command's
+    result that a write there would spoil (a training run, a data set). A missing folder holds nothing;
+    an unreadable one raises its OSError."""
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    theirs = [name for name in names if name in (refuse or {})]
+    if theirs:
+        kinds = ' and '.join(dict.fromkeys(refuse[name] for name in theirs))
+        raise ValueError(f"{folder} holds {kinds} ({listing(theirs)}), not {what}: writing there would spoil "
+                         f"it, and --overwrite replaces only {what}; choose another {option}")
+    old = [name for name in names if ours(name) and name not in keep]
+    if old and not overwrite:
+        raise ValueError(f"{folder} already holds {what} or part of one ({listing(old)}); "
+                         f"pass --overwrite to replace it, or choose another {option}")
+    return old

@@ -17,7 +17,7 @@ import sys
 import time
 
 from mirim.corpus import PrepareError
-from mirim.prepare import prepare  # the core: documents -> shards + meta.json
+from mirim.prepare import prepare, write_output  # the core: documents -> shards + meta.json; the folder's rules
 from mirim.tokenizer import tokenizer_stats, train_sentencepiece
 
 # the repo root: build() writes into ROOT/data/biblia/<name> by default
@@ -122,8 +122,11 @@ def list_translations(db):
 # -----------------------------------------------------------------------------
 
 def build(langs, out_dir=None, translation=None, vocab_size=None, books=None, max_chapters=None,
-          num_proc=1, db_path=None):
-    """Train the tokenizer on the train books of langs and write the shards; returns meta.json's dict."""
+          num_proc=1, overwrite=False, db_path=None):
+    """Train the tokenizer on the train books of langs and write the shards; returns meta.json's dict.
+    out_dir is claimed as data/prepare.py claims its --out (mirim/prepare.write_output): a folder that
+    holds a data set is refused unless overwrite, and an error or Ctrl-C leaves no data set behind
+    (those exit with their one line)."""
     if translation is not None:
         if translation not in TRANSLATIONS:
             raise PrepareError(f"unknown translation {translation!r}; see --list")
@@ -156,12 +159,17 @@ def build(langs, out_dir=None, translation=None, vocab_size=None, books=None, ma
                            f"{','.join(map(str, books or [])) or '(all)'}: books are numbered 1-66 (1-39 Old "
                            f"Testament, 40-66 New), and some of them must be outside the held-out books")
 
+    meta = {}
+    write_output(out_dir, overwrite, None, lambda: meta.update(
+        write_corpus(db, langs, letters, out_dir, vocab_size, coverage, books, max_chapters, num_proc)))
+    return meta
+
+
+def write_corpus(db, langs, letters, out_dir, vocab_size, coverage, books, max_chapters, num_proc):
+    """build()'s work, into a folder that write_output has cleared: the tokenizer, then the shards."""
     t0 = time.time()
     names = ', '.join(f"{lang} ({TRANSLATIONS[letter][1]})" for lang, letter in zip(langs, letters))
     print(f"tokenizer: {vocab_size:,} pieces, trained on the train books of {names}")
-    os.makedirs(out_dir, exist_ok=True)
-    if os.path.exists(os.path.join(out_dir, 'meta.json')):  # a new tokenizer.model invalidates the old data set
-        os.remove(os.path.join(out_dir, 'meta.json'))
     try:
         tokenizer = train_sentencepiece(documents(db, letters, 'train', books, max_chapters),
                                         os.path.join(out_dir, 'tokenizer.model'), vocab_size=vocab_size,

@@ -49,7 +49,7 @@ import os
 import numpy as np
 import torch
 
-from mirim.atomic import write_atomic
+from mirim.atomic import claim_folder, OTHER_RESULTS, write_atomic
 from mirim.checkpoint import load_model
 from mirim.chat import EOS, chat_template_go, chat_template_jinja, get_template
 from mirim.hf_tokenizer import byte_level_backend
@@ -356,17 +356,24 @@ def write_gguf(model, tok, path, qtype='f16', name=None, log=print):
     return lead
 
 
-def export_gguf(source, dest, types=('f16',), checkpoint='ckpt.pt', log=print):
+def export_gguf(source, dest, types=('f16',), checkpoint='ckpt.pt', log=print, overwrite=False):
     """Write dest/NAME-TYPE.gguf for each type and dest/Modelfile (ollama, from the first type) from a
-    mirim out_dir, checkpoint file or Hugging Face folder. Returns the .gguf paths."""
+    mirim out_dir, checkpoint file or Hugging Face folder. Returns the .gguf paths. A dest that holds
+    such files already is refused unless overwrite, and then they all go first, those of the types not
+    written now too (mirim/atomic.claim_folder); a dest that holds a training run or a data set is
+    always refused; other files in it are left as they are."""
     types = [types] if isinstance(types, str) else list(types)
     bad = [t for t in types if t not in GGUF_TYPES]
     if bad or not types:
         raise ValueError(f"gguf_type={','.join(types)!r}: choose one or more of {', '.join(GGUF_TYPES)}")
+    name = os.path.basename(os.path.normpath(dest))
+    ours = {'Modelfile', *(f'{name}-{qtype}.gguf' for qtype in GGUF_TYPES)}
+    old = claim_folder(dest, ours.__contains__, overwrite, 'a GGUF export', '--dest', refuse=OTHER_RESULTS)
     model, tok, _ = load_model(source, checkpoint=checkpoint)
     gguf_arch(model.config)  # refuse before anything is written
     os.makedirs(dest, exist_ok=True)
-    name = os.path.basename(os.path.normpath(dest))
+    for stale in old:  # first: they free their space for the new files
+        os.remove(os.path.join(dest, stale))
     paths = []
     for qtype in types:
         path = os.path.join(dest, f'{name}-{qtype}.gguf')

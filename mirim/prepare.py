@@ -21,7 +21,7 @@ from collections import deque
 import numpy as np
 from tqdm import tqdm
 
-from mirim.atomic import write_atomic
+from mirim.atomic import claim_folder, write_atomic
 from mirim.corpus import describe_problems, no_documents_error, PrepareError
 from mirim.shards import mask_path, ShardWriter, token_dtype, write_meta
 from mirim.tokenizer import (load_tokenizer, SENTENCEPIECE_VOCAB_FILE, TOKENIZER_FILES, train_bytelevel_bpe,
@@ -195,20 +195,19 @@ def error_line(e, out_dir):
 def write_output(out_dir, overwrite, tokenizer, write):
     """
     Run write(), which prepares out_dir, the way the command lines do. A folder that already holds a data
-    set or part of one is refused unless overwrite; then its files go first (meta.json before anything
-    else; tokenizer files that already hold `tokenizer` stay; files that are not ours are never touched).
+    set or part of one is refused unless overwrite (mirim/atomic.claim_folder, the rule of every command
+    that writes); then its files go first (meta.json before anything else; tokenizer files that already
+    hold `tokenizer` stay; files that are not ours are never touched).
     An error or Ctrl-C removes what was written, so the folder never holds a data set that looks complete
     and is not, and exits with one line (130 after Ctrl-C).
     """
     try:
         keep = files_holding(out_dir, tokenizer)
-        old = [name for name in output_files(out_dir) if name not in keep]
+        old = claim_folder(out_dir, OUTPUT_FILE.match, overwrite, 'a prepared data set', '--out', keep)
     except OSError as e:  # an unreadable folder
         sys.exit(f"error: {error_line(e, out_dir)}")
-    if old and not overwrite:
-        listing = ', '.join(old[:3]) + (f" and {len(old) - 3} more" if len(old) > 3 else '')
-        sys.exit(f"error: {out_dir} already holds a prepared data set or part of one ({listing}); "
-                 f"pass --overwrite to replace it, or choose another --out")
+    except ValueError as e:  # the rule of every command that writes (mirim/atomic.py)
+        sys.exit(f"error: {e}")
     created = not os.path.isdir(out_dir)
     try:
         remove_output(out_dir, old)

@@ -175,6 +175,7 @@ CASES = [
     ('sample.py: unknown format', SAMPLE + ['--format=xml'], 'format'),
     ('sample.py: output under a file', SAMPLE + ['--output={file}/samples.txt'], 'plain.txt|samples.txt'),
     ('sample.py: output is a folder', SAMPLE + ['--output={emptydir}'], 'emptydir|directory'),
+    ('sample.py: output onto a checkpoint', SAMPLE + ['--output={ckpt}'], 'overwrite'),
     ('sample.py: prompts file missing', SAMPLE + ['--start=FILE:{missing}.txt'], 'missing'),
     ('sample.py: prompts file empty', SAMPLE + ['--start=FILE:{empty}'], 'empty.txt|no prompts'),
     ('sample.py: prompts file not UTF-8', SAMPLE + ['--start=FILE:{binary}'], 'utf-8|not text'),
@@ -216,6 +217,7 @@ CASES = [
     ('eval.py: n=-1', EVAL + ['--task={mc}', '--n=-1'], "'n'|--n|n="),
     ('eval.py: task and text_file together', EVAL + ['--task={mc}', '--text_file={text}'], 'task|text_file'),
     ('eval.py: output under a file', EVAL + ['--output={file}/eval.json'], 'plain.txt|eval.json'),
+    ('eval.py: output onto a checkpoint', EVAL + ['--output={ckpt}'], 'overwrite'),
     ('eval.py: unknown device', EVAL + ['--device=tpu'], 'device'),
     ('eval.py: unknown key', EVAL + ['--tsk=x'], 'tsk'),
 
@@ -230,6 +232,9 @@ CASES = [
     ('export.py: dest is a file', EXPORT + ['--dest={file}'], 'plain.txt|dest'),
     ('export.py: check_tokenizer=maybe', EXPORT + ['--check_tokenizer=maybe'], 'check_tokenizer'),
     ('export.py: NaN weights', EXPORT + ['--out_dir={nan_ckpt}'], 'nan|finite'),
+    ('export.py: dest holds an export', EXPORT + ['--dest={hf}'], 'overwrite'),
+    ('export.py: dest is the run folder, overwrite', EXPORT + ['--dest={out}', '--overwrite'], 'training run'),
+    ('export.py: gguf dest is the run folder', EXPORT + ['--format=gguf', '--dest={out}'], 'training run'),
 
     # classify.py
     ('classify.py: init_from missing', CLASSIFY + ['--init_from={missing}'], 'missing'),
@@ -385,6 +390,7 @@ CASES = [
     ('biblia/prepare.py: vocab_size=-1', BIBLIA[:8] + ['-1'] + BIBLIA[9:], 'vocab'),
     ('biblia/prepare.py: num_proc=0', BIBLIA + ['--num_proc', '0'], 'num_proc'),
     ('biblia/prepare.py: out under a file', BIBLIA[:-1] + ['{file}/biblia'], 'plain.txt'),
+    ('biblia/prepare.py: out holds a data set', BIBLIA[:-1] + ['{data}'], 'overwrite'),
 
     # data/biblia/make_tasks.py
     ('make_tasks.py: no task', ['data/biblia/make_tasks.py'], 'what|chat|classify'),

