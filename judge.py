@@ -11,7 +11,8 @@ The rubric is an editable text file (data/judge/rubric.txt: {prompt} is the stor
 integer 1-10 for every criterion. An answer that does not is asked for again (--retries); a story
 still unscored after that counts as unparseable. Prints, per samples file, each criterion's mean +-
 standard error and the share of unparseable answers; --output writes the same as JSON, with every
-story's scores, for comparing models.
+story's scores, for comparing models. --output names a new file: one already there (an earlier
+judgement) is replaced only with --overwrite, and that is checked before any story is sent.
 """
 import json
 import math
@@ -19,6 +20,7 @@ import os
 import re
 import sys
 
+from mirim.atomic import claim_file, write_json
 from mirim.configurator import configure
 from mirim.llm import Client, Fatal, Rejected, run_all
 
@@ -38,6 +40,7 @@ DEFAULTS = dict(
     backoff=1.0,              # seconds before the first retry; doubles each time (a 429's Retry-After wins)
     timeout=120.0,            # seconds per request
     output='',                # write the summary and every story's scores to this JSON file
+    overwrite=False,          # replace the --output file if it is already there (refused otherwise)
 )
 
 
@@ -99,6 +102,10 @@ def main(argv):
     files = [f for f in config['samples'].split(',') if f]
     if not files:
         raise ValueError("give --samples=FILE.jsonl[,FILE2.jsonl...] (sample.py --format=jsonl output)")
+    if config['output']:  # refused before a story is judged, not after the work
+        if os.path.abspath(config['output']) in map(os.path.abspath, files):
+            raise ValueError(f"--output={config['output']} is one of --samples: name a new file for the scores")
+        claim_file(config['output'], config['overwrite'], '--output')
     criteria = [c for c in config['criteria'].split(',') if c]
     with open(config['rubric'], encoding='utf-8') as f:
         rubric = f.read()
@@ -120,7 +127,6 @@ def main(argv):
             m = r['criteria'][c]
             print(f"  {c:<18} " + (f"{m['mean']:.2f} +- {m['se']:.2f}" if m['mean'] is not None else 'n/a'))
     if config['output']:
-        from mirim.atomic import write_json
         write_json(config['output'], {'judge': client.model, 'rubric': config['rubric'], 'results': results})
         print(f"wrote {config['output']}", file=sys.stderr)
     return results

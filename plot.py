@@ -8,13 +8,15 @@ learning rate against tokens seen, read from the log.jsonl that train.py writes 
 
 Loss is per token, so runs with different tokenizers are compared on bits per byte (see eval.py).
 A key a log does not have is left out of that run's lines; a resumed run's repeated steps count
-once (the later lines win). Needs matplotlib (pip install matplotlib).
+once (the later lines win). Needs matplotlib (pip install matplotlib). --output names a new file: one
+already there (an earlier plot) is replaced only with --overwrite.
 """
 import math
 import os
 import sys
 
 from mirim import out_dir
+from mirim.atomic import claim_file, write_atomic  # never a half-written image under the real name
 from mirim.configurator import ConfigError, configure
 
 SERIES = [  # (panel title, [(log key, line style, label suffix)])
@@ -29,6 +31,7 @@ DEFAULTS = dict(
     runs=[],                  # run folders (out_dirs) or log.jsonl files
     output='runs.png',        # the image to write: .png, .svg or .pdf
     x='tokens',               # the x axis: tokens | step | minutes
+    overwrite=False,          # replace the --output file if it is already there (refused otherwise)
 )
 
 
@@ -93,7 +96,6 @@ def plot_runs(paths, output='runs.png', x_key='tokens'):
             axis.ticklabel_format(axis='x', style='sci', scilimits=(0, 3))
     figure.tight_layout()
     import io
-    from mirim.atomic import write_atomic  # never a half-written image under the real name
     image = io.BytesIO()
     figure.savefig(image, format=image_format(output), dpi=110)
     plt.close(figure)
@@ -118,10 +120,15 @@ def main(argv=None):
         argv = ['--runs', *argv]  # plot.py out/a out/b --x=step: the run folders, named first
     try:
         options = configure(DEFAULTS, argv, help_source=__file__, required=('runs',), choices={'x': list(X_LABELS)},
-                            usage="usage: python plot.py out/a out/b ... [--output=runs.png] [--x=tokens|step|minutes]")
+                            usage="usage: python plot.py out/a out/b ... [--output=runs.png] [--overwrite] "
+                                  "[--x=tokens|step|minutes]")
     except ConfigError as e:
         raise SystemExit(f"plot.py: error: {e}") from None
     image_format(options['output'])  # before reading the logs
+    try:
+        claim_file(options['output'], options['overwrite'], '--output')
+    except ValueError as e:
+        raise SystemExit(f"plot.py: error: {e}") from None
     output = plot_runs(options['runs'], options['output'], options['x'])
     print(f"wrote {output}")
     return output

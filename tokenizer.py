@@ -9,15 +9,24 @@ pieces. Every Nth block of the input is held out and the new tokenizer is compar
 A general-purpose English tokenizer such as GPT-2's spends 3-10x more tokens on Hindi or
 Bengali than on English; a tokenizer trained on your own language is the cheapest big win.
 The tokenizer interface itself (load_tokenizer, encode, decode) is mirim/tokenizer.py.
+
+--out names a new file: one already there (and, for SentencePiece, the .vocab listing written beside
+it) is replaced only with --overwrite, and is checked before any text is read. The tokenizer file of a
+prepared data set (a meta.json beside it) is never replaced, not even with --overwrite: its shards hold
+that tokenizer's ids. Train the new one elsewhere and prepare the data set again with it
+(data/prepare.py --tokenizer NEW.model --out data/x --overwrite copies it in).
 """
 
 import os
 import sys
 import time
 
+from mirim.atomic import claim_file
 from mirim.configurator import settings
-from mirim.tokenizer import (DEFAULT_SPECIAL_TOKENS, expand_paths, read_blocks, tokenizer_stats, train_bytelevel_bpe,
-                             train_sentencepiece)
+from mirim.tokenizer import (DEFAULT_SPECIAL_TOKENS, expand_paths, read_blocks, SENTENCEPIECE_VOCAB_FILE,
+                             TOKENIZER_FILES, tokenizer_stats, train_bytelevel_bpe, train_sentencepiece)
+
+DATA_SET_FILES = {name for _, name in TOKENIZER_FILES.values()} | {SENTENCEPIECE_VOCAB_FILE}  # beside meta.json
 
 
 def compare_with_bytes(tok, texts):
@@ -47,7 +56,28 @@ DEFAULTS = dict(
     held_out_every=100,       # every Nth block is held out for the stats
     max_held_out=20_000,      # at most this many held-out blocks
     verbose=False,            # show SentencePiece's own log
+    overwrite=False,          # replace the --out file (and its .vocab) if already there (refused otherwise)
 )
+
+
+def claim_out(out, sentencepiece, overwrite):
+    """The rule of every command that writes (mirim/atomic.py), before any text is read: ValueError (one line)
+    for an --out already there unless overwrite, and, even with overwrite, for a prepared data set's tokenizer."""
+    targets = [out]
+    if sentencepiece:
+        vocab = os.path.splitext(out)[0] + '.vocab'  # train_sentencepiece writes the pieces there, for reading
+        if vocab == out:
+            raise ValueError(f"--out {out}: the .vocab beside a SentencePiece model is its listing of pieces; "
+                             f"name the model *.model")
+        targets.append(vocab)
+    for target in targets:
+        folder = os.path.dirname(target) or '.'
+        if os.path.basename(target) in DATA_SET_FILES and os.path.exists(target) and \
+                os.path.isfile(os.path.join(folder, 'meta.json')):
+            raise ValueError(f"{target} belongs to the prepared data set in {folder} (meta.json), whose shards hold "
+                             f"its ids: --overwrite never replaces it; write the new tokenizer elsewhere, then "
+                             f"data/prepare.py --tokenizer NEW --out {folder} --overwrite")
+        claim_file(target, overwrite, '--out')
 
 
 def main(argv=None):
@@ -59,6 +89,13 @@ def main(argv=None):
     if os.path.isdir(args.out):
         sys.exit(f"tokenizer.py: error: --out {args.out} is a folder: name the .model file, e.g. "
                  f"{os.path.join(args.out, 'tokenizer.model')}")
+
+    try:
+        if args.model_type == 'bytelevel' and not args.out.endswith('.json'):
+            raise ValueError(f"--out {args.out}: a byte-level BPE is a tokenizer.json; name the file *.json")
+        claim_out(args.out, args.model_type != 'bytelevel', args.overwrite)
+    except ValueError as e:
+        sys.exit(f"tokenizer.py: error: {e}")
 
     held_out = []
 
@@ -72,8 +109,6 @@ def main(argv=None):
     t0 = time.time()
     try:
         if args.model_type == 'bytelevel':
-            if not args.out.endswith('.json'):
-                raise ValueError(f"--out {args.out}: a byte-level BPE is a tokenizer.json; name the file *.json")
             tok = train_bytelevel_bpe(blocks_for_training(), args.out, vocab_size=args.vocab_size,
                                       special_tokens=args.special_tokens, verbose=args.verbose)
         else:

@@ -26,7 +26,16 @@ skips every combination (or prompt id) already there, so a killed run continues 
 and nothing is written twice; with the same --seed it draws the same combinations in the same order.
 A half-written last line (a kill mid-write) is dropped. Combinations that failed every retry are
 not written, and are tried again by the next run.
+
+--out is a new file or this mode's own earlier output, which is resumed: appending to it replaces
+nothing. Every line of it must be a record this mode writes (stories: an object with a "text" string and
+a "words" object; generic: one with "id", "completion" and a "messages" list), a half-written last line
+aside. Anything else (a checkpoint, another JSON file, the other mode's output, the --prompts file) is
+refused before any request is sent, its bytes as they were, unless --overwrite: then it is replaced, once
+the first record comes (a run that writes nothing leaves it). --overwrite never discards this mode's own
+records: to start a run again, choose another --out (or remove the file). A folder is always refused.
 """
+import contextlib
 import itertools
 import json
 import os
@@ -108,34 +117,87 @@ def parse_story(text, rules, min_words):
 # -----------------------------------------------------------------------------
 # the output file, read back for resuming
 
-def read_done(path, key):
-    """The keys already in the output; a half-written last line is cut off the file."""
-    done = set()
+def is_story(record):
+    """A record that stories mode writes."""
+    return isinstance(record, dict) and isinstance(record.get('text'), str) and isinstance(record.get('words'), dict)
+
+
+def is_completion(record):
+    """A record that generic mode writes."""
+    return isinstance(record, dict) and 'id' in record and 'completion' in record and \
+        isinstance(record.get('messages'), list)
+
+
+def read_output(path, is_record):
+    """-> the records already in the output ([] for a new or empty file), or None when the file is not such
+    output: a line that is not JSON or not is_record. A last line without its newline is a half-written
+    record (a kill mid-write), dropped, when it starts as a JSON object and is not a whole other one."""
     if not os.path.exists(path):
-        return done
-    with open(path, 'rb+') as f:
+        return []
+    with open(path, 'rb') as f:
         data = f.read()
-        good = data.rfind(b'\n') + 1
-        if good < len(data):
+    good = data.rfind(b'\n') + 1
+    try:
+        records = [json.loads(line) for line in data[:good].decode('utf-8').splitlines() if line.strip()]
+    except ValueError:  # not UTF-8 (a checkpoint), not JSON lines
+        return None
+    tail = data[good:]
+    if tail.strip():
+        try:
+            last = json.loads(tail)
+        except ValueError:
+            last = None if tail.lstrip().startswith(b'{') else False  # a record cut short, or no JSON at all
+        if last is False or (last is not None and not is_record(last)):
+            return None
+    return records if all(map(is_record, records)) else None
+
+
+def read_prompts(path):
+    with open(path, encoding='utf-8') as f:
+        try:
+            return [json.loads(line) for line in f if line.strip()]
+        except ValueError as e:
+            raise ValueError(f"{path}: not JSON lines ({e})") from None
+
+
+def claim_output(path, is_record, overwrite, mode, prompts=None):
+    """The rule of every command that writes (mirim/atomic.py), before a request is sent: -> (records already
+    there, whether the file is to be replaced). This mode's own output is resumed (never replaced, even with
+    overwrite); anything else is refused (ValueError, one line) unless overwrite; a half-written last line of
+    our own output is cut off."""
+    if os.path.isdir(path):
+        raise ValueError(f"--out={path} is a directory: name a JSONL file in it")
+    if prompts and os.path.exists(path) and os.path.samefile(path, prompts):
+        raise ValueError(f"--out={path} is the --prompts file: name a new file for the completions")
+    records = read_output(path, is_record)
+    if records is None:
+        if not overwrite:
+            raise ValueError(f"{path} already exists and is not an earlier output of synth.py's {mode} mode, which "
+                             f"a rerun would continue: pass --overwrite to replace it, or choose another --out")
+        return [], True
+    if os.path.exists(path):
+        with open(path, 'rb+') as f:
+            good = f.read().rfind(b'\n') + 1
             f.truncate(good)
-    for line in data[:good].decode('utf-8').splitlines():
-        if line.strip():
-            done.add(key(json.loads(line)))
-    return done
+    return records, False
 
 
-def run(jobs, work, out, total, concurrency, desc):
-    """Run jobs, append each result as one JSON line, show progress; -> (written, failed)."""
+def run(jobs, work, out, total, concurrency, desc, replace=False):
+    """Run jobs, append each result as one JSON line (replace: the first one replaces what out holds), show
+    progress; -> (written, failed)."""
     written = failed = 0
     start = time.time()
     terminal = sys.stderr.isatty()
     bar = tqdm(total=total, desc=desc, unit='story', disable=not terminal)
     last_line = start
-    with open(out, 'a', encoding='utf-8') as f:
+    with contextlib.ExitStack() as stack:
+        f = None
         for job, result in run_all(jobs, work, concurrency):
             if isinstance(result, Exception):
                 failed += 1
             else:
+                if f is None:  # opened at the first record: a run that writes nothing leaves the file as it was
+                    f = stack.enter_context(open(out, 'w' if replace else 'a', encoding='utf-8'))
                 f.write(json.dumps(result, ensure_ascii=False) + '\n')
                 f.flush()
                 written += 1
@@ -170,6 +232,7 @@ DEFAULTS = dict(
     timeout=120.0,            # seconds per request
     min_words=40,             # shorter stories are asked for again
     seed=1337,                # the order combinations are drawn in
+    overwrite=False,          # replace an --out that is not this mode's earlier output (refused otherwise)
 )
 
 
@@ -177,6 +240,15 @@ def main(argv=None):
     args = settings(DEFAULTS, argv, help_source=__file__, required=('out',))
     if bool(args.lang) == bool(args.prompts):
         sys.exit('synth.py: error: give --lang (stories) or --prompts (generic), not both')
+    try:  # before the first request: a refused --out costs nothing
+        if args.lang:
+            template, words, rules = load_language(args.lang)
+            records, replace = claim_output(args.out, is_story, args.overwrite, 'stories')
+        else:
+            prompts = read_prompts(args.prompts)
+            records, replace = claim_output(args.out, is_completion, args.overwrite, 'generic', args.prompts)
+    except (ValueError, OSError) as e:
+        sys.exit(f"synth.py: error: {e}")
     client = Client(args.base_url, args.model, os.environ.get(args.api_key_env, ''), args.timeout, args.retries,
                     args.backoff)
     if not client.model:
@@ -188,8 +260,7 @@ def main(argv=None):
     params = dict(chat=bool(args.chat), temperature=args.temperature, max_tokens=args.max_tokens)
 
     if args.lang:
-        template, words, rules = load_language(args.lang)
-        done = read_done(args.out, lambda r: combo_key(r['words']))
+        done = {combo_key(r['words']) for r in records}
         todo = max(0, args.n - len(done))
         jobs = itertools.islice((c for c in combinations(words, args.seed) if combo_key(c) not in done), todo)
 
@@ -199,13 +270,11 @@ def main(argv=None):
             return {'text': story, 'words': combo, 'model': client.model}
         desc = os.path.basename(os.path.normpath(args.lang))
     else:
-        with open(args.prompts, encoding='utf-8') as f:
-            records = [json.loads(line) for line in f if line.strip()]
-        for n, r in enumerate(records):
+        for n, r in enumerate(prompts):
             r.setdefault('id', n)
-        done = read_done(args.out, lambda r: r['id'])
-        todo = sum(r['id'] not in done for r in records)
-        jobs = (r for r in records if r['id'] not in done)
+        done = {r['id'] for r in records}
+        todo = sum(r['id'] not in done for r in prompts)
+        jobs = (r for r in prompts if r['id'] not in done)
 
         def work(record):
             messages = record.get('messages')
@@ -220,7 +289,7 @@ def main(argv=None):
     if done:
         print(f"{args.out}: {len(done)} records already there; {todo} to go", file=sys.stderr)
     try:
-        written, failed = run(jobs, work, args.out, todo, args.concurrency, desc)
+        written, failed = run(jobs, work, args.out, todo, args.concurrency, desc, replace)
     except Fatal as e:
         sys.exit(f"synth.py: error: {e}")
     print(f"wrote {written} records to {args.out} ({len(done) + written} in all); {failed} failed every retry "

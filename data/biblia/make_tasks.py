@@ -30,6 +30,10 @@ classify: {"text": verse, "label": group} with six groups (Lei, HistÃ³ricos, PoÃ
   Evangelhos, Cartas; Atos counts as history, Apocalipse as prophecy) or two (--task testament),
   the same number of verses per label (balanced), and a test split of whole chapters (one in ten,
   by a hash) that share no verse with train. Any language of the corpus works (--lang).
+
+--out: a folder that already holds a set (its JSONL files; chat, pref: its shards and meta.json too) is
+refused unless --overwrite, before any verse is read, as data/prepare_chat.py refuses one; then the old
+set's files go first (other files in the folder stay), and chat or pref leave nothing after an error.
 """
 
 import hashlib
@@ -45,7 +49,8 @@ sys.path.insert(0, ROOT)
 from mirim.biblia import clean_verse, connect, database_path, DEFAULT_TRANSLATION, VAL_BOOKS  # noqa: E402
 from mirim.configurator import settings  # noqa: E402
 from mirim.corpus import PrepareError  # noqa: E402
-from mirim.atomic import write_atomic  # noqa: E402
+from mirim.atomic import claim_folder, OTHER_RESULTS, write_atomic  # noqa: E402
+from mirim.prepare import open_tokenizer, write_output  # noqa: E402
 
 NEW_TESTAMENT = range(40, 67)  # book numbers 1-39 are the Old Testament, 40-66 the New
 GROUPS = {  # book group -> book numbers (Protestant order, as in the database)
@@ -159,22 +164,46 @@ def chat_conversations(db, lang='pt', books=None, max_chapters=None, seed=1337):
 
 
 def build_chat(lang='pt', out_dir=None, tokenizer=None, template='chatml', books=None, max_chapters=None,
-               seed=1337, db_path=None):
-    """Write <out_dir>/train.jsonl and val.jsonl (to read) and the shards + masks (mirim/chat_data.py)."""
+               seed=1337, db_path=None, overwrite=False):
+    """Write <out_dir>/train.jsonl and val.jsonl (to read) and the shards + masks (mirim/chat_data.py).
+    out_dir is claimed as data/prepare_chat.py claims its --out (mirim/prepare.write_output), the JSONL files
+    with it: a folder that holds a set is refused unless overwrite (that exits with its one line)."""
     from mirim.chat_data import prepare_chat
     out_dir = out_dir or os.path.join(HERE, f'{lang}-chat')
-    tokenizer = tokenizer or os.path.join(HERE, lang, 'tokenizer.model')
-    if isinstance(tokenizer, str) and not os.path.isfile(tokenizer) and tokenizer != 'bytes':
-        raise PrepareError(f"{tokenizer} not found: the chat set uses the pre-trained model's tokenizer; "
+    if lang not in QUESTIONS:
+        raise PrepareError(f"the instruction set has questions in {', '.join(QUESTIONS)} only; add {lang!r} to "
+                           f"QUESTIONS in {os.path.relpath(__file__, ROOT)}")
+    tokenizer = task_tokenizer(tokenizer, lang, template)
+    meta = {}
+
+    def write():
+        train, val = chat_conversations(connect(db_path or database_path()), lang, books, max_chapters, seed)
+        os.makedirs(out_dir, exist_ok=True)
+        for name, conversations in (('train', train), ('val', val)):
+            write_jsonl(os.path.join(out_dir, f'{name}.jsonl'), ({'messages': m} for m in conversations))
+        meta.update(prepare_chat(train, tokenizer, template, out_dir, val_conversations=val, seed=seed,
+                                 source=f"data/biblia/make_tasks.py chat --lang {lang}", total=len(train) + len(val),
+                                 extra_meta={'biblia_tasks': {'lang': lang, 'tasks': list(TASKS),
+                                                              'two_turns': TWO_TURNS, 'val_books': sorted(VAL_BOOKS),
+                                                              'seed': seed}}))
+    write_output(out_dir, overwrite, tokenizer, write, also=JSONL_FILES)
+    return meta
+
+
+JSONL_FILES = ('train.jsonl', 'val.jsonl')  # beside the chat and pref sets' shards, to read
+
+
+def task_tokenizer(spec, lang, template):
+    """The tokenizer of a chat or pref set (the pre-trained model's by default), loaded and checked to hold the
+    template's markers before the folder is claimed: a bad setting costs nothing."""
+    from mirim.chat_data import check_template_tokens
+    spec = spec or os.path.join(HERE, lang, 'tokenizer.model')
+    if isinstance(spec, str) and not os.path.isfile(spec) and spec != 'bytes':
+        raise PrepareError(f"{spec} not found: the chat and pref sets use the pre-trained model's tokenizer; "
                            f"prepare the corpus first: python data/biblia/prepare.py --lang {lang}")
-    train, val = chat_conversations(connect(db_path or database_path()), lang, books, max_chapters, seed)
-    os.makedirs(out_dir, exist_ok=True)
-    for name, conversations in (('train', train), ('val', val)):
-        write_jsonl(os.path.join(out_dir, f'{name}.jsonl'), ({'messages': m} for m in conversations))
-    return prepare_chat(train, tokenizer, template, out_dir, val_conversations=val, seed=seed,
-                        source=f"data/biblia/make_tasks.py chat --lang {lang}", total=len(train) + len(val),
-                        extra_meta={'biblia_tasks': {'lang': lang, 'tasks': list(TASKS), 'two_turns': TWO_TURNS,
-                                                     'val_books': sorted(VAL_BOOKS), 'seed': seed}})
+    tokenizer = open_tokenizer(spec) if isinstance(spec, str) else spec
+    check_template_tokens(tokenizer, template)  # raises for an unknown template or one whose markers it lacks
+    return tokenizer
 
 
 # -----------------------------------------------------------------------------
@@ -229,23 +258,27 @@ def preference_pairs(db, lang='pt', train_pairs=2000, val_pairs=400, seed=1337):
 
 
 def build_pref(lang='pt', out_dir=None, tokenizer=None, template='chatml', train_pairs=2000, val_pairs=400,
-               max_length=256, seed=1337, db_path=None):
-    """Write <out_dir>/train.jsonl and val.jsonl and the shards + masks (mirim/pref_data.py)."""
+               max_length=256, seed=1337, db_path=None, overwrite=False):
+    """Write <out_dir>/train.jsonl and val.jsonl and the shards + masks (mirim/pref_data.py); out_dir is
+    claimed as build_chat claims its own."""
     from mirim.pref_data import pair_messages, prepare_pref
     out_dir = out_dir or os.path.join(HERE, f'{lang}-pref')
-    tokenizer = tokenizer or os.path.join(HERE, lang, 'tokenizer.model')
-    if isinstance(tokenizer, str) and not os.path.isfile(tokenizer) and tokenizer != 'bytes':
-        raise PrepareError(f"{tokenizer} not found: prepare the corpus first: python data/biblia/prepare.py --lang {lang}")
     if lang not in QUESTIONS:
         raise PrepareError(f"the questions exist in {', '.join(QUESTIONS)} only")
-    train, val = preference_pairs(connect(db_path or database_path()), lang, train_pairs, val_pairs, seed)
-    os.makedirs(out_dir, exist_ok=True)
-    for name, pairs in (('train', train), ('val', val)):
-        write_jsonl(os.path.join(out_dir, f'{name}.jsonl'), pairs)
-    as_pairs = lambda records: [(r['ref'], pair_messages(r, r['ref'])) for r in records]  # noqa: E731
-    return prepare_pref(as_pairs(train), tokenizer, template, out_dir, max_length=max_length, val_pairs=as_pairs(val),
-                        seed=seed, source=f"data/biblia/make_tasks.py pref --lang {lang}",
-                        extra_meta={'biblia_tasks': {'lang': lang, 'tasks': list(PREF_TASKS), 'seed': seed}})
+    tokenizer = task_tokenizer(tokenizer, lang, template)
+    meta = {}
+
+    def write():
+        train, val = preference_pairs(connect(db_path or database_path()), lang, train_pairs, val_pairs, seed)
+        os.makedirs(out_dir, exist_ok=True)
+        for name, pairs in (('train', train), ('val', val)):
+            write_jsonl(os.path.join(out_dir, f'{name}.jsonl'), pairs)
+        as_pairs = lambda records: [(r['ref'], pair_messages(r, r['ref'])) for r in records]  # noqa: E731
+        meta.update(prepare_pref(as_pairs(train), tokenizer, template, out_dir, max_length=max_length,
+                                 val_pairs=as_pairs(val), seed=seed, source=f"data/biblia/make_tasks.py pref --lang {lang}",
+                                 extra_meta={'biblia_tasks': {'lang': lang, 'tasks': list(PREF_TASKS), 'seed': seed}}))
+    write_output(out_dir, overwrite, tokenizer, write, also=JSONL_FILES)
+    return meta
 
 
 # -----------------------------------------------------------------------------
@@ -284,12 +317,22 @@ def classify_examples(db, lang='pt', task='group', train_per_label=1000, test_pe
     return out['train'], out['test']
 
 
+CLASSIFY_FILES = ('train.jsonl', 'test.jsonl')
+
+
 def build_classify(lang='pt', task='group', out_dir=None, train_per_label=1000, test_per_label=200, seed=1337,
-                   db_path=None):
+                   db_path=None, overwrite=False):
+    """Write <out_dir>/train.jsonl and test.jsonl. A folder that holds them already is refused unless overwrite
+    (ValueError, one line), before the verses are read; a folder of a data set or a training run always is."""
     out_dir = out_dir or os.path.join(HERE, f'{lang}-classify' + ('' if task == 'group' else f'-{task}'))
+    letter_for(lang)  # an unknown language first: it says more than a folder that is taken
+    old = claim_folder(out_dir, CLASSIFY_FILES.__contains__, overwrite, 'a classification set', '--out',
+                       refuse=OTHER_RESULTS)
     train, test = classify_examples(connect(db_path or database_path()), lang, task, train_per_label,
                                     test_per_label, seed=seed)
     os.makedirs(out_dir, exist_ok=True)
+    for name in old:  # never a new train.jsonl beside the old test.jsonl, should the run stop between them
+        os.remove(os.path.join(out_dir, name))
     for name, examples in (('train', train), ('test', test)):
         path = os.path.join(out_dir, f'{name}.jsonl')
         write_jsonl(path, examples)
@@ -314,6 +357,7 @@ DEFAULTS = dict(
     train_pairs=2000,         # pref: training pairs
     val_pairs=400,            # pref: held-out pairs
     seed=1337,
+    overwrite=False,          # replace the set already in --out (its JSONL files; chat, pref: its shards too)
 )
 
 
@@ -328,12 +372,13 @@ def main(argv=None):
         sys.exit("error: --train_per_label and --test_per_label must be at least 1")
     try:
         if args.what == 'chat':
-            build_chat(args.lang, args.out, args.tokenizer, args.template, seed=args.seed)
+            build_chat(args.lang, args.out, args.tokenizer, args.template, seed=args.seed, overwrite=args.overwrite)
         elif args.what == 'pref':
             build_pref(args.lang, args.out, args.tokenizer, args.template, args.train_pairs, args.val_pairs,
-                       seed=args.seed)
+                       seed=args.seed, overwrite=args.overwrite)
         else:
-            build_classify(args.lang, args.task, args.out, args.train_per_label, args.test_per_label, args.seed)
+            build_classify(args.lang, args.task, args.out, args.train_per_label, args.test_per_label, args.seed,
+                           overwrite=args.overwrite)
     except (PrepareError, ValueError, OSError) as e:  # an unknown template, an --out that cannot be written...
         sys.exit(f"error: {e}")
 
