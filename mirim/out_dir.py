@@ -4,8 +4,11 @@ import fcntl
 import json
 import math
 import os
+import re
 
 from mirim.atomic import atomic_file, write_json
+
+TEMP_FILE = re.compile(r'\.tmp\d+$')
 
 
 def claim_out_dir(out_dir, resume):
@@ -38,6 +41,11 @@ def claim_out_dir(out_dir, resume):
             os.close(lock)
             raise ValueError(f"{out_dir} already holds a run ({', '.join(previous)}): continue it with "
                              f"--init_from=resume, or choose another --out_dir (or delete it) to start over")
+    # the lock is ours, so no run writes here: a temp file (mirim/atomic.py's NAME.tmpPID) is what a run
+    # killed mid-save (kill -9, power loss) left behind, a full-size copy that would keep the disk full
+    for name in os.listdir(out_dir):
+        if TEMP_FILE.search(name) and os.path.isfile(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
     return lock
 
 
@@ -94,10 +102,14 @@ class RunLog:
 
     def __init__(self, c, step, rank):
         self.file = self.wandb = None
+        self.out_dir = c.out_dir
         if rank != 0:
             return
-        write_json(os.path.join(c.out_dir, 'config.json'), vars(c))
-        self.file = open_log(c.out_dir, step)
+        try:
+            write_json(os.path.join(c.out_dir, 'config.json'), vars(c))
+            self.file = open_log(c.out_dir, step)
+        except OSError as e:
+            self.failed(e)
         if c.wandb_log:
             import wandb  # only when asked for: a slow import
             self.wandb = wandb.init(project=c.wandb_project, config=vars(c),
@@ -105,13 +117,31 @@ class RunLog:
 
     def __call__(self, record):
         if self.file is not None:
-            self.file.write(json.dumps(clean_record(record)) + '\n')
-            self.file.flush()
+            try:
+                self.file.write(json.dumps(clean_record(record)) + '\n')
+                self.file.flush()
+            except OSError as e:
+                self.failed(e)
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if v is not None}, step=record['step'])
 
+    def failed(self, error):
+        """A log that cannot be written (a full disk): one line, and the checkpoint to resume from."""
+        from mirim.common import fail  # here: plot.py reads logs through this file without importing torch
+        file, self.file = self.file, None
+        if file is not None:
+            try:
+                file.close()
+            except OSError:
+                pass
+        fail(f"cannot write the log in {self.out_dir}: {error.strerror or error}; {last_good(self.out_dir)} "
+             f"(free some space, then --init_from=resume)")
+
     def close(self):
         if self.file is not None:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError as e:
+                self.failed(e)
         if self.wandb is not None:
             self.wandb.finish()

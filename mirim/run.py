@@ -425,6 +425,15 @@ def train_loop(run, c, task, signals, start_time, log):
 # -----------------------------------------------------------------------------
 # a whole run
 
+def finish(run, c, task):
+    """Task.finish after a completed schedule; a write that fails there (a full disk) costs no training."""
+    try:
+        task.finish(run, c)
+    except OSError as e:
+        fail(f"{e}; {c.out_dir}/ckpt.pt holds the finished run: free some space, then run the same command with "
+             f"--init_from=resume to finish")
+
+
 def train(task, defaults, argv, help_source):
     """Run the command: its settings (`defaults`, with the comments in `help_source` for --help) as a
     config file and --key=value set them, then run_task."""
@@ -452,6 +461,8 @@ def run_task(task, c, start_time=None):
             restore(run, c, task)
             if run.step >= c.max_iters:
                 print0(f"nothing to do: the checkpoint is at step {run.step}, max_iters is {c.max_iters}")
+                if rank == 0:  # a run that ended before its last step (a classifier.pt on a full disk)
+                    finish(run, c, task)
                 return run
         wrap_model(run, c, ddp)
         describe(run, c, task)
@@ -479,7 +490,7 @@ def run_task(task, c, start_time=None):
             print0(f"done: {run.step} steps{tokens} in {elapsed / 60:.1f} min{session}; val loss {run.val_loss:.4f}"
                    f"{bpb}; best {run.best_val_loss:.4f}; checkpoint {c.out_dir}/ckpt.pt")
             if rank == 0:
-                task.finish(run, c)
+                finish(run, c, task)
         if ddp:  # every process reaches the end before any tears the group down (gloo aborts a process
             torch.distributed.barrier()  # whose peer closes while rank 0 is still saving)
     finally:

@@ -503,3 +503,70 @@ def test_wandb_logging_works_offline(data_dir, tmp_path, monkeypatch):
     run(data_dir, tmp_path / 'out', '--max_iters=2', '--eval_interval=2', '--wandb_log=True')
     assert [r['step'] for r in log_lines(tmp_path / 'out')] == [0, 1, 2]
     assert any(name.startswith('offline-run') for name in os.listdir(tmp_path / 'wandb'))
+
+
+# --- resume survives the crashes it exists for (issue 30, class 3)
+
+def test_resume_after_a_crash_cut_the_last_log_line_short(data_dir, tmp_path):
+    run(data_dir, tmp_path, '--max_iters=2', '--eval_interval=2')
+    with open(tmp_path / 'log.jsonl', 'a') as f:  # killed while writing step 3's line
+        f.write('{"step": 3, "train_lo')
+    run(data_dir, tmp_path, '--max_iters=4', '--eval_interval=2', '--init_from=resume')
+    assert [r['step'] for r in log_lines(tmp_path)] == [0, 1, 2, 3, 4]  # every line parses, each step once
+
+
+@pytest.mark.parametrize('broken', ['clean_record', 'write_json'])  # a log line, or config.json at the start
+def test_a_full_disk_while_logging_is_one_line_naming_the_checkpoint(data_dir, tmp_path, monkeypatch, broken):
+    import errno
+    from mirim import out_dir
+    run(data_dir, tmp_path, '--max_iters=2', '--eval_interval=2')
+    before = sha(tmp_path / 'ckpt.pt')
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(out_dir, broken, disk_full)
+    message = error_of(data_dir, tmp_path, '--init_from=resume', '--max_iters=4', '--eval_interval=2')
+    assert 'cannot write the log' in message and 'No space left on device' in message
+    assert 'still holds the last good checkpoint' in message and '--init_from=resume' in message
+    assert sha(tmp_path / 'ckpt.pt') == before
+
+
+def test_temp_files_of_a_run_killed_mid_save_are_removed_when_the_out_dir_is_claimed(data_dir, tmp_path):
+    run(data_dir, tmp_path, '--max_iters=2', '--eval_interval=2')
+    for name in ('ckpt.pt.tmp4242', 'best.pt.tmp17', 'log.jsonl.tmp99'):  # what kill -9 mid-write leaves
+        (tmp_path / name).write_bytes(b'x' * 100_000)
+    (tmp_path / 'notes.tmp').write_text('mine')  # not a mirim temp file: stays
+    run(data_dir, tmp_path, '--max_iters=3', '--eval_interval=3', '--init_from=resume')
+    assert sorted(os.listdir(tmp_path)) == ['best.pt', 'ckpt.pt', 'config.json', 'log.jsonl', 'notes.tmp']
+
+
+def test_a_full_disk_at_the_end_of_a_classifier_run_costs_no_training(tmp_path, monkeypatch):
+    import errno
+    from dataclasses import asdict
+    import classify
+    from conftest import tiny_config
+    from model import Llama
+    tok = load_tokenizer('bytes')
+    config = tiny_config(tok, n_layer=1, n_head=2, n_kv_head=1, ffn_hidden=64)
+    torch.save({'model': Llama(config, seed=0).state_dict(), 'model_config': asdict(config),
+                'tokenizer': tok.to_dict()}, tmp_path / 'start.pt')
+    rng = random.Random(0)
+    for name, n in (('train', 60), ('test', 20)):
+        with open(tmp_path / f'{name}.jsonl', 'w') as f:
+            for _ in range(n):
+                label = rng.choice(['a', 'z'])
+                f.write(json.dumps({'text': label * rng.randint(2, 6), 'label': label}) + '\n')
+    cfg = dict(init_from=str(tmp_path / 'start.pt'), train_file=str(tmp_path / 'train.jsonl'),
+               test_file=str(tmp_path / 'test.jsonl'), out_dir=str(tmp_path / 'out'), epochs=1, batch_size=8,
+               device='cpu')
+    real_save = classify.save_atomic
+
+    def disk_full(obj, path):
+        raise OSError(errno.ENOSPC, f"No space left on device: {path}")
+    monkeypatch.setattr(classify, 'save_atomic', disk_full)
+    with pytest.raises(SystemExit, match='No space left.*ckpt.pt holds the finished run.*--init_from=resume'):
+        classify.train_classifier(cfg)
+    assert not (tmp_path / 'out' / 'classifier.pt').exists() and (tmp_path / 'out' / 'ckpt.pt').exists()
+    monkeypatch.setattr(classify, 'save_atomic', real_save)
+    result = classify.train_classifier({**cfg, 'init_from': 'resume'})  # nothing left to train: it finishes
+    assert (tmp_path / 'out' / 'classifier.pt').exists() and 0 <= result['accuracy'] <= 1
