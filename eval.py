@@ -44,7 +44,6 @@ model: inside its folder, an out_dir or a Hugging Face folder, or beside a check
 per-example log-likelihoods of multiple-choice tasks. A results file already there (an earlier
 evaluation's) is never replaced without --overwrite.
 """
-import json
 import math
 import os
 import random
@@ -60,6 +59,7 @@ from mirim.atomic import claim_file, write_json
 from mirim.checkpoint import load_model
 from mirim.common import autocast, dtype_name, resolve_device, resolve_dtype
 from mirim.configurator import ConfigError, configure
+from mirim.corpus import jsonl_records
 from mirim.shards import load_meta, open_split, ShardError
 from mirim.tokenizer import load_tokenizer, same_tokenizer
 
@@ -318,7 +318,7 @@ def validate_example(example, where):
 def read_utf8(path, what):
     """The text of a file; a missing, unreadable or non-UTF-8 file is a ValueError naming it."""
     try:
-        with open(path, encoding='utf-8') as f:
+        with open(path, encoding='utf-8-sig') as f:  # -sig: a byte-order mark is not text
             return f.read()
     except UnicodeDecodeError as e:
         raise ValueError(f"{what} {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
@@ -329,15 +329,12 @@ def read_utf8(path, what):
 
 def read_multiple_choice(path, limit=None):
     """Examples from a JSONL file ({"context", "choices", "gold"} per line); errors name the line."""
+    if not os.path.isfile(path):
+        raise ValueError(f"cannot read task file {path}: No such file" + (" (it is a folder)" if os.path.isdir(path)
+                                                                         else ""))
     examples = []
-    for number, line in enumerate(read_utf8(path, 'task file').split('\n'), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number}: not valid JSON ({e})") from None
-        examples.append(validate_example(record, f"{path}:{number}"))
+    for where, record in jsonl_records(path, ValueError):  # the one JSONL reader: BOM, bad escapes, .gz
+        examples.append(validate_example(record, where))
         if limit and len(examples) == limit:
             break
     if not examples:

@@ -67,7 +67,7 @@ def read_prompts(start):
     path = start[len('FILE:'):]
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompts file {path!r} not found (--start=FILE:path, one prompt per line)")
-    with open(path, encoding='utf-8') as f:
+    with open(path, encoding='utf-8-sig') as f:  # -sig: a byte-order mark is not part of the first prompt
         prompts = [line for line in f.read().splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"prompts file {path!r} has no prompts (one prompt per line)")

@@ -63,7 +63,12 @@ def expand_inputs(patterns, split='train'):
                 paths.extend(found)
             else:
                 paths.append(match)
-    return list(dict.fromkeys(paths))
+    # one file is read once, however it was named (a.txt and ./a.txt, or through a symlink loop that a
+    # recursive glob walks round)
+    first = {}
+    for path in paths:
+        first.setdefault(os.path.realpath(path), path)
+    return list(first.values())
 
 
 # -----------------------------------------------------------------------------
@@ -265,7 +270,8 @@ def jsonl_records(path, error=None):
     error = error or PrepareError
     if not os.path.isfile(path):
         raise error(f"input not found: {path}")
-    with (gzip.open(path, 'rt', encoding='utf-8') if path.endswith('.gz') else open(path, encoding='utf-8')) as f:
+    # utf-8-sig: a byte-order mark at the start of the file is not part of the first record
+    with (gzip.open(path, 'rt', encoding='utf-8-sig') if path.endswith('.gz') else open(path, encoding='utf-8-sig')) as f:
         number = 0
         try:
             for number, line in enumerate(f, 1):
@@ -274,13 +280,18 @@ def jsonl_records(path, error=None):
                 where = f"{path}:{number}"
                 try:
                     record = json.loads(line)
+                    json.dumps(record, ensure_ascii=False).encode('utf-8')  # every string of it is text
                 except json.JSONDecodeError as e:
                     raise error(f"{where}: not valid JSON ({e.msg} at column {e.colno}); "
                                 f"JSONL needs one JSON object per line") from None
+                except UnicodeEncodeError as e:
+                    raise error(f"{where}: a string holds a lone surrogate ({e.object[e.start]!a}, from an escape such "
+                                f"as \\ud800): not valid Unicode text") from None
                 yield where, record
-        except UnicodeDecodeError:
-            raise error(f"{path}:{number + 1}: not UTF-8 text (a binary file, or another encoding): JSONL is "
-                        f"UTF-8") from None
+        except (UnicodeDecodeError, EOFError, OSError) as e:  # EOFError, OSError: a cut or corrupt .gz
+            what = ("not UTF-8 text (a binary file, or another encoding): JSONL is UTF-8"
+                    if isinstance(e, UnicodeDecodeError) else f"cannot be read to the end ({e})")
+            raise error(f"{path}:{number + 1}: {what}") from None
 
 
 def read_documents(paths, doc_per='block', text_field='text', problems=None):

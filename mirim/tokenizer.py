@@ -40,6 +40,20 @@ EOS_NAMES = ('</s>', '<|end_of_text|>', '<eos>', '<|endoftext|>')
 PAD_NAMES = ('<pad>', '<|pad|>', '<|finetune_right_pad_id|>')
 
 
+def valid_text(text):
+    """text, if it is a str that UTF-8 can hold; else ValueError saying what is wrong. Every encode goes
+    through here, so text that is no text (a lone surrogate from a JSON escape such as "\\ud800", a
+    command-line argument in another encoding) is one clear error, not a crash inside a tokenizer library."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected text, got {type(text).__name__}")
+    try:
+        text.encode('utf-8')
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the text holds {text[e.start]!a} at character {e.start}, a lone surrogate: not valid "
+                         f"Unicode (a broken \\u escape, or bytes of another encoding)") from None
+    return text
+
+
 class Tokenizer:
     """encode/decode text for one of four kinds. Build one with load_tokenizer(spec).
 
@@ -155,6 +169,7 @@ class Tokenizer:
 
     # ---------------------------------------------------------------------------------------
     def encode(self, text, bos=False, eos=False):
+        valid_text(text)
         if self.kind == 'sentencepiece':
             ids = self._sp.encode(text)
         elif self.kind == 'tiktoken':
@@ -166,7 +181,7 @@ class Tokenizer:
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
     def encode_batch(self, texts, bos=False, eos=False):
-        texts = list(texts)
+        texts = [valid_text(text) for text in texts]
         if self.kind == 'sentencepiece':  # both libraries spread a batch over threads themselves
             batch = self._sp.encode(texts, num_threads=os.cpu_count())
         elif self.kind == 'tiktoken':
