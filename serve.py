@@ -899,13 +899,18 @@ def build_server(out_dir, host='127.0.0.1', port=8000, checkpoint='ckpt.pt', mod
     model, tokenizer, _ = load_model(out_dir, device, dtype, checkpoint=checkpoint)
     name = model_name or os.path.basename(os.path.normpath(out_dir if os.path.isdir(out_dir)
                                                            else os.path.dirname(os.path.abspath(out_dir))))
-    return Server((host, port), model, tokenizer, name, api_key, chat_template, max_batch, batch_wait, quiet)
+    try:
+        return Server((host, port), model, tokenizer, name, api_key, chat_template, max_batch, batch_wait, quiet)
+    except OSError as e:  # "Address already in use" and its kind, which would not say which address
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def main(argv):
     config = configure(DEFAULTS, argv, help_source=__file__)  # --help reads the comments in DEFAULTS
     if config['max_batch'] < 1:
         raise ValueError("max_batch must be at least 1")
+    if not 0 <= config['port'] <= 65535:
+        raise ValueError(f"port={config['port']}: a TCP port is 0-65535 (0 = any free one)")
     api_key = config['api_key'] or os.environ.get('MIRIM_API_KEY', '')
     device = resolve_device(config['device'])
     dtype = resolve_dtype(config['dtype'], device)

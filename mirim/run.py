@@ -155,6 +155,7 @@ def check_run_config(c):
                                                        "a fraction of it)"),
         (0 <= c.wsd_decay_fraction <= 1, "wsd_decay_fraction must be between 0 and 1"),
         (c.ddp_timeout > 0, "ddp_timeout must be positive (seconds)"),
+        (0 <= c.seed < 2 ** 32, "seed must be in [0, 2**32): the random generators of every library take it"),
     ]
     for ok, message in checks:
         if not ok:

@@ -507,3 +507,14 @@ def test_command_line_serves_with_a_key_from_the_environment(tmp_path, model, to
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_a_port_that_cannot_be_used_is_one_line_naming_it(server, tmp_path, model, tok):
+    out = save_checkpoint(tmp_path / 'm', model, tok)
+    host, port = server.server_address[:2]  # taken by the running test server
+    with pytest.raises(OSError, match=f'cannot listen on {host}:{port}'):
+        serve.build_server(out, host=host, port=port, quiet=True)
+    for port in (70000, -1):
+        process = subprocess.run([sys.executable, os.path.join(ROOT, 'serve.py'), f'--out_dir={out}', f'--port={port}'],
+                                 cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert process.returncode != 0 and 'Traceback' not in process.stderr and f'port={port}' in process.stderr

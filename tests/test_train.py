@@ -318,7 +318,8 @@ def test_resume_on_data_from_another_tokenizer_is_refused(data_dir, tmp_path):
 
 @pytest.mark.parametrize('setting, words', [('--grad_clip=-1', 'grad_clip'), ('--max_time=-5', 'max_time'),
                                             ('--weight_decay=-1', 'weight_decay'), ('--beta1=1.5', 'beta1'),
-                                            ('--ddp_timeout=0', 'ddp_timeout')])
+                                            ('--ddp_timeout=0', 'ddp_timeout'), ('--seed=-1', 'seed'),
+                                            ('--seed=18446744073709551616', 'seed')])
 def test_out_of_range_settings_are_refused(data_dir, tmp_path, setting, words):
     assert words in error_of(data_dir, tmp_path, setting)
 
