@@ -249,18 +249,41 @@ class Classification(Task):
                 fail(f"{e}; resume a classifier with classify.py")
             if checkpoint['labels'] != self.labels:
                 fail(f"{path} was trained on the labels {checkpoint['labels']}, {c.train_file} has {self.labels}")
-            backbone, tokenizer = model_from_checkpoint(checkpoint, c.dropout), load_tokenizer(checkpoint['tokenizer'])
+            try:
+                backbone, tokenizer = (model_from_checkpoint(checkpoint, c.dropout, path),
+                                       load_tokenizer(checkpoint['tokenizer']))
+            except ValueError as e:
+                fail(str(e))
             classifier = Classifier(backbone, len(self.labels))
             classifier.head.load_state_dict(checkpoint['head'])
             return classifier, tokenizer, None, checkpoint
         try:
-            backbone, tokenizer = load_backbone(c.init_from)
+            backbone, tokenizer, start = load_model(c.init_from, dtype=torch.float32)
         except (OSError, ValueError) as e:
             fail(str(e))
         if tokenizer is None:
             fail(f"{c.init_from} has no tokenizer mirim can read")
         torch.manual_seed(c.seed)  # the head's initial weights
-        return Classifier(backbone, len(self.labels)).train(), tokenizer, None, None
+        classifier = Classifier(backbone, len(self.labels), bias='bias' in start.get('head', {})).train()
+        if 'head' in start:
+            self.continue_head(c, start, classifier)
+        return classifier, tokenizer, None, None
+
+    def continue_head(self, c, start, classifier):
+        """init_from names a classifier (a classifier.pt, or a classify.py out_dir's ckpt.pt): with the same labels, its
+        head goes on training, as the backbone does (a fresh optimizer); with other labels its head fits nothing here,
+        and a new head on its backbone would throw away what the run learned without a word: refused."""
+        labels = start.get('labels')
+        if labels == self.labels:
+            classifier.head.load_state_dict(start['head'])
+            print0(f"{c.init_from} is a classifier of these labels: its head goes on training with the backbone "
+                   f"(optimizer fresh)")
+            return
+        started = (start.get('config') or {}).get('init_from')
+        backbone = f" (that run started from {started})" if started and started != 'resume' else ""
+        fail(f"{c.init_from} is a classifier of the labels {labels}, not of {self.labels} ({c.train_file}): its head "
+             f"cannot go on. To continue that run, use --init_from=resume with its out_dir; for a classifier of these "
+             f"labels, start from a backbone checkpoint (a train.py run){backbone}")
 
     def set_up(self, run, c):
         backbone = run.raw_model.backbone
@@ -387,7 +410,7 @@ def load_classifier(path, device='cpu'):
     from mirim.tokenizer import load_tokenizer
     _, path = resolve(path, 'classifier.pt')
     checkpoint = load_checkpoint(path, keys=MODEL_KEYS + ('head', 'labels', 'classify'))
-    backbone = model_from_checkpoint(checkpoint)
+    backbone = model_from_checkpoint(checkpoint, where=path)
     classifier = Classifier(backbone, len(checkpoint['labels']), bias='bias' in checkpoint['head'])
     classifier.head.load_state_dict(checkpoint['head'])
     return (classifier.to(device).eval(), load_tokenizer(checkpoint['tokenizer']), checkpoint['labels'],

@@ -224,6 +224,41 @@ def reference(run, c):
     return ref
 
 
+def check_start_template(c, meta):
+    """The pairs are rendered in a chat template (data/prepare_pref.py: the --model's, or --template): a starting
+    model fine-tuned on another template is refused (DPO would teach it a second format, and the result would be
+    saved as speaking the pairs' one); a base model, which carries no template, gets a remark and goes on (its
+    tokenizer is the data's, checked when it was loaded, so the markers are its tokens; it has just never
+    learned them: DPO usually starts from the SFT model). A Hugging Face folder's template is a Jinja text that
+    is not compared."""
+    from mirim.chat import get_template
+    from mirim.chat_data import template_markers
+    from mirim.checkpoint import resolve
+    data_template = meta.get('chat_template') or (meta.get('tokenizer') or {}).get('chat_template')
+    if c.init_from == 'resume' or not data_template:
+        return
+    try:
+        kind, where = resolve(c.init_from)
+        if kind != 'mirim':
+            return
+        # mmap: the tokenizer's description without reading the weights a second time
+        model_template = torch.load(where, map_location='cpu', weights_only=True, mmap=True)['tokenizer'].get(
+            'chat_template')
+        data_template, model_template = (get_template(t) if t else None for t in (data_template, model_template))
+    except (OSError, RuntimeError, ValueError, KeyError, AttributeError):  # it loaded once: nothing more to learn
+        return
+    name = lambda t: repr(t.get('name', 'custom'))  # noqa: E731
+    if model_template is None:
+        print0(f"note: {c.init_from} carries no chat template: a base model, never fine-tuned on conversations. The "
+               f"pairs are in the {name(data_template)} template, whose markers "
+               f"({' '.join(template_markers(data_template)) or 'none'}) it has not learned; DPO usually starts from "
+               f"the SFT model (train.py on data/prepare_chat.py data). Going on from the base model")
+    elif model_template != data_template:
+        fail(f"{c.data_dir} holds pairs in the {name(data_template)} chat template, but {c.init_from} was fine-tuned "
+             f"on the {name(model_template)} template: DPO would teach it a format it does not speak. Prepare the "
+             f"pairs in its template: python data/prepare_pref.py --model {c.init_from} --input ... --out ...")
+
+
 class Preference(Task):
     name = 'dpo.py'
     metrics = METRICS
@@ -249,6 +284,7 @@ class Preference(Task):
             run.tasks = read_pair_tasks(c.data_dir, 'val', run.meta)  # (names, task of each held-out pair) or None
         except (FileNotFoundError, KeyError, ValueError) as e:
             fail(f"data {c.data_dir}: {e}")
+        check_start_template(c, run.meta)
         block_size = run.raw_model.config.block_size
         run.width = longest(run.pairs)  # every batch is padded to it: a pair's scores never depend on its batch
         if run.width > block_size + 1:  # the last token is only a target

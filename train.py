@@ -25,7 +25,7 @@ import torch
 from mirim import train_config
 from mirim.common import fail, print0
 from mirim.run import Task, train
-from mirim.shards import BatchSampler, ShardError
+from mirim.shards import BatchSampler, ShardError, data_kind
 
 
 @torch.no_grad()
@@ -70,6 +70,10 @@ class Pretraining(Task):
         train_config.check_config(c)
 
     def set_up(self, run, c):
+        if data_kind(run.meta) == 'preference':  # next-token training on both replies learns the rejected ones too
+            fail(f"{c.data_dir} holds preference pairs (data/prepare_pref.py: a chosen and a rejected reply to each "
+                 f"prompt), not token shards for next-token training: train.py would learn the rejected replies as "
+                 f"well. Tune on them with dpo.py --data_dir={c.data_dir} --init_from=<the SFT model>")
         config = run.raw_model.config
         run.block_size = c.block_size or config.block_size
         if run.block_size > config.block_size:

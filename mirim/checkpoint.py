@@ -7,12 +7,23 @@ weights_only=True, so loading never runs code): 'model' (state dict), 'model_con
 fields), 'tokenizer' (its whole description), and from a training run also 'config', 'step',
 'tokens_seen', 'optimizer', 'scaler', 'sampler', 'rng', 'best_val_loss', 'val_loss', 'val_bpb',
 'data_dir' (mirim/run.py writes them).
+
+A checkpoint loads as the model it was saved from, or not at all (CheckpointError, one line naming the key
+or the tensor): its model_config must give every field of LlamaConfig that decides the model's shape or
+what it computes (MODEL_CONFIG_KEYS; only dropout, a training setting, may be left out), and its weights
+must be exactly the tensors, of exactly the shapes, that model_config builds. Nothing is filled in from
+LlamaConfig's defaults: a config without tie_embeddings would load tied, one without activation as SwiGLU.
 """
 import json
 import os
 from dataclasses import asdict
 
 MODEL_KEYS = ('model', 'model_config', 'tokenizer')  # what every mirim checkpoint holds
+# the model_config keys a checkpoint must hold: the shape (vocab_size ... ffn_hidden), what the model computes
+# (activation, rope_theta, norm_eps, tie_embeddings) and the special ids that generation and export.py use;
+# every LlamaConfig field but dropout (training only: 0 at inference, and a run sets its own)
+MODEL_CONFIG_KEYS = ('vocab_size', 'block_size', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'ffn_hidden',
+                     'activation', 'rope_theta', 'norm_eps', 'tie_embeddings', 'bos_id', 'eos_id', 'pad_id')
 
 
 class CheckpointError(ValueError):
@@ -91,14 +102,85 @@ def clean_state_dict(state):
     return clean
 
 
-def model_from_checkpoint(checkpoint, dropout=None):
-    """The Llama a checkpoint dict holds, in float32 on the CPU."""
+def model_config(checkpoint, where='the checkpoint'):
+    """The checkpoint's model_config, checked: a dict with every MODEL_CONFIG_KEYS key, of a type LlamaConfig can
+    take as it is (tie_embeddings a bool, not the string 'false'), dropout 0.0 when absent. CheckpointError
+    naming the key otherwise."""
+    config = checkpoint.get('model_config')
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{where}: model_config is a {type(config).__name__}, not the dict of LlamaConfig "
+                              f"fields that mirim writes")
+    missing = [k for k in MODEL_CONFIG_KEYS if k not in config]
+    if missing:
+        raise CheckpointError(
+            f"{where}: model_config lacks {', '.join(missing)}, which decide{'s' if len(missing) == 1 else ''} what "
+            f"the model computes; mirim does not guess {'it' if len(missing) == 1 else 'them'} (the default could load "
+            f"another model): add {'it' if len(missing) == 1 else 'them'} to the checkpoint's model_config with the "
+            f"value{'s' if len(missing) > 1 else ''} the model was trained with")
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    checks = {'tie_embeddings': (lambda v: isinstance(v, bool) or v in (0, 1) and isinstance(v, int), 'true or false'),
+              'activation': (lambda v: isinstance(v, str), 'a string'),
+              'rope_theta': (number, 'a number'), 'norm_eps': (number, 'a number'), 'dropout': (number, 'a number')}
+    checks.update({k: (lambda v: isinstance(v, int) and not isinstance(v, bool), 'an integer')
+                   for k in MODEL_CONFIG_KEYS[:7]})
+    checks.update({k: (lambda v: v is None or isinstance(v, int) and not isinstance(v, bool), 'a token id or None')
+                   for k in ('bos_id', 'eos_id', 'pad_id')})
+    for key, (ok, what) in checks.items():
+        if key in config and not ok(config[key]):
+            raise CheckpointError(f"{where}: model_config {key}={config[key]!r} is not {what}")
+    return {**config, 'dropout': config.get('dropout', 0.0)}
+
+
+def check_weights(state, model, where='the checkpoint'):
+    """The state dict must hold exactly the model's tensors in the model's shapes (a tied model's output.weight
+    may be left out: it is the embedding); CheckpointError naming the first tensor that does not fit."""
+    import torch
+    config = model.config
+    shape = "model_config (" + ', '.join(f"{k}={getattr(config, k)}" for k in (
+        'n_layer', 'n_embd', 'n_head', 'n_kv_head', 'ffn_hidden', 'vocab_size', 'tie_embeddings')) + ")"
+    expected = model.state_dict()
+    if config.tie_embeddings and 'output.weight' not in state:
+        expected = {k: v for k, v in expected.items() if k != 'output.weight'}
+    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(f"{where}: the weight {not_tensors[0]} is a {type(state[not_tensors[0]]).__name__}, "
+                              f"not a tensor")
+    more = lambda names: f" (and {len(names) - 1} more)" if len(names) > 1 else ""  # noqa: E731
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise CheckpointError(f"{where}: the weights lack {missing[0]}{more(missing)}, which its {shape} calls for: "
+                              f"the weights and model_config are of different models")
+    extra = [k for k in state if k not in expected]
+    if extra:
+        raise CheckpointError(f"{where}: the weights hold {extra[0]}{more(extra)}, which its {shape} has no place "
+                              f"for: the weights and model_config are of different models")
+    for name, tensor in expected.items():
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise CheckpointError(f"{where}: the weight {name} has shape {tuple(state[name].shape)}, but its {shape} "
+                                  f"makes it {tuple(tensor.shape)}")
+    if config.tie_embeddings and 'output.weight' in state and not torch.equal(state['output.weight'],
+                                                                               state['tok_embeddings.weight']):
+        raise CheckpointError(f"{where}: model_config says tie_embeddings=True, but output.weight and "
+                              f"tok_embeddings.weight differ: the weights are of an untied model")
+
+
+def model_from_checkpoint(checkpoint, dropout=None, where='the checkpoint'):
+    """The Llama a checkpoint dict holds, in float32 on the CPU; CheckpointError (one line, naming the key or the
+    tensor; `where` names the file) when its model_config lacks a key that decides the model or its weights do
+    not fit it."""
     from model import Llama, LlamaConfig
-    config = dict(checkpoint['model_config'])
+    config = model_config(checkpoint, where)
     if dropout is not None:
         config['dropout'] = dropout
-    model = Llama(LlamaConfig.from_dict(config))
-    model.load_state_dict(clean_state_dict(checkpoint['model']))
+    try:
+        model = Llama(LlamaConfig.from_dict(config))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: model_config: {e}") from None
+    if not isinstance(checkpoint.get('model'), dict):
+        raise CheckpointError(f"{where}: 'model' is a {type(checkpoint.get('model')).__name__}, not a state dict")
+    state = clean_state_dict(checkpoint['model'])
+    check_weights(state, model, where)
+    model.load_state_dict(state, strict=not model.config.tie_embeddings or 'output.weight' in state)
     return model
 
 
@@ -115,7 +197,7 @@ def load_model(path, device='cpu', dtype=None, checkpoint='ckpt.pt'):
     else:
         from mirim.tokenizer import load_tokenizer
         ckpt = load_checkpoint(where)
-        model = model_from_checkpoint(ckpt).to(device=device, dtype=dtype).eval()
+        model = model_from_checkpoint(ckpt, where=where).to(device=device, dtype=dtype).eval()
         tokenizer = load_tokenizer(ckpt['tokenizer'])
     bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
     if bad:  # a diverged run's weights: samples, scores and exports of them would all be NaN

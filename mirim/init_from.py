@@ -3,7 +3,7 @@ is the data's, with messages that say how to make them agree."""
 import os
 from dataclasses import asdict, fields
 
-from mirim.checkpoint import clean_state_dict, load_checkpoint, model_from_checkpoint, resolve
+from mirim.checkpoint import load_checkpoint, model_config, model_from_checkpoint, resolve
 from mirim.tokenizer import TOKENIZER_FILES
 
 
@@ -101,13 +101,13 @@ def build_model(cfg, meta, tokenizer, say=print):
             raise FileNotFoundError(f"init_from='resume' but {path} does not exist; start with --init_from=scratch")
         checkpoint = load_checkpoint(path)
         keys = [f.name for f in fields(LlamaConfig) if f.name != 'dropout']
-        diff = differences(asdict(requested_model_config(cfg, meta)), checkpoint['model_config'], keys) \
+        diff = differences(asdict(requested_model_config(cfg, meta)), model_config(checkpoint, path), keys) \
             if 'model' in cfg else None
         if diff:
             raise ValueError(f"{path} holds a model of a different shape: {'; '.join(diff)}. Resume with the config "
                              f"that started the run, or train this one in another out_dir")
         check_tokenizer(checkpoint, tokenizer, cfg['data_dir'], path)
-        return model_from_checkpoint(checkpoint, cfg['dropout']), checkpoint
+        return model_from_checkpoint(checkpoint, cfg['dropout'], path), checkpoint
 
     # fine-tuning: weights from a mirim checkpoint or a Hugging Face folder, the rest starts fresh
     kind, where = resolve(init_from)
@@ -119,7 +119,7 @@ def build_model(cfg, meta, tokenizer, say=print):
     else:
         checkpoint = load_checkpoint(where)
         check_tokenizer(checkpoint, tokenizer, cfg['data_dir'], init_from)
-        source, state = checkpoint['model_config'], clean_state_dict(checkpoint['model'])
+        source = model_config(checkpoint, where)
     asked = {k: cfg[k] for k in SHAPE_KEYS + ('vocab_size',) if cfg.get(k) is not None}
     diff = differences(asked, source, asked)
     if diff:
@@ -127,6 +127,9 @@ def build_model(cfg, meta, tokenizer, say=print):
                          f"so leave those keys unset")
     say(f"fine-tuning the weights of {init_from} (its shape" + ("; the 'model' preset is not used" if 'model' in cfg
                                                                 else "") + "; optimizer fresh)")
-    model = Llama(LlamaConfig.from_dict({**source, 'dropout': cfg['dropout']}))
-    model.load_state_dict(state)
+    if kind == 'hf':
+        model = Llama(LlamaConfig.from_dict({**source, 'dropout': cfg['dropout']}))
+        model.load_state_dict(state)
+    else:  # the one way a mirim checkpoint becomes a model: every key and tensor checked (mirim/checkpoint.py)
+        model = model_from_checkpoint(checkpoint, cfg['dropout'], where)
     return model, None

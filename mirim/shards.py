@@ -269,8 +269,32 @@ def split_shards(data_dir, split, meta=None):
     return [os.path.join(data_dir, name) for name in names]
 
 
+def data_kind(meta):
+    """What a prepared data set holds, from its meta.json: 'preference' (data/prepare_pref.py's pairs, for
+    dpo.py), 'chat' (data/prepare_chat.py's loss-masked conversations) or 'tokens' (data/prepare.py's text)."""
+    if 'preference' in meta:
+        return 'preference'
+    splits = meta.get('splits') if isinstance(meta.get('splits'), dict) else {}
+    if 'chat' in meta or any(isinstance(s, dict) and 'trained_tokens' in s for s in splits.values()):
+        return 'chat'
+    return 'tokens'
+
+
+def has_trained_token(masks):
+    """Whether any mask entry is 1, reading the masks in chunks until the first one (cheap for real data,
+    whose first chunk has one; a whole pass only for masks that are all 0)."""
+    for mask in masks:
+        for start in range(0, len(mask), 1 << 22):
+            if mask[start:start + (1 << 22)].any():
+                return True
+    return False
+
+
 def open_split(data_dir, split, vocab_size=None):
-    """Memory-map every shard of a split (and its masks, if any). Returns (meta, paths, tokens, masks or None)."""
+    """Memory-map every shard of a split (and its masks, if any). Returns (meta, paths, tokens, masks or None).
+    A loss-masked data set (data_kind 'chat' or 'preference') must have every mask, and a split with masks must
+    have a trained token: ShardError otherwise (trained without its masks, a chat set trains on its prompts too;
+    with no trained token, the loss reads 0 and learns nothing)."""
     meta = load_meta(data_dir)
     if vocab_size is not None and meta.get('vocab_size') not in (None, vocab_size):
         raise ShardError(f"{data_dir}/meta.json: vocab_size {meta['vocab_size']}, but {vocab_size} expected "
@@ -279,10 +303,21 @@ def open_split(data_dir, split, vocab_size=None):
     paths = split_shards(data_dir, split, meta)
     tokens = [read_shard(p, vocab_size) for p in paths]
     has_mask = [os.path.exists(mask_path(p)) for p in paths]
+    kind = data_kind(meta)
+    if kind != 'tokens' and not all(has_mask):
+        missing = [p for p, m in zip(paths, has_mask) if not m]
+        raise ShardError(f"{mask_path(missing[0])} missing{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}"
+                         f": {data_dir}/meta.json describes {kind} data, whose '{split}' shards are loss-masked (only "
+                         f"the replies are trained on), and without the .mask.bin files the prompts would be trained "
+                         f"on too; copy the masks with the shards, or prepare the data again")
     if any(has_mask) and not all(has_mask):
         missing = [p for p, m in zip(paths, has_mask) if not m]
         raise ShardError(f"{mask_path(missing[0])} missing: some '{split}' shards have masks and others do not")
     masks = [read_mask(mask_path(p), len(t)) for p, t in zip(paths, tokens)] if all(has_mask) else None
+    if masks is not None and (meta['splits'][split].get('trained_tokens') == 0 or not has_trained_token(masks)):
+        raise ShardError(f"{data_dir}: the '{split}' split has no trained token (every entry of its .mask.bin files "
+                         f"is 0): its loss would read 0 and teach nothing; prepare the data again from conversations "
+                         f"that have assistant replies")
     return meta, paths, tokens, masks
 
 

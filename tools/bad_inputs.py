@@ -154,6 +154,8 @@ CASES = [
     ('train.py: init_from a broken HF folder', TRAIN + ['--init_from={hf_badconfig}'], 'config.json'),
     ('train.py: init_from an HF folder without weights', TRAIN + ['--init_from={hf_noweights}'], 'safetensors|weights'),
     ('train.py: init_from NaN weights', TRAIN + ['--init_from={nan_ckpt}'], 'nan|finite'),
+    ('train.py: preference pairs as data', TRAIN + ['--data_dir={prefdata}'], 'preference|dpo.py'),
+    ('train.py: chat data without its masks', TRAIN + ['--data_dir={chat_nomasks}'], 'mask.bin'),
 
     # sample.py
     ('sample.py: out_dir missing', SAMPLE + ['--out_dir={missing}'], 'missing'),
@@ -166,6 +168,7 @@ CASES = [
     ('sample.py: HF folder with a broken config.json', SAMPLE + ['--out_dir={hf_badconfig}'], 'config.json'),
     ('sample.py: HF folder without weights', SAMPLE + ['--out_dir={hf_noweights}'], 'safetensors|weights'),
     ('sample.py: NaN weights', SAMPLE + ['--out_dir={nan_ckpt}'], 'nan|finite'),
+    ('sample.py: model_config without tie_embeddings', SAMPLE + ['--out_dir={notie_ckpt}'], 'tie_embeddings'),
     ('sample.py: num_samples=0', SAMPLE + ['--num_samples=0'], 'num_samples'),
     ('sample.py: max_new_tokens=-5', SAMPLE + ['--max_new_tokens=-5'], 'max_new_tokens'),
     ('sample.py: temperature=-1', SAMPLE + ['--temperature=-1.0'], 'temperature'),
@@ -244,6 +247,7 @@ CASES = [
     ('classify.py: init_from missing', CLASSIFY + ['--init_from={missing}'], 'missing'),
     ('classify.py: init_from a text file', CLASSIFY + ['--init_from={text}'], 'corpus.txt|checkpoint'),
     ('classify.py: init_from NaN weights', CLASSIFY + ['--init_from={nan_ckpt}'], 'nan|finite'),
+    ('classify.py: init_from a classifier of other labels', CLASSIFY + ['--init_from={cls_other}'], 'labels'),
     ('classify.py: train_file missing', CLASSIFY + ['--train_file={missing}.jsonl'], 'missing'),
     ('classify.py: train_file empty', CLASSIFY + ['--train_file={empty_jsonl}'], 'empty'),
     ('classify.py: train_file malformed JSON', CLASSIFY + ['--train_file={notjson}'], 'notjson|json'),
@@ -545,6 +549,24 @@ def build_fixtures(root):
     torch.save(ckpt, fx['nan_ckpt'])
     fx['notckpt'] = j('notckpt.pt')
     torch.save({'weights': torch.zeros(3), 'note': 'not a checkpoint'}, fx['notckpt'])
+    ckpt = torch.load(fx['ckpt'], map_location='cpu', weights_only=True)
+    del ckpt['model_config']['tie_embeddings']  # an older or hand-edited checkpoint: it must not load tied
+    fx['notie_ckpt'] = j('notie.pt')
+    torch.save(ckpt, fx['notie_ckpt'])
+    ckpt = torch.load(fx['ckpt'], map_location='cpu', weights_only=True)
+    fx['cls_other'] = j('cls_other.pt')  # a classifier whose labels are not the classify fixtures'
+    torch.save({**ckpt, 'head': {'weight': torch.zeros(3, ckpt['model_config']['n_embd'])}, 'labels': ['x', 'y', 'z'],
+                'classify': {'max_length': 32}}, fx['cls_other'])
+    pairs = [{'prompt': f'Diga algo {i}.', 'chosen': 'o gato come o peixe.', 'rejected': 'a luz ve o rei.'}
+             for i in range(20)]
+    fx['prefdata'], fx['chat_nomasks'] = j('prefdata'), j('chat_nomasks')
+    run_ok(root, 'data/prepare_pref.py', '--input', jsonl(j('pairs.jsonl'), pairs), '--tokenizer', 'bytes',
+           '--val_fraction', '0.2', '--out', fx['prefdata'])
+    run_ok(root, 'data/prepare_chat.py', '--input', fx['chat'], '--tokenizer', 'bytes', '--val_fraction', '0.2',
+           '--out', fx['chat_nomasks'])
+    for name in os.listdir(fx['chat_nomasks']):
+        if name.endswith('.mask.bin'):
+            os.remove(os.path.join(fx['chat_nomasks'], name))
 
     with open(os.path.join(fx['data'], 'meta.json'), encoding='utf-8') as f:
         meta = json.load(f)
