@@ -160,8 +160,10 @@ def load_backbone(path, device='cpu'):
 # metrics
 
 def scores(golds, preds, num_labels):
-    """accuracy, macro F1 and per-label precision / recall / F1 / support; a label never predicted
-    and never true scores 0, as in scikit-learn (zero_division=0)."""
+    """accuracy, macro F1 and per-label precision / recall / F1 / support, as scikit-learn computes them
+    (zero_division=0): a label that is true or predicted but never both scores F1 0; macro F1 averages over
+    the labels present in the gold or predicted labels, so a label absent from both (not in this test set,
+    never predicted) is left out of the mean rather than counted as 0 (its per-label entry reads 0, support 0)."""
     confusion = [[0] * num_labels for _ in range(num_labels)]  # [gold][predicted]
     for g, p in zip(golds, preds):
         confusion[g][p] += 1
@@ -175,7 +177,9 @@ def scores(golds, preds, num_labels):
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         per_label.append({'precision': precision, 'recall': recall, 'f1': f1, 'support': support})
     accuracy = sum(g == p for g, p in zip(golds, preds)) / max(len(golds), 1)
-    return {'accuracy': accuracy, 'macro_f1': sum(s['f1'] for s in per_label) / num_labels,
+    present = sorted(set(golds) | set(preds))
+    macro_f1 = sum(per_label[k]['f1'] for k in present) / len(present) if present else 0.0
+    return {'accuracy': accuracy, 'macro_f1': macro_f1,
             'per_label': per_label, 'confusion': confusion}
 
 

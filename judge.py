@@ -22,6 +22,7 @@ import sys
 
 from mirim.atomic import claim_file, write_json
 from mirim.configurator import configure
+from mirim.corpus import jsonl_records
 from mirim.llm import Client, Fatal, Rejected, run_all
 
 # -----------------------------------------------------------------------------
@@ -74,9 +75,8 @@ def mean_se(values):
 
 
 def judge_file(client, path, rubric, criteria, concurrency, params):
-    with open(path, encoding='utf-8') as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    if not records or not all('text' in r for r in records):
+    records = [record for _, record in jsonl_records(path, error=ValueError)]  # file:line for a line not JSON
+    if not records or not all(isinstance(r, dict) and 'text' in r for r in records):
         raise ValueError(f"{path}: expected sample.py --format=jsonl records (with 'prompt' and 'text')")
 
     def work(n):
@@ -107,16 +107,15 @@ def main(argv):
             raise ValueError(f"--output={config['output']} is one of --samples: name a new file for the scores")
         claim_file(config['output'], config['overwrite'], '--output')
     criteria = [c for c in config['criteria'].split(',') if c]
-    with open(config['rubric'], encoding='utf-8') as f:
+    rubric_path = config['rubric']
+    if not os.path.isabs(rubric_path) and not os.path.exists(rubric_path):  # the default, run from another folder
+        rubric_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), rubric_path)
+    with open(rubric_path if os.path.exists(rubric_path) else config['rubric'], encoding='utf-8') as f:
         rubric = f.read()
     client = Client(config['base_url'], config['model'], os.environ.get(config['api_key_env'], ''),
                     config['timeout'], config['retries'], config['backoff'])
     if not client.model:
-        import urllib.request
-        headers = {'Authorization': f'Bearer {client.api_key}'} if client.api_key else {}
-        with urllib.request.urlopen(urllib.request.Request(config['base_url'].rstrip('/') + '/models',
-                                                           headers=headers), timeout=30) as r:
-            client.model = json.loads(r.read())['data'][0]['id']
+        client.model = client.default_model()
     params = dict(temperature=config['temperature'], max_tokens=config['max_tokens'])
     results = {}
     for path in files:

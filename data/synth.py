@@ -48,26 +48,55 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 from mirim.configurator import settings  # noqa: E402
+from mirim.corpus import jsonl_records  # noqa: E402
 from mirim.llm import Client, Fatal, Rejected, run_all  # noqa: E402
 
 
 # -----------------------------------------------------------------------------
 # a language: template, word lists, cleanup rules
 
+LANG_FOLDER = "a --lang folder holds prompt.txt, words.json and optionally cleanup.json, as data/synth/pt does"
+
+
+def read_language_file(folder, name, kind):
+    """The text (kind 'text') or JSON (kind 'json') of one file of a language folder; ValueError naming it."""
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} not found: {LANG_FOLDER}")
+    try:
+        with open(path, encoding='utf-8') as f:
+            return f.read() if kind == 'text' else json.load(f)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
 def load_language(folder):
-    with open(os.path.join(folder, 'prompt.txt'), encoding='utf-8') as f:
-        template = f.read().strip()
-    with open(os.path.join(folder, 'words.json'), encoding='utf-8') as f:
-        words = json.load(f)
+    """(template, {slot: words}, cleanup rules) of a language folder; ValueError naming the file that is
+    missing or not what it should be."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"--lang {folder} is not a folder: {LANG_FOLDER}")
+    template = read_language_file(folder, 'prompt.txt', 'text').strip()
+    words = read_language_file(folder, 'words.json', 'json')
+    if not isinstance(words, dict) or not all(isinstance(v, list) and all(isinstance(w, str) for w in v)
+                                              for v in words.values()):
+        raise ValueError(f"{folder}/words.json: not an object of word lists ({{\"noun\": [\"...\", ...], ...}})")
     slots = sorted(set(re.findall(r'(?<!\{)\{(\w+)\}(?!\})', template)))
     missing = [s for s in slots if not words.get(s)]
     if missing:
         raise ValueError(f"{folder}/prompt.txt uses {missing}, which words.json does not list")
     rules = []
-    path = os.path.join(folder, 'cleanup.json')
-    if os.path.exists(path):
-        with open(path, encoding='utf-8') as f:
-            rules = [(re.compile(pattern, re.MULTILINE), replacement) for pattern, replacement in json.load(f)]
+    if os.path.exists(os.path.join(folder, 'cleanup.json')):
+        path = os.path.join(folder, 'cleanup.json')
+        pairs = read_language_file(folder, 'cleanup.json', 'json')
+        if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p)
+                                                  for p in pairs):
+            raise ValueError(f"{path}: not a list of [regex, replacement] pairs")
+        try:
+            rules = [(re.compile(pattern, re.MULTILINE), replacement) for pattern, replacement in pairs]
+        except re.error as e:
+            raise ValueError(f"{path}: a pattern is not a regular expression ({e})") from None
     return template, {s: words[s] for s in slots}, rules
 
 
@@ -153,11 +182,15 @@ def read_output(path, is_record):
 
 
 def read_prompts(path):
-    with open(path, encoding='utf-8') as f:
-        try:
-            return [json.loads(line) for line in f if line.strip()]
-        except ValueError as e:
-            raise ValueError(f"{path}: not JSON lines ({e})") from None
+    """The records of a --prompts file, through the one JSONL reader (file:line for a line that is not JSON);
+    each must be an object with a "prompt" or "messages"."""
+    prompts = []
+    for where, record in jsonl_records(path, error=ValueError):
+        if not isinstance(record, dict) or not ('prompt' in record or 'messages' in record):
+            raise ValueError(f"{where}: not a prompt record: each line is an object with a \"prompt\" or "
+                             f"\"messages\"")
+        prompts.append(record)
+    return prompts
 
 
 def claim_output(path, is_record, overwrite, mode, prompts=None):
@@ -252,11 +285,10 @@ def main(argv=None):
     client = Client(args.base_url, args.model, os.environ.get(args.api_key_env, ''), args.timeout, args.retries,
                     args.backoff)
     if not client.model:
-        import urllib.request
-        with urllib.request.urlopen(urllib.request.Request(
-                args.base_url.rstrip('/') + '/models',
-                headers={'Authorization': f'Bearer {client.api_key}'} if client.api_key else {}), timeout=30) as r:
-            client.model = json.loads(r.read())['data'][0]['id']
+        try:
+            client.model = client.default_model()
+        except Fatal as e:
+            sys.exit(f"synth.py: error: {e}")
     params = dict(chat=bool(args.chat), temperature=args.temperature, max_tokens=args.max_tokens)
 
     if args.lang:

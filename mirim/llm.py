@@ -6,7 +6,8 @@ N requests in flight and hands results back as they finish.
 Standard library only (urllib), so the data tools need no client package. What is retried: a
 connection error or timeout, 408, 429 (after its Retry-After when the server sends one), 5xx, and an
 answer the caller's check rejects (invalid JSON, a story too short...). Any other 4xx (a bad key, an
-unknown model) would fail every request the same way: it stops the run (Fatal).
+unknown model) would fail every request the same way: it stops the run (Fatal), and so does a request
+whose every try failed to connect while no request has ever got an answer (the endpoint is down).
 """
 import json
 import random
@@ -31,6 +32,23 @@ class Client:
         self.timeout, self.retries, self.backoff, self.max_backoff = timeout, retries, backoff, max_backoff
         self.failures = {}  # kind of failure -> count (every retried attempt)
         self.lock = threading.Lock()
+        self.reached = False  # whether the endpoint ever answered (an error status counts): see ask
+
+    def default_model(self):
+        """The first model the endpoint lists at /models (for --model=''); Fatal when it cannot be asked."""
+        headers = {'Authorization': f'Bearer {self.api_key}'} if self.api_key else {}
+        try:
+            with urllib.request.urlopen(urllib.request.Request(self.base_url + '/models', headers=headers),
+                                        timeout=self.timeout) as r:
+                self.reached = True
+                return json.loads(r.read())['data'][0]['id']
+        except urllib.error.HTTPError as e:
+            raise Fatal(f"{self.base_url}/models answered {e.code}: name the model with --model") from None
+        except (urllib.error.URLError, TimeoutError, OSError) as e:
+            raise Fatal(f"cannot reach {self.base_url} ({unreachable(e)}): is the server running at that "
+                        f"address?") from None
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise Fatal(f"{self.base_url}/models did not list a model: name it with --model") from None
 
     def count(self, kind):
         with self.lock:
@@ -59,10 +77,12 @@ class Client:
             wait_s = None
             try:
                 answer = self.post(path, body)
+                self.reached = True
                 choice = answer['choices'][0]
                 text = choice['message']['content'] if messages is not None else choice['text']
                 return check(text) if check else text
             except urllib.error.HTTPError as e:
+                self.reached = True
                 detail = e.read()[:300].decode('utf-8', 'replace')
                 if e.code not in (408, 429) and e.code < 500:
                     raise Fatal(f"{self.base_url}{path} answered {e.code}: {detail}")
@@ -78,6 +98,11 @@ class Client:
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
                 self.count('connection' if not isinstance(getattr(e, 'reason', e), TimeoutError) else 'timeout')
                 error = e
+                if attempt == self.retries and not self.reached:
+                    # every try of this request failed to connect, and no request ever got an answer: the
+                    # endpoint is down or elsewhere, and every other request would fail the same way
+                    raise Fatal(f"cannot reach {self.base_url} ({unreachable(e)}) after {attempt + 1} "
+                                f"tr{'y' if attempt == 0 else 'ies'}: is the server running at that address?")
             except (ValueError, KeyError, IndexError, TypeError) as e:  # not an OpenAI answer at all
                 self.count('bad response')
                 error = e
@@ -86,6 +111,14 @@ class Client:
                 time.sleep(wait_s if wait_s is not None else
                            min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.0))
         raise error
+
+
+def unreachable(e):
+    """Why a connection failed, in words: 'Connection refused', 'timed out', 'Name or service not known'..."""
+    reason = getattr(e, 'reason', e)
+    if isinstance(reason, TimeoutError):
+        return 'timed out'
+    return getattr(reason, 'strerror', None) or str(reason)
 
 
 def run_all(jobs, work, concurrency):

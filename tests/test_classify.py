@@ -112,10 +112,23 @@ def test_text_pair_is_two_documents_cut_to_max_length():
 
 
 def test_macro_f1_averages_the_labels_equally():
-    # label 0: precision 1, recall 0.5 -> f1 2/3; label 1: precision 0.5, recall 1 -> f1 2/3; label 2 absent: 0
+    # label 0: precision 1, recall 0.5 -> f1 2/3; label 1: precision 0.5, recall 1 -> f1 2/3; label 2 is neither
+    # gold nor predicted: left out of the mean, as scikit-learn's f1_score(average='macro') does
     result = scores([0, 0, 1], [0, 1, 1], 3)
     assert result['accuracy'] == pytest.approx(2 / 3)
-    assert result['macro_f1'] == pytest.approx((2 / 3 + 2 / 3 + 0) / 3)
+    assert result['macro_f1'] == pytest.approx((2 / 3 + 2 / 3) / 2)
+    assert result['per_label'][2] == {'precision': 0.0, 'recall': 0.0, 'f1': 0.0, 'support': 0}
+
+
+@pytest.mark.parametrize('golds, preds, num_labels, macro_f1', [
+    ([0, 1, 0, 1], [0, 1, 0, 1], 3, 1.0),            # the case: label 2 absent from both
+    ([1, 1, 3], [1, 1, 3], 5, 1.0),                  # labels 0, 2 and 4 absent from both
+    ([0, 0], [0, 2], 3, (2 / 3 + 0) / 2),            # label 2 predicted but never true: counts, as F1 0
+    ([0, 2], [0, 0], 3, (2 / 3 + 0) / 2),            # label 2 true but never predicted: counts, as F1 0
+    ([], [], 2, 0.0),                                # nothing to score
+])
+def test_macro_f1_leaves_out_labels_absent_from_gold_and_predictions(golds, preds, num_labels, macro_f1):
+    assert scores(golds, preds, num_labels)['macro_f1'] == pytest.approx(macro_f1)
 
 
 @pytest.mark.parametrize('line, message', [
