@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from mirim.atomic import save_atomic
+from mirim.checkpoint import CheckpointError, load_checkpoint
 from mirim.common import fail, print0
 from mirim.pref_data import read_pair_tasks, read_pairs
 from mirim.run import ExampleOrder, Task, train
@@ -204,10 +205,13 @@ def reference(run, c):
     path = os.path.join(c.out_dir, 'reference.pt')
     fingerprint = data_fingerprint(run.meta)
     if run.checkpoint is not None:
-        try:
-            ref = torch.load(path, map_location='cpu', weights_only=True)
-        except FileNotFoundError:
+        if not os.path.isfile(path):
             fail(f"{path} is missing: it holds the starting model's log-probabilities that the run compares with")
+        try:  # a cut or damaged file (a full disk, a copy that stopped), or something else under its name
+            ref = load_checkpoint(path, keys=('data', 'train', 'val'))
+        except CheckpointError as e:
+            fail(f"{e}; it holds the starting model's log-probabilities that the run compares with, so this run "
+                 f"cannot resume: start the run again from the model it started from, into another --out_dir")
         if ref.get('data') != fingerprint:
             fail(f"{path} was computed on other data than {c.data_dir}: resume on the data the run started with")
         return ref

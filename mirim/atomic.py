@@ -108,7 +108,10 @@ def claim_folder(folder, ours, overwrite, what, option, keep=(), refuse=None):
     Refused (ValueError, one line) when files of ours are there and not overwrite, and, even with
     overwrite, when the folder holds any file of `refuse` ({name: what it marks}), another command's
     result that a write there would spoil (a training run, a data set). A missing folder holds nothing;
-    an unreadable one raises its OSError."""
+    an unreadable one raises its OSError; a file (or anything but a folder) in its place is refused."""
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"{option} {folder} is a file, not a folder: choose a folder for {what} (a new one, or "
+                         f"one it wrote before)")
     names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
     theirs = [name for name in names if name in (refuse or {})]
     if theirs:

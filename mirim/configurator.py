@@ -134,9 +134,26 @@ def run_config_file(path, config):
         where = f"{path}:{line}" if line else path
         raise ConfigError(f"{where}: {type(e).__name__}: {e}") from None
     helpers = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, type)
+    imported = imported_names(ast.parse(source, path))  # it compiled, so it parses
     return {name: value for name, value in namespace.items()
-            if not name.startswith('_') and not isinstance(value, helpers)
+            if not name.startswith('_') and not isinstance(value, helpers) and (name not in imported or name in config)
             and (name not in config or value is not config[name])}
+
+
+def imported_names(tree):
+    """The names a config file binds by import statements only (`from math import pi`, `import numpy as np`):
+    helpers, not settings, whatever their value (a float pi as much as a module). A name that is also assigned
+    (`pi = pi / 2`) stays a setting, and so does an imported name that is a setting (`from base import
+    batch_size`): run_config_file keeps those."""
+    imported, assigned = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            for alias in node.names:
+                if alias.name != '*':
+                    imported.add(alias.asname or alias.name.split('.')[0])
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            assigned.add(node.id)
+    return imported - assigned
 
 
 def checked(defaults, key, value, source):

@@ -9,6 +9,7 @@ import glob
 import gzip
 import json
 import os
+import zlib
 
 TEXT_SUFFIXES = ('.txt', '.md', '.txt.gz', '.md.gz')
 JSONL_SUFFIXES = ('.jsonl', '.json', '.jsonl.gz', '.json.gz')
@@ -177,11 +178,11 @@ def check_inputs(paths, text_field='text'):
             continue
         if not os.path.isfile(path):  # a pipe (--input /dev/stdin, <(zcat ...)): reading it now would eat its text
             continue
-        with open_binary(path) as f:
-            try:
+        try:
+            with open_binary(path) as f:
                 head = f.read(8192)
-            except (OSError, EOFError) as e:  # e.g. a .gz that is not gzip
-                raise PrepareError(f"{path}: cannot be read ({e})") from None
+        except (OSError, EOFError, zlib.error) as e:  # e.g. a .gz that is not gzip, or cut within its first block
+            raise PrepareError(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
         for magic, what in MAGIC:
             if head.startswith(magic) and not (magic == b'\x1f\x8b' and path.endswith('.gz')):
                 raise PrepareError(f"{path} is not text, it looks like {what}")
@@ -194,18 +195,34 @@ def open_binary(path):
     return gzip.open(path, 'rb') if path.endswith('.gz') else open(path, 'rb')
 
 
+def read_lines(path):
+    """(line number, raw bytes) for each line of a text file (.gz too): the one place a text corpus is read, so
+    a file that cannot be read (a folder, a symlink loop) or stops short (a .gz cut off: EOFError; a damaged
+    one: BadGzipFile, zlib.error) is a PrepareError naming it and the line it got to."""
+    number = 0
+    try:
+        with open_binary(path) as f:
+            for number, raw in enumerate(f, 1):
+                yield number, raw
+    except EOFError:
+        raise PrepareError(f"{path}: the compressed file ends early, after line {number} (cut short: copy or "
+                           f"download it again)") from None
+    except (OSError, zlib.error) as e:
+        where = f" after line {number}" if number else ""
+        raise PrepareError(f"{path}: cannot be read{where} ({getattr(e, 'strerror', None) or e})") from None
+
+
 def decoded_lines(path, problems):
     """(line number, text without its line end) for each line; invalid UTF-8 is replaced and counted."""
-    with open_binary(path) as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                line = raw.decode('utf-8')
-            except UnicodeDecodeError:
-                line = raw.decode('utf-8', errors='replace')
-                note(problems, 'invalid_utf8', f"{path}:{number}")
-            if number == 1 and line.startswith('\ufeff'):
-                line = line[1:]
-            yield number, line.rstrip('\r\n')
+    for number, raw in read_lines(path):
+        try:
+            line = raw.decode('utf-8')
+        except UnicodeDecodeError:
+            line = raw.decode('utf-8', errors='replace')
+            note(problems, 'invalid_utf8', f"{path}:{number}")
+        if number == 1 and line.startswith('\ufeff'):
+            line = line[1:]
+        yield number, line.rstrip('\r\n')
 
 
 def read_text_file(path, doc_per='block', problems=None):

@@ -173,8 +173,23 @@ def hf_config(config, dtype='float32', gemma=False):
     }
 
 
-def config_from_hf(hf):
-    """A Hugging Face config.json dict -> mirim LlamaConfig, refusing what mirim cannot compute."""
+def config_from_hf(hf, where='config.json'):
+    """A Hugging Face config.json dict -> mirim LlamaConfig, refusing what mirim cannot compute. ValueError
+    naming `where` (the file) and the key: a size that is no positive whole number, a key missing, ..."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"{where}: holds a JSON {type(hf).__name__}, not a model's config object")
+    whole = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0  # noqa: E731
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0  # noqa: E731
+    for key in ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads'):
+        if key not in hf:
+            raise ValueError(f"{where}: no '{key}', which every Llama config.json has")
+    for key, ok, what in [(k, whole, 'a positive whole number') for k in (
+            'vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads',
+            'num_key_value_heads', 'head_dim', 'max_position_embeddings')] + [
+            (k, number, 'a positive number') for k in ('rms_norm_eps', 'rope_theta')]:
+        required = key in ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads')
+        if (required or hf.get(key) is not None) and not ok(hf[key]):
+            raise ValueError(f"{where}: '{key}' is {hf[key]!r}, not {what}")
     problems = []
     gemma = hf.get('model_type') == 'gemma'  # a GELU-gated Llama (see as_gemma)
     if hf.get('model_type') not in ('llama', 'gemma'):
@@ -208,7 +223,7 @@ def config_from_hf(hf):
         if hf.get(key):
             problems.append(f"{key}={hf[key]!r} (mirim uses full attention in every layer)")
     if problems:
-        raise ValueError("cannot import this model into mirim: " + "; ".join(problems))
+        raise ValueError(f"cannot import {where} into mirim: " + "; ".join(problems))
     eos = hf.get('eos_token_id', 2)
     return LlamaConfig(
         vocab_size=hf['vocab_size'], block_size=hf.get('max_position_embeddings', 2048),
@@ -239,14 +254,25 @@ def read_hf_tensors(path):
     else:
         raise FileNotFoundError(f"{path} holds no model.safetensors, pytorch_model.bin or their .index.json "
                                 f"(files: {sorted(os.listdir(path))})")
+    import pickle
+    import zipfile
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
     tensors = {}
     for name in files:
         file = os.path.join(path, name)
-        if name.endswith('.safetensors'):
-            from safetensors.torch import load_file
-            tensors.update(load_file(file))
-        else:
-            tensors.update(torch.load(file, map_location='cpu', weights_only=True))
+        try:  # the one place an HF weights file is read: a cut, damaged or missing file is one line naming it
+            if name.endswith('.safetensors'):
+                tensors.update(load_file(file))
+            else:
+                tensors.update(torch.load(file, map_location='cpu', weights_only=True))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{file} not found (its index names it): copy the whole model folder") from None
+        except (SafetensorError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError,
+                KeyError, IndexError, OSError) as e:
+            first_line = (str(e).strip().splitlines() or [''])[0][:200]
+            raise ValueError(f"{file} cannot be read (cut short or damaged? {type(e).__name__}: {first_line}): "
+                             f"copy or export the model again") from None
     return tensors
 
 
@@ -257,9 +283,12 @@ def load_hf(path, device='cpu', dtype=None, tokenizer=True):
     config_path = os.path.join(path, 'config.json')
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{config_path} not found: load_hf reads a local Hugging Face model folder")
-    with open(config_path) as f:
-        hf = json.load(f)
-    config = config_from_hf(hf)
+    try:
+        with open(config_path, encoding='utf-8') as f:
+            hf = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+    config = config_from_hf(hf, config_path)
     tensors = read_hf_tensors(path)
     if hf.get('model_type') == 'gemma':
         if not config.tie_embeddings:

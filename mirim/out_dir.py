@@ -17,6 +17,8 @@ def claim_out_dir(out_dir, resume):
     file behind and goes with the process, even on kill -9). A new run (not resume) never writes
     over a previous run's checkpoints. -> the locked folder's file descriptor (keep it open).
     ValueError says what is wrong."""
+    if not os.fspath(out_dir).strip():  # `--out_dir=` would write into the current folder, or fail obscurely
+        raise ValueError("out_dir is empty: give the run's folder, e.g. --out_dir=out/run1")
     try:
         os.makedirs(out_dir, exist_ok=True)
         probe = os.path.join(out_dir, f'.write_test_{os.getpid()}')

@@ -186,10 +186,17 @@ def read_shard(path, vocab_size=None, check_tokens=False, _bytes_per_token=None)
     token for ids >= vocab size (one pass over the file). Raises ShardError naming the problem.
     """
     path = os.fspath(path)
-    size = os.path.getsize(path)  # FileNotFoundError names the path
-    if size < HEADER_BYTES:
+    # the one place a shard is opened: whatever stops its reading (missing, a folder, a symlink loop, no
+    # permission) is a ShardError naming it
+    try:
+        with open(path, 'rb') as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(HEADER_BYTES)
+    except OSError as e:
+        raise ShardError(f"{path}: cannot be read as a shard ({e.strerror or e}); prepare the data again") from None
+    if size < HEADER_BYTES or len(head) < HEADER_BYTES:
         raise ShardError(f"{path}: truncated: {size} bytes, less than the {HEADER_BYTES}-byte header")
-    header = np.fromfile(path, dtype='<i4', count=HEADER_INTS)
+    header = np.frombuffer(head, dtype='<i4', count=HEADER_INTS)
     magic, version, bytes_per_token, num_tokens, shard_vocab = (int(v) for v in header[:5])
     if magic != MAGIC:
         raise ShardError(f"{path}: not a mirim shard: magic number {magic}, expected {MAGIC}")
@@ -250,11 +257,25 @@ def load_meta(data_dir):
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found (never prepared, or preparation did not finish): "
                                 + PREPARE_HINT.format(data_dir=data_dir))
-    with open(path, encoding='utf-8') as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ShardError(f"{path}: not valid JSON ({e}); prepare the data again") from None
+    try:
+        with open(path, encoding='utf-8') as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ShardError(f"{path}: not valid JSON ({e}); prepare the data again") from None
+    except OSError as e:  # a folder, a symlink loop, no permission
+        raise ShardError(f"{path}: cannot be read ({e.strerror or e}); prepare the data again") from None
+    # the one place meta.json is read: what every reader takes for granted is checked here, naming file and key
+    if not isinstance(meta, dict):
+        raise ShardError(f"{path}: holds a JSON {type(meta).__name__}, not the object data/prepare.py writes; "
+                         f"prepare the data again")
+    vocab = meta.get('vocab_size')
+    if 'vocab_size' in meta and (not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1):
+        raise ShardError(f"{path}: 'vocab_size' is {vocab!r}, not a positive whole number; prepare the data again")
+    splits = meta.get('splits')
+    if 'splits' in meta and not (isinstance(splits, dict) and all(isinstance(v, dict) for v in splits.values())):
+        raise ShardError(f"{path}: 'splits' is not an object of splits as data/prepare.py writes; prepare the data "
+                         f"again")
+    return meta
 
 
 def split_shards(data_dir, split, meta=None):

@@ -507,3 +507,17 @@ def test_dpo_from_a_hugging_face_folder_with_another_tokenizer_is_refused(setup,
         dpo.main(TINY + [f'--data_dir={data}', f'--out_dir={tmp_path / "out"}', f'--init_from={tmp_path / "hf"}'])
     assert 'another tokenizer' in str(e.value.code)
     assert not os.path.exists(tmp_path / 'out' / 'reference.pt')
+
+
+@pytest.mark.parametrize('damage', ['cut', 'empty', 'another dict'])
+def test_a_damaged_reference_on_resume_is_one_line(setup, tmp_path, damage):
+    out = tmp_path / 'run'
+    run(setup, out, '--max_iters=2', '--eval_interval=100')
+    path = out / 'reference.pt'
+    data = path.read_bytes()
+    if damage == 'another dict':
+        torch.save({'weights': torch.zeros(2)}, path)
+    else:
+        path.write_bytes(data[:len(data) // 2] if damage == 'cut' else b'')
+    with pytest.raises(SystemExit, match=r"reference\.pt.*starting model's log-probabilities.*cannot resume"):
+        run(setup, out, '--max_iters=4', '--eval_interval=100', '--init_from=resume')

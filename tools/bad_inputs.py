@@ -26,6 +26,7 @@ in ({case} is the case's own folder, {new} a path in it that does not exist yet,
 that never will); names is what the error message must mention, '|'-separated alternatives
 (case-insensitive), looked for in the last lines of the output.
 """
+import gzip
 import json
 import os
 import random
@@ -156,6 +157,12 @@ CASES = [
     ('train.py: init_from NaN weights', TRAIN + ['--init_from={nan_ckpt}'], 'nan|finite'),
     ('train.py: preference pairs as data', TRAIN + ['--data_dir={prefdata}'], 'preference|dpo.py'),
     ('train.py: chat data without its masks', TRAIN + ['--data_dir={chat_nomasks}'], 'mask.bin'),
+    ('train.py: a shard that is a folder', TRAIN + ['--data_dir={data_shard_dir}'], 'train_000000.bin'),
+    ('train.py: meta.json is a JSON list', TRAIN + ['--data_dir={data_meta_list}'], 'meta.json'),
+    ('train.py: vocab_size a string in meta.json', TRAIN + ['--data_dir={data_vocab_str}'], 'vocab_size'),
+    ('train.py: out_dir empty', TRAIN + ['--out_dir='], 'out_dir is empty'),
+    ('train.py: config file that imports, with a bad override', ['train.py', '{cfg_import}', '--batch_size=0'],
+     'batch_size'),
 
     # sample.py
     ('sample.py: out_dir missing', SAMPLE + ['--out_dir={missing}'], 'missing'),
@@ -169,6 +176,9 @@ CASES = [
     ('sample.py: HF folder without weights', SAMPLE + ['--out_dir={hf_noweights}'], 'safetensors|weights'),
     ('sample.py: NaN weights', SAMPLE + ['--out_dir={nan_ckpt}'], 'nan|finite'),
     ('sample.py: model_config without tie_embeddings', SAMPLE + ['--out_dir={notie_ckpt}'], 'tie_embeddings'),
+    ('sample.py: HF folder with a cut model.safetensors', SAMPLE + ['--out_dir={hf_cut}'], 'model.safetensors'),
+    ('sample.py: HF config.json with num_hidden_layers a string', SAMPLE + ['--out_dir={hf_layers_str}'],
+     'num_hidden_layers'),
     ('sample.py: num_samples=0', SAMPLE + ['--num_samples=0'], 'num_samples'),
     ('sample.py: max_new_tokens=-5', SAMPLE + ['--max_new_tokens=-5'], 'max_new_tokens'),
     ('sample.py: temperature=-1', SAMPLE + ['--temperature=-1.0'], 'temperature'),
@@ -242,6 +252,7 @@ CASES = [
     ('export.py: dest holds an export', EXPORT + ['--dest={hf}'], 'overwrite'),
     ('export.py: dest is the run folder, overwrite', EXPORT + ['--dest={out}', '--overwrite'], 'training run'),
     ('export.py: gguf dest is the run folder', EXPORT + ['--format=gguf', '--dest={out}'], 'training run'),
+    ('export.py: gguf dest is a file', EXPORT + ['--format=gguf', '--dest={file}'], 'plain.txt'),
 
     # classify.py
     ('classify.py: init_from missing', CLASSIFY + ['--init_from={missing}'], 'missing'),
@@ -262,6 +273,7 @@ CASES = [
     ('classify.py: max_length=-1', CLASSIFY + ['--max_length=-1'], 'max_length'),
     ('classify.py: warmup_fraction=2', CLASSIFY + ['--warmup_fraction=2.0'], 'warmup_fraction'),
     ('classify.py: out_dir under a file', CLASSIFY + ['--out_dir={file}/cls'], 'plain.txt|out_dir'),
+    ('classify.py: out_dir empty', CLASSIFY + ['--out_dir='], 'out_dir is empty'),
     ('classify.py: unknown device', CLASSIFY + ['--device=tpu'], 'device'),
     ('classify.py: freeze_backbone=maybe', CLASSIFY + ['--freeze_backbone=maybe'], 'freeze_backbone'),
 
@@ -303,6 +315,7 @@ CASES = [
     ('prepare.py: unknown doc_per', PREPARE + ['--doc_per=page'], 'doc_per'),
     ('prepare.py: out under a file', PREPARE[:6] + ['{file}/data'], 'plain.txt'),
     ('prepare.py: out is a file', PREPARE[:6] + ['{file}'], 'plain.txt'),
+    ('prepare.py: input a cut .gz', PREPARE[:2] + ['{gz_cut}'] + PREPARE[3:], 'corpus.txt.gz'),
     ('prepare.py: README command, vocab too big for the corpus', PREPARE[:4] + ['train:8192'] + PREPARE[5:],
      'vocab|8192'),
 
@@ -383,6 +396,7 @@ CASES = [
     ('judge.py: output is a folder', JUDGE[:-1] + ['--output={emptydir}'], 'emptydir|directory'),
     ('judge.py: output is the samples file, overwrite', JUDGE[:-1] + ['--output={cls_train}', '--overwrite'],
      'samples'),
+    ('judge.py: endpoint down', JUDGE, 'cannot reach'),
 
     # data/synth.py
     ('synth.py: out is a checkpoint', SYNTH[:-1] + ['{ckpt}'], 'overwrite'),
@@ -390,6 +404,10 @@ CASES = [
     ('synth.py: out is a folder, overwrite', SYNTH[:-1] + ['{emptydir}', '--overwrite'], 'directory'),
     ('synth.py: out is the prompts file, overwrite', ['data/synth.py', '--prompts', '{chat}', '--out', '{chat}',
                                                       NOWHERE, '--model=m', '--overwrite'], 'prompts'),
+    ('synth.py: lang folder without words.json', SYNTH[:2] + ['{lang_nowords}'] + SYNTH[3:], 'words.json'),
+    ('synth.py: prompts file with a line not JSON', ['data/synth.py', '--prompts', '{notjson}', '--out', '{new}',
+                                                     NOWHERE, '--model=m'], 'notjson.jsonl:1'),
+    ('synth.py: endpoint down', SYNTH, 'cannot reach'),
 
     # bench.py
     ('bench.py: unknown what', BENCH + ['--what=nope'], 'what|nope'),
@@ -490,11 +508,14 @@ def build_fixtures(root):
         cfg_latin1=write(j('cfg/latin1.py'), "out_dir = 'sa\xedda'\n".encode('latin-1')),
         cfg_unknown=write(j('cfg/unknown.py'), 'lerning_rate = 1e-3\n'),
         cfg_badtype=write(j('cfg/badtype.py'), "batch_size = 'sixteen'\n"),
+        cfg_import=write(j('cfg/imports.py'), "from math import pi\nlearning_rate = pi / 1000\n"),
+        lang_nowords=write(j('lang_nowords/prompt.txt'), 'Escreva sobre {noun}.\n'),
         badlog=write(j('badlog/log.jsonl'), 'not json\n{"foo": 1}\n[1, 2]\n'),
         png=write(j('old.png'), b'\x89PNG\r\n\x1a\nan earlier plot'),
     )
     os.makedirs(j('emptydir'))
     fx['emptydir'] = j('emptydir')
+    fx['lang_nowords'] = os.path.dirname(fx['lang_nowords'])
     say = [{'role': 'user', 'content': 'Diga algo.'}, {'role': 'assistant', 'content': 'o gato come o peixe.'}]
     fx['chat'] = jsonl(j('chat.jsonl'), [{'messages': say}] * 10 + [{'prompt': 'Oi', 'completion': 'Ola.'}] * 10)
     fx['chat_nofield'] = jsonl(j('chat_nofield.jsonl'), [{'foo': 1}] * 3)
@@ -540,6 +561,18 @@ def build_fixtures(root):
     write(os.path.join(fx['hf_badconfig'], 'config.json'), '{"model_type": "llama", ')
     fx['hf_noweights'] = shutil.copytree(fx['hf'], j('hf_noweights'))
     os.remove(os.path.join(fx['hf_noweights'], 'model.safetensors'))
+    fx['hf_cut'] = shutil.copytree(fx['hf'], j('hf_cut'))
+    with open(os.path.join(fx['hf_cut'], 'model.safetensors'), 'r+b') as f:
+        f.truncate(os.path.getsize(f.name) // 2)
+    fx['hf_layers_str'] = shutil.copytree(fx['hf'], j('hf_layers_str'))
+    with open(os.path.join(fx['hf_layers_str'], 'config.json'), encoding='utf-8') as f:
+        hf_config = json.load(f)
+    write(os.path.join(fx['hf_layers_str'], 'config.json'), json.dumps({**hf_config, 'num_hidden_layers': '2'}))
+    fx['gz_cut'] = j('corpus.txt.gz')
+    with gzip.open(fx['gz_cut'], 'wb') as f:
+        f.write(open(fx['text'], 'rb').read() * 20)
+    with open(fx['gz_cut'], 'r+b') as f:
+        f.truncate(os.path.getsize(fx['gz_cut']) // 2)
     ckpt = torch.load(fx['ckpt'], map_location='cpu', weights_only=True)
     for tensor in ckpt['model'].values():
         if tensor.is_floating_point():
@@ -574,6 +607,12 @@ def build_fixtures(root):
     shard = lambda d, split: os.path.join(d, f'{split}_000000.bin')
     for name in ('data_badmeta', 'data_noshards', 'data_truncated', 'data_badmagic', 'data_badids'):
         fx[name] = shutil.copytree(fx['data'], j(name))
+    for name in ('data_shard_dir', 'data_meta_list', 'data_vocab_str'):
+        fx[name] = shutil.copytree(fx['data'], j(name))
+    os.remove(shard(fx['data_shard_dir'], 'train'))
+    os.mkdir(shard(fx['data_shard_dir'], 'train'))
+    write(os.path.join(fx['data_meta_list'], 'meta.json'), json.dumps([meta]))
+    write(os.path.join(fx['data_vocab_str'], 'meta.json'), json.dumps({**meta, 'vocab_size': str(vocab)}))
     write(os.path.join(fx['data_badmeta'], 'meta.json'), '{"vocab_size": 260, "splits": ')
     for split in ('train', 'val'):
         os.remove(shard(fx['data_noshards'], split))

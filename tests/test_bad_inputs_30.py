@@ -1,0 +1,258 @@
+"""Issue 30, classes 8-10: each input below is one line naming the file (or the setting), decided in the one place
+that reads it; each class is tried on at least two cases, one of them not in the issue's list."""
+import gzip
+import json
+import os
+import socket
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mirim import shards  # noqa: E402
+from mirim.atomic import claim_folder  # noqa: E402
+from mirim.configurator import configure  # noqa: E402
+from mirim.corpus import PrepareError, read_text_file  # noqa: E402
+from mirim.hf import config_from_hf, read_hf_tensors  # noqa: E402
+from mirim.llm import Client, Fatal  # noqa: E402
+from mirim.out_dir import claim_out_dir  # noqa: E402
+from mirim.shards import BatchSampler, ShardError  # noqa: E402
+
+
+def data_dir(root, vocab_size=300):
+    """A data set of one train shard (two when asked), as data/prepare.py writes one."""
+    names = ['train_000000.bin', 'train_000001.bin']
+    for name in names:
+        shards.write_shard(os.path.join(root, name), np.arange(100) % vocab_size, vocab_size)
+    shards.write_meta(root, {'vocab_size': vocab_size, 'splits': {'train': {'tokens': 200, 'shards': names}}})
+    return str(root)
+
+
+# --- class 8: a shard path that cannot be read is a ShardError naming it (mirim/shards.read_shard)
+
+@pytest.mark.parametrize('make', ['directory', 'symlink loop', 'missing', 'unreadable'])
+def test_a_shard_that_cannot_be_read_is_a_shard_error_naming_it(tmp_path, make):
+    root = data_dir(tmp_path)
+    path = os.path.join(root, 'train_000001.bin')
+    os.remove(path)
+    if make == 'directory':
+        os.mkdir(path)
+    elif make == 'symlink loop':
+        os.symlink(path, path)
+    elif make == 'unreadable':
+        if os.geteuid() == 0:
+            pytest.skip("root reads every file")
+        shards.write_shard(path, np.arange(100), 300)
+        os.chmod(path, 0)
+    with pytest.raises(ShardError, match=r'train_000001\.bin: cannot be read as a shard'):
+        BatchSampler(root, 'train', batch_size=2, block_size=8)
+
+
+# --- class 8 and 10: meta.json that is not what data/prepare.py writes (mirim/shards.load_meta)
+
+@pytest.mark.parametrize('text, message', [
+    ('[1, 2, 3]', 'holds a JSON list, not the object'),                        # the issue's case
+    ('"tokens"', 'holds a JSON str, not the object'),
+    ('{"vocab_size": "300", "splits": {}}', "'vocab_size' is '300', not a positive whole number"),  # class 10
+    ('{"vocab_size": true, "splits": {}}', "'vocab_size' is True"),
+    ('{"vocab_size": 300, "splits": ["train"]}', "'splits' is not an object of splits"),
+])
+def test_meta_json_of_another_shape_names_the_file(tmp_path, text, message):
+    (tmp_path / 'meta.json').write_text(text)
+    with pytest.raises(ShardError, match=rf"meta\.json: {message}"):
+        shards.load_meta(str(tmp_path))
+
+
+def test_meta_json_that_is_a_folder_names_it(tmp_path):
+    os.mkdir(tmp_path / 'meta.json')
+    with pytest.raises(ShardError, match=r'meta\.json: cannot be read'):
+        shards.load_meta(str(tmp_path))
+
+
+# --- class 8: a cut or damaged Hugging Face weights file (mirim/hf.read_hf_tensors)
+
+def test_a_cut_model_safetensors_is_one_line_naming_it(tmp_path):
+    from safetensors.torch import save_file
+    save_file({'w': torch.zeros(64)}, str(tmp_path / 'model.safetensors'))
+    data = (tmp_path / 'model.safetensors').read_bytes()
+    (tmp_path / 'model.safetensors').write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match=r'model\.safetensors cannot be read \(cut short or damaged'):
+        read_hf_tensors(str(tmp_path))
+
+
+def test_a_cut_pytorch_model_bin_is_one_line_naming_it(tmp_path):
+    torch.save({'w': torch.zeros(64)}, tmp_path / 'pytorch_model.bin')
+    data = (tmp_path / 'pytorch_model.bin').read_bytes()
+    (tmp_path / 'pytorch_model.bin').write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match=r'pytorch_model\.bin cannot be read'):
+        read_hf_tensors(str(tmp_path))
+
+
+# --- class 10: an HF config.json value of the wrong type names the file and key (mirim/hf.config_from_hf)
+
+HF = {'model_type': 'llama', 'vocab_size': 300, 'hidden_size': 32, 'intermediate_size': 64, 'num_hidden_layers': 2,
+      'num_attention_heads': 4}
+
+
+@pytest.mark.parametrize('change, message', [
+    ({'num_hidden_layers': '2'}, "'num_hidden_layers' is '2', not a positive whole number"),   # the issue's case
+    ({'num_hidden_layers': 2.5}, "'num_hidden_layers' is 2.5"),
+    ({'hidden_size': None}, "'hidden_size' is None"),
+    ({'rms_norm_eps': '1e-6'}, "'rms_norm_eps' is '1e-6', not a positive number"),
+    ({'vocab_size': ...}, "no 'vocab_size'"),
+])
+def test_hf_config_of_a_wrong_type_names_file_and_key(change, message):
+    hf = {k: v for k, v in {**HF, **change}.items() if v is not ...}
+    with pytest.raises(ValueError, match=rf"^hf/config\.json: {message}"):
+        config_from_hf(hf, 'hf/config.json')
+
+
+def test_hf_config_that_is_no_object_names_the_file():
+    with pytest.raises(ValueError, match=r"hf/config\.json: holds a JSON list"):
+        config_from_hf([HF], 'hf/config.json')
+    assert config_from_hf(HF, 'hf/config.json').n_layer == 2
+
+
+# --- class 8: a cut or damaged .gz corpus is a PrepareError naming it (mirim/corpus.read_lines)
+
+def test_a_cut_gz_corpus_names_the_file(tmp_path):
+    path = str(tmp_path / 'corpus.txt.gz')
+    with gzip.open(path, 'wt') as f:
+        f.write(''.join(f"line {i} of a corpus {os.urandom(20).hex()}\n" for i in range(3000)))
+    data = open(path, 'rb').read()
+    open(path, 'wb').write(data[:len(data) // 2])
+    with pytest.raises(PrepareError, match=r'corpus\.txt\.gz: the compressed file ends early, after line \d+'):
+        list(read_text_file(path, 'line', {}))
+
+
+def test_a_damaged_gz_corpus_and_a_folder_name_the_file(tmp_path):
+    path = str(tmp_path / 'corpus.txt.gz')
+    with gzip.open(path, 'wt') as f:
+        f.write('some text\n' * 100)
+    data = bytearray(open(path, 'rb').read())
+    data[-8] ^= 0xff  # its CRC: BadGzipFile at the end
+    open(path, 'wb').write(bytes(data))
+    with pytest.raises(PrepareError, match=r'corpus\.txt\.gz: cannot be read'):
+        list(read_text_file(path, 'line', {}))
+    os.mkdir(tmp_path / 'folder.txt')
+    with pytest.raises(PrepareError, match=r'folder\.txt: cannot be read \(Is a directory\)'):
+        list(read_text_file(str(tmp_path / 'folder.txt'), 'line', {}))
+
+
+# --- class 8: data/synth.py's language folder and prompts file
+
+def synth_main(argv):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'data'))
+    import synth
+    return synth.main(argv + ['--base_url=http://127.0.0.1:9/v1', '--model=m', '--retries=0'])
+
+
+@pytest.mark.parametrize('words, message', [
+    (None, r'words\.json not found: a --lang folder holds prompt\.txt, words\.json'),   # the issue's case
+    ('[1, 2]', r'words\.json: not an object of word lists'),
+    ('{"noun": ', r'words\.json: not valid JSON'),
+])
+def test_synth_language_folder_names_the_file(tmp_path, words, message):
+    lang = tmp_path / 'lang'
+    lang.mkdir()
+    (lang / 'prompt.txt').write_text('Write about {noun}.')
+    if words is not None:
+        (lang / 'words.json').write_text(words)
+    with pytest.raises(SystemExit, match=message):
+        synth_main(['--lang', str(lang), '--out', str(tmp_path / 'out.jsonl')])
+
+
+@pytest.mark.parametrize('text, message', [
+    ('{"prompt": "a"}\nnot json\n', r'prompts\.jsonl:2: not valid JSON'),     # the issue's case
+    ('{"prompt": "a"}\n[1, 2]\n', r'prompts\.jsonl:2: not a prompt record'),
+])
+def test_synth_prompts_file_names_file_and_line(tmp_path, text, message):
+    (tmp_path / 'prompts.jsonl').write_text(text)
+    with pytest.raises(SystemExit, match=message):
+        synth_main(['--prompts', str(tmp_path / 'prompts.jsonl'), '--out', str(tmp_path / 'out.jsonl')])
+
+
+# --- class 9: an endpoint that is down stops the run with one line (mirim/llm.Client)
+
+def closed_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]  # nothing listens there once it is closed
+
+
+def test_a_down_endpoint_is_fatal_naming_it():
+    url = f'http://127.0.0.1:{closed_port()}/v1'
+    client = Client(url, 'm', retries=1, backoff=0.001)
+    with pytest.raises(Fatal, match=rf'cannot reach {url} \(Connection refused\) after 2 tries'):
+        client.ask('hello')
+    with pytest.raises(Fatal, match=rf'cannot reach {url}'):
+        Client(url, '').default_model()
+
+
+def test_judge_and_synth_against_a_down_endpoint_say_so(tmp_path):
+    import judge
+    url = f'http://127.0.0.1:{closed_port()}/v1'
+    samples = tmp_path / 'samples.jsonl'
+    samples.write_text(json.dumps({'prompt': 'p', 'text': 'uma historia'}) + '\n')
+    with pytest.raises(Fatal, match='cannot reach'):  # judge.py's __main__ turns it into one line, exit 1
+        judge.main([f'--samples={samples}', f'--base_url={url}', '--model=j', '--retries=0'])
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'data'))
+    import synth
+    lang = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'data', 'synth', 'pt')
+    with pytest.raises(SystemExit, match='synth.py: error: cannot reach'):
+        synth.main(['--lang', lang, '--n', '2', f'--base_url={url}', '--model=m', '--retries=0',
+                    '--out', str(tmp_path / 'stories.jsonl')])
+
+
+def test_an_endpoint_that_answers_is_not_fatal_when_a_later_request_cannot_connect():
+    client = Client('http://127.0.0.1:9/v1', 'm', retries=0)
+    client.reached = True  # it answered before: a connection that fails now is one failed request, retried later
+    with pytest.raises(OSError):
+        client.ask('hello')
+
+
+# --- class 10: unclear lines
+
+@pytest.mark.parametrize('out_dir', ['', '  '])
+def test_an_empty_out_dir_says_so(out_dir):
+    with pytest.raises(ValueError, match='^out_dir is empty'):
+        claim_out_dir(out_dir, resume=False)
+
+
+@pytest.mark.parametrize('make', ['file', 'symlink to a file'])
+def test_a_dest_that_is_a_file_is_named(tmp_path, make):
+    (tmp_path / 'plain.txt').write_text('x')
+    dest = tmp_path / 'plain.txt'
+    if make == 'symlink to a file':
+        os.symlink(dest, tmp_path / 'link')
+        dest = tmp_path / 'link'
+    with pytest.raises(ValueError, match=rf'--dest {dest} is a file, not a folder'):
+        claim_folder(str(dest), lambda name: True, True, 'an export', '--dest')
+
+
+DEFAULTS = dict(batch_size=4, learning_rate=1e-3, out_dir='out')
+
+
+@pytest.mark.parametrize('text, expected', [
+    ("from math import pi\nlearning_rate = pi / 1000\n", dict(learning_rate=np.pi / 1000)),   # the issue's case
+    ("from math import tau as TAU, e\nimport os.path\nbatch_size = int(TAU)\n", dict(batch_size=6)),
+    ("from math import pi\npi = 2 * pi\n", None),    # assigned too: a setting, so an unknown key
+])
+def test_names_a_config_file_imports_are_not_settings(tmp_path, text, expected):
+    path = tmp_path / 'cfg.py'
+    path.write_text(text)
+    if expected is None:
+        with pytest.raises(Exception, match="'pi'"):
+            configure(DEFAULTS, [str(path)])
+        return
+    config = configure(DEFAULTS, [str(path)])
+    assert {k: config[k] for k in expected} == pytest.approx(expected)
+
+
+def test_an_imported_name_that_is_a_setting_is_kept(tmp_path):
+    (tmp_path / 'base_cfg.py').write_text("batch_size = 32\n")
+    (tmp_path / 'cfg.py').write_text("import sys\nsys.path.insert(0, %r)\nfrom base_cfg import batch_size\n"
+                                     % str(tmp_path))
+    assert configure(DEFAULTS, [str(tmp_path / 'cfg.py')])['batch_size'] == 32
