@@ -357,10 +357,6 @@ class Classification(Task):
                 + ('head only (backbone frozen)' if c.freeze_backbone else 'all weights')
                 + f"; {c.max_iters} steps of {run.examples_per_step} examples"]
 
-    def restore(self, run, c, checkpoint):
-        if 'head' not in checkpoint:
-            fail(f"{c.out_dir}/ckpt.pt is not a classify.py checkpoint")
-
     def checkpoint_state(self, run, c):
         return {'head': run.raw_model.head.state_dict(), 'labels': self.labels,
                 'classify': {'max_length': self.max_length}}

@@ -378,10 +378,6 @@ class Preference(Task):
                 f"{tasks}; {run.pairs_per_step} pairs a step, {c.max_iters} steps; every batch padded to "
                 f"{run.width} tokens (the longest sequence)"]
 
-    def restore(self, run, c, checkpoint):
-        if 'dpo' not in checkpoint:
-            fail(f"{c.out_dir}/ckpt.pt is not a dpo.py checkpoint; resume it with train.py")
-
     def checkpoint_state(self, run, c):
         return {'dpo': {'init_from': c.init_from, 'beta': c.beta, 'loss_type': c.loss_type}}
 

@@ -62,6 +62,7 @@ def bpb_text(bpb):
 
 class Pretraining(Task):
     """Next-token prediction on token shards (pre-training, or SFT on loss-masked chat shards)."""
+    name = 'train.py'
     metrics = ('train_loss',)
     hint = ("Try a lower learning_rate, a longer warmup_iters, grad_clip, or dtype='bfloat16' instead of "
             "'float16'")
@@ -132,8 +133,6 @@ class Pretraining(Task):
                 f"({total_tokens / splits['train']['tokens']:.1f} epochs)"]
 
     def restore(self, run, c, checkpoint):
-        if 'dpo' in checkpoint:
-            fail(f"{c.out_dir}/ckpt.pt is a dpo.py checkpoint; resume it with dpo.py")
         for sampler in run.samplers:  # every stream has drawn as many batches as stream 0
             sampler.load_state_dict(checkpoint['sampler'])
 

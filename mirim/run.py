@@ -216,6 +216,12 @@ def set_rng_state(state):
 def restore(run, c, task):
     """Continue a run from its checkpoint: optimizer, scaler, the task's data position, counters, random state."""
     checkpoint, run.checkpoint = run.checkpoint, None  # free the memory once restored
+    # which command wrote it (checkpoints from before the 'command' entry: told by their own entries)
+    made_by = checkpoint.get('command') or ('dpo.py' if 'dpo' in checkpoint else
+                                           'classify.py' if 'head' in checkpoint else 'train.py')
+    if made_by != task.name:
+        fail(f"{c.out_dir}/ckpt.pt was written by {made_by}, not {task.name}: resume it with {made_by}, or start "
+             f"{task.name} from it with --init_from={c.out_dir} and another --out_dir")
     task.restore(run, c, checkpoint)
     trained_with = checkpoint['config'].get('optimizer', 'adamw')
     if trained_with != c.optimizer:
@@ -288,7 +294,7 @@ def save(run, c, task, improved, elapsed):
             'config': vars(c), 'tokenizer': run.tokenizer.to_dict(), 'step': run.step,
             'tokens_seen': run.tokens_seen, 'best_val_loss': run.best_val_loss, 'val_loss': run.val_loss,
             'val_bpb': run.val_bpb, 'optimizer': run.optimizer.state_dict(), 'scaler': run.scaler.state_dict(),
-            'rng': states, 'data_dir': getattr(c, 'data_dir', None), 'elapsed': elapsed, **task.checkpoint_state(run, c)}
+            'rng': states, 'data_dir': getattr(c, 'data_dir', None), 'elapsed': elapsed, 'command': task.name, **task.checkpoint_state(run, c)}
     path = os.path.join(c.out_dir, 'ckpt.pt')
     try:
         save_atomic(ckpt, path)

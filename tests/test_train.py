@@ -541,10 +541,9 @@ def test_temp_files_of_a_run_killed_mid_save_are_removed_when_the_out_dir_is_cla
     assert sorted(os.listdir(tmp_path)) == ['best.pt', 'ckpt.pt', 'config.json', 'log.jsonl', 'notes.tmp']
 
 
-def test_a_full_disk_at_the_end_of_a_classifier_run_costs_no_training(tmp_path, monkeypatch):
-    import errno
+def tiny_classifier_config(tmp_path):
+    """A 1-layer bytes model and a two-label JSONL task in tmp_path -> classify.py settings (epochs=1)."""
     from dataclasses import asdict
-    import classify
     from conftest import tiny_config
     from model import Llama
     tok = load_tokenizer('bytes')
@@ -557,9 +556,15 @@ def test_a_full_disk_at_the_end_of_a_classifier_run_costs_no_training(tmp_path, 
             for _ in range(n):
                 label = rng.choice(['a', 'z'])
                 f.write(json.dumps({'text': label * rng.randint(2, 6), 'label': label}) + '\n')
-    cfg = dict(init_from=str(tmp_path / 'start.pt'), train_file=str(tmp_path / 'train.jsonl'),
-               test_file=str(tmp_path / 'test.jsonl'), out_dir=str(tmp_path / 'out'), epochs=1, batch_size=8,
-               device='cpu')
+    return dict(init_from=str(tmp_path / 'start.pt'), train_file=str(tmp_path / 'train.jsonl'),
+                test_file=str(tmp_path / 'test.jsonl'), out_dir=str(tmp_path / 'out'), epochs=1, batch_size=8,
+                device='cpu')
+
+
+def test_a_full_disk_at_the_end_of_a_classifier_run_costs_no_training(tmp_path, monkeypatch):
+    import errno
+    import classify
+    cfg = tiny_classifier_config(tmp_path)
     real_save = classify.save_atomic
 
     def disk_full(obj, path):
@@ -571,3 +576,24 @@ def test_a_full_disk_at_the_end_of_a_classifier_run_costs_no_training(tmp_path, 
     monkeypatch.setattr(classify, 'save_atomic', real_save)
     result = classify.train_classifier({**cfg, 'init_from': 'resume'})  # nothing left to train: it finishes
     assert (tmp_path / 'out' / 'classifier.pt').exists() and 0 <= result['accuracy'] <= 1
+
+
+def test_a_run_resumes_only_with_the_command_that_wrote_it(data_dir, tmp_path):
+    import classify
+    cfg = tiny_classifier_config(tmp_path)
+    classify.train_classifier(cfg)
+    message = error_of(data_dir, cfg['out_dir'], '--init_from=resume', '--max_iters=1000')  # train.py on it
+    assert 'ckpt.pt' in message and '\n' not in message  # its shape or its maker: one line either way
+    run(data_dir, tmp_path / 'lm', '--max_iters=1', '--eval_interval=1')
+    with pytest.raises(SystemExit, match='classify.py'):  # and the other way round
+        classify.train_classifier({**cfg, 'init_from': 'resume', 'out_dir': str(tmp_path / 'lm')})
+    assert torch.load(tmp_path / 'lm' / 'ckpt.pt', weights_only=True)['command'] == 'train.py'
+
+
+@pytest.mark.parametrize('entry', [{'command': 'dpo.py'}, {'dpo': {'beta': 0.1}, 'command': None}])
+def test_resume_names_the_command_that_wrote_the_checkpoint(data_dir, tmp_path, entry):
+    run(data_dir, tmp_path, '--max_iters=1', '--eval_interval=1')
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    torch.save({**ckpt, **entry}, tmp_path / 'ckpt.pt')  # by its entry, or (older files) by what it holds
+    message = error_of(data_dir, tmp_path, '--init_from=resume', '--max_iters=2')
+    assert 'written by dpo.py' in message and 'resume it with dpo.py' in message
