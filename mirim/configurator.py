@@ -185,12 +185,12 @@ def print_config(config, print_fn=print, width=110):
 
 def comments(path):
     """{name: (heading, comment)} for the config keys declared at the top level of the Python file `path`
-    (or of several files: the first that declares a key gives its comment):
+    (or of several files: the first that declares a key with a comment gives it):
     `key = value`, or `key=value,` inside `DEFAULTS = dict(...)`. The comment is the # comment ending its
     line, joined with the comment-only lines below that continue it (their # in the same column); the
     heading, the comment-only lines just above it in the key's own column (a section: '# optimizer: ...')."""
     if isinstance(path, (list, tuple)):
-        return {k: v for one in reversed(path) for k, v in comments(one).items()}
+        return {k: v for one in reversed(path) for k, v in comments(one).items() if v[1] or v[0]}
     with open(path, encoding='utf-8') as f:
         source = f.read()
     found = {}  # line -> (column, text, comment only?); tokenize, so a '#' inside a string is no comment

@@ -196,6 +196,11 @@ def prepare_pref(pairs, tokenizer, template, out_dir, max_length=1024, val_fract
                 c['documents'] += 1
             c['pairs'] += 1
             tasks[split].append(task)
+        kept = counts['train']['pairs'] + counts['val']['pairs']
+        if kept == 0 or (counts['train']['pairs'] == 0 and stats['skipped_identical']):
+            raise PrepareError(f"{len(stats['skipped_identical'])} pair(s) of {source} have the same chosen and "
+                               f"rejected reply (first: {stats['skipped_identical'][0]}), leaving {kept} to "
+                               f"prefer: nothing to learn from; check the input's chosen and rejected fields")
         names = close_split_writers(writers, out_dir, counts,
                                     f"all {counts['val']['pairs']} pair(s) of {source} went to val, none to "
                                     f"train: give more pairs or a smaller --val_fraction")

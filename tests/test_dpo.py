@@ -521,3 +521,15 @@ def test_a_damaged_reference_on_resume_is_one_line(setup, tmp_path, damage):
         path.write_bytes(data[:len(data) // 2] if damage == 'cut' else b'')
     with pytest.raises(SystemExit, match=r"reference\.pt.*starting model's log-probabilities.*cannot resume"):
         run(setup, out, '--max_iters=4', '--eval_interval=100', '--init_from=resume')
+
+
+@pytest.mark.parametrize('chosen, rejected', [('a', 'a'), ([{'role': 'assistant', 'content': 'sim'}],
+                                                           [{'role': 'assistant', 'content': 'sim'}])])
+def test_pairs_whose_replies_are_all_the_same_are_refused_by_name(tmp_path, chosen, rejected):
+    path = tmp_path / 'same.jsonl'
+    path.write_text(''.join(json.dumps({'prompt': f'q{i}', 'chosen': chosen, 'rejected': rejected}) + '\n'
+                            for i in range(5)))
+    with pytest.raises(SystemExit) as e:
+        prepare_main(['--input', str(path), '--tokenizer', 'bytes', '--out', str(tmp_path / 'out')])
+    assert 'same chosen and rejected reply' in str(e.value.code) and 'same.jsonl:1' in str(e.value.code)
+    assert not (tmp_path / 'out' / 'meta.json').exists()
