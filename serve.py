@@ -79,6 +79,10 @@ DEFAULTS = dict(
 
 MAX_BODY = 4 << 20  # bytes of request JSON
 MAX_N = 128
+MAX_ROWS = 256          # rows one request may queue: len(prompts) * n
+MAX_STOPS = 16          # stop strings per request (each is checked at every token, in the shared engine thread)
+MAX_STOP_CHARS = 256    # characters per stop string
+MAX_MESSAGES = 1024     # messages per chat request
 MIN_TEMPERATURE = 1e-5  # below it sampling is greedy, as in vLLM (1e-300 would overflow the logits)
 SEEDS = 2 ** 64  # torch.Generator.manual_seed takes 0 <= seed < 2**64 (and a negative one as 2**64 + seed)
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'serve_chat.html')
@@ -545,6 +549,11 @@ def stop_strings(body):
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
         raise APIError(400, "'stop' must be a non-empty string or a list of them", param='stop')
+    if len(stops) > MAX_STOPS:
+        raise APIError(400, f"'stop' has {len(stops)} strings; the limit is {MAX_STOPS}", param='stop')
+    longest = max(len(s) for s in stops) if stops else 0
+    if longest > MAX_STOP_CHARS:
+        raise APIError(400, f"a 'stop' string has {longest} characters; the limit is {MAX_STOP_CHARS}", param='stop')
     return stops
 
 
@@ -729,6 +738,9 @@ class Handler(BaseHTTPRequestHandler):
         if not isinstance(body.get('stream_options') or {}, dict):
             raise APIError(400, "'stream_options' must be an object", param='stream_options')
         n = number(body, 'n', 1, lo=1, hi=MAX_N, integer=True)
+        if len(prompts) * n > MAX_ROWS:
+            raise APIError(400, f"{len(prompts)} prompts x n={n} is {len(prompts) * n} rows; the limit is "
+                                f"{MAX_ROWS} per request (len(prompts) * n)", param='n')
         best_of = body.get('best_of')
         if best_of is not None and best_of != n:
             raise APIError(400, "'best_of' is not supported (other than equal to n)", param='best_of')
@@ -784,6 +796,9 @@ class Handler(BaseHTTPRequestHandler):
         messages = body.get('messages')
         if not isinstance(messages, list) or not messages:
             raise APIError(400, "'messages' must be a non-empty list", param='messages')
+        if len(messages) > MAX_MESSAGES:
+            raise APIError(400, f"'messages' has {len(messages)} messages; the limit is {MAX_MESSAGES}",
+                           param='messages')
         plain = []
         for m in messages:
             if not isinstance(m, dict):

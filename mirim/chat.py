@@ -12,6 +12,7 @@ which no text can spell (a SentencePiece '</s>' typed in text is four characters
     ids, mask = chat_ids(messages, 'chatml', tok)      # -> tokens, and which ones to train on
 """
 import json
+import re
 
 CHAT_TEMPLATES = {
     # ChatML (OpenAI's format, used by cucafera and most small chat models). Its two markers are
@@ -40,6 +41,8 @@ CHAT_TEMPLATES = {
 }
 
 ROLES = ('system', 'user', 'assistant')
+# tokenizer kinds whose encode splits the text at special tokens and encodes each part apart
+SPLITS_AT_SPECIALS = ('bytes', 'tiktoken')
 EOS = '{eos}'
 
 
@@ -116,17 +119,34 @@ def chat_ids(messages, template, tokenizer, add_generation_prompt=False):
 
     The text between two eos tokens is encoded in one piece, exactly as at inference, because
     encoding each piece apart differs: SentencePiece puts a '▁' before every separately encoded
-    string. Piece boundaries are found by encoding each prefix of that text."""
+    string. Piece boundaries are found by encoding each prefix of that text; for tokenizers that
+    encode the text between two special tokens on its own (bytes, tiktoken), only the prefix's part
+    after its last special token is encoded again, so a long chat costs linear time, not quadratic."""
     ids, mask = [tokenizer.bos_id], [0]
     chunk = []
+    specials = getattr(tokenizer, '_text_specials', None) if getattr(tokenizer, 'kind', None) in SPLITS_AT_SPECIALS else None
+    pattern = re.compile('|'.join(re.escape(p) for p in specials)) if specials else None
 
     def flush():
         text = ''.join(t for t, _ in chunk)
         full = tokenizer.encode(text)
-        done, end = 0, 0
+        if pattern:  # (char end, token end) of each special token, in order: the text before it encodes apart
+            marks = [m.end() for m in pattern.finditer(text)]
+            special_ids = set(specials.values())
+            after = [k + 1 for k, i in enumerate(full) if i in special_ids]
+            cuts = list(zip(marks, after)) if len(marks) == len(after) else []
+        done, end, c = 0, 0, 0
         for n, (piece, trained) in enumerate(chunk):
             end += len(piece)
-            upto = len(full) if n == len(chunk) - 1 else common_prefix(tokenizer.encode(text[:end]), full)
+            if n == len(chunk) - 1:
+                upto = len(full)
+            elif pattern and cuts:
+                while c + 1 < len(cuts) and cuts[c + 1][0] <= end:
+                    c += 1
+                s, k = cuts[c] if cuts[c][0] <= end else (0, 0)
+                upto = k + common_prefix(tokenizer.encode(text[s:end]), full, k)
+            else:
+                upto = common_prefix(tokenizer.encode(text[:end]), full)
             ids.extend(full[done:upto])
             mask.extend([int(trained)] * (upto - done))
             done = max(done, upto)
@@ -143,9 +163,10 @@ def chat_ids(messages, template, tokenizer, add_generation_prompt=False):
     return ids, mask
 
 
-def common_prefix(a, b):
+def common_prefix(a, b, start=0):
+    """How many leading items of a equal b's items from b[start] on."""
     n = 0
-    while n < len(a) and n < len(b) and a[n] == b[n]:
+    while n < len(a) and start + n < len(b) and a[n] == b[start + n]:
         n += 1
     return n
 

@@ -57,3 +57,52 @@ def test_unknown_template_name_lists_the_known_ones():
 def test_templates_are_plain_data_that_a_checkpoint_can_hold():
     allowed = (str, bool, type(None))
     assert all(isinstance(v, allowed) for t in CHAT_TEMPLATES.values() for v in t.values())
+
+
+def old_chat_ids(messages, template, tokenizer, add_generation_prompt=False):
+    """chat_ids as it was: every piece boundary found by encoding the whole prefix (quadratic)."""
+    from mirim.chat import EOS, chat_pieces, common_prefix
+    ids, mask, chunk = [tokenizer.bos_id], [0], []
+
+    def flush():
+        text = ''.join(t for t, _ in chunk)
+        full = tokenizer.encode(text)
+        done, end = 0, 0
+        for n, (piece, trained) in enumerate(chunk):
+            end += len(piece)
+            upto = len(full) if n == len(chunk) - 1 else common_prefix(tokenizer.encode(text[:end]), full)
+            ids.extend(full[done:upto])
+            mask.extend([int(trained)] * (upto - done))
+            done = max(done, upto)
+        chunk.clear()
+
+    for text, trained in chat_pieces(messages, template, add_generation_prompt):
+        if text == EOS:
+            flush()
+            ids.append(tokenizer.eos_id)
+            mask.append(int(trained))
+        else:
+            chunk.append((text, trained))
+    flush()
+    return ids, mask
+
+
+def long_chat(n):
+    roles = ['user', 'assistant']
+    return [{'role': 'system', 'content': 'Seja breve.'}] + [
+        {'role': roles[i % 2], 'content': f'mensagem {i}: olá <|im_end|> ' * (i % 3) + 'fim'} for i in range(n)]
+
+
+@pytest.mark.parametrize('template', ['chatml', 'aira'])
+def test_long_chat_ids_equal_the_old_prefix_by_prefix_way(tok, template):
+    messages = long_chat(40) if template == 'chatml' else long_chat(40)[1:]
+    for gen in (False, True):
+        assert chat_ids(messages, template, tok, gen) == old_chat_ids(messages, template, tok, gen)
+
+
+def test_a_chat_of_2000_messages_takes_well_under_a_second(tok):
+    import time
+    start = time.perf_counter()
+    ids, mask = chat_ids(long_chat(2000), 'chatml', tok, add_generation_prompt=True)
+    assert time.perf_counter() - start < 1.0
+    assert len(ids) == len(mask) == len(tok.encode(render_chat(long_chat(2000), 'chatml', True))) + 1

@@ -518,3 +518,35 @@ def test_a_port_that_cannot_be_used_is_one_line_naming_it(server, tmp_path, mode
         process = subprocess.run([sys.executable, os.path.join(ROOT, 'serve.py'), f'--out_dir={out}', f'--port={port}'],
                                  cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert process.returncode != 0 and 'Traceback' not in process.stderr and f'port={port}' in process.stderr
+
+
+def test_limits_where_one_request_costs_everyone_are_400s_that_name_them(server):
+    """Issue #25: 100,000 stop strings (checked at every token in the shared engine thread), 2,000 prompts
+    x n=128 rows, or a chat of thousands of messages are refused at once, naming the parameter and limit."""
+    before = greedy(server, 'Era uma vez')
+    post = lambda path, body: raw(server, 'POST', path, body)  # noqa: E731
+    cases = [('/v1/completions', {'prompt': 'a', 'max_tokens': 2, 'stop': ['x'] * (serve.MAX_STOPS + 1)},
+              'stop', str(serve.MAX_STOPS)),
+             ('/v1/completions', {'prompt': 'a', 'max_tokens': 2, 'stop': 'x' * (serve.MAX_STOP_CHARS + 1)},
+              'stop', str(serve.MAX_STOP_CHARS)),
+             ('/v1/completions', {'prompt': ['a'] * 2000, 'max_tokens': 2, 'n': 128}, 'n', str(serve.MAX_ROWS)),
+             ('/v1/chat/completions', {'messages': [{'role': 'user', 'content': 'Oi'}] * (serve.MAX_MESSAGES + 1),
+                                       'max_tokens': 2}, 'messages', str(serve.MAX_MESSAGES))]
+    for path, body, param, limit in cases:
+        start_time = time.perf_counter()
+        status, r = post(path, body)
+        assert status == 400 and r['error']['param'] == param and limit in r['error']['message'], r
+        assert time.perf_counter() - start_time < 5
+    # just under each limit is served
+    status, r = post('/v1/completions', {'prompt': 'a', 'max_tokens': 2, 'temperature': 0,
+                                         'stop': ['x' * serve.MAX_STOP_CHARS] * serve.MAX_STOPS})
+    assert status == 200, r
+    status, r = post('/v1/completions', {'prompt': ['a'] * 2, 'max_tokens': 1, 'n': serve.MAX_ROWS // 2})
+    assert status == 200 and len(r['choices']) == serve.MAX_ROWS, r
+    # MAX_MESSAGES messages pass the message cap (this tiny model's context is what refuses them), fast
+    start_time = time.perf_counter()
+    status, r = post('/v1/chat/completions', {'messages': [{'role': 'user', 'content': 'Oi'}] * serve.MAX_MESSAGES,
+                                              'max_tokens': 2})
+    assert time.perf_counter() - start_time < 5
+    assert status == 200 or r['error']['code'] == 'context_length_exceeded', r
+    assert greedy(server, 'Era uma vez') == before
