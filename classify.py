@@ -43,8 +43,9 @@ import torch.nn.functional as F
 from mirim.atomic import save_atomic, write_json
 from mirim.checkpoint import MODEL_KEYS, load_checkpoint, load_model, model_from_checkpoint, resolve
 from mirim.common import fail, print0
+from mirim.configurator import checked
 from mirim import train_config
-from mirim.run import ExampleOrder, Task, run_task, train
+from mirim.run import ExampleOrder, Task, run_task, sum_over_batches, train
 from mirim.tokenizer import load_tokenizer
 
 # every run setting train.py has (mirim/train_config.py: logging, batch, optimizer, schedule, system;
@@ -308,8 +309,8 @@ class Classification(Task):
     def optimizer_groups(self, run, c):
         return [{'params': list(run.raw_model.head.parameters()), 'lr': c.head_learning_rate}]
 
-    def micro_step(self, run, c, micro):
-        rows = run.order.micro_batch(run.step, run.rank * (c.gradient_accumulation_steps // run.world_size) + micro, c)
+    def micro_step(self, run, c, j):
+        rows = run.order.micro_batch(run.step, j, c)
         ids, labels = run.data['train']
         idx, lengths = padded([ids[i] for i in rows], run.pad_id)
         y = torch.tensor([labels[i] for i in rows], device=run.device)
@@ -321,21 +322,16 @@ class Classification(Task):
     def units_per_step(self, run, c):
         return run.examples_per_step
 
-    @torch.no_grad()
     def evaluate(self, run, c):
         ids, labels = run.data['val']
-        total = torch.zeros(2, device=run.device)
-        run.raw_model.eval()
-        for n, start in enumerate(range(0, len(ids), c.batch_size)):
-            if n % run.world_size == run.rank:
-                idx, lengths = padded(ids[start:start + c.batch_size], run.pad_id)
-                y = torch.tensor(labels[start:start + c.batch_size], device=run.device)
-                with run.amp:
-                    logits = run.raw_model(idx.to(run.device), lengths.to(run.device)).float()
-                total += torch.stack([F.cross_entropy(logits, y, reduction='sum'), (logits.argmax(-1) == y).sum()])
-        if run.world_size > 1:
-            torch.distributed.all_reduce(total)
-        run.raw_model.train()
+
+        def batch_sums(start, stop):  # summed loss, correct answers
+            idx, lengths = padded(ids[start:stop], run.pad_id)
+            y = torch.tensor(labels[start:stop], device=run.device)
+            with run.amp:
+                logits = run.raw_model(idx.to(run.device), lengths.to(run.device)).float()
+            return torch.stack([F.cross_entropy(logits, y, reduction='sum'), (logits.argmax(-1) == y).sum()])
+        total = sum_over_batches(run, len(ids), c.batch_size, 2, batch_sums)
         if c.freeze_backbone:
             run.raw_model.backbone.eval()  # no dropout in a frozen feature extractor
         loss, correct = total.tolist()
@@ -386,11 +382,10 @@ class Classification(Task):
 def train_classifier(cfg):
     """Fine-tune on cfg['train_file'] (the settings not given take DEFAULTS), score cfg['test_file'], save
     out_dir/classifier.pt and results.json. -> the results dict. A setting or data that cannot be used
-    exits with its one-line message, as the command does."""
-    unknown = sorted(set(cfg) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown settings {unknown}")
-    return run_task(Classification(), SimpleNamespace(**{**DEFAULTS, **cfg})).result
+    exits with its one-line message, as the command does; an unknown key or a wrong type is a ConfigError
+    (the configurator's check, with its suggestion)."""
+    settings = {**DEFAULTS, **{key: checked(DEFAULTS, key, value, 'train_classifier') for key, value in cfg.items()}}
+    return run_task(Classification(), SimpleNamespace(**settings)).result
 
 
 def result_lines(result):

@@ -58,7 +58,7 @@ from mirim.atomic import save_atomic
 from mirim.checkpoint import CheckpointError, load_checkpoint
 from mirim.common import fail, print0
 from mirim.pref_data import read_pair_tasks, read_pairs
-from mirim.run import ExampleOrder, Task, train
+from mirim.run import ExampleOrder, Task, sum_over_batches, train
 from mirim import train_config
 
 # -----------------------------------------------------------------------------
@@ -315,15 +315,14 @@ class Preference(Task):
         return logps, ref, dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], c.beta, c.label_smoothing,
                                     c.loss_type, tokens[:, 0], tokens[:, 1])
 
-    def micro_step(self, run, c, micro):
-        indices = run.order.micro_batch(run.step, run.rank * (c.gradient_accumulation_steps // run.world_size) + micro, c)
+    def micro_step(self, run, c, j):
+        indices = run.order.micro_batch(run.step, j, c)
         logps, ref, (losses, chosen_rewards, rejected_rewards) = self.scores(run, c, run.model, 'train', indices)
         return losses.mean(), metrics(losses, chosen_rewards, rejected_rewards, logps, ref)
 
     def units_per_step(self, run, c):
         return run.pairs_per_step
 
-    @torch.no_grad()
     def evaluate_set(self, run, c, split):
         """METRICS averaged over the fixed pairs of run.eval_sets[split] ('val' or 'eval_train'); for 'val' when
         the pairs name their task, the reward accuracy of each task too (reward_accuracy/<task>)."""
@@ -331,23 +330,18 @@ class Preference(Task):
         pairs_split = 'val' if split == 'val' else 'train'
         tasks = run.tasks if split == 'val' else None
         task_of = torch.tensor(tasks[1], device=run.device) if tasks else None
-        total = torch.zeros(len(METRICS), device=run.device)
-        wins = torch.zeros(len(tasks[0]) if tasks else 0, device=run.device)  # chosen reward higher, per task
-        run.raw_model.eval()
-        for n, start in enumerate(range(0, len(indices), c.batch_size)):
-            if n % run.world_size != run.rank:
-                continue
-            batch = indices[start:start + c.batch_size]
+        n_tasks = len(tasks[0]) if tasks else 0
+
+        def batch_sums(start, stop):  # METRICS' sums, then the wins (chosen reward higher) of each task
+            batch = indices[start:stop]
             logps, ref, (losses, chosen_rewards, rejected_rewards) = self.scores(run, c, run.raw_model, pairs_split,
                                                                                  batch)
-            total += metrics(losses, chosen_rewards, rejected_rewards, logps, ref)
+            wins = torch.zeros(n_tasks, device=run.device)
             if tasks:
                 wins.index_add_(0, task_of[batch], (chosen_rewards > rejected_rewards).float())
-        if run.world_size > 1:
-            both = torch.cat([total, wins])
-            torch.distributed.all_reduce(both)
-            total, wins = both[:len(METRICS)], both[len(METRICS):]
-        run.raw_model.train()
+            return torch.cat([metrics(losses, chosen_rewards, rejected_rewards, logps, ref), wins])
+        both = sum_over_batches(run, len(indices), c.batch_size, len(METRICS) + n_tasks, batch_sums)
+        total, wins = both[:len(METRICS)], both[len(METRICS):]
         prefix = 'val_' if split == 'val' else 'eval_train_'
         found = {prefix + name: v / len(indices) for name, v in zip(METRICS, total.tolist())}
         if tasks:

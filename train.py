@@ -87,17 +87,17 @@ class Pretraining(Task):
         # windows of each split, from a seed of their own
         local_steps = c.gradient_accumulation_steps // run.world_size
         try:
-            run.samplers = [BatchSampler(c.data_dir, 'train', c.batch_size, run.block_size, seed=c.seed, rank=j,
-                                         world_size=c.gradient_accumulation_steps)
-                            for j in range(run.rank * local_steps, (run.rank + 1) * local_steps)]
+            run.samplers = {j: BatchSampler(c.data_dir, 'train', c.batch_size, run.block_size, seed=c.seed, rank=j,
+                                            world_size=c.gradient_accumulation_steps)
+                            for j in range(run.rank * local_steps, (run.rank + 1) * local_steps)}
             run.eval_samplers = {split: BatchSampler(c.data_dir, split, c.batch_size, run.block_size, seed=c.seed + 1)
                                  for split in ('train', 'val')}
         except (FileNotFoundError, ShardError) as e:
             fail(str(e))
         run.tokens_per_step = c.batch_size * run.block_size * c.gradient_accumulation_steps
 
-    def micro_step(self, run, c, micro):
-        x, y = run.samplers[micro].next_batch()
+    def micro_step(self, run, c, j):
+        x, y = run.samplers[j].next_batch()
         if run.device.startswith('cuda'):
             x, y = x.pin_memory().to(run.device, non_blocking=True), y.pin_memory().to(run.device, non_blocking=True)
         else:
@@ -133,11 +133,11 @@ class Pretraining(Task):
                 f"({total_tokens / splits['train']['tokens']:.1f} epochs)"]
 
     def restore(self, run, c, checkpoint):
-        for sampler in run.samplers:  # every stream has drawn as many batches as stream 0
+        for sampler in run.samplers.values():  # every stream has drawn as many batches as stream 0
             sampler.load_state_dict(checkpoint['sampler'])
 
     def checkpoint_state(self, run, c):
-        return {'sampler': run.samplers[0].state_dict()}
+        return {'sampler': next(iter(run.samplers.values())).state_dict()}  # all streams are at one position
 
 
 def main(argv):

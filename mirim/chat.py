@@ -12,7 +12,6 @@ which no text can spell (a SentencePiece '</s>' typed in text is four characters
     ids, mask = chat_ids(messages, 'chatml', tok)      # -> tokens, and which ones to train on
 """
 import json
-import re
 
 CHAT_TEMPLATES = {
     # ChatML (OpenAI's format, used by cucafera and most small chat models). Its two markers are
@@ -42,7 +41,6 @@ CHAT_TEMPLATES = {
 
 ROLES = ('system', 'user', 'assistant')
 # tokenizer kinds whose encode splits the text at special tokens and encodes each part apart
-SPLITS_AT_SPECIALS = ('bytes', 'tiktoken')
 EOS = '{eos}'
 
 
@@ -124,15 +122,15 @@ def chat_ids(messages, template, tokenizer, add_generation_prompt=False):
     after its last special token is encoded again, so a long chat costs linear time, not quadratic."""
     ids, mask = [tokenizer.bos_id], [0]
     chunk = []
-    specials = getattr(tokenizer, '_text_specials', None) if getattr(tokenizer, 'kind', None) in SPLITS_AT_SPECIALS else None
-    pattern = re.compile('|'.join(re.escape(p) for p in specials)) if specials else None
+    pattern = tokenizer.specials_pattern if tokenizer.splits_at_specials else None
 
     def flush():
         text = ''.join(t for t, _ in chunk)
         full = tokenizer.encode(text)
         if pattern:  # (char end, token end) of each special token, in order: the text before it encodes apart
-            marks = [m.end() for m in pattern.finditer(text)]
-            special_ids = set(specials.values())
+            found = list(pattern.finditer(text))
+            marks = [m.end() for m in found]
+            special_ids = {tokenizer.special_tokens[m.group()] for m in found}
             after = [k + 1 for k, i in enumerate(full) if i in special_ids]
             cuts = list(zip(marks, after)) if len(marks) == len(after) else []
         done, end, c = 0, 0, 0

@@ -76,9 +76,10 @@ class Task:
         """More AdamW parameter groups, each at its own peak 'lr' (e.g. a classifier's new head)."""
         return []
 
-    def micro_step(self, run, c, micro):
+    def micro_step(self, run, c, j):
         """-> (the loss to back-propagate, the sums of `metrics` over the micro-batch, a 1-d tensor on the device)
-        for this process's micro-batch number `micro` of the step."""
+        for micro-batch j of the step, numbered over all processes (j < gradient_accumulation_steps): the
+        data of micro-batch j must not depend on which process runs it, so N processes match one."""
         raise NotImplementedError
 
     def units_per_step(self, run, c):
@@ -308,6 +309,22 @@ def save(run, c, task, improved, elapsed):
 # -----------------------------------------------------------------------------
 # the loop
 
+@torch.no_grad()
+def sum_over_batches(run, count, batch_size, width, batch_sums):
+    """The sum of batch_sums(start, stop) (a 1-d tensor of `width` on the device) over the batches [start, stop)
+    of `count` items, the model in eval mode: each process takes every world_size-th batch, and the sums of
+    all processes are added up, so every process gets the same total."""
+    total = torch.zeros(width, device=run.device)
+    run.raw_model.eval()
+    for n, start in enumerate(range(0, count, batch_size)):
+        if n % run.world_size == run.rank:
+            total += batch_sums(start, min(start + batch_size, count))
+    if run.world_size > 1:
+        torch.distributed.all_reduce(total)
+    run.raw_model.train()
+    return total
+
+
 def evaluate(run, c, task):
     found = task.evaluate(run, c)
     if not math.isfinite(found['val_loss']):
@@ -351,7 +368,7 @@ def train_loop(run, c, task, signals, start_time, log):
             # one would be wasted communication
             last_micro = micro == local_steps - 1
             with nullcontext() if last_micro or not ddp else model.no_sync():
-                loss, sums = task.micro_step(run, c, micro)
+                loss, sums = task.micro_step(run, c, run.rank * local_steps + micro)
                 scaler.scale(loss / local_steps).backward()
             total += sums
         # one small all-reduce a step: the metrics over all processes, and whether any of them got a
@@ -406,8 +423,9 @@ def train_loop(run, c, task, signals, start_time, log):
                        + f" | eta {max(0, left) / 60:.1f} min")
             interval_start, interval_tokens, interval_steps = time.time(), 0, 0
         bar.update(1)
-        speed = f" {tokens_per_sec:,.0f} tok/s" if tokens_per_sec is not None else ""
-        bar.set_postfix_str(f"{task.step_text(metrics)} lr {lr:.2e}{speed}", refresh=False)
+        if not bar.disable:  # a terminal's bar; in a log the lines above say it
+            speed = f" {tokens_per_sec:,.0f} tok/s" if tokens_per_sec is not None else ""
+            bar.set_postfix_str(f"{task.step_text(metrics)} lr {lr:.2e}{speed}", refresh=False)
 
         if eval_now:
             found = evaluate(run, c, task)

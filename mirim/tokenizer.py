@@ -80,6 +80,11 @@ class Tokenizer:
             raise ValueError(f"unknown tokenizer kind {self.kind!r}; expected one of {KINDS}")
         control = {self.bos_id, self.eos_id, self.pad_id, self._unk_id}
         self._text_specials = {p: i for p, i in self.special_tokens.items() if i not in control}
+        # the specials written in text, as one pattern (built once); bytes and tiktoken encode the text
+        # between two of them on its own, so a caller may encode a long text piece by piece (chat.chat_ids)
+        self.specials_pattern = (re.compile('(' + '|'.join(re.escape(p) for p in self._text_specials) + ')')
+                                 if self._text_specials else None)
+        self.splits_at_specials = self.kind in ('bytes', 'tiktoken')
         expected = description.get('vocab_size')
         if expected is not None and expected != self.vocab_size:
             raise ValueError(f"tokenizer mismatch: expected vocab_size {expected} but "
@@ -245,11 +250,10 @@ class Tokenizer:
                 'chat_template': self.chat_template}
 
     def _encode_bytes(self, text):
-        if not self._text_specials:
+        if self.specials_pattern is None:
             return list(text.encode('utf-8'))
-        pattern = '(' + '|'.join(re.escape(p) for p in self._text_specials) + ')'
         ids = []
-        for n, part in enumerate(re.split(pattern, text)):  # odd parts are the specials matched
+        for n, part in enumerate(self.specials_pattern.split(text)):  # odd parts are the specials matched
             ids.extend([self._text_specials[part]] if n % 2 else part.encode('utf-8'))
         return ids
 
