@@ -32,6 +32,7 @@ import sys
 import torch
 
 from mirim.atomic import claim_folder, OTHER_RESULTS, write_atomic, write_json
+from mirim.chat import stop_id
 from mirim.checkpoint import load_model
 from mirim.common import DTYPES
 from mirim.hf import HF_ACTIVATION, as_gemma, hf_config, to_gemma_tensors, to_hf_state_dict
@@ -81,7 +82,11 @@ def export(source, dest, dtype='float32', checkpoint='ckpt.pt', license='other',
     tensors = to_hf_state_dict(model.state_dict(), config, torch.float32)
     if gemma:  # GeGLU: an architecture vLLM and llama.cpp's converter compute as transformers does
         tensors = to_gemma_tensors(tensors, config)
-    elif config.activation != 'silu':
+        if config.activation == 'gelu':
+            print("note: exact-erf GELU is written as Gemma with hidden_act=gelu_python, which transformers computes "
+                  "exactly; vLLM refuses it and llama.cpp's converter computes the tanh form (export.py --format=gguf "
+                  "says how far apart)", file=sys.stderr)
+    elif config.activation != 'silu' and not classifier:
         print(f"note: an untied GeGLU model is written as LlamaForCausalLM with hidden_act="
               f"{HF_ACTIVATION[config.activation]}: transformers computes it right, vLLM and llama.cpp's converter "
               f"do not (they take every Llama for SwiGLU); export.py --format=gguf writes a file llama.cpp runs right",
@@ -97,11 +102,21 @@ def export(source, dest, dtype='float32', checkpoint='ckpt.pt', license='other',
         tensors['score.weight'] = ckpt['head']['weight'].to('cpu', DTYPES[dtype]).contiguous()
     else:
         write_json(os.path.join(dest, 'generation_config.json'),
-                   {'bos_token_id': config.bos_id, 'eos_token_id': config.eos_id, 'pad_token_id': config.pad_id})
+                   {'bos_token_id': config.bos_id, 'eos_token_id': end_ids(config, tok), 'pad_token_id': config.pad_id})
     write_json(os.path.join(dest, 'config.json'), hf)
     write_atomic(os.path.join(dest, 'model.safetensors'), save(tensors, metadata={'format': 'pt'}))
     write_atomic(os.path.join(dest, 'README.md'), model_card(model, tok, ckpt, dest, dtype, license).encode('utf-8'))
     return dest
+
+
+def end_ids(config, tok):
+    """generation_config.json's eos_token_id: <eos>, and for a chat model every token that ends a turn
+    (ChatML's <|im_end|>), so that generate() stops where sample.py and serve.py do."""
+    ids = [config.eos_id]
+    if tok.chat_template:
+        ids.append(stop_id(tok.chat_template, tok))
+    ids = list(dict.fromkeys(i for i in ids if i is not None))
+    return ids[0] if len(ids) == 1 else ids
 
 
 def check_classifier(ckpt, tok):
@@ -232,7 +247,11 @@ def main(argv):
         raise ValueError("say where to write the Hugging Face folder: --dest=hf/NAME")
     dest = export(config['out_dir'], config['dest'], config['dtype'], config['checkpoint'], config['license'],
                   config['check_tokenizer'], config['overwrite'])
-    print(f"wrote {dest}: load it with transformers.AutoModelForCausalLM.from_pretrained({dest!r})")
+    with open(os.path.join(dest, 'config.json'), encoding='utf-8') as f:
+        architecture = json.load(f)['architectures'][0]
+    auto = 'AutoModelForSequenceClassification' if architecture.endswith('SequenceClassification') \
+        else 'AutoModelForCausalLM'
+    print(f"wrote {dest} ({architecture}): load it with transformers.{auto}.from_pretrained({dest!r})")
 
 
 if __name__ == '__main__':

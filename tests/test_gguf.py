@@ -297,6 +297,7 @@ def test_export_writes_every_type_and_an_ollama_modelfile(tmp_path, sp_toks):
     text = (tmp_path / 'g' / 'pt' / 'Modelfile').read_text()
     assert text.startswith('FROM ./pt-q8_0.gguf\n')
     assert 'PARAMETER stop "<|im_end|>"' in text and 'PARAMETER stop "</s>"' in text
+    assert '--jinja' in text and '" No princípio"' in text  # the one supported path, said beside the template
     assert 'TEMPLATE """{{ " " }}{{- range .Messages }}{{ if eq .Role "system" }}' in text
     assert '{{ else if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n' in text
     assert 'PARAMETER num_ctx 64' in text and 'PARAMETER temperature 0.8' in text
@@ -388,3 +389,56 @@ def test_llama_cpp_tokenizes_tokenizer_json_vocabularies_as_mirim(tmp_path):
         llm = llama_vocab(path)
         for text in SAMPLES.values():
             assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok.encode(text, bos=True), (pre, text)
+
+
+def test_a_classifier_is_refused_with_the_reason(tmp_path, sp_toks):
+    # a classify.py checkpoint: the backbone alone would make a language model it was never trained as
+    out = tmp_path / 'run'
+    out.mkdir()
+    model = sharp_model('silu', 4, True, seed=4)
+    torch.save({'model': model.state_dict(), 'model_config': asdict(model.config), 'tokenizer': sp_toks['bpe'].to_dict(),
+                'head': {'weight': torch.zeros(2, 64)}, 'labels': ['neg', 'pos']}, out / 'classifier.pt')
+    with pytest.raises(ValueError, match=r'classifier.*no place for its classification head.*--format=hf'):
+        gguf_export.export_gguf(str(out), str(tmp_path / 'g'), ['f16'], checkpoint='classifier.pt', log=lambda *a: None)
+    assert not (tmp_path / 'g').exists()
+
+
+CHAT = [{'role': 'system', 'content': 'Seja breve.'}, {'role': 'user', 'content': 'Olá! नमस्ते'},
+        {'role': 'assistant', 'content': 'Oi.'}, {'role': 'user', 'content': 'Tudo bem?'}]
+
+
+def builtin_chat_prompt(template, messages):
+    """llama.cpp's own (non-Jinja) rendering of a chat: what llama-cli and llama-server do without --jinja."""
+    import ctypes
+    array = (llama_cpp.llama_chat_message * len(messages))(
+        *[llama_cpp.llama_chat_message(role=m['role'].encode(), content=m['content'].encode()) for m in messages])
+    buf = ctypes.create_string_buffer(4096)
+    n = llama_cpp.llama_chat_apply_template(template.encode(), array, len(messages), True, buf, len(buf))
+    assert 0 < n < len(buf)
+    return buf.raw[:n].decode('utf-8')
+
+
+@needs_llama_cpp
+def test_llama_cpp_chat_paths_on_a_chat_gguf(tmp_path, sp_toks):
+    """The README's GGUF section: a chat GGUF gives mirim's ids through its Jinja template (llama.cpp with
+    --jinja, llama-cpp-python's chat completion, ollama's Modelfile), and plain text when it starts with
+    a space; llama.cpp's built-in ChatML (no --jinja) misses exactly the one '▁' after <s>."""
+    chat = with_chat(sp_toks['bpe'])
+    path = str(tmp_path / 'chat.gguf')
+    gguf_export.write_gguf(sharp_model('silu', 4, True, seed=0), chat, path, 'f32')
+    llm = llama_vocab(path)
+    ids, _ = chat_ids(CHAT, 'chatml', chat, add_generation_prompt=True)
+    # llama-cpp-python's chat completion renders the file's Jinja template and tokenizes it as below
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    template = read_gguf(path)[1]['tokenizer.chat_template']
+    rendered = Jinja2ChatFormatter(template, eos_token='</s>', bos_token='<s>')(messages=CHAT)
+    assert llm.tokenize(rendered.prompt.encode(), add_bos=not rendered.added_special, special=True) == ids
+    # the built-in ChatML: the same text but for the leading space the Jinja template writes
+    builtin = builtin_chat_prompt(template, CHAT)
+    assert builtin == rendered.prompt[len('<s> '):]
+    assert ids[1] == chat.token_to_id('\u2581')  # SentencePiece's '▁' before the first chat token
+    assert llm.tokenize(builtin.encode(), add_bos=True, special=True) == ids[:1] + ids[2:]
+    # plain text: the leading '▁' SentencePiece adds is the caller's to write
+    for text in (SAMPLES['portuguese'], SAMPLES['hindi']):
+        assert llm.tokenize((' ' + text).encode(), add_bos=True, special=True) == chat.encode(text, bos=True)
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) != chat.encode(text, bos=True)
