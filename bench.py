@@ -263,7 +263,7 @@ def serve_rates(net):
     import tempfile
     import threading
     from dataclasses import asdict
-    import serve
+    from mirim import server as serve
     from mirim.tokenizer import load_tokenizer
     tokenizer = load_tokenizer('bytes')
     net = Llama(LlamaConfig(**{**vars(net.config), 'vocab_size': tokenizer.vocab_size}), seed=seed)

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from mirim import sampling
-import serve
+from mirim import engine as serve_engine, server as serve
 from test_sample import ROOT, byte_tokenizer, program_model, random_model, save_checkpoint
 
 openai = pytest.importorskip('openai', reason='the openai client is not installed (requirements-dev.txt)')
@@ -330,7 +330,7 @@ BAD = 'Quoth the raven'  # the bad request's prompt: the faults below raise for 
 Q = ord('Q')             # (the byte tokenizer's id of 'Q'; the good request's text has none)
 
 
-@pytest.mark.parametrize('where', ['prefill', 'sample_next', 'step_row'])
+@pytest.mark.parametrize('where', ['prefill', 'sample_rows', 'step_row'])
 def test_a_request_that_raises_in_the_engine_fails_alone(where, server, monkeypatch):
     """A fault while one request's rows are prefilled, sampled or stepped fails that request (a 500
     error object; a stream gets it as an event, then its end) and not the request it shares the
@@ -339,9 +339,9 @@ def test_a_request_that_raises_in_the_engine_fails_alone(where, server, monkeypa
     good, long = greedy(server, 'Era uma vez'), greedy(server, 'a', 40)
     assert 'Q' not in good + long
     faulty = {'prefill': lambda model, idx, left_pad=None: (idx == Q).any(),
-              'sample_next': lambda logits, seen, **knobs: (seen == Q).any(),
+              'sample_rows': lambda logits, seen, **knobs: (seen == Q).any(),
               'step_row': lambda row, token: Q in row.ids}[where]
-    owner = engine if where == 'step_row' else serve
+    owner = engine if where == 'step_row' else serve_engine
     real = getattr(owner, where)
 
     def fault(*args, **kwargs):
@@ -400,14 +400,14 @@ def test_a_request_that_raises_in_the_engine_fails_alone(where, server, monkeypa
 
 def test_a_failed_forward_step_fails_its_batch_and_the_engine_goes_on(server, monkeypatch):
     good = greedy(server, 'xyz', 8)
-    real, calls = serve.decode_one_token, []
+    real, calls = serve_engine.decode_one_token, []
 
     def once(*args):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError('injected forward fault')
         return real(*args)
-    monkeypatch.setattr(serve, 'decode_one_token', once)
+    monkeypatch.setattr(serve_engine, 'decode_one_token', once)
     status, r = raw(server, 'POST', '/v1/completions', {'prompt': 'xyz', 'max_tokens': 8, 'temperature': 0})
     assert status == 500 and 'injected forward fault' in r['error']['message']
     assert greedy(server, 'xyz', 8) == good  # the cache and the one-row weight layout were let go

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import judge
-import serve
+from mirim import server as serve
 from test_sample import ROOT, byte_tokenizer, program_model, save_checkpoint
 
 sys.path.insert(0, os.path.join(ROOT, 'data'))
