@@ -247,6 +247,7 @@ class Server:
         import uvicorn
         self.model_name, self.api_key, self.quiet = model_name, api_key, quiet
         self.allow_origin = list(allow_origin)
+        self.body_seconds = BODY_SECONDS
         self.tokenizer = tokenizer
         self.template = chat_template or tokenizer.chat_template
         self.template = get_template(self.template) if self.template else None
@@ -328,7 +329,7 @@ class Server:
                            param='model', code='model_not_found')
 
     async def read_body(self, request):
-        """The request's JSON object: application/json, at most MAX_BODY bytes, within BODY_SECONDS."""
+        """The request's JSON object: application/json, at most MAX_BODY bytes, within body_seconds."""
         self.check_key(request)
         length = request.headers.get('content-length', '')
         if length.isdigit() and int(length) > MAX_BODY:
@@ -347,9 +348,9 @@ class Server:
                     raise APIError(413, f"request body is over the limit of {MAX_BODY} bytes")
                 chunks.append(chunk)
         try:
-            await asyncio.wait_for(read(), BODY_SECONDS)
+            await asyncio.wait_for(read(), self.body_seconds)
         except asyncio.TimeoutError:
-            raise APIError(408, f"the request body did not arrive within {BODY_SECONDS} s") from None
+            raise APIError(408, f"the request body did not arrive within {self.body_seconds} s") from None
         try:
             body = json.loads(b''.join(chunks) or b'null')
         except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
