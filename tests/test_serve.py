@@ -493,6 +493,34 @@ def test_chat_page_streams_a_reply_in_headless_chromium(server, tmp_path):
         browser.close()
 
 
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is absent (Debian: apt-get install chromium)")
+def test_chat_page_asks_with_its_key_and_keeps_its_history_when_a_message_does_not_fit(server):
+    sync_api = pytest.importorskip('playwright.sync_api', reason='playwright is not installed')
+    server.api_key = 'k2'
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=['--no-sandbox'])
+            page = browser.new_page()
+            page.goto(url(server) + '/')
+            page.wait_for_function("document.querySelector('#model').textContent.includes('API key')", timeout=10000)
+            page.fill('#key', 'k2')
+            page.dispatch_event('#key', 'change')
+            page.wait_for_function("document.querySelector('#model').textContent == 'tiny-chat'", timeout=10000)
+            page.fill('#temperature', '0')
+            page.fill('#max_tokens', '5')
+            page.fill('#input', 'Oi!')
+            page.press('#input', 'Enter')
+            page.wait_for_function("messages.length == 2", timeout=20000)
+            page.fill('#input', 'x' * 400)  # alone over the model's context: an error, the history stays
+            page.press('#input', 'Enter')
+            page.wait_for_function("document.querySelector('.note') && !busy", timeout=20000)
+            assert 'error' in page.inner_text('.note')
+            assert page.evaluate("messages.map(m => m.role)") == ['user', 'assistant']
+            browser.close()
+    finally:
+        server.api_key = ''
+
+
 def test_command_line_serves_with_a_key_from_the_environment(tmp_path, model, tok):
     out_dir = save_checkpoint(tmp_path / 'cli', model, tok)
     env = {**os.environ, 'MIRIM_API_KEY': 'k1'}
