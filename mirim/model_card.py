@@ -324,9 +324,11 @@ def card_text(model, tok, ckpt, facts, dest, dtype, license, has_curve, samples)
         sections.append("## Evaluation\n\neval.py on this checkpoint:\n\n| task | result |\n|---|---|\n"
                         + '\n'.join(f'| {task} | {result} |' for task, result in rows_eval) + '\n')
     if samples:
-        quoted = '\n\n'.join(f"> **{prompt.strip() or '(empty prompt)'}** {text.strip()}" for prompt, text in samples)
-        sections.append(f"## Samples\n\nGreedy continuations ({SAMPLE_TOKENS} tokens at most) of the first words of "
-                        f"validation documents:\n\n{quoted}\n")
+        cell = lambda text: json.dumps(text, ensure_ascii=False).replace('|', '\\|')  # noqa: E731  (\n, spaces shown)
+        quoted = '\n'.join(f"| {cell(prompt)} | {cell(text)} |" for prompt, text in samples)
+        sections.append(f"## Samples\n\nGreedy continuations ({SAMPLE_TOKENS} tokens at most, as JSON strings) of the "
+                        f"first words of validation documents (of nothing, without the data):\n\n| prompt | continuation |\n"
+                        f"|---|---|\n{quoted}\n")
     notes = ''.join(f"\nNote: {note}." for note in facts['notes'])
     chat = ''
     if tok.chat_template:
