@@ -102,6 +102,11 @@ def main(argv):
     files = [f for f in config['samples'].split(',') if f]
     if not files:
         raise ValueError("give --samples=FILE.jsonl[,FILE2.jsonl...] (sample.py --format=jsonl output)")
+    seen = {}
+    for f in files:  # the results are keyed by file: a second mention would overwrite the first
+        if os.path.realpath(f) in seen:
+            raise ValueError(f"--samples names {seen[os.path.realpath(f)]} twice (as {f} too): name each file once")
+        seen[os.path.realpath(f)] = f
     if config['output']:  # refused before a story is judged, not after the work
         if os.path.abspath(config['output']) in map(os.path.abspath, files):
             raise ValueError(f"--output={config['output']} is one of --samples: name a new file for the scores")

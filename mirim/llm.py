@@ -43,6 +43,9 @@ class Client:
                 self.reached = True
                 return json.loads(r.read())['data'][0]['id']
         except urllib.error.HTTPError as e:
+            if e.code in (401, 403):
+                raise Fatal(f"{self.base_url}/models answered {e.code}: the endpoint refused the API key (set it in "
+                            f"the environment variable --api_key_env names)") from None
             raise Fatal(f"{self.base_url}/models answered {e.code}: name the model with --model") from None
         except (urllib.error.URLError, TimeoutError, OSError) as e:
             raise Fatal(f"cannot reach {self.base_url} ({unreachable(e)}): is the server running at that "
