@@ -109,20 +109,32 @@ def evaluations(folder, ckpt):
     return found
 
 
-def fertility(data_dir, ckpt):
-    """Tokens per word (whitespace-separated) of the tokenizer on the val split the model was trained with,
-    read from its first FERTILITY_TOKENS tokens (whole documents), or None without the data."""
+def val_split(data_dir, tok):
+    """(meta, shards, masks) of data_dir's val split when it is at hand and tokenized by tok, else None."""
     if not data_dir or not os.path.isdir(data_dir):
         return None
     from mirim.shards import open_split
-    from mirim.tokenizer import load_tokenizer
+    from mirim.tokenizer import load_tokenizer, same_tokenizer
     try:
-        meta, _, shards, _ = open_split(data_dir, 'val')
-        tok = load_tokenizer(ckpt['tokenizer'])
-    except Exception:  # no val split, another kind of data, damaged: the card just leaves the number out
+        meta, _, shards, masks = open_split(data_dir, 'val')
+        if not shards or not same_tokenizer(load_tokenizer(meta['tokenizer'], base_dir=data_dir), tok):
+            return None  # prepared again with another tokenizer since: not the model's data
+    except Exception:  # no val split, another kind of data, damaged: the card just leaves it out
         return None
+    return meta, shards, masks
+
+
+def fertility(data_dir, ckpt):
+    """Tokens per word (whitespace-separated) of the tokenizer on the val split the model was trained with,
+    read from its first FERTILITY_TOKENS tokens (whole documents), or None without the data."""
+    from mirim.tokenizer import load_tokenizer
+    tok = load_tokenizer(ckpt['tokenizer'])
+    found = val_split(data_dir, tok)
+    if found is None:
+        return None
+    meta, shards, _ = found
     import numpy as np
-    ids = np.asarray(shards[0][:FERTILITY_TOKENS], dtype=np.int64) if shards else np.zeros(0, dtype=np.int64)
+    ids = np.asarray(shards[0][:FERTILITY_TOKENS], dtype=np.int64)
     specials = [i for i in (tok.bos_id, tok.eos_id, tok.pad_id) if i is not None]
     starts = np.flatnonzero(ids == tok.bos_id) if tok.bos_id is not None else np.array([0])
     if len(starts) > 1:
@@ -192,16 +204,11 @@ def greedy_samples(model, tok, facts):
 def sample_prompts(data_dir, tok, words=6):
     """The first `words` tokens of the first SAMPLE_PROMPTS val documents; in loss-masked (chat) data, each
     document up to its first trained token (the first user turn, asking for the first reply)."""
-    if not data_dir or not os.path.isdir(data_dir):
+    found = val_split(data_dir, tok)
+    if found is None:
         return []
-    from mirim.shards import open_split
-    try:
-        _, _, shards, masks = open_split(data_dir, 'val')
-    except Exception:
-        return []
+    _, shards, masks = found
     import numpy as np
-    if not shards or tok.bos_id is None:
-        return []
     ids = np.asarray(shards[0][:50_000], dtype=np.int64)
     starts = np.flatnonzero(ids == tok.bos_id)
     prompts = []
