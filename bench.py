@@ -18,8 +18,9 @@ AdamW step of the same model and batch measured here: the difference is the loop
 Prompts: sample.sample_prompts on `num_prompts` prompts of different lengths, greedy, `new_tokens`
 each, with batch_size=`prompt_batch` against batch_size=1; new tokens/s of each.
 Serve: serve.py on 127.0.0.1 answering `num_prompts` streamed completions (sampled, `new_tokens`
-each, no eos) from 1, 8 and 32 concurrent clients, against a server that takes one request at a
-time (max_batch=1) under 32 clients; completion tokens/s and the median time to first token.
+each, no eos) from 1, 8 and 32 concurrent clients, 32 clients asking with 4 different temperatures
+(rows with different settings share a step), against a server that takes one request at a time
+(max_batch=1) under 32 clients; completion tokens/s and the median time to first token.
 
 Optimizer: the training step of the same model and batch with train.py's optimizer='muon' against
 optimizer='adamw' (optim.make_optimizer), in paired turns; muon/adamw is the median of the turns'
@@ -256,8 +257,9 @@ def prompts_rates(net):
 
 
 def serve_rates(net):
-    """{(clients, max_batch): (completion tokens/s, median seconds to the first token)} of serve.py
-    (the bench shape with the bytes tokenizer's vocab, random weights: no reply ends early)."""
+    """{(clients, max_batch, temperatures): [(completion tokens/s, median seconds to the first token) of each
+    turn]} of serve.py (the bench shape with the bytes tokenizer's vocab, random weights: no reply ends early).
+    The settings take turns (`repeats` turns, at most 3), so that ratios are of runs side by side."""
     import http.client
     import json
     import tempfile
@@ -268,10 +270,11 @@ def serve_rates(net):
     tokenizer = load_tokenizer('bytes')
     net = Llama(LlamaConfig(**{**vars(net.config), 'vocab_size': tokenizer.vocab_size}), seed=seed)
     results = {}
+    turns = [(1, 32, 1), (8, 32, 1), (32, 32, 1), (32, 32, 4), (32, 1, 1)] * min(repeats, 3)
     with tempfile.TemporaryDirectory() as out:
         torch.save({'model': net.state_dict(), 'model_config': asdict(net.config), 'tokenizer': tokenizer.to_dict()},
                    os.path.join(out, 'ckpt.pt'))
-        for clients, max_batch in ((1, 32), (8, 32), (32, 32), (32, 1)):
+        for clients, max_batch, temperatures in turns:
             server = serve.build_server(out, port=0, quiet=True, max_batch=max_batch, device=device)
             threading.Thread(target=server.serve_forever, daemon=True).start()
             firsts, lock = [], threading.Lock()
@@ -279,7 +282,8 @@ def serve_rates(net):
             def client(k):
                 conn = http.client.HTTPConnection('127.0.0.1', server.server_address[1], timeout=3600)
                 for i in range(k, num_prompts, clients):
-                    body = {'prompt': f'Era uma vez {i}', 'max_tokens': new_tokens, 'temperature': 1.0, 'stream': True}
+                    body = {'prompt': f'Era uma vez {i}', 'max_tokens': new_tokens, 'stream': True,
+                            'temperature': (1.0, 0.7, 1.3, 0.9)[i % temperatures]}
                     start = time.perf_counter()
                     conn.request('POST', '/v1/completions', json.dumps(body), {'Content-Type': 'application/json'})
                     response, first = conn.getresponse(), None
@@ -295,8 +299,8 @@ def serve_rates(net):
             for t in client_threads:
                 t.join()
             elapsed = time.perf_counter() - start
-            results[clients, max_batch] = (server.engine.stats['completion_tokens'] / elapsed,
-                                           statistics.median(firsts))
+            results.setdefault((clients, max_batch, temperatures), []).append(
+                (server.engine.stats['completion_tokens'] / elapsed, statistics.median(firsts)))
             server.shutdown()
             server.server_close()
     return results
@@ -393,12 +397,18 @@ if __name__ == '__main__':
                  ('prompts, batch_size=1 new tok/s', single, None, None)]
     elif what == 'serve':
         rates = serve_rates(build_mirim())
-        single = rates[32, 1][0]
-        for (clients, max_batch), (rate, first) in rates.items():
-            label = f"serve, {clients} clients" + (", one at a time" if max_batch == 1 else "")
-            print(f"{label:34s}{rate:8.0f} completion tok/s ({rate / single:.1f}x one at a time), "
-                  f"median first token {first * 1000:.0f} ms")
+        single = [rate for rate, _ in rates[32, 1, 1]]
+        span = lambda xs: f"{min(xs):.2f}-{max(xs):.2f}"
+        for (clients, max_batch, temperatures), turns in rates.items():
+            label = (f"serve, {clients} clients" + (", one at a time" if max_batch == 1 else "") +
+                     (f", {temperatures} temperatures" if temperatures > 1 else ""))
+            rate = statistics.median(r for r, _ in turns)
+            print(f"{label:38s}{rate:8.0f} completion tok/s (x one at a time, per turn: "
+                  f"{span([r / s for (r, _), s in zip(turns, single)])}), median first token "
+                  f"{statistics.median(f for _, f in turns) * 1000:.0f} ms")
             rows.append((label + ' tok/s', rate, None, None))
+        mixed = [m / o for (m, _), (o, _) in zip(rates[32, 32, 4], rates[32, 32, 1])]
+        print(f"32 clients with 4 temperatures / with one, per turn: {span(mixed)}")
     elif what == 'gguf':
         try:
             if out_dir:
