@@ -296,9 +296,9 @@ class Tokenizer:
                 for i in self._in_text.values():
                     spec['model']['vocab'][i][0] = ' ' + SENTINELS[0] + spec['model']['vocab'][i][0]
             model = Backend.from_str(json.dumps(spec))
-            model.add_special_tokens([AddedToken(piece, special=True, normalized=token.normalized)
-                                      for i, token in self._backend.get_added_tokens_decoder().items()
-                                      for piece in [token.content] if piece in self.specials_in_text and not token.special])
+            unspecial = [t for t in self._backend.get_added_tokens_decoder().values()
+                         if t.content in self.specials_in_text and not t.special]  # export.py's <s>
+            model.add_special_tokens([AddedToken(t.content, special=True, normalized=t.normalized) for t in unspecial])
             model.encode_special_tokens = True
             if sentinel:
                 model.add_tokens([AddedToken(sentinel, special=False, normalized=self._normalized_specials)])
@@ -317,9 +317,10 @@ class Tokenizer:
             return self._enc.decode([i for i in ids if i not in (self.bos_id, self.eos_id)], errors='replace')
         if self.kind == 'tokenizers':  # document markers and padding are not text; chat tokens are
             # a marker the decoder itself turns into nothing stays in: export.py's SentencePiece
-            # tokenizer.json takes a text's leading space off after its <s>
+            # tokenizer.json takes a text's leading space off after its <s> (and keeps a lone <s>, for
+            # lm-evaluation-harness: hence two in a row, which it turns into nothing)
             markers = [i for i in (self.bos_id, self.eos_id, self.pad_id)
-                       if self._backend.decode([i], skip_special_tokens=False)]
+                       if self._backend.decode([i, i], skip_special_tokens=False)]
             return self._backend.decode([i for i in ids if i not in markers], skip_special_tokens=False)
         out, run = [], bytearray()
         for i in ids:

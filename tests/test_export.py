@@ -187,6 +187,14 @@ def test_hf_tokenizer_decodes_ids_without_bos_as_the_text_they_add(tiny_export, 
     assert hf_tok.decode(ids) == continuation_text(tok, context, ids) == tok.decode(context + ids)[len('Deus disse'):]
 
 
+def test_a_lone_bos_decodes_to_its_text(tiny_export):
+    # lm-evaluation-harness adds no <s> to a prompt that starts with decode([bos]): '' would be every prompt
+    dest, tok = tiny_export
+    hf_tok = transformers.AutoTokenizer.from_pretrained(dest)
+    assert hf_tok.decode(tok.bos_id) == '<s>' and hf_tok.decode([tok.bos_id, tok.bos_id]) == ''
+    assert hf_tok('Deus disse')['input_ids'][0] == tok.bos_id
+
+
 def test_hf_tokenizer_knows_the_special_tokens(tiny_export):
     dest, tok = tiny_export
     hf_tok = transformers.AutoTokenizer.from_pretrained(dest)
