@@ -147,9 +147,10 @@ def fertility(data_dir, ckpt):
         words += len(tok.decode(doc.tolist()).split())
     if not words:
         return None
+    split = (meta.get('splits') or {}).get('val') or {}
+    known = isinstance(split.get('bytes'), (int, float)) and isinstance(split.get('tokens'), int) and split['tokens']
     return {'tokens_per_word': tokens / words, 'tokens': tokens, 'words': words,
-            'bytes_per_token': meta['splits']['val']['bytes'] / meta['splits']['val']['tokens']
-            if meta['splits']['val'].get('tokens') else None}
+            'bytes_per_token': split['bytes'] / split['tokens'] if known else None}  # not counted for preference pairs
 
 
 # -----------------------------------------------------------------------------
