@@ -29,6 +29,7 @@ modded-nanogpt spread the Newton-Schulz work over the ranks instead).
 import math
 
 import torch
+from torch.optim.adamw import adamw
 
 OPTIMIZERS = ('adamw', 'muon')
 
@@ -124,21 +125,21 @@ class Muon(torch.optim.Optimizer):
                           [self.state[p]['momentum_buffer'] for p, _ in todo], [rows for _, rows in todo],
                           group['momentum'], group['nesterov'], lr, wd, dtype)
                 continue
-            beta1, beta2 = group['betas']
-            for p in group['params']:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state['step'] = torch.zeros((), dtype=torch.float32)  # a tensor, as torch's AdamW keeps it
-                    state['exp_avg'], state['exp_avg_sq'] = torch.zeros_like(p), torch.zeros_like(p)
-                state['step'] += 1
-                step = state['step'].item()
-                state['exp_avg'].lerp_(p.grad, 1 - beta1)
-                state['exp_avg_sq'].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                denominator = (state['exp_avg_sq'] / (1 - beta2 ** step)).sqrt_().add_(group['eps'])
-                p.mul_(1 - lr * wd)
-                p.addcdiv_(state['exp_avg'], denominator, value=-lr / (1 - beta1 ** step))
+            todo = [p for p in group['params'] if p.grad is not None]
+            for p in todo:
+                if not self.state[p]:  # the state torch's fused AdamW keeps
+                    self.state[p].update(step=torch.zeros((), dtype=torch.float32, device=p.device),
+                                         exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+            state = [self.state[p] for p in todo]
+            steps = [s['step'] for s in state]
+            # torch's AdamW step: fused (one pass a tensor) where the steps live with the weights, as they
+            # do on a CPU (a state loaded onto a GPU keeps them on the CPU: torch's foreach step then)
+            fused = all(t.device == p.device for t, p in zip(steps, todo))
+            if todo:
+                adamw(todo, [p.grad for p in todo], [s['exp_avg'] for s in state],
+                      [s['exp_avg_sq'] for s in state], [], steps, fused=fused or None, amsgrad=False,
+                      beta1=group['betas'][0], beta2=group['betas'][1], lr=lr, weight_decay=wd, eps=group['eps'],
+                      maximize=False)
         return loss
 
 

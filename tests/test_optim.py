@@ -137,3 +137,25 @@ def test_adamw_through_make_optimizer_is_the_models_fused_adamw():
     model = tiny_model()
     optimizer = make_optimizer(model, 'adamw', lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), device_type='cpu')
     assert type(optimizer) is torch.optim.AdamW and len(optimizer.param_groups) == 2
+
+
+def test_the_adamw_part_of_muon_is_torchs_adamw():
+    import copy
+    model = tiny_model().train()
+    twin = copy.deepcopy(model)
+    optimizer = make_optimizer(model, 'muon', lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), device_type='cpu',
+                               muon_lr=0.0)  # the blocks stay as they are in both: the same gradients
+    rest = [p for p in twin.parameters() if p not in muon_params(twin)]
+    reference = torch.optim.AdamW([{'params': [p for p in rest if p.dim() >= 2], 'weight_decay': 0.1},
+                                   {'params': [p for p in rest if p.dim() < 2], 'weight_decay': 0.0}],
+                                  lr=1e-2, betas=(0.9, 0.95), foreach=False)  # the textbook per-tensor loop
+    for step in range(3):
+        idx = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(step))
+        for net, opt in ((model, optimizer), (twin, reference)):
+            net(idx, idx)[1].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for name in ('tok_embeddings.weight', 'norm.weight', 'layers.1.attention_norm.weight'):
+        a, b = model.get_parameter(name), twin.get_parameter(name)
+        assert not torch.equal(a, tiny_model().get_parameter(name))  # it moved
+        assert torch.allclose(a, b, atol=1e-6), (name, (a - b).abs().max())
