@@ -32,9 +32,11 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -458,6 +460,114 @@ CASES = [
 ]
 
 # -----------------------------------------------------------------------------
+# serve.py: its command line, and bad requests to one running server (started with the fixture model,
+# the ChatML template and the key KEY). A request case is (name, ['HTTP', raw request], names): clear
+# when the reply is a 4xx whose text names the problem; unclear a 4xx that does not; silent a 2xx/3xx;
+# traceback a 5xx; hang no reply within the timeout; crash the server no longer answers /health.
+
+KEY = 'sesame'
+SERVE = ['serve.py', '--out_dir={out}', '--device=cpu', '--port=0', '--quiet']
+
+
+def http(method, path, body=None, headers=None, raw_body=None):
+    """The raw bytes of one request, with the key and a JSON body unless headers say otherwise."""
+    data = raw_body if raw_body is not None else (b'' if body is None else json.dumps(body).encode())
+    head = {'Host': '127.0.0.1', 'Authorization': f'Bearer {KEY}', 'Content-Type': 'application/json',
+            'Content-Length': str(len(data)), 'Connection': 'close', **(headers or {})}
+    lines = [f'{method} {path} HTTP/1.1'] + [f'{k}: {v}' for k, v in head.items() if v is not None]
+    return ('\r\n'.join(lines) + '\r\n\r\n').encode('latin-1') + data
+
+
+def completion(**extra):
+    return http('POST', '/v1/completions', {'prompt': 'o gato', 'max_tokens': 4, **extra})
+
+
+def chat(messages, **extra):
+    return http('POST', '/v1/chat/completions', {'messages': messages, 'max_tokens': 4, **extra})
+
+
+HI = [{'role': 'user', 'content': 'oi'}]
+CASES += [
+    ('serve.py: port=70000', SERVE[:-2] + ['--port=70000'], '70000|port'),
+    ('serve.py: port in use', SERVE[:-2] + ['--port={busy_port}'], 'in use|{busy_port}'),
+    ('serve.py: max_batch=0', SERVE + ['--max_batch=0'], 'max_batch'),
+    ('serve.py: out_dir missing', ['serve.py', '--out_dir={missing}', '--port=0'], 'missing'),
+    ('serve.py: unknown chat template', SERVE + ['--chat_template=llama3'], 'llama3|template'),
+    ('serve.py: host not an address', SERVE + ['--host=not a host'], 'not a host|host'),
+    ('serve.py: HTTP seed 2**64', ['HTTP', completion(seed=2 ** 64, temperature=1)], 'seed'),
+    ('serve.py: HTTP seed -1', ['HTTP', completion(seed=-1)], 'seed'),
+    ('serve.py: HTTP seed 1.5', ['HTTP', completion(seed=1.5)], 'seed'),
+    ('serve.py: HTTP temperature NaN', ['HTTP', http('POST', '/v1/completions',
+                                                     raw_body=b'{"prompt": "a", "temperature": NaN}')], 'temperature'),
+    ('serve.py: HTTP top_p Infinity', ['HTTP', http('POST', '/v1/completions',
+                                                    raw_body=b'{"prompt": "a", "top_p": Infinity}')], 'top_p'),
+    ('serve.py: HTTP temperature a string', ['HTTP', completion(temperature='hot')], 'temperature'),
+    ('serve.py: HTTP top_k a float', ['HTTP', completion(top_k=1e3)], 'top_k'),
+    ('serve.py: HTTP repetition_penalty 1e-300', ['HTTP', completion(repetition_penalty=1e-300)], 'repetition_penalty'),
+    ('serve.py: HTTP max_tokens huge', ['HTTP', completion(max_tokens=10 ** 6)], 'context|max_tokens'),
+    ('serve.py: HTTP max_tokens true', ['HTTP', completion(max_tokens=True)], 'max_tokens'),
+    ('serve.py: HTTP n=0', ['HTTP', completion(n=0)], "'n'"),
+    ('serve.py: HTTP 2000 prompts x 128', ['HTTP', completion(prompt=['a'] * 2000, n=128)], 'rows|limit'),
+    ('serve.py: HTTP 100000 stop strings', ['HTTP', completion(stop=[f's{i}' for i in range(100000)])], 'stop'),
+    ('serve.py: HTTP a stop string of 10000', ['HTTP', completion(stop=['x' * 10000])], 'stop'),
+    ('serve.py: HTTP stop_token_ids -1', ['HTTP', completion(stop_token_ids=[-1])], 'stop_token_ids'),
+    ('serve.py: HTTP prompt ids beyond vocab', ['HTTP', completion(prompt=[1, 10 ** 9])], 'vocab'),
+    ('serve.py: HTTP prompt of bools', ['HTTP', completion(prompt=[True, False])], 'prompt'),
+    ('serve.py: HTTP prompt empty ids', ['HTTP', completion(prompt=[[]])], 'prompt'),
+    ('serve.py: HTTP prompt lone surrogate', ['HTTP', completion(prompt='a\ud800b')], 'surrogate'),
+    ('serve.py: HTTP prompt list, lone surrogate', ['HTTP', completion(prompt=['ok', '\udfff'])], 'surrogate'),
+    ('serve.py: HTTP chat content lone surrogate', ['HTTP', chat([{'role': 'user', 'content': '\udc80'}])],
+     'surrogate'),
+    ('serve.py: HTTP chat text part not a string', ['HTTP', chat([{'role': 'user', 'content': [
+        {'type': 'text', 'text': 5}]}])], 'text'),
+    ('serve.py: HTTP chat image part', ['HTTP', chat([{'role': 'user', 'content': [
+        {'type': 'image_url', 'image_url': {'url': 'x'}}]}])], 'text'),
+    ('serve.py: HTTP chat content a number', ['HTTP', chat([{'role': 'user', 'content': 42}])], 'content'),
+    ('serve.py: HTTP chat role missing', ['HTTP', chat([{'content': 'oi'}])], 'role'),
+    ('serve.py: HTTP chat role robot', ['HTTP', chat([{'role': 'robot', 'content': 'oi'}])], 'robot|role'),
+    ('serve.py: HTTP chat 2000 messages', ['HTTP', chat(HI * 2000)], 'messages'),
+    ('serve.py: HTTP chat messages an object', ['HTTP', chat({'role': 'user'})], 'messages'),
+    ('serve.py: HTTP stream_options not an object', ['HTTP', completion(stream=True, stream_options='yes')],
+     'stream_options'),
+    ('serve.py: HTTP logprobs 99', ['HTTP', completion(logprobs=99)], 'logprobs'),
+    ('serve.py: HTTP chat logprobs', ['HTTP', chat(HI, logprobs=True)], 'logprobs'),
+    ('serve.py: HTTP tools', ['HTTP', chat(HI, tools=[{'type': 'function', 'function': {'name': 'f'}}])], 'tools'),
+    ('serve.py: HTTP response_format json', ['HTTP', chat(HI, response_format={'type': 'json_object'})],
+     'response_format'),
+    ('serve.py: HTTP unknown model', ['HTTP', completion(model='gpt-4')], 'gpt-4'),
+    ('serve.py: HTTP body not JSON', ['HTTP', http('POST', '/v1/completions', raw_body=b'{prompt: a}')], 'json'),
+    ('serve.py: HTTP body a JSON list', ['HTTP', http('POST', '/v1/completions', ['a'])], 'object'),
+    ('serve.py: HTTP body not UTF-8', ['HTTP', http('POST', '/v1/completions',
+                                                    raw_body=b'{"prompt": "\xff\xfe"}')], 'json|utf'),
+    ('serve.py: HTTP body nested 100000 deep', ['HTTP', http('POST', '/v1/completions',
+                                                             raw_body=b'[' * 100000 + b']' * 100000)], 'json'),
+    ('serve.py: HTTP Content-Length -1', ['HTTP', http('POST', '/v1/completions', {'prompt': 'a'},
+                                                       {'Content-Length': '-1'})], 'invalid'),
+    ('serve.py: HTTP Content-Length abc', ['HTTP', http('POST', '/v1/completions', {'prompt': 'a'},
+                                                        {'Content-Length': 'abc'})], 'invalid'),
+    ('serve.py: HTTP Content-Length over the limit', ['HTTP', http('POST', '/v1/completions', raw_body=b'',
+                                                                   headers={'Content-Length': str(50 << 20)})],
+     'limit'),
+    ('serve.py: HTTP body shorter than Content-Length', ['HTTP', http('POST', '/v1/completions', raw_body=b'{"pr',
+                                                                      headers={'Content-Length': '400'})],
+     'did not arrive'),
+    ('serve.py: HTTP bad chunk size', ['HTTP', http('POST', '/v1/completions', raw_body=b'zz\r\n{}\r\n0\r\n\r\n',
+                                                    headers={'Content-Length': None,
+                                                             'Transfer-Encoding': 'chunked'})], 'invalid'),
+    ('serve.py: HTTP text/plain body', ['HTTP', http('POST', '/v1/completions', {'prompt': 'a'},
+                                                     {'Content-Type': 'text/plain'})], 'application/json'),
+    ('serve.py: HTTP another site', ['HTTP', http('POST', '/v1/completions', {'prompt': 'a'},
+                                                  {'Origin': 'http://attacker.example'})], 'another site'),
+    ('serve.py: HTTP DNS rebinding', ['HTTP', http('GET', '/v1/models', headers={'Host': 'attacker.example'})],
+     'rebinding'),
+    ('serve.py: HTTP no key', ['HTTP', http('GET', '/stats', headers={'Authorization': None})], 'api key'),
+    ('serve.py: HTTP wrong key, lowercase scheme', ['HTTP', http('GET', '/v1/models',
+                                                               headers={'Authorization': 'bearer nope'})], 'api key'),
+    ('serve.py: HTTP unknown route', ['HTTP', http('POST', '/v1/embeddings', {'input': 'a'})], 'no route'),
+    ('serve.py: HTTP DELETE a route', ['HTTP', http('DELETE', '/v1/models')], 'not allowed'),
+]
+
+# -----------------------------------------------------------------------------
 # fixtures
 
 
@@ -638,11 +748,14 @@ def last_line(output):
 def run_case(case, fx, root, timeout):
     """-> (outcome, the command as typed, the last line of its output, seconds)."""
     name, argv, names = case
+    if argv[0] == 'HTTP':
+        return run_request(name, argv[1], names, fx, timeout)
     case_dir = os.path.join(root, 'cases', ''.join(c if c.isalnum() else '_' for c in name))
     os.makedirs(case_dir, exist_ok=True)
     paths = dict(fx, repo=REPO, case=case_dir, new=os.path.join(case_dir, 'new'),
                  missing=os.path.join(case_dir, 'missing'))
     argv = [a.format(**paths) for a in argv]
+    names = names.format(**paths)
     shown = ' '.join(a if a and ' ' not in a else repr(a) for a in argv).replace(root, '$T').replace(REPO, '.')
     t0 = time.time()
     p = subprocess.Popen([sys.executable, os.path.join(REPO, argv[0]), *argv[1:]], cwd=case_dir, env=ENV,
@@ -672,6 +785,76 @@ def run_case(case, fx, root, timeout):
     return outcome, shown, tail, time.time() - t0
 
 
+def run_request(name, data, names, fx, timeout):
+    """One raw request to the running serve.py -> (outcome, the request line, the reply's first lines, seconds)."""
+    port = fx['serve_port']
+    t0 = time.time()
+    s = socket.create_connection(('127.0.0.1', port))
+    s.settimeout(timeout)
+    reply = b''
+    try:
+        s.sendall(data)
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    except socket.timeout:
+        return 'hang', data.split(b'\r\n')[0].decode('latin-1'), '(no reply)', time.time() - t0
+    except OSError as e:  # the server closed while the request was still being sent: its reply may be in
+        reply += recv_rest(s)
+        if not reply:
+            return 'unclear', data.split(b'\r\n')[0].decode('latin-1'), f'connection closed: {e}', time.time() - t0
+    finally:
+        s.close()
+    text = reply.decode('utf-8', 'replace')
+    head, _, body = text.partition('\r\n\r\n')
+    status = int(head.split(' ', 2)[1]) if head.startswith('HTTP/1.1 ') else 0
+    alive = health(port)
+    shown = data.split(b'\r\n')[0].decode('latin-1') + f' ({len(data)} bytes)'
+    tail = f'{status} {body[:300]}'
+    if not alive:
+        return 'crash', shown, '/health does not answer 200 after it: ' + tail, time.time() - t0
+    if status >= 500 or status == 0:
+        return 'traceback', shown, tail, time.time() - t0
+    if status < 400:
+        return 'silent', shown, tail, time.time() - t0
+    found = any(n in body.lower() for n in names.lower().split('|'))
+    return ('clear' if found else 'unclear'), shown, tail, time.time() - t0
+
+
+def recv_rest(s):
+    try:
+        s.settimeout(2)
+        return s.recv(65536)
+    except OSError:
+        return b''
+
+
+def health(port):
+    try:
+        with socket.create_connection(('127.0.0.1', port), timeout=10) as s:
+            s.settimeout(10)
+            s.sendall(b'GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n')
+            return s.recv(100).startswith(b'HTTP/1.1 200')
+    except OSError:
+        return False
+
+
+def start_server(fx, root):
+    """serve.py on the fixture model, on a free port -> (the process, its port); the busy_port fixture is its port."""
+    argv = [a.format(**fx) for a in SERVE] + ['--chat_template=chatml', f'--api_key={KEY}']
+    p = subprocess.Popen([sys.executable, os.path.join(REPO, argv[0]), *argv[1:]], cwd=root, env=ENV,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    line = p.stderr.readline()  # "serving NAME (...) on http://127.0.0.1:PORT ..."
+    if 'http://127.0.0.1:' not in line:
+        p.kill()
+        sys.exit(f"serve.py did not start: {line}{p.stderr.read()[-2000:]}")
+    port = int(line.split('http://127.0.0.1:')[1].split()[0].strip(')'))
+    threading.Thread(target=p.stderr.read, daemon=True).start()  # drain its log
+    return p, port
+
+
 DEFAULTS = dict(
     list=False,               # print the cases and exit
     only=[],                  # run the cases whose name contains one of these: --only sample.py 'train.py: beta'
@@ -689,7 +872,7 @@ def main():
     cases = [c for c in CASES if not args.only or any(s in c[0] for s in args.only)]
     if args.list:
         for name, argv, _ in cases:
-            print(f"{name:<62} {' '.join(argv)}")
+            print(f"{name:<62} {argv[1].split(b' HTTP/')[0].decode() if argv[0] == 'HTTP' else ' '.join(argv)}")
         print(f"{len(cases)} cases")
         return 0
     if not cases:
@@ -700,8 +883,13 @@ def main():
     status_before = git_status()
     t0 = time.time()
     root = tempfile.mkdtemp(prefix='mirim-bad-inputs-')
+    server = None
     try:
         fx = build_fixtures(root)
+        server = None
+        if any(name.startswith('serve.py:') for name, _, _ in cases):
+            server, fx['serve_port'] = start_server(fx, root)
+            fx['busy_port'] = str(fx['serve_port'])
         print(f"fixtures in {time.time() - t0:.0f}s; running {len(cases)} cases, {args.jobs} at a time, "
               f"{args.timeout:.0f}s each at most", flush=True)
         results = {}
@@ -712,6 +900,9 @@ def main():
                 if outcome != 'clear' or args.all:
                     print(f"{outcome.upper():<9} {name}\n          $ {shown}\n          -> {tail[:300]}", flush=True)
     finally:
+        if server is not None:
+            server.terminate()
+            server.wait(30)
         if args.keep:
             print(f"kept {root}")
         else:
