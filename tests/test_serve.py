@@ -717,11 +717,11 @@ def test_a_client_that_leaves_stops_its_rows(server):
     engine = server.engine
     before = engine.stats['completion_tokens']
     s = socket.create_connection(('127.0.0.1', server.server_address[1]))
-    body = json.dumps({'prompt': 'a', 'max_tokens': 100, 'temperature': 0}).encode()
+    body = json.dumps({'prompt': 'a', 'max_tokens': 80, 'temperature': 0}).encode()
     inner = engine.step_row
 
-    def slow_step(row, token):  # 100 tokens take >= 2 s
-        time.sleep(0.02)
+    def slow_step(row, token):  # 80 tokens take >= 4 s
+        time.sleep(0.05)
         inner(row, token)
     engine.step_row = slow_step
     try:
@@ -729,11 +729,38 @@ def test_a_client_that_leaves_stops_its_rows(server):
         deadline = time.time() + 10
         while engine.stats['completion_tokens'] < before + 5 and time.time() < deadline:
             time.sleep(0.01)
+        assert engine.stats['completion_tokens'] >= before + 5  # it is generating
         s.close()
         time.sleep(0.5)
         after = engine.stats['completion_tokens']
         time.sleep(0.5)
-        assert engine.stats['completion_tokens'] - before < 60 and engine.stats['completion_tokens'] == after
+        assert engine.stats['completion_tokens'] - before < 40 and engine.stats['completion_tokens'] == after
+    finally:
+        engine.step_row = inner
+
+
+def test_a_streaming_client_that_leaves_stops_its_rows(server):
+    engine = server.engine
+    inner = engine.step_row
+
+    def slow_step(row, token):  # 80 tokens take >= 4 s
+        time.sleep(0.05)
+        inner(row, token)
+    engine.step_row = slow_step
+    try:
+        before = engine.stats['completion_tokens']
+        body = json.dumps({'prompt': 'a', 'max_tokens': 80, 'temperature': 0, 'stream': True}).encode()
+        s = socket.create_connection(('127.0.0.1', server.server_address[1]))
+        s.sendall(POST.replace(b'Connection: close\r\n', b'') + b'Content-Length: %d\r\n\r\n' % len(body) + body)
+        s.settimeout(10)
+        got = b''
+        while b'data: ' not in got:  # the stream began
+            got += s.recv(65536)
+        s.close()
+        time.sleep(1.0)
+        after = engine.stats['completion_tokens']
+        time.sleep(0.5)
+        assert engine.stats['completion_tokens'] == after and after - before < 40
     finally:
         engine.step_row = inner
 
