@@ -5,13 +5,13 @@ held-out books, which no training step saw), beside the constant-answer baseline
 with --before, a paired test of the two models on the same questions (McNemar's exact test).
 
     python data/biblia/make_tasks.py questions                     # -> data/biblia/pt-questions/{train,test}.jsonl
-    python data/biblia/exact_match.py --model out/biblia-pt-chat --before out/biblia-pt --before_template chatml
+    python data/biblia/exact_match.py --model out/biblia-pt-chat --before out/biblia-pt --template chatml
     python data/biblia/exact_match.py --model out/biblia-pt-dpo --before out/biblia-pt-chat --json dpo.json
 
 An answer counts when its text, stripped, equals the right one ("Do Novo Testamento."). Balanced accuracy
 is the mean over the right answers of the share answered right: a model that always says "Do Antigo
 Testamento." scores 50% on two answers, whatever their mix. A base model (no chat template) is asked in
---before_template's format (it never learned it: that is its score before fine-tuning). --json writes the
+--template's format (it never learned it: that is its score before fine-tuning). --json writes the
 scores and every answer, so runs can be compared later.
 """
 
@@ -34,7 +34,7 @@ DEFAULTS = dict(
     tasks='',                 # the tasks to ask, comma-separated; '' = every question of the file
     before='',                # a second model (the one --model started from) for a paired before/after test, or the
                               # --json of an earlier run on the same questions (its answers, not asked again)
-    before_template='',       # the chat template to ask --before in when it has none (a base model): chatml
+    template='',              # the chat template to ask a model that has none in (a base model, --model or --before): chatml
     json='',                  # write the scores and answers here (JSON)
 )
 
@@ -46,8 +46,8 @@ def ask(path, checkpoint, questions, template=None):
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     if not tokenizer.chat_template and not template:
-        sys.exit(f"error: {path} has no chat template: give a chat (SFT or DPO) model, or for a base model as "
-                 f"--before, the format to ask it in (--before_template chatml)")
+        sys.exit(f"error: {path} has no chat template: give a chat (SFT or DPO) model, or for a base model the "
+                 f"format to ask it in (--template chatml)")
     try:
         return greedy_answers(model, tokenizer, [q['prompt'] for q in questions],
                               template=None if tokenizer.chat_template else template, desc=f"asking {path}")
@@ -80,11 +80,11 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     if not questions:
         sys.exit(f"error: no questions{f' of the tasks {sorted(tasks)}' if tasks else ''} in {args.questions}")
-    runs = {'after': (args.model, ask(args.model, args.checkpoint, questions))}
+    runs = {'after': (args.model, ask(args.model, args.checkpoint, questions, args.template or None))}
     if args.before.endswith('.json'):
         runs['before'] = answers_from_json(args.before, questions)
     elif args.before:
-        runs['before'] = (args.before, ask(args.before, args.checkpoint, questions, args.before_template or None))
+        runs['before'] = (args.before, ask(args.before, args.checkpoint, questions, args.template or None))
     result = {'questions': args.questions, 'asked': len(questions), 'prompts': [q['prompt'] for q in questions]}
     for name in ('before', 'after'):
         if name in runs:
@@ -92,10 +92,9 @@ def main(argv=None):
             s = score(questions, answers)
             print('\n'.join(score_lines(f"{name if args.before else 'score'} ({path})", s)))
             result[name] = {'model': path, **s, 'per_answer': {g: list(v) for g, v in s['per_answer'].items()},
-                            'answers': answers}
+                            'answers': answers, 'right': [is_right(q, a) for q, a in zip(questions, answers)]}
     if args.before:
-        right = {name: [is_right(q, a) for q, a in zip(questions, runs[name][1])] for name in runs}
-        b, c, p = mcnemar(right['before'], right['after'])
+        b, c, p = mcnemar(result['before']['right'], result['after']['right'])
         print(f"paired, same {len(questions)} questions: {c} right only after, {b} right only before; "
               f"McNemar exact p = {p:.3g}")
         result['mcnemar'] = {'right_only_before': b, 'right_only_after': c, 'p': p}
