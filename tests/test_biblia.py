@@ -261,3 +261,32 @@ def test_scored_questions_are_on_the_held_out_books_only_and_balanced(db):
     assert len(test) == 2 * 416  # every Old Testament verse of Ruth, Lamentations, Joel, Jonah and Habakkuk
     _, test = make_tasks.classify_examples(db, 'pt', 'testament', 20, 1000, split='books')
     assert {book(e) for e in test} <= held_out and len(test) == 2 * 416
+
+
+def test_demo_table_gives_mean_and_spread_over_seeds_and_pairs_dpo_with_its_control(tmp_path, capsys):
+    import json
+    from data.biblia import demo_table
+    questions = toy_questions(4)  # right answers NEW OLD OLD NEW
+    (tmp_path / 'q.jsonl').write_text(''.join(json.dumps(q) + '\n' for q in questions))
+
+    def scored(name, answers, before=None):
+        right = [a == q['chosen'] for a, q in zip(answers, questions)]
+        s = score(questions, answers)
+        result = {'questions': str(tmp_path / 'q.jsonl'), 'prompts': [q['prompt'] for q in questions],
+                  'after': {**s, 'answers': answers, 'right': right}}
+        if before:
+            b, c, p = mcnemar(before, right)
+            result['mcnemar'] = {'right_only_before': b, 'right_only_after': c, 'p': p}
+        (tmp_path / f'{name}.json').write_text(json.dumps(result))
+        return right
+
+    for seed, sft in ((1, [OLD] * 4), (2, [NEW, OLD, OLD, OLD])):  # 50% and 75% exact
+        before = scored(f'sft-{seed}', sft)
+        scored(f'dpo-{seed}', [NEW, OLD, OLD, NEW], before)  # all right
+        scored(f'control-{seed}', sft, before)
+    (tmp_path / 'times.tsv').write_text('sft-1\t60\nsft-2\t180\n')
+    demo_table.main(['--out', str(tmp_path)])
+    out = capsys.readouterr().out
+    assert 'sft         62.5 +- 17.7 [50.0-75.0]' in out  # mean and sample sd of 50 and 75
+    assert 'dpo        100.0 +-  0.0 [100.0-100.0]' in out and '2.0 (training)' in out
+    assert 'seed 2 dpo vs control: 1 right only with DPO, 0 only with the control, p = 1' in out
