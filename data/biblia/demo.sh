@@ -30,7 +30,7 @@ step() {  # step NAME COMMAND...: run it unless done, time it
 }
 
 [ -e $DATA/pt-chat/meta.json ] || python $DATA/make_tasks.py chat
-[ -e $DATA/pt-questions/test.jsonl ] || python $DATA/make_tasks.py questions --train_per_answer 500 --test_per_answer 1000
+[ -e $DATA/pt-questions/test.jsonl ] || python $DATA/make_tasks.py questions --train_per_answer 1500 --test_per_answer 1000
 [ -e $DATA/pt-classify-testament-books/test.jsonl ] || python $DATA/make_tasks.py classify --task testament \
     --split books --test_per_label 1000 --out $DATA/pt-classify-testament-books
 step base-score python $DATA/exact_match.py --model "$BASE" --template chatml --json "$OUT/base.json"

@@ -307,7 +307,7 @@ SCORED_TASKS = ('testament',)  # one right short answer each, learnable by a 4M 
 QUESTION_FILES = ('train.jsonl', 'test.jsonl')
 
 
-def testament_questions(db, lang='pt', train_per_answer=1000, test_per_answer=200, seed=1337):
+def testament_questions(db, lang='pt', train_per_answer=1500, test_per_answer=1000, seed=1337):
     """-> (train, test) lists of {'task', 'prompt', 'chosen', 'ref'}: the testament question about a verse, the
     same number of questions for each right answer (the requested one, or as many as the rarer answer has).
     test: verses of the held-out books (VAL_BOOKS: never in pre-training, in the chat set's training
@@ -329,7 +329,7 @@ def testament_questions(db, lang='pt', train_per_answer=1000, test_per_answer=20
     return out['train'], out['test']
 
 
-def build_questions(lang='pt', out_dir=None, train_per_answer=1000, test_per_answer=200, seed=1337, db_path=None,
+def build_questions(lang='pt', out_dir=None, train_per_answer=1500, test_per_answer=1000, seed=1337, db_path=None,
                     overwrite=False):
     """Write <out_dir>/train.jsonl (questions on the training books, for pref --from_model) and test.jsonl (on the
     held-out books, for exact_match.py); a folder that holds them is refused unless overwrite."""
@@ -540,8 +540,8 @@ DEFAULTS = dict(
     val_pairs=400,            # pref: held-out pairs (not with --from_model: every held-out question answered wrong)
     from_model='',            # pref: on-policy pairs, the wrong greedy answers of this chat model to --questions
     questions='',             # pref --from_model: JSONL of {"prompt", "chosen", "task"}; '' = <lang>-questions/train.jsonl
-    train_per_answer=1000,    # questions: training-book questions per right answer
-    test_per_answer=200,      # questions: held-out-book questions per right answer (scored by exact_match.py)
+    train_per_answer=1500,    # questions: training-book questions per right answer
+    test_per_answer=1000,     # questions: held-out-book questions per right answer, at most as many as the rarer has (416)
     pairs='',                 # chosen: the pref set whose prompts and chosen replies become a chat set
     seed=1337,
     overwrite=False,          # replace the set already in --out (its JSONL files; chat, pref: its shards too)
