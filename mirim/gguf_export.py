@@ -300,10 +300,11 @@ def modelfile(gguf_name, tok, block_size, lead=''):
         stops.append(eos)
     lines = [f'FROM ./{gguf_name}']
     if lead:  # the one supported path, said where the template is (see the module docstring)
-        lines += ['# This chat model\'s prompts start with a space after <s>, as mirim trained it: the TEMPLATE below',
-                  '# writes it. Chat through this template (ollama run, /api/chat) or, in llama.cpp, through the',
-                  '# template in the .gguf with --jinja: llama.cpp\'s built-in ChatML (no --jinja) leaves the space out.',
-                  '# Plain text, not a chat (llama.cpp\'s completion), needs that space written first: " No princípio".']
+        lines += ["# This chat model's prompts start with a space after <s>, as mirim trained it: the",
+                  "# TEMPLATE below writes it. Chat through this template (ollama run, /api/chat) or, in",
+                  "# llama.cpp, through the template in the .gguf with --jinja: llama.cpp's built-in ChatML",
+                  "# (no --jinja) leaves the space out. Plain text, not a chat (llama.cpp's completion),",
+                  '# needs that space written first: " No princípio".']
     lines += [f'TEMPLATE """{template}"""']
     lines += [f'PARAMETER stop "{s}"' for s in stops]
     lines += [f"PARAMETER temperature {KNOBS['temperature']}", f"PARAMETER top_k {KNOBS['top_k']}",
