@@ -71,6 +71,10 @@ BENCH = ['bench.py', '--device=cpu', '--what=generate', '--repeats=1', '--new_to
 BIBLIA = ['data/biblia/prepare.py', '--lang', 'pt', '--books', '1,40', '--max_chapters', '2', '--vocab_size', '500',
           '--out', '{new}']
 TASKS = ['data/biblia/make_tasks.py', 'classify', '--train_per_label', '10', '--test_per_label', '5', '--out', '{new}']
+DPO = ['dpo.py', '--init_from={sft}', '--data_dir={prefdata}', '--out_dir={new}', '--device=cpu', '--max_iters=2',
+       '--eval_interval=2', '--batch_size=4']
+PREF = ['data/prepare_pref.py', '--input', '{pairs}', '--tokenizer', 'bytes', '--out', '{new}']
+GGUF = ['export.py', '--format=gguf', '--out_dir={out}', '--dest={new}']
 NOWHERE = '--base_url=http://127.0.0.1:9/v1'  # no endpoint: these cases must stop before a request
 JUDGE = ['judge.py', '--samples={cls_train}', NOWHERE, '--model=j', '--retries=0', '--output={case}/scores.json']
 SYNTH = ['data/synth.py', '--lang', '{repo}/data/synth/pt', '--n', '2', NOWHERE, '--model=m', '--retries=0',
@@ -457,6 +461,112 @@ CASES = [
      'prepared data set'),
     ('make_tasks.py: chat, out holds a data set', ['data/biblia/make_tasks.py', 'chat', '--tokenizer', '{sp_model}',
                                                    '--out', '{spdata}'], 'overwrite'),
+
+    # dpo.py: its own settings, data of another kind, starting models of another kind, resume
+    ('dpo.py: no init_from', DPO + ['--init_from='], 'init_from'),
+    ('dpo.py: unknown key', DPO + ['--betta=0.2'], 'betta'),
+    ('dpo.py: loss_type=kto', DPO + ['--loss_type=kto'], 'loss_type'),
+    ('dpo.py: beta=0', DPO + ['--beta=0.0'], 'beta'),
+    ('dpo.py: beta=nan', DPO + ["--beta=float('nan')"], 'beta'),
+    ('dpo.py: label_smoothing=0.5', DPO + ['--label_smoothing=0.5'], 'label_smoothing'),
+    ('dpo.py: label_smoothing with ipo', DPO + ['--loss_type=ipo', '--label_smoothing=0.1'], 'label_smoothing'),
+    ('dpo.py: eval_pairs=-1', DPO + ['--eval_pairs=-1'], 'eval_pairs'),
+    ('dpo.py: batch_size=0', DPO + ['--batch_size=0'], 'batch_size'),
+    ('dpo.py: learning_rate=-1', DPO + ['--learning_rate=-1.0'], 'learning_rate'),
+    ('dpo.py: data_dir missing', DPO + ['--data_dir={missing}'], 'missing'),
+    ('dpo.py: pretraining data', DPO + ['--data_dir={data}'], 'preference'),
+    ('dpo.py: chat data', DPO + ['--data_dir={chatdata}'], 'preference'),
+    ('dpo.py: data of another tokenizer', DPO + ['--data_dir={spdata}'], 'tokenizer'),
+    ('dpo.py: a base model', DPO + ['--init_from={base}'], 'warn:chat template'),
+    ('dpo.py: a classifier as the start', DPO + ['--init_from={cls_other}'], 'classifier|classify.py'),
+    ('dpo.py: pairs longer than the context', DPO + ['--init_from={out}'], 'context|max_length'),
+    ('dpo.py: init_from a text file', DPO + ['--init_from={text}'], 'corpus.txt|checkpoint'),
+    ('dpo.py: init_from NaN weights', DPO + ['--init_from={nan_ckpt}'], 'nan|finite'),
+    ('dpo.py: out_dir is a file', DPO + ['--out_dir={file}'], 'plain.txt|out_dir'),
+    ('dpo.py: scratch into a DPO run', DPO + ['--out_dir={dpo_run}'], 'resume'),
+    ('dpo.py: resume without a checkpoint', DPO + ['--init_from=resume'], 'ckpt.pt|checkpoint'),
+    ('dpo.py: resume with a cut reference.pt', DPO + ['--init_from=resume', '--out_dir={dpo_cutref}'],
+     'reference.pt'),
+    ('dpo.py: resume without reference.pt', DPO + ['--init_from=resume', '--out_dir={dpo_noref}'], 'reference.pt'),
+    ('dpo.py: resume a train.py run', DPO + ['--init_from=resume', '--out_dir={sft_copy}'], 'train.py'),
+    ('dpo.py: resume on other pairs', DPO + ['--init_from=resume', '--out_dir={dpo_otherdata}',
+                                             '--data_dir={prefdata2}'], 'other data'),
+    ('train.py: resume a dpo.py run', TRAIN + ['--init_from=resume', '--out_dir={dpo_copy}', '--data_dir={chatdata}',
+                                               '--block_size=64'], 'dpo.py'),
+
+    # data/prepare_pref.py
+    ('prepare_pref.py: no arguments', ['data/prepare_pref.py'], 'input|out'),
+    ('prepare_pref.py: input missing', PREF[:2] + ['{missing}.jsonl'] + PREF[3:], 'missing'),
+    ('prepare_pref.py: input empty', PREF[:2] + ['{empty_jsonl}'] + PREF[3:], 'empty|no pairs'),
+    ('prepare_pref.py: input malformed JSON', PREF[:2] + ['{notjson}'] + PREF[3:], 'notjson|json'),
+    ('prepare_pref.py: input not UTF-8', PREF[:2] + ['{binary}'] + PREF[3:], 'utf-8|not text'),
+    ('prepare_pref.py: a chat set given as pairs', PREF[:2] + ['{chat}'] + PREF[3:], 'chat.jsonl'),
+    ('prepare_pref.py: a text corpus given as pairs', PREF[:2] + ['{text}'] + PREF[3:], 'corpus.txt'),
+    ('prepare_pref.py: a classification set given as pairs', PREF[:2] + ['{cls_train}'] + PREF[3:], 'cls_train'),
+    ('prepare_pref.py: chosen a number', PREF[:2] + ['{pairs_num}'] + PREF[3:], 'chosen'),
+    ('prepare_pref.py: every pair identical', PREF[:2] + ['{pairs_same}'] + PREF[3:], 'same|identical'),
+    ('prepare_pref.py: model and tokenizer', PREF + ['--model={sft}'], '--model|--tokenizer'),
+    ('prepare_pref.py: model missing', ['data/prepare_pref.py', '--input', '{pairs}', '--model', '{missing}',
+                                        '--out', '{new}'], 'missing'),
+    ('prepare_pref.py: model an HF folder', ['data/prepare_pref.py', '--input', '{pairs}', '--model', '{hf}',
+                                             '--out', '{new}'], 'hugging face|--tokenizer'),
+    ('prepare_pref.py: model a text file', ['data/prepare_pref.py', '--input', '{pairs}', '--model', '{text}',
+                                            '--out', '{new}'], 'corpus.txt|checkpoint'),
+    ('prepare_pref.py: tokenizer a checkpoint', PREF[:4] + ['{ckpt}'] + PREF[5:], 'ckpt.pt|tokenizer'),
+    ('prepare_pref.py: max_length=4', PREF + ['--max_length=4'], 'max_length'),
+    ('prepare_pref.py: unknown template', PREF + ['--template=llama3'], 'template|llama3'),
+    ('prepare_pref.py: aira template on a tokenizer without its tokens', PREF + ['--template=aira'], 'instruction'),
+    ('prepare_pref.py: val_fraction=2', PREF + ['--val_fraction=2'], 'val_fraction'),
+    ('prepare_pref.py: val_input missing', PREF + ['--val_input={missing}.jsonl'], 'missing'),
+    ('prepare_pref.py: out holds a data set', PREF[:-1] + ['{data}'], 'overwrite'),
+    ('prepare_pref.py: out is a file', PREF[:-1] + ['{file}'], 'plain.txt'),
+
+    # data/synth.py (more)
+    ('synth.py: neither lang nor prompts', ['data/synth.py', '--out', '{new}', NOWHERE], 'lang|prompts'),
+    ('synth.py: lang and prompts', SYNTH + ['--prompts', '{chat}'], 'lang|prompts'),
+    ('synth.py: no out', SYNTH[:-2], 'out'),
+    ('synth.py: lang folder missing', SYNTH[:2] + ['{missing}'] + SYNTH[3:], 'missing'),
+    ('synth.py: lang is a file', SYNTH[:2] + ['{file}'] + SYNTH[3:], 'plain.txt'),
+    ('synth.py: words.json not JSON', SYNTH[:2] + ['{lang_badwords}'] + SYNTH[3:], 'words.json'),
+    ('synth.py: prompt.txt names a list words.json lacks', SYNTH[:2] + ['{lang_noslot}'] + SYNTH[3:], 'colour'),
+    ('synth.py: cleanup.json with a bad regex', SYNTH[:2] + ['{lang_badregex}'] + SYNTH[3:], 'cleanup.json'),
+    ('synth.py: out of the other mode', SYNTH[:-1] + ['{generic_out}'], 'overwrite'),
+    ('synth.py: out with a corrupt middle line', SYNTH[:-1] + ['{stories_badmid}'], 'stories_badmid.jsonl:2'),
+    ('synth.py: prompts missing', ['data/synth.py', '--prompts', '{missing}.jsonl', '--out', '{new}', NOWHERE,
+                                   '--model=m'], 'missing'),
+    ('synth.py: prompts empty', ['data/synth.py', '--prompts', '{empty_jsonl}', '--out', '{new}', NOWHERE,
+                                 '--model=m'], 'empty|no prompts'),
+    ('synth.py: prompts not UTF-8', ['data/synth.py', '--prompts', '{binary}', '--out', '{new}', NOWHERE,
+                                     '--model=m'], 'utf-8|not text'),
+    ('synth.py: prompts records without a prompt', ['data/synth.py', '--prompts', '{chat_nofield}', '--out', '{new}',
+                                                    NOWHERE, '--model=m'], 'prompt'),
+    ('synth.py: n=-1', SYNTH + ['--n', '-1'], "'n'|--n|n="),
+    ('synth.py: concurrency=0', SYNTH + ['--concurrency', '0'], 'concurrency'),
+    ('synth.py: retries=-1', SYNTH + ['--retries=-1'], 'retries'),
+    ('synth.py: timeout=0', SYNTH + ['--timeout=0'], 'timeout'),
+
+    # judge.py (more)
+    ('judge.py: no samples', ['judge.py', NOWHERE, '--model=j'], 'samples'),
+    ('judge.py: samples missing', JUDGE[:1] + ['--samples={missing}.jsonl'] + JUDGE[2:], 'missing'),
+    ('judge.py: samples empty', JUDGE[:1] + ['--samples={empty_jsonl}'] + JUDGE[2:], 'empty|no samples|no stories'),
+    ('judge.py: samples with a line not JSON', JUDGE[:1] + ['--samples={notjson}'] + JUDGE[2:], 'notjson.jsonl'),
+    ('judge.py: samples not UTF-8', JUDGE[:1] + ['--samples={binary}'] + JUDGE[2:], 'utf-8|not text'),
+    ('judge.py: samples without text', JUDGE[:1] + ['--samples={chat_nofield}'] + JUDGE[2:], 'text'),
+    ('judge.py: samples a folder', JUDGE[:1] + ['--samples={emptydir}'] + JUDGE[2:], 'emptydir|directory'),
+    ('judge.py: rubric missing', JUDGE + ['--rubric={missing}.txt'], 'missing'),
+    ('judge.py: criteria empty', JUDGE + ['--criteria='], 'criteria'),
+    ('judge.py: concurrency=0', JUDGE + ['--concurrency=0'], 'concurrency'),
+    ('judge.py: retries=-1', JUDGE + ['--retries=-1'], 'retries'),
+
+    # export.py --format=gguf (more)
+    ('export.py: gguf_type=q4_K', GGUF + ['--gguf_type=q4_K'], 'gguf_type'),
+    ('export.py: gguf_type empty', GGUF + ['--gguf_type='], 'gguf_type'),
+    ('export.py: unknown format', EXPORT + ['--format=onnx'], 'format|onnx'),
+    ('export.py: gguf of a classifier', GGUF + ['--out_dir={cls_other}'], 'classifier'),
+    ('export.py: gguf of NaN weights', GGUF + ['--out_dir={nan_ckpt}'], 'nan|finite'),
+    ('export.py: gguf dest unwritable', GGUF[:-1] + ['--dest=/proc/self/gguf'], '/proc/self/gguf'),
+    ('export.py: gguf dest holds a gguf', GGUF[:-1] + ['--dest={gguf}'], 'overwrite'),
+    ('export.py: gguf of a missing checkpoint name', GGUF + ['--checkpoint=nope.pt'], 'nope.pt'),
 ]
 
 # -----------------------------------------------------------------------------
@@ -623,6 +733,18 @@ def build_fixtures(root):
         badlog=write(j('badlog/log.jsonl'), 'not json\n{"foo": 1}\n[1, 2]\n'),
         png=write(j('old.png'), b'\x89PNG\r\n\x1a\nan earlier plot'),
     )
+    for name, files in dict(lang_badwords={'prompt.txt': 'Escreva sobre {noun}.', 'words.json': '{"noun": ['},
+                            lang_noslot={'prompt.txt': 'Escreva sobre {noun} {colour}.', 'words.json': '{"noun": ["gato"]}'},
+                            lang_badregex={'prompt.txt': 'Escreva sobre {noun}.', 'words.json': '{"noun": ["gato"]}',
+                                           'cleanup.json': '[["(unclosed", ""]]'}).items():
+        for file, text in files.items():
+            write(j(f'{name}/{file}'), text)
+        fx[name] = j(name)
+    story = {'text': 'Era uma vez um gato.', 'words': {'noun': 'gato'}, 'model': 'm'}
+    fx['stories_badmid'] = write(j('stories_badmid.jsonl'), json.dumps(story) + '\n{"text": "Era uma\n'
+                                 + json.dumps(dict(story, words={'noun': 'rei'})) + '\n')
+    fx['generic_out'] = jsonl(j('generic_out.jsonl'), [{'id': 0, 'prompt': 'Oi', 'completion': 'Ola.', 'messages': [
+        {'role': 'user', 'content': 'Oi'}, {'role': 'assistant', 'content': 'Ola.'}]}])
     os.makedirs(j('emptydir'))
     fx['emptydir'] = j('emptydir')
     fx['lang_nowords'] = os.path.dirname(fx['lang_nowords'])
@@ -703,8 +825,34 @@ def build_fixtures(root):
     pairs = [{'prompt': f'Diga algo {i}.', 'chosen': 'o gato come o peixe.', 'rejected': 'a luz ve o rei.'}
              for i in range(20)]
     fx['prefdata'], fx['chat_nomasks'] = j('prefdata'), j('chat_nomasks')
-    run_ok(root, 'data/prepare_pref.py', '--input', jsonl(j('pairs.jsonl'), pairs), '--tokenizer', 'bytes',
+    fx['pairs'] = jsonl(j('pairs.jsonl'), pairs)
+    run_ok(root, 'data/prepare_pref.py', '--input', fx['pairs'], '--tokenizer', 'bytes',
            '--val_fraction', '0.2', '--out', fx['prefdata'])
+    fx['pairs_num'] = jsonl(j('pairs_num.jsonl'), [dict(p, chosen=7) for p in pairs])
+    fx['pairs_same'] = jsonl(j('pairs_same.jsonl'), [dict(p, rejected=p['chosen']) for p in pairs])
+    fx['prefdata2'] = j('prefdata2')  # other pairs, same tokenizer and template
+    run_ok(root, 'data/prepare_pref.py', '--input', jsonl(j('pairs2.jsonl'), [dict(p, prompt=p['prompt'] + '!')
+                                                                           for p in pairs]),
+           '--tokenizer', 'bytes', '--val_fraction', '0.2', '--out', fx['prefdata2'])
+    # dpo.py's: an SFT model on chat data (bytes, ChatML), a DPO run from it, the SFT model without its template
+    # (a base model of the same tokenizer), and broken copies
+    fx['chatdata'], fx['sft'], fx['dpo_run'] = j('chatdata'), j('sft'), j('dpo_run')
+    run_ok(root, 'data/prepare_chat.py', '--input', fx['chat'], '--tokenizer', 'bytes', '--val_fraction', '0.2',
+           '--out', fx['chatdata'])
+    run_ok(root, *[a.format(data=fx['chatdata'], new=fx['sft']) for a in TRAIN + ['--block_size=64']])
+    run_ok(root, *[a.format(sft=fx['sft'], prefdata=fx['prefdata'], new=fx['dpo_run']) for a in DPO])
+    sft = torch.load(os.path.join(fx['sft'], 'ckpt.pt'), map_location='cpu', weights_only=True)
+    del sft['tokenizer']['chat_template']
+    fx['base'] = j('base.pt')
+    torch.save(sft, fx['base'])
+    for name in ('dpo_cutref', 'dpo_noref', 'dpo_otherdata', 'dpo_copy'):
+        fx[name] = shutil.copytree(fx['dpo_run'], j(name))
+    fx['sft_copy'] = shutil.copytree(fx['sft'], j('sft_copy'))
+    with open(os.path.join(fx['dpo_cutref'], 'reference.pt'), 'r+b') as f:
+        f.truncate(os.path.getsize(f.name) // 2)
+    os.remove(os.path.join(fx['dpo_noref'], 'reference.pt'))
+    fx['gguf'] = j('gguf')
+    run_ok(root, 'export.py', '--format=gguf', f"--out_dir={fx['out']}", f"--dest={fx['gguf']}")
     run_ok(root, 'data/prepare_chat.py', '--input', fx['chat'], '--tokenizer', 'bytes', '--val_fraction', '0.2',
            '--out', fx['chat_nomasks'])
     for name in os.listdir(fx['chat_nomasks']):
@@ -778,7 +926,8 @@ def run_case(case, fx, root, timeout):
         names = names.removeprefix('warn:').lower().split('|')
         lines = [line.lower() for line in out.splitlines() if line.strip()]
         if p.returncode == 0:
-            warned = [line for line in lines if 'warning' in line and any(n in line for n in names)]
+            warned = [line for line in lines if ('warning' in line or line.startswith('note:'))
+                      and any(n in line for n in names)]
             outcome = 'clear' if warning_will_do and warned else 'silent'
         else:
             outcome = 'clear' if any(n in ' '.join(lines[-3:]) for n in names) else 'unclear'
