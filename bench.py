@@ -9,6 +9,8 @@ identical shape and weights when transformers is installed.
     python bench.py --what=prompts               # sample.py on a prompts file: batched vs one at a time
     python bench.py --what=serve                 # serve.py: 1, 8, 32 concurrent clients vs one request at a time
     python bench.py --what=optimizer --model=demo           # a training step with Muon vs AdamW
+    python bench.py --what=optimizer --vocab_size=4096 --n_layer=4 --n_embd=128 --n_head=4 --n_kv_head=4 \
+        --ffn_hidden=344 --activation=silu --block_size=64 --batch_size=12   # the same at a smaller shape
     python bench.py --what=gguf --out_dir=out/biblia-pt        # mirim fp32 vs llama.cpp on its GGUF files
 
 Loop: train.py run for `loop_iters` steps on config/train_biblia_pt.py (needs data/biblia/pt), its
@@ -22,9 +24,9 @@ each, no eos) from 1, 8 and 32 concurrent clients, 32 clients asking with 4 diff
 (rows with different settings share a step), against a server that takes one request at a time
 (max_batch=1) under 32 clients; completion tokens/s and the median time to first token.
 
-Optimizer: the training step of the same model and batch with train.py's optimizer='muon' against
-optimizer='adamw' (optim.make_optimizer), in paired turns; muon/adamw is the median of the turns'
-ratios of tokens/s (below 1: Muon's step is slower).
+Optimizer: the training step (forward, backward, optimizer step) of the same model and batch with
+train.py's optimizer='muon' against optimizer='adamw' (optim.make_optimizer), in paired turns; a
+Muon step's time over an AdamW step's is the median of the turns' ratios (with their range).
 GGUF: mirim fp32 (sample.py's generate path) against llama.cpp (llama-cpp-python) on the GGUF
 files gguf_export writes in each of `gguf_types`, for the model in `out_dir` (empty: the shape
 below, random weights, the bytes tokenizer), all on the CPU: size on disk (mirim's: its fp32 weights,
@@ -385,10 +387,12 @@ if __name__ == '__main__':
         net = build_mirim()
         runs = {name: train_run(copy.deepcopy(net), False, name) for name in ('adamw', 'muon')}
         rates = timed_turns(runs, train_steps * batch_size * block_size, repeats)
-        ratio = statistics.median(m / a for m, a in zip(rates['muon'], rates['adamw']))
-        print(f"{net.num_params(non_embedding=False) / 1e6:.2f}M params, batch {batch_size} x {block_size}; "
-              f"{repeats} paired turns of {train_steps} steps; muon/adamw tokens/s: {ratio:.3f} "
-              f"(turns: {', '.join(f'{m / a:.3f}' for m, a in zip(rates['muon'], rates['adamw']))})")
+        costs = sorted(a / m for m, a in zip(rates['muon'], rates['adamw']))  # a Muon step's time over AdamW's
+        ms = {name: 1000 * batch_size * block_size / statistics.median(r) for name, r in rates.items()}
+        print(f"{net.num_params(non_embedding=False) / 1e6:.2f}M params, batch {batch_size} x {block_size} "
+              f"({batch_size * block_size:,} tokens a step); {repeats} paired turns of {train_steps} steps\n"
+              f"a Muon step takes {statistics.median(costs):.3f}x an AdamW step (median of the turns; "
+              f"turns {costs[0]:.3f}-{costs[-1]:.3f}): {ms['muon']:.1f} against {ms['adamw']:.1f} ms a step")
         rows += [(f'train tokens/s, {name}', statistics.median(r), None, None) for name, r in rates.items()]
     elif what == 'prompts':
         batched, single = prompts_rates(build_mirim())
