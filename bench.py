@@ -36,10 +36,14 @@ bits per byte of the val split of `data_dir` (empty: the checkpoint's), scored o
 windows with llama.cpp's logits at every position and turned into bits per byte as eval.py does.
 Training: tokens/s of forward + backward + AdamW step on random tokens (same AdamW settings for both;
 mirim computes its loss as train.py does, chunked without full logits, HF as its LlamaForCausalLM does).
+With --compile=True mirim is torch.compile'd and eager mirim (same weights) runs in the turns too:
+the compile time (the compiled warm-up's extra seconds over the eager one's) against the time each
+compiled step saves says after how many steps compiling pays.
 Generation: new tokens/s at batch 1 with a KV cache, greedy, a fixed number of tokens (no eos).
 Each rate is the median of `repeats` timed runs after a warm-up; mirim and HF take turns, so a
 slow spell of the machine hits both alike, and mirim/HF is the median of the turns' ratios.
 """
+import copy
 import os
 import sys
 import time
@@ -103,12 +107,15 @@ if __name__ == '__main__':
             sys.exit(f"bench.py: error: {message}")
 
 
-def timed_turns(runs, count, repeats):
+def timed_turns(runs, count, repeats, warmups=None):
     """runs: {name: run} where run() does `count` units of work. The runs are warmed up, then timed
     in turns (a, b, a, b, ...) so that a slow spell of the machine hits both alike; returns
-    {name: [units per second of each turn]}."""
-    for run in runs.values():
+    {name: [units per second of each turn]}. warmups: a dict to receive each warm-up's seconds."""
+    for name, run in runs.items():
+        start = time.perf_counter()
         run()  # warm-up (allocations, autotuning, compile)
+        if warmups is not None:
+            warmups[name] = time.perf_counter() - start
     rates = {name: [] for name in runs}
     for turn in range(repeats):
         print(f"  turn {turn + 1}/{repeats}", end='\r', file=sys.stderr, flush=True)  # minutes of silence otherwise
@@ -123,10 +130,10 @@ def timed_turns(runs, count, repeats):
     return rates
 
 
-def compare(runs, count, repeats):
-    """(mirim's median rate, HF's median rate or None, the median of the per-turn ratios or None).
-    The ratio of neighbouring turns is steadier than the ratio of the medians on a noisy machine."""
-    rates = timed_turns(runs, count, repeats)
+def compare(rates):
+    """(mirim's median rate, HF's median rate or None, the median of the per-turn ratios or None) of
+    timed_turns' rates. The ratio of neighbouring turns is steadier than the ratio of the medians on
+    a noisy machine."""
     ours, theirs = rates['mirim'], rates.get('hf')
     if theirs is None:
         return statistics.median(ours), None, None
@@ -383,7 +390,6 @@ if __name__ == '__main__':
         print(f"{loop_config}: batch {batch_size} x {block_size}; loop overhead over the bare step: {bare / loop - 1:.1%}")
         rows += [('train.py loop tokens/s', loop, None, None), ('bare step tokens/s (same batch)', bare, None, None)]
     elif what == 'optimizer':
-        import copy
         net = build_mirim()
         runs = {name: train_run(copy.deepcopy(net), False, name) for name in ('adamw', 'muon')}
         rates = timed_turns(runs, train_steps * batch_size * block_size, repeats)
@@ -454,10 +460,25 @@ if __name__ == '__main__':
                   f"weights: {same_logits(mirim, twin):.2e}")
         if what in ('train', 'all'):
             runs = {'mirim': train_run(torch.compile(mirim) if compile else mirim, False)}
+            if compile:  # the peer that says whether compiling pays: the same model and weights, eager
+                runs['eager'] = train_run(copy.deepcopy(mirim), False)
             if twin is not None:
                 runs['hf'] = train_run(twin, True)
-            ours, theirs, ratio = compare(runs, train_steps * batch_size * block_size, repeats)
+            warmups = {}
+            rates = timed_turns(runs, train_steps * batch_size * block_size, repeats, warmups)
+            ours, theirs, ratio = compare(rates)
             rows.append(('train tokens/s', ours, theirs, ratio))
+            if compile:
+                gains = sorted(c / e for c, e in zip(rates['mirim'], rates['eager']))
+                step = {name: batch_size * block_size / statistics.median(rates[name]) for name in ('mirim', 'eager')}
+                seconds = warmups['mirim'] - warmups['eager']  # the first steps' extra time: compiling
+                saved = step['eager'] - step['mirim']
+                pays = (f"pays for itself after {seconds / saved:,.0f} steps ({seconds / saved * step['eager'] / 60:.1f} "
+                        f"minutes of eager training)" if saved > 0 else "does not pay at this shape")
+                print(f"torch.compile: {seconds:.0f} s compiling, then a step {statistics.median(gains):.2f}x as fast "
+                      f"as eager (median of the turns; turns {gains[0]:.2f}-{gains[-1]:.2f}; {1000 * step['mirim']:.0f} "
+                      f"against {1000 * step['eager']:.0f} ms): {pays}")
+                rows.append(('train tokens/s, mirim eager', statistics.median(rates['eager']), None, None))
             if peak_flops:
                 print(f"training MFU: {mirim.estimate_mfu(ours, peak_flops, block_size):.1%}")
         if what in ('generate', 'all'):
@@ -466,7 +487,7 @@ if __name__ == '__main__':
             runs = {'mirim': generate_run(mirim, False)}
             if twin is not None:
                 runs['hf'] = generate_run(twin, True)
-            ours, theirs, ratio = compare(runs, new_tokens, repeats)
+            ours, theirs, ratio = compare(timed_turns(runs, new_tokens, repeats))
             rows.append(('generate new tokens/s (batch 1)', ours, theirs, ratio))
     if rows:
         print(f"\n{'':34s}{'mirim':>12s}{'HF':>12s}{'mirim/HF':>10s}")
