@@ -17,6 +17,7 @@ def atomic_file(path):
     `path`; on any error (a full disk, Ctrl-C) it is removed and the error goes on, so nothing
     half-written is left behind, and no temp file keeps the disk full."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    remove_stale_temps(path)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, 'wb') as f:
@@ -29,6 +30,33 @@ def atomic_file(path):
             os.remove(tmp)
         raise
     fsync_dir(os.path.dirname(path))
+
+
+def remove_stale_temps(path):
+    """Remove the temp files of `path` (path.tmpPID) that a process killed mid-write left (kill -9, power loss): a
+    full-size copy nothing else removes. Only those of processes no longer running: another writer's stays."""
+    folder, name = os.path.split(os.path.abspath(path))
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for other in names:
+        pid = other[len(name) + 4:] if other.startswith(name + '.tmp') else ''
+        if pid.isdigit() and int(pid) != os.getpid() and not process_running(int(pid)):
+            try:
+                os.remove(os.path.join(folder, other))
+            except OSError:
+                pass
+
+
+def process_running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # running, another user's
+        return True
+    return True
 
 
 def write_atomic(path, data):
@@ -65,6 +93,7 @@ def fsync_dir(path):
 def link_atomic(src, dst):
     """dst becomes the same file as src: a hard link (no second write of a big checkpoint), or a copy
     where the file system has no hard links; renamed into place, so also atomic."""
+    remove_stale_temps(dst)
     tmp = f"{dst}.tmp{os.getpid()}"
     if os.path.exists(tmp):
         os.remove(tmp)

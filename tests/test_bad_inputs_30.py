@@ -375,3 +375,31 @@ def test_nan_weights_of_a_tied_model_say_nan_not_untied(tmp_path):
                tmp_path / 'ckpt.pt')
     with pytest.raises(CheckpointError, match='non-finite weights'):
         load_model(str(tmp_path))
+
+
+# --- faults at writes: a temp file a killed writer left is removed by the next write of the same file
+# (mirim/atomic.remove_stale_temps, through atomic_file and link_atomic: every command's writes)
+
+def dead_pid():
+    import subprocess
+    p = subprocess.Popen([sys.executable, '-c', 'pass'])
+    p.wait()
+    return p.pid  # ended and reaped: no process has it (until the system reuses it)
+
+
+@pytest.mark.parametrize('writer', ['write_atomic', 'link_atomic'])
+def test_the_next_write_removes_a_killed_writers_temp_file(tmp_path, writer):
+    from mirim import atomic
+    target = tmp_path / 'ckpt.pt'
+    stale, alive = tmp_path / f'ckpt.pt.tmp{dead_pid()}', tmp_path / f'ckpt.pt.tmp{os.getppid()}'
+    other = tmp_path / f'best.pt.tmp{dead_pid()}'
+    for path in (stale, alive, other):
+        path.write_bytes(b'x' * 1000)  # what kill -9 between the write and the rename leaves
+    if writer == 'write_atomic':
+        atomic.write_atomic(str(target), b'new')
+    else:
+        (tmp_path / 'src').write_bytes(b'new')
+        atomic.link_atomic(str(tmp_path / 'src'), str(target))
+    assert target.read_bytes() == b'new'
+    assert not stale.exists()                    # a dead writer's: removed
+    assert alive.exists() and other.exists()     # a running process's, and another file's: left alone

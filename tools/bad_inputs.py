@@ -9,6 +9,7 @@ choice, an unwritable output, ...) and says how it ended:
     crash      killed by a signal (a segfault, an abort)
     silent     exit status 0: the error went unnoticed
     hang       still running after the case's timeout
+    lost       (a fault case) a result no longer loads, a temp file is left, or the next run fails
 
     python tools/bad_inputs.py                 # every case (~5 minutes on 2 CPU cores)
     python tools/bad_inputs.py --list          # the cases, without running them
@@ -30,6 +31,7 @@ import gzip
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -47,7 +49,7 @@ from mirim.configurator import settings  # noqa: E402
 ENV = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', WANDB_MODE='disabled', HF_HUB_OFFLINE='1',
            TRANSFORMERS_OFFLINE='1', HF_DATASETS_OFFLINE='1', TOKENIZERS_PARALLELISM='false', PYTHONUNBUFFERED='1',
            TQDM_DISABLE='1')
-OUTCOMES = ['clear', 'unclear', 'traceback', 'crash', 'silent', 'hang']
+OUTCOMES = ['clear', 'unclear', 'traceback', 'crash', 'silent', 'hang', 'lost']
 
 # -----------------------------------------------------------------------------
 # the commands, each a valid call that the cases below break in one place
@@ -75,6 +77,26 @@ DPO = ['dpo.py', '--init_from={sft}', '--data_dir={prefdata}', '--out_dir={new}'
        '--eval_interval=2', '--batch_size=4']
 PREF = ['data/prepare_pref.py', '--input', '{pairs}', '--tokenizer', 'bytes', '--out', '{new}']
 GGUF = ['export.py', '--format=gguf', '--out_dir={out}', '--dest={new}']
+# the commands of the fault cases: each writes into {run} (a fresh copy of a fixture's result, or a new folder)
+RESUME = TRAIN[:-1] + ['--out_dir={run}', '--init_from=resume', '--max_iters=4', '--eval_interval=1']
+TRAIN_RUN = TRAIN[:-1] + ['--out_dir={run}']
+DPO_RUN = DPO[:3] + ['--out_dir={run}'] + DPO[4:]
+DPO_RESUME = DPO_RUN + ['--init_from=resume', '--max_iters=4', '--eval_interval=1']
+CLASSIFY_RUN = CLASSIFY[:4] + ['--out_dir={run}'] + CLASSIFY[5:]
+PREPARE_RUN = PREPARE[:-1] + ['{run}']
+PREF_RUN = PREF[:-1] + ['{run}']
+EXPORT_RUN = EXPORT[:-1] + ['--dest={run}']
+GGUF_RUN = GGUF[:-1] + ['--dest={run}']
+TOKENIZER_RUN = TOKENIZER[:-1] + ['{run}/tokenizer.model']
+
+
+def fault(kind, at, argv, previous, result):
+    """A fault case's argv: kind 'KILL' or 'TERM' sent when the command renames a file whose path matches the
+    regex `at` into place; 'FULL': its folder has `at` bytes of room beyond the previous result. previous: the
+    fixture whose copy is {run} (None: {run} is new); result: what {run} holds, checked to load afterwards."""
+    return ['FAULT', dict(kind=kind, at=at, argv=argv, previous=previous, result=result)]
+
+
 NOWHERE = '--base_url=http://127.0.0.1:9/v1'  # no endpoint: these cases must stop before a request
 JUDGE = ['judge.py', '--samples={cls_train}', NOWHERE, '--model=j', '--retries=0', '--output={case}/scores.json']
 SYNTH = ['data/synth.py', '--lang', '{repo}/data/synth/pt', '--n', '2', NOWHERE, '--model=m', '--retries=0',
@@ -567,6 +589,42 @@ CASES = [
     ('export.py: gguf dest unwritable', GGUF[:-1] + ['--dest=/proc/self/gguf'], '/proc/self/gguf'),
     ('export.py: gguf dest holds a gguf', GGUF[:-1] + ['--dest={gguf}'], 'overwrite'),
     ('export.py: gguf of a missing checkpoint name', GGUF + ['--checkpoint=nope.pt'], 'nope.pt'),
+
+    # faults at the writes: kill -9 or SIGTERM just before a file is renamed into place (its temp file written
+    # whole), a full disk (a small tmpfs, or RLIMIT_FSIZE where none can be mounted) at a write. Clear = a full disk
+    # is one line; afterwards every result in the folder still loads (the previous one, or none when it is new), the
+    # same command run again works, and no temp file is left
+    ('fault: train.py kill -9 at ckpt.pt', fault('KILL', r'ckpt\.pt$', RESUME, 'out', 'ckpt'), ''),
+    ('fault: train.py SIGTERM at ckpt.pt', fault('TERM', r'ckpt\.pt$', RESUME, 'out', 'ckpt'), ''),
+    ('fault: train.py kill -9 at best.pt', fault('KILL', r'best\.pt$', RESUME, 'out', 'ckpt'), ''),
+    ('fault: train.py kill -9 at log.jsonl', fault('KILL', r'log\.jsonl$', RESUME, 'out', 'ckpt'), ''),
+    ('fault: train.py full disk', fault('FULL', 200_000, RESUME, 'out', 'ckpt'), 'space|too large'),
+    ('fault: train.py full disk, a new run', fault('FULL', 200_000, TRAIN_RUN, None, 'ckpt'), 'space|too large'),
+    ('fault: dpo.py kill -9 at reference.pt', fault('KILL', r'reference\.pt$', DPO_RUN, None, 'ckpt'), ''),
+    ('fault: dpo.py kill -9 at ckpt.pt', fault('KILL', r'ckpt\.pt$', DPO_RESUME, 'dpo_run', 'ckpt'), ''),
+    ('fault: dpo.py SIGTERM at ckpt.pt', fault('TERM', r'ckpt\.pt$', DPO_RESUME, 'dpo_run', 'ckpt'), ''),
+    ('fault: dpo.py full disk', fault('FULL', 200_000, DPO_RESUME, 'dpo_run', 'ckpt'), 'space|too large'),
+    ('fault: classify.py kill -9 at classifier.pt', fault('KILL', r'classifier\.pt$', CLASSIFY_RUN, None, 'ckpt'),
+     ''),
+    ('fault: classify.py SIGTERM at classifier.pt', fault('TERM', r'classifier\.pt$', CLASSIFY_RUN, None, 'ckpt'),
+     ''),
+    ('fault: classify.py full disk', fault('FULL', 200_000, CLASSIFY_RUN, None, 'ckpt'), 'space|too large'),
+    ('fault: prepare.py kill -9 at a shard', fault('KILL', r'train_000000\.bin$', PREPARE_RUN, None, 'data'), ''),
+    ('fault: prepare.py kill -9 at meta.json', fault('KILL', r'meta\.json$', PREPARE_RUN, None, 'data'), ''),
+    ('fault: prepare.py SIGTERM at a shard', fault('TERM', r'train_000000\.bin$', PREPARE_RUN, None, 'data'), ''),
+    ('fault: prepare.py full disk', fault('FULL', 4_096, PREPARE_RUN, None, 'data'), 'space|too large'),
+    ('fault: prepare.py --overwrite, kill -9 at meta.json', fault('KILL', r'meta\.json$', PREPARE_RUN + ['--overwrite'],
+                                                                'data', 'data'), ''),
+    ('fault: prepare_pref.py kill -9 at meta.json', fault('KILL', r'meta\.json$', PREF_RUN, None, 'data'), ''),
+    ('fault: export.py kill -9 at model.safetensors', fault('KILL', r'model\.safetensors$', EXPORT_RUN, None, 'hf'),
+     ''),
+    ('fault: export.py kill -9 at config.json', fault('KILL', r'config\.json$', EXPORT_RUN, None, 'hf'), ''),
+    ('fault: export.py full disk', fault('FULL', 100_000, EXPORT_RUN, None, 'hf'), 'space|too large'),
+    ('fault: export.py gguf kill -9', fault('KILL', r'\.gguf$', GGUF_RUN, None, 'gguf'), ''),
+    ('fault: export.py gguf full disk', fault('FULL', 100_000, GGUF_RUN, None, 'gguf'), 'space|too large'),
+    ('fault: tokenizer.py kill -9 at tokenizer.model', fault('KILL', r'tokenizer\.model$', TOKENIZER_RUN, None,
+                                                             'tokenizer'), ''),
+    ('fault: tokenizer.py full disk', fault('FULL', 0, TOKENIZER_RUN, None, 'tokenizer'), 'space|too large'),
 ]
 
 # -----------------------------------------------------------------------------
@@ -898,6 +956,8 @@ def run_case(case, fx, root, timeout):
     name, argv, names = case
     if argv[0] == 'HTTP':
         return run_request(name, argv[1], names, fx, timeout)
+    if argv[0] == 'FAULT':
+        return run_fault(name, argv[1], names, fx, root, timeout)
     case_dir = os.path.join(root, 'cases', ''.join(c if c.isalnum() else '_' for c in name))
     os.makedirs(case_dir, exist_ok=True)
     paths = dict(fx, repo=REPO, case=case_dir, new=os.path.join(case_dir, 'new'),
@@ -970,6 +1030,163 @@ def run_request(name, data, names, fx, timeout):
         return 'silent', shown, tail, time.time() - t0
     found = any(n in body.lower() for n in names.lower().split('|'))
     return ('clear' if found else 'unclear'), shown, tail, time.time() - t0
+
+
+# the fault cases: a shim (sitecustomize.py on PYTHONPATH, in the fault cases only) sends the signal when the
+# command renames a file into place (every write of the project goes through a temp file and os.replace)
+SHIM = """import os, re, signal
+_spec = os.environ.pop('MIRIM_FAULT', '')
+if _spec:
+    _signal, _pattern = _spec.split(':', 1)
+    _replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if re.search(_pattern, os.fspath(dst)):
+            os.replace = _replace  # once
+            print(f"fault: SIG{_signal} before {dst} is renamed into place", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL if _signal == 'KILL' else signal.SIGTERM)
+        return _replace(src, dst, *args, **kwargs)
+    os.replace = replace
+"""
+TEMP_NAME = re.compile(r'\.tmp\d*$')
+
+
+def mount_tmpfs(path, size):
+    """A tmpfs of `size` bytes at path -> True, or False where none can be mounted (not root)."""
+    os.makedirs(path, exist_ok=True)
+    if shutil.which('mount') is None:
+        return False
+    p = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', path], capture_output=True)
+    return p.returncode == 0
+
+
+def folder_bytes(path):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def check_result(path, kind, temps_ok=False):
+    """'' when every result in path loads (none at all is fine: a new folder) and no temp file is left (unless
+    temps_ok: right after a kill -9 they are there, for the next run to remove), else what is wrong."""
+    import torch
+    from mirim.checkpoint import load_checkpoint
+    from mirim.shards import BatchSampler, load_meta
+    if not os.path.isdir(path):
+        return ''
+    names = sorted(os.listdir(path))
+    left = [n for n in names if TEMP_NAME.search(n)]
+    if left and not temps_ok:
+        return f"temp files left in {path}: {left}"
+    try:
+        if kind == 'ckpt':
+            for name in names:
+                if name.endswith('.pt'):
+                    load_checkpoint(os.path.join(path, name), keys=('data',) if name == 'reference.pt' else
+                                    ('model', 'model_config', 'tokenizer'))
+        elif kind == 'data' and 'meta.json' in names:
+            meta = load_meta(path)
+            for split in meta['splits']:
+                BatchSampler(path, split, batch_size=1, block_size=4)
+        elif kind == 'hf' and 'config.json' in names:
+            from mirim.checkpoint import load_model
+            load_model(path)
+        elif kind == 'gguf':
+            from gguf import GGUFReader
+            for name in names:
+                if name.endswith('.gguf'):
+                    GGUFReader(os.path.join(path, name))
+        elif kind == 'tokenizer' and 'tokenizer.model' in names:
+            from mirim.tokenizer import load_tokenizer
+            load_tokenizer(os.path.join(path, 'tokenizer.model'))
+    except Exception as e:  # noqa: BLE001 - whatever does not load is the finding
+        return f"{path} no longer loads: {type(e).__name__}: {str(e)[:200]}"
+    del torch
+    return ''
+
+
+def run_fault(name, spec, names, fx, root, timeout):
+    """A fault case -> (outcome, the command, what happened, seconds): the command with the fault, then the
+    checks of its folder, then the same command again (with --overwrite when the line asks for it)."""
+    case_dir = os.path.join(root, 'cases', ''.join(c if c.isalnum() else '_' for c in name))
+    os.makedirs(case_dir, exist_ok=True)
+    run_dir, disk = os.path.join(case_dir, 'run'), None
+    t0 = time.time()
+    env = dict(ENV)
+    limit = None
+    if spec['kind'] == 'FULL':
+        room = spec['at'] + (folder_bytes(fx[spec['previous']]) if spec['previous'] else 0)
+        disk = os.path.join(case_dir, 'disk')
+        if mount_tmpfs(disk, max(room, 4096)):  # size=0 would be no limit at all
+            run_dir = os.path.join(disk, 'run')
+        else:
+            disk, limit = None, spec['at']  # no tmpfs: no file may grow past `at` bytes (EFBIG)
+    else:
+        shim = os.path.join(root, 'shim')
+        os.makedirs(shim, exist_ok=True)
+        write(os.path.join(shim, 'sitecustomize.py'), SHIM)
+        env.update(PYTHONPATH=shim, MIRIM_FAULT=f"{spec['kind']}:{spec['at']}")
+    try:
+        if spec['previous']:
+            shutil.copytree(fx[spec['previous']], run_dir)
+        paths = dict(fx, repo=REPO, case=case_dir, run=run_dir, new=os.path.join(case_dir, 'new'))
+        argv = [a.format(**paths) for a in spec['argv']]
+        shown = ' '.join(argv).replace(root, '$T').replace(REPO, '.')
+        shown = f"[{spec['kind']} at {spec['at']}] {shown}"
+
+        def limits():
+            if limit is not None:
+                import resource
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+                resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        outcome, out, code = command(argv, case_dir, env, timeout, limits)
+        tail = last_line(out).replace(root, '$T')
+        if outcome != 'ran':
+            return outcome, shown, tail, time.time() - t0
+        if spec['kind'] == 'KILL' and code != -signal.SIGKILL:
+            return 'unclear', shown, f"the fault never fired (exit {code}): {tail}", time.time() - t0
+        if spec['kind'] == 'FULL':
+            lines = ' '.join(line.lower() for line in out.splitlines()[-3:])
+            if code == 0:
+                return 'silent', shown, tail, time.time() - t0
+            if not any(n in lines for n in names.split('|')):
+                return 'unclear', shown, tail, time.time() - t0
+        problem = check_result(run_dir, spec['result'], temps_ok=True) if spec['previous'] else ''
+        if problem:  # the previous result no longer loads (a new folder may hold part of a result: the next run's)
+            return 'lost', shown, problem.replace(root, '$T'), time.time() - t0
+        if disk:  # space freed: the folder as it was left, on the ordinary disk
+            if os.path.isdir(run_dir):
+                shutil.copytree(run_dir, os.path.join(case_dir, 'run'))
+            subprocess.run(['umount', disk], capture_output=True)
+            disk, run_dir = None, os.path.join(case_dir, 'run')
+            argv = [a.format(**dict(paths, run=run_dir)) for a in spec['argv']]
+        again, out2, code2 = command(argv, case_dir, ENV, timeout)
+        for told in ('--overwrite', '--init_from=resume'):  # the next run as its line says
+            if again == 'ran' and code2 != 0 and told in last_line(out2) and told not in argv:
+                argv = argv + [told]
+                again, out2, code2 = command(argv, case_dir, ENV, timeout)
+        if again != 'ran' or code2 != 0:
+            return 'lost', shown, f"the next run failed: {last_line(out2)}".replace(root, '$T'), time.time() - t0
+        problem = check_result(run_dir, spec['result'])
+        if problem:
+            return 'lost', shown, problem.replace(root, '$T'), time.time() - t0
+        return 'clear', shown, f"{tail} | then: {last_line(out2)}".replace(root, '$T'), time.time() - t0
+    finally:
+        if disk:
+            subprocess.run(['umount', disk], capture_output=True)
+
+
+def command(argv, cwd, env, timeout, preexec=None):
+    """Run one project command -> ('ran' | 'hang' | 'traceback', its output, its exit status)."""
+    p = subprocess.Popen([sys.executable, os.path.join(REPO, argv[0]), *argv[1:]], cwd=cwd, env=env,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         start_new_session=True, preexec_fn=preexec)
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, _ = p.communicate()
+        return 'hang', out.decode('utf-8', 'replace'), None
+    out = out.decode('utf-8', 'replace')
+    return ('traceback' if 'Traceback (most recent call last)' in out else 'ran'), out, p.returncode
 
 
 def recv_rest(s):
