@@ -100,7 +100,22 @@ def saved_dataset_files(folder, split='train'):
 
 def record_batches(path, columns=None):
     """pyarrow RecordBatches of a .parquet file (by row group) or an .arrow file (IPC file or stream
-    format; datasets writes streams), never the whole table at once."""
+    format; datasets writes streams), never the whole table at once. A file that cannot be read to its end (a
+    corrupt page, a file cut short) is a PrepareError naming it and the row it got to."""
+    import pyarrow as pa
+    rows = 0
+    try:
+        for batch in arrow_batches(path, columns):
+            yield batch
+            rows += batch.num_rows
+    except (pa.ArrowException, OSError) as e:
+        kind = 'Parquet' if path.endswith('.parquet') else 'Arrow'
+        message = (str(e).strip().splitlines() or [type(e).__name__])[0][:150]
+        raise PrepareError(f"{path}: cannot be read as a {kind} file after row {rows} ({message}): damaged or cut "
+                           f"short; copy or download it again") from None
+
+
+def arrow_batches(path, columns=None):
     import pyarrow as pa
     import pyarrow.parquet as pq
     if path.endswith('.parquet'):
@@ -166,6 +181,32 @@ MAGIC = ((b'PAR1', "a Parquet file: name it .parquet"), (b'ARROW1', "an Arrow fi
          (b'\x93NUMPY', "a NumPy array, not text"))
 
 
+def looks_like_utf16(head):
+    """'UTF-16 LE' / 'UTF-16 BE' (with ', with a byte-order mark') when the first bytes of a file look like UTF-16
+    text, else ''. Without a mark: most of the bytes at odd (LE) or even (BE) offsets are NUL and the others are not,
+    as in UTF-16 text of a Latin alphabet; UTF-16 is not read (it is converted to UTF-8 first)."""
+    for mark, name in ((b'\xff\xfe', 'UTF-16 LE'), (b'\xfe\xff', 'UTF-16 BE')):
+        if head.startswith(mark) and not head.startswith(b'\xff\xfe\x00\x00'):  # not UTF-32 LE
+            return f"{name} text (with a byte-order mark)"
+    pairs = len(head) // 2
+    if pairs < 2:
+        return ''
+    even, odd = head[0:2 * pairs:2], head[1:2 * pairs:2]
+    for zeros, other, name in ((odd, even, 'UTF-16 LE'), (even, odd, 'UTF-16 BE')):
+        if zeros.count(0) > 0.6 * pairs and other.count(0) < 0.1 * pairs:
+            return f"{name} text"
+    return ''
+
+
+def encoding_problem(head):
+    """What the first bytes of a file say it is instead of UTF-8 text, as the end of a line, or ''."""
+    utf16 = looks_like_utf16(head)
+    if utf16:
+        return (f"it looks like {utf16}: convert it to UTF-8 first (e.g. iconv -f UTF-16 -t UTF-8 FILE > "
+                f"FILE.utf8)")
+    return ''
+
+
 def check_inputs(paths, text_field='text'):
     """Before anything is written: every Parquet/Arrow file is one and has the text field (unless None), and no file read as text
     or JSONL is binary. PrepareError, one line, naming the file and what it looks like."""
@@ -183,6 +224,8 @@ def check_inputs(paths, text_field='text'):
                 head = f.read(8192)
         except (OSError, EOFError, zlib.error) as e:  # e.g. a .gz that is not gzip, or cut within its first block
             raise PrepareError(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
+        if encoding_problem(head):
+            raise PrepareError(f"{path} is not UTF-8: {encoding_problem(head)}")
         for magic, what in MAGIC:
             if head.startswith(magic) and not (magic == b'\x1f\x8b' and path.endswith('.gz')):
                 raise PrepareError(f"{path} is not text, it looks like {what}")
@@ -213,8 +256,13 @@ def read_lines(path):
 
 
 def decoded_lines(path, problems):
-    """(line number, text without its line end) for each line; invalid UTF-8 is replaced and counted."""
+    """(line number, text without its line end) for each line; invalid UTF-8 is replaced and counted. A NUL byte
+    anywhere (check_inputs sniffs only the first 8 KB) stops the run naming the line: text holds none, and the
+    tokenizer would learn it as text."""
     for number, raw in read_lines(path):
+        if b'\x00' in raw:
+            raise PrepareError(f"{path}:{number}: holds NUL bytes: not text (a binary file, or part of one, or "
+                               f"UTF-16 text: convert it to UTF-8)")
         try:
             line = raw.decode('utf-8')
         except UnicodeDecodeError:
@@ -295,6 +343,9 @@ def jsonl_records(path, error=None):
                 if not line.strip():
                     continue
                 where = f"{path}:{number}"
+                if '\x00' in line:  # UTF-16 text of ASCII decodes as UTF-8 with a NUL after each character
+                    raise error(f"{where}: holds NUL bytes, not JSON text"
+                                f"{'; ' + hint if (hint := encoding_problem(file_head(path))) else ''}")
                 try:
                     record = json.loads(line)
                     json.dumps(record, ensure_ascii=False).encode('utf-8')  # every string of it is text
@@ -308,7 +359,18 @@ def jsonl_records(path, error=None):
         except (UnicodeDecodeError, EOFError, OSError) as e:  # EOFError, OSError: a cut or corrupt .gz
             what = ("not UTF-8 text (a binary file, or another encoding): JSONL is UTF-8"
                     if isinstance(e, UnicodeDecodeError) else f"cannot be read to the end ({e})")
+            if isinstance(e, UnicodeDecodeError) and encoding_problem(file_head(path)):
+                what = f"not UTF-8 text: {encoding_problem(file_head(path))}"
             raise error(f"{path}:{number + 1}: {what}") from None
+
+
+def file_head(path, size=8192):
+    """The first bytes of a file (uncompressed for .gz); b'' when they cannot be read."""
+    try:
+        with open_binary(path) as f:
+            return f.read(size)
+    except (OSError, EOFError, zlib.error):
+        return b''
 
 
 def read_documents(paths, doc_per='block', text_field='text', problems=None):

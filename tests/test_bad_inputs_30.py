@@ -403,3 +403,64 @@ def test_the_next_write_removes_a_killed_writers_temp_file(tmp_path, writer):
     assert target.read_bytes() == b'new'
     assert not stale.exists()                    # a dead writer's: removed
     assert alive.exists() and other.exists()     # a running process's, and another file's: left alone
+
+
+# --- odd text: UTF-16, NUL bytes past the first 8 KB, a damaged Parquet file (mirim/corpus.py)
+
+TEXT = 'o gato come o peixe.\n' * 50
+
+
+@pytest.mark.parametrize('encoding, kind', [
+    ('utf-16', r'UTF-16 LE text \(with a byte-order mark\)'),    # the issue's: with a BOM
+    ('utf-16-le', r'UTF-16 LE text'),                            # without one
+    ('utf-16-be', r'UTF-16 BE text'),
+])
+def test_utf16_text_is_named_as_such(tmp_path, encoding, kind):
+    from mirim.corpus import check_inputs
+    for name, data in (('corpus.txt', TEXT), ('pairs.jsonl', json.dumps({'prompt': 'oi', 'chosen': 'a'}) + '\n')):
+        path = tmp_path / name
+        path.write_bytes(data.encode(encoding))
+        with pytest.raises(PrepareError, match=rf'{name}.*looks like {kind}: convert it to UTF-8'):
+            check_inputs([str(path)])
+
+
+@pytest.mark.parametrize('encoding', ['utf-16', 'utf-16-le'])
+def test_utf16_jsonl_read_strictly_names_the_file_and_utf16(tmp_path, encoding):
+    """classify.py, prepare_pref.py, eval tasks read JSONL through jsonl_records, without check_inputs first"""
+    from mirim.corpus import jsonl_records
+    path = tmp_path / 'train.jsonl'
+    path.write_bytes((json.dumps({'text': 'oi', 'label': 'a'}) + '\n').encode(encoding) * 3)
+    with pytest.raises(PrepareError, match=r'train\.jsonl:1: .*looks like UTF-16 LE text'):
+        list(jsonl_records(str(path)))
+
+
+@pytest.mark.parametrize('name, nul_line', [('corpus.txt', 1001), ('corpus.jsonl', 2001)])
+def test_nul_bytes_after_the_first_8kb_stop_at_their_line(tmp_path, name, nul_line):
+    from mirim.corpus import check_inputs, read_documents
+    path = tmp_path / name
+    if name.endswith('.jsonl'):
+        path.write_bytes((json.dumps({'text': 'o gato'}) + '\n').encode() * 2000 + b'{"text": "a\x00b"}\n')
+    else:
+        path.write_bytes(TEXT.encode() * 20 + b'a\x00b\n')
+    check_inputs([str(path)])  # the first 8 KB are clean
+    with pytest.raises(PrepareError, match=rf'{name}:{nul_line}: holds NUL bytes'):
+        list(read_documents([str(path)], 'line', 'text', {}))
+
+
+@pytest.mark.parametrize('damage', ['overwritten page', 'cut short'])
+def test_a_damaged_parquet_file_names_the_file_and_row(tmp_path, damage):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from mirim.corpus import columnar_records, read_columnar_file
+    path = str(tmp_path / 'corpus.parquet')
+    pq.write_table(pa.table({'text': [f'documento {i} ' * 20 for i in range(5000)]}), path, row_group_size=1000,
+                   compression='none')
+    data = bytearray(open(path, 'rb').read())
+    if damage == 'overwritten page':
+        data[len(data) // 2:len(data) // 2 + 2000] = b'\x55' * 2000
+    else:  # the footer kept (a copy that lost a stretch in the middle)
+        data = data[:len(data) // 2] + data[-4000:]
+    open(path, 'wb').write(bytes(data))
+    for read in (lambda: list(read_columnar_file(path, 'text', {})), lambda: list(columnar_records(path))):
+        with pytest.raises(PrepareError, match=r'corpus\.parquet: cannot be read as a Parquet file after row \d+'):
+            read()

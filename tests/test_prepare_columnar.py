@@ -82,7 +82,7 @@ def test_chat_conversations_from_parquet_match_jsonl(tmp_path):
 @pytest.mark.parametrize('make,args,says', [
     (lambda d: pq.write_table(pa.table({'t': ['x']}), d / 'corpus.txt'), [], 'looks like a Parquet file'),
     (lambda d: write_arrow_stream(d / 'corpus.jsonl', pa.table({'t': ['x']})), [], 'looks like an Arrow stream'),
-    (lambda d: (d / 'corpus.txt').write_bytes('texto'.encode('utf-16')), [], 'NUL bytes'),
+    (lambda d: (d / 'corpus.txt').write_bytes('texto'.encode('utf-16')), [], 'looks like UTF-16 LE text'),
     (lambda d: pq.write_table(pa.table({'t': ['x']}), d / 'corpus.parquet'), [], "no column 'text'; its columns: t"),
     (lambda d: (d / 'corpus.parquet').write_text('not parquet'), [], 'not a readable Parquet file'),
     (lambda d: save_to_disk(d / 'corpus', pa.table({'text': ['x']})), ['--hf_split', 'validation'], None),
