@@ -77,6 +77,7 @@ DPO = ['dpo.py', '--init_from={sft}', '--data_dir={prefdata}', '--out_dir={new}'
        '--eval_interval=2', '--batch_size=4']
 PREF = ['data/prepare_pref.py', '--input', '{pairs}', '--tokenizer', 'bytes', '--out', '{new}']
 GGUF = ['export.py', '--format=gguf', '--out_dir={out}', '--dest={new}']
+SERVE_ONE = ['serve.py', '--out_dir={out}', '--device=cpu', '--port=0', '--quiet']  # as SERVE below
 # the commands of the fault cases: each writes into {run} (a fresh copy of a fixture's result, or a new folder)
 RESUME = TRAIN[:-1] + ['--out_dir={run}', '--init_from=resume', '--max_iters=4', '--eval_interval=1']
 TRAIN_RUN = TRAIN[:-1] + ['--out_dir={run}']
@@ -625,6 +626,42 @@ CASES = [
     ('fault: tokenizer.py kill -9 at tokenizer.model', fault('KILL', r'tokenizer\.model$', TOKENIZER_RUN, None,
                                                              'tokenizer'), ''),
     ('fault: tokenizer.py full disk', fault('FULL', 0, TOKENIZER_RUN, None, 'tokenizer'), 'space|too large'),
+
+    # odd text: UTF-16 (with and without a byte-order mark), NUL bytes past the first 8 KB, damaged compressed files
+    ('prepare.py: input UTF-16 with a BOM', PREPARE[:2] + ['{utf16_bom}'] + PREPARE[3:], 'utf16_bom.txt'),
+    ('prepare.py: input UTF-16 BE without a BOM', PREPARE[:2] + ['{utf16_be}'] + PREPARE[3:], 'utf16_be.txt'),
+    ('prepare.py: JSONL corpus in UTF-16', PREPARE[:2] + ['{utf16_cls}'] + PREPARE[3:], 'utf16_cls.jsonl'),
+    ('prepare.py: NUL bytes after the first 8 KB', PREPARE[:2] + ['{nul_late}'] + PREPARE[3:], 'nul_late.txt:'),
+    ('prepare.py: JSONL with NUL bytes after 8 KB', PREPARE[:2] + ['{nul_late_jsonl}'] + PREPARE[3:],
+     'nul_late.jsonl:'),
+    ('prepare.py: a Parquet page overwritten', PREPARE[:2] + ['{parquet_bad}'] + PREPARE[3:], 'bad.parquet'),
+    ('prepare.py: a cut .jsonl.gz', PREPARE[:2] + ['{jsonl_gz_cut}'] + PREPARE[3:], 'cut.jsonl.gz'),
+    ('prepare_chat.py: input UTF-16', CHAT[:2] + ['{utf16_chat}'] + CHAT[3:], 'utf16_chat.jsonl'),
+    ('prepare_chat.py: input UTF-16 without a BOM', CHAT[:2] + ['{utf16le_chat}'] + CHAT[3:], 'utf16le_chat.jsonl'),
+    ('prepare_chat.py: a Parquet page overwritten', CHAT[:2] + ['{parquet_chat_bad}'] + CHAT[3:], 'chat_bad.parquet'),
+    ('prepare_pref.py: input UTF-16', PREF[:2] + ['{utf16_pairs}'] + PREF[3:], 'utf16_pairs.jsonl'),
+    ('classify.py: train_file UTF-16', CLASSIFY + ['--train_file={utf16_cls}'], 'utf16_cls.jsonl'),
+    ('classify.py: train_file UTF-16 without a BOM', CLASSIFY + ['--train_file={utf16le_cls}'], 'utf16le_cls.jsonl'),
+    ('eval.py: task file UTF-16', EVAL + ['--task={utf16_mc}'], 'utf16_mc.jsonl'),
+    ('eval.py: text_file UTF-16', EVAL + ['--text_file={utf16_bom}'], 'utf16_bom.txt'),
+    ('sample.py: prompts file UTF-16', SAMPLE + ['--start=FILE:{utf16_bom}'], 'utf16_bom.txt'),
+    ('tokenizer.py: input UTF-16', TOKENIZER[:2] + ['{utf16_bom}'] + TOKENIZER[3:], 'utf16_bom.txt'),
+    ('judge.py: samples UTF-16', JUDGE[:1] + ['--samples={utf16_cls}'] + JUDGE[2:], 'utf16_cls.jsonl'),
+    ('synth.py: prompts UTF-16', ['data/synth.py', '--prompts', '{utf16_chat}', '--out', '{new}', NOWHERE,
+                                  '--model=m'], 'utf16_chat.jsonl'),
+
+    # old and hand-edited checkpoints: a model_config without a key that changes the function, a tensor of another
+    # shape, a tensor missing, a format version from the future
+    *[(f'{command}: {what}', argv + [f'{option}={{{fixture}}}'], names)
+      for command, argv, option in (('sample.py', SAMPLE, '--out_dir'), ('eval.py', EVAL, '--checkpoint'),
+                                    ('export.py', EXPORT, '--out_dir'), ('export.py gguf', GGUF, '--out_dir'),
+                                    ('serve.py', SERVE_ONE, '--out_dir'), ('train.py', TRAIN, '--init_from'),
+                                    ('classify.py', CLASSIFY, '--init_from'))
+      for what, fixture, names in (('model_config without activation', 'noact_ckpt', 'activation'),
+                                   ('model_config without rope_theta', 'norope_ckpt', 'rope_theta'),
+                                   ('a tensor of another shape', 'shape_ckpt', 'shape'),
+                                   ('a tensor missing', 'notensor_ckpt', 'lack'),
+                                   ('a format version from the future', 'future_ckpt', 'format_version'))],
 ]
 
 # -----------------------------------------------------------------------------
@@ -884,6 +921,34 @@ def build_fixtures(root):
              for i in range(20)]
     fx['prefdata'], fx['chat_nomasks'] = j('prefdata'), j('chat_nomasks')
     fx['pairs'] = jsonl(j('pairs.jsonl'), pairs)
+    cls_lines = [json.dumps(r) + '\n' for r in labelled[:40]]
+    chat_lines = open(fx['chat'], encoding='utf-8').read()
+    mc_lines = open(fx['mc'], encoding='utf-8').read()
+    fx.update(utf16_bom=write(j('utf16_bom.txt'), (open(fx['text'], encoding='utf-8').read()).encode('utf-16')),
+              utf16_be=write(j('utf16_be.txt'), open(fx['text'], encoding='utf-8').read().encode('utf-16-be')),
+              utf16_cls=write(j('utf16_cls.jsonl'), ''.join(cls_lines).encode('utf-16')),
+              utf16le_cls=write(j('utf16le_cls.jsonl'), ''.join(cls_lines).encode('utf-16-le')),
+              utf16_chat=write(j('utf16_chat.jsonl'), chat_lines.encode('utf-16')),
+              utf16le_chat=write(j('utf16le_chat.jsonl'), chat_lines.encode('utf-16-le')),
+              utf16_pairs=write(j('utf16_pairs.jsonl'), ''.join(json.dumps(p) + '\n' for p in pairs).encode('utf-16')),
+              utf16_mc=write(j('utf16_mc.jsonl'), mc_lines.encode('utf-16')),
+              nul_late=write(j('nul_late.txt'), open(fx['text'], 'rb').read() * 2 + b'o gato\x00 come\n'),
+              nul_late_jsonl=write(j('nul_late.jsonl'), ''.join(cls_lines * 10).encode() + b'{"text": "a"}\x00\n'))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    for name, table in (('parquet_bad', pa.table({'text': docs * 25})),
+                        ('parquet_chat_bad', pa.table({'prompt': [d[:40] for d in docs] * 25,
+                                                       'completion': docs * 25}))):
+        path = j(f"{name.replace('parquet_', '')}.parquet")
+        pq.write_table(table, path, row_group_size=500, compression='none')
+        data = bytearray(open(path, 'rb').read())
+        data[len(data) // 2:len(data) // 2 + 3000] = b'\x55' * 3000
+        fx[name] = write(path, bytes(data))
+    fx['jsonl_gz_cut'] = j('cut.jsonl.gz')
+    with gzip.open(fx['jsonl_gz_cut'], 'wb') as f:
+        f.write(''.join(cls_lines * 30).encode())
+    with open(fx['jsonl_gz_cut'], 'r+b') as f:
+        f.truncate(os.path.getsize(f.name) // 2)
     run_ok(root, 'data/prepare_pref.py', '--input', fx['pairs'], '--tokenizer', 'bytes',
            '--val_fraction', '0.2', '--out', fx['prefdata'])
     fx['pairs_num'] = jsonl(j('pairs_num.jsonl'), [dict(p, chosen=7) for p in pairs])
@@ -909,6 +974,19 @@ def build_fixtures(root):
     with open(os.path.join(fx['dpo_cutref'], 'reference.pt'), 'r+b') as f:
         f.truncate(os.path.getsize(f.name) // 2)
     os.remove(os.path.join(fx['dpo_noref'], 'reference.pt'))
+    # hand-edited checkpoints
+    ckpt = torch.load(fx['ckpt'], map_location='cpu', weights_only=True)
+    edits = dict(noact_ckpt=lambda c: c['model_config'].pop('activation'),
+                 norope_ckpt=lambda c: c['model_config'].pop('rope_theta'),
+                 shape_ckpt=lambda c: c['model'].__setitem__('norm.weight', torch.ones(7)),
+                 notensor_ckpt=lambda c: c['model'].pop('layers.1.attention.wo.weight', None) if
+                 'layers.1.attention.wo.weight' in c['model'] else c['model'].pop(sorted(c['model'])[-1]),
+                 future_ckpt=lambda c: c.__setitem__('format_version', 99))
+    for name, edit in edits.items():
+        edited = {**ckpt, 'model_config': dict(ckpt['model_config']), 'model': dict(ckpt['model'])}
+        edit(edited)
+        fx[name] = j(f'{name}.pt')
+        torch.save(edited, fx[name])
     fx['gguf'] = j('gguf')
     run_ok(root, 'export.py', '--format=gguf', f"--out_dir={fx['out']}", f"--dest={fx['gguf']}")
     run_ok(root, 'data/prepare_chat.py', '--input', fx['chat'], '--tokenizer', 'bytes', '--val_fraction', '0.2',
@@ -1238,7 +1316,10 @@ def main():
     cases = [c for c in CASES if not args.only or any(s in c[0] for s in args.only)]
     if args.list:
         for name, argv, _ in cases:
-            print(f"{name:<62} {argv[1].split(b' HTTP/')[0].decode() if argv[0] == 'HTTP' else ' '.join(argv)}")
+            shown = (argv[1].split(b' HTTP/')[0].decode() if argv[0] == 'HTTP' else
+                     f"[{argv[1]['kind']} at {argv[1]['at']}] {' '.join(argv[1]['argv'])}" if argv[0] == 'FAULT' else
+                     ' '.join(argv))
+            print(f"{name:<62} {shown}")
         print(f"{len(cases)} cases")
         return 0
     if not cases:
