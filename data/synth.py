@@ -223,8 +223,9 @@ def claim_output(path, is_record, overwrite, mode, prompts=None):
         records = read_output(path, is_record)
     except NotOutput as e:
         if not overwrite:
-            raise ValueError(f"{e}, so {path} is not an earlier output of synth.py's {mode} mode, which a rerun "
-                             f"would continue: pass --overwrite to replace it, or choose another --out") from None
+            raise ValueError(f"{path} already exists and is not an earlier output of synth.py's {mode} mode, which a "
+                             f"rerun would continue ({e}): pass --overwrite to replace it, or choose another --out") \
+                from None
         return [], True
     if os.path.exists(path):
         with open(path, 'rb+') as f:
