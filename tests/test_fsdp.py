@@ -179,3 +179,46 @@ def test_sigterm_to_one_fsdp_process_stops_both_after_a_sharded_save(data_dir, t
     assert 'stopped by a signal to another process' in output and 'ckpt.dcp' in output
     step = load_checkpoint(str(tmp_path / 'ckpt.dcp'))['step']
     assert step >= 2 and step == log_lines(tmp_path)[-1]['step']
+
+
+# --- plan.py: when a model needs FSDP
+
+def test_the_tinyllama_preset_has_its_published_parameter_count():
+    from model import Llama, config_from_preset
+    with torch.device('meta'):
+        model = Llama(config_from_preset('tinyllama-1.1b'))
+    assert model.num_params(non_embedding=False) == 1_100_048_384  # TinyLlama-1.1B's config.json shape
+
+
+def test_the_activation_estimate_is_what_the_backward_keeps():
+    """plan.memory_plan's activations against the bytes autograd saves in a bf16 forward (weights left out)."""
+    import plan
+    from model import Llama, LlamaConfig
+    shape = dict(vocab_size=512, block_size=64, n_layer=3, n_head=8, n_kv_head=2, n_embd=128, ffn_hidden=344)
+    model = Llama(LlamaConfig(**shape))
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    x = torch.randint(0, 512, (4, 64))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast('cpu', dtype=torch.bfloat16):
+        model(x, x, return_logits=False)
+    measured = sum(size for ptr, size in saved.items() if ptr not in weights)
+    assert 0.8 < plan.memory_plan(shape, 4)['activations'] / measured < 1.25
+
+
+def test_plan_says_when_a_model_needs_fsdp_and_prints_the_command(capsys):
+    import plan
+    result = plan.main(['config/tinyllama_1b.py', '--gpu=A100', '--gpu_memory=40', '--num_gpus=8'])
+    memory = result['memory']
+    assert memory['states'] == 16 * 1_100_048_384  # fp32 weights, gradients, AdamW's two moments
+    assert memory['advice'] == ('fsdp', 8, False) and memory['ddp'] > 0.9 * 40e9
+    assert memory['fsdp'][8][0] < 0.9 * 40e9 < memory['ddp']
+    assert ('torchrun --standalone --nproc_per_node=8 train.py config/tinyllama_1b.py --parallel=fsdp'
+            in capsys.readouterr().out)
+    assert plan.main(['config/tinyllama_1b.py', '--gpu=H100'])['memory']['advice'][0] == 'ddp'  # 80 GB: fits
+    tight = plan.main(['config/tinyllama_1b.py', '--gpu_memory=12', '--num_gpus=8'])['memory']
+    assert tight['advice'] == ('fsdp', 8, True)  # only with activation checkpointing
+    assert plan.main(['config/tinyllama_1b.py', '--gpu_memory=2', '--num_gpus=2'])['memory']['advice'] is None
