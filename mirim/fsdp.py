@@ -9,6 +9,13 @@ before its forward and its backward, freed after), and its gradients are reduce-
 the processes. On CUDA in bfloat16 the gathered weights are cast to bf16 for compute while the reduction
 and the kept (master) weights stay float32. One process is never sharded: it trains as it always does.
 
+Muon is refused (mirim/run.py): its Newton-Schulz step needs each whole matrix. Run on FSDP's DTensors as
+it is, its products gather what they need, but with a bf16 Newton-Schulz the reordered sums differ from one
+process by more than float rounding (6e-5 relative in the loss at step 3, measured; AdamW's steps agree to
+float rounding), and an optimizer that writes into views of a parameter's rows would not be handed the
+whole matrix. Doing it right means gathering each matrix, one at a time, for its step, and writing back
+each process's rows.
+
 Activation checkpointing (checkpoint_blocks) keeps only each block's input and computes the rest again in
 the backward pass: about a third more compute for activations of one block instead of all.
 

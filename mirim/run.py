@@ -4,7 +4,8 @@ tuning) and classify.py (a classifier head) describe what is their own in a Task
 micro-batch's loss, their evaluation); train() does the rest, the same way for each:
 
 - claims the out_dir (a lock; a new run never replaces a previous run's checkpoints) and starts the
-  processes: one, or many under torchrun (DDP: nccl on GPUs, gloo on CPUs);
+  processes: one, or many under torchrun (DDP, or FSDP2 with parallel='fsdp': mirim/fsdp.py; nccl on GPUs,
+  gloo on CPUs);
 - builds the model the run starts from (scratch, resume, or fine-tuning a mirim checkpoint or a
   Hugging Face folder, with every tokenizer check: mirim/init_from.py) and its optimizer (AdamW, or
   Muon for the blocks' matrices: mirim/optim.py);
@@ -167,8 +168,8 @@ def check_run_config(c):
         (c.ddp_timeout > 0, "ddp_timeout must be positive (seconds)"),
         (0 <= c.seed < 2 ** 32, "seed must be in [0, 2**32): the random generators of every library take it"),
         (getattr(c, 'parallel', 'ddp') in ('ddp', 'fsdp'), "parallel must be 'ddp' or 'fsdp'"),
-        (not sharded(c) or c.optimizer != 'muon', "optimizer='muon' does not run with parallel='fsdp' (Newton-Schulz needs "
-                                                  "each whole matrix; FSDP keeps 1/N of it per process): use "
+        (not sharded(c) or c.optimizer != 'muon', "optimizer='muon' does not run with parallel='fsdp' yet (its Newton-Schulz "
+                                                  "step needs each whole matrix, FSDP keeps 1/N of its rows): use "
                                                   "parallel='ddp' or optimizer='adamw'"),
     ]
     for ok, message in checks:
@@ -243,12 +244,12 @@ def restore(run, c, task):
     made_by = checkpoint.get('command') or ('dpo.py' if 'dpo' in checkpoint else
                                            'classify.py' if 'head' in checkpoint else 'train.py')
     if made_by != task.name:
-        fail(f"{c.out_dir}/ckpt.pt was written by {made_by}, not {task.name}: resume it with {made_by}, or start "
+        fail(f"{c.out_dir}/{checkpoint_name(c)} was written by {made_by}, not {task.name}: resume it with {made_by}, or start "
              f"{task.name} from it with --init_from={c.out_dir} and another --out_dir")
     task.restore(run, c, checkpoint)
     trained_with = checkpoint['config'].get('optimizer', 'adamw')
     if trained_with != c.optimizer:
-        fail(f"{c.out_dir}/ckpt.pt was trained with optimizer={trained_with!r}; resume with --optimizer={trained_with}, or "
+        fail(f"{c.out_dir}/{checkpoint_name(c)} was trained with optimizer={trained_with!r}; resume with --optimizer={trained_with}, or "
              f"fine-tune with --init_from={c.out_dir} --out_dir=... (a fresh {c.optimizer} optimizer)")
     base_lrs = [group['base_lr'] for group in run.optimizer.param_groups]
     if 'sharded' in checkpoint:  # each process reads its part (mirim/fsdp.py)
@@ -268,7 +269,7 @@ def restore(run, c, task):
     before = checkpoint['config']
     changed = [f"{k}: {before[k]!r} -> {v!r}" for k, v in vars(c).items()
                if k in before and before[k] != v and k != 'init_from']
-    print0(f"resuming {c.out_dir}/{'ckpt.dcp' if 'sharded' in checkpoint else 'ckpt.pt'} at step {run.step}" + (f" ({run.tokens_seen:,} tokens seen)" if run.tokens_seen
+    print0(f"resuming {c.out_dir}/{checkpoint_name(c)} at step {run.step}" + (f" ({run.tokens_seen:,} tokens seen)" if run.tokens_seen
                                                                    else "")
            + (f"; changed since: {', '.join(changed)}" if changed else ""))
 

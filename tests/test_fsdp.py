@@ -5,7 +5,6 @@ kill -9 mid-save, and are read by every command that reads a checkpoint. Three t
 import os
 import shutil
 import signal
-import subprocess
 import sys
 
 import pytest
@@ -105,18 +104,19 @@ def test_commands_read_a_sharded_checkpoint_and_consolidate_writes_one_file(runs
         consolidate.main([f'--out_dir={root / "fsdp"}', f'--output={tmp_path / "model.pt"}'])
 
 
+def test_muon_with_fsdp_is_refused_in_one_line(data_dir, tmp_path):
+    message = error_of(data_dir, tmp_path, '--parallel=fsdp', '--optimizer=muon')
+    assert "optimizer='muon' does not run with parallel='fsdp'" in message and '\n' not in message
+
+
 def test_activation_checkpointing_computes_the_same_steps(data_dir, tmp_path):
     run(data_dir, tmp_path / 'plain', '--max_iters=3', '--eval_interval=100')
     run(data_dir, tmp_path / 'ac', '--max_iters=3', '--eval_interval=100', '--activation_checkpointing=True')
     assert train_losses(tmp_path / 'ac') == train_losses(tmp_path / 'plain')
 
 
-def test_muon_with_fsdp_is_refused_in_one_line(data_dir, tmp_path):
-    message = error_of(data_dir, tmp_path, '--parallel=fsdp', '--optimizer=muon')
-    assert "optimizer='muon' does not run with parallel='fsdp'" in message and '\n' not in message
-
-
 def test_a_checkpoint_resumes_only_with_the_parallel_that_wrote_it(data_dir, tmp_path):
+    assert error_of(data_dir, tmp_path, '--parallel=zero').endswith("parallel must be 'ddp' or 'fsdp'")
     run(data_dir, tmp_path, '--max_iters=2', '--eval_interval=2', '--parallel=fsdp')
     assert "resume it with --parallel=fsdp" in error_of(data_dir, tmp_path, '--max_iters=4', '--init_from=resume')
     assert 'already holds a run (ckpt.dcp, best.dcp)' in error_of(data_dir, tmp_path, '--parallel=fsdp')
@@ -166,19 +166,26 @@ def test_kill_9_during_a_sharded_save_keeps_the_previous_one(data_dir, tmp_path)
 
 
 @pytest.mark.skipif(not os.path.isdir('/proc'), reason='finds the worker processes in /proc')
-def test_sigterm_to_one_fsdp_process_stops_both_after_a_sharded_save(data_dir, tmp_path):
+def test_sigterm_to_one_fsdp_process_stops_both_after_the_same_step_and_saves(data_dir, tmp_path):
+    """SIGTERM to rank 1 only: both stop after one step, with a sharded save; the steps are one process's (a
+    constant rate, so that the run the signal stopped and the reference of as many steps share a schedule)."""
     from test_train import descendants
-    process = train_py(data_dir, tmp_path, '--max_iters=100000', '--eval_interval=100000', '--parallel=fsdp',
-                       '--gradient_accumulation_steps=2', torchrun=2)
-    log = tmp_path / 'log.jsonl'
+    settings = ['--lr_schedule=constant', '--parallel=fsdp', '--gradient_accumulation_steps=2', '--eval_interval=100000']
+    process = train_py(data_dir, tmp_path / 'fsdp', '--max_iters=100000', *settings, torchrun=2)
+    log = tmp_path / 'fsdp' / 'log.jsonl'
     wait_for(lambda: log.exists() and log.read_text().count('\n') >= 3, timeout=120, process=process)
     pids = sorted(pid for pid in descendants(process.pid) if b'train.py' in open(f'/proc/{pid}/cmdline', 'rb').read())
     os.kill(pids[-1], signal.SIGTERM)  # rank 1 only
     output = process.communicate(timeout=120)[0]
     assert process.returncode == 0, output
     assert 'stopped by a signal to another process' in output and 'ckpt.dcp' in output
-    step = load_checkpoint(str(tmp_path / 'ckpt.dcp'))['step']
-    assert step >= 2 and step == log_lines(tmp_path)[-1]['step']
+    fsdp = load_checkpoint(str(tmp_path / 'fsdp' / 'ckpt.dcp'))
+    assert fsdp['step'] >= 2 and fsdp['step'] == log_lines(tmp_path / 'fsdp')[-1]['step']
+    run(data_dir, tmp_path / 'one', f'--max_iters={fsdp["step"]}', *[a for a in settings if a != '--parallel=fsdp'])
+    one, two = train_losses(tmp_path / 'one'), train_losses(tmp_path / 'fsdp')
+    assert [s for s, _ in two] == [s for s, _ in one]
+    assert torch.allclose(torch.tensor([l for _, l in two]), torch.tensor([l for _, l in one]), rtol=1e-5, atol=0)
+    assert_close(fsdp['model'], weights(tmp_path / 'one' / 'ckpt.pt'))
 
 
 # --- plan.py: when a model needs FSDP
