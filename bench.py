@@ -9,6 +9,8 @@ identical shape and weights when transformers is installed.
     python bench.py --what=prompts               # sample.py on a prompts file: batched vs one at a time
     python bench.py --what=serve                 # serve.py: 1, 8, 32 concurrent clients vs one request at a time
     python bench.py --what=optimizer --model=demo           # a training step with Muon vs AdamW
+    python bench.py --what=optimizer --vocab_size=4096 --n_layer=4 --n_embd=128 --n_head=4 --n_kv_head=4 \
+        --ffn_hidden=344 --activation=silu --block_size=64 --batch_size=12   # the same at a smaller shape
     python bench.py --what=gguf --out_dir=out/biblia-pt        # mirim fp32 vs llama.cpp on its GGUF files
 
 Loop: train.py run for `loop_iters` steps on config/train_biblia_pt.py (needs data/biblia/pt), its
@@ -18,12 +20,13 @@ AdamW step of the same model and batch measured here: the difference is the loop
 Prompts: sample.sample_prompts on `num_prompts` prompts of different lengths, greedy, `new_tokens`
 each, with batch_size=`prompt_batch` against batch_size=1; new tokens/s of each.
 Serve: serve.py on 127.0.0.1 answering `num_prompts` streamed completions (sampled, `new_tokens`
-each, no eos) from 1, 8 and 32 concurrent clients, against a server that takes one request at a
-time (max_batch=1) under 32 clients; completion tokens/s and the median time to first token.
+each, no eos) from 1, 8 and 32 concurrent clients, 32 clients asking with 4 different temperatures
+(rows with different settings share a step), against a server that takes one request at a time
+(max_batch=1) under 32 clients; completion tokens/s and the median time to first token.
 
-Optimizer: the training step of the same model and batch with train.py's optimizer='muon' against
-optimizer='adamw' (optim.make_optimizer), in paired turns; muon/adamw is the median of the turns'
-ratios of tokens/s (below 1: Muon's step is slower).
+Optimizer: the training step (forward, backward, optimizer step) of the same model and batch with
+train.py's optimizer='muon' against optimizer='adamw' (optim.make_optimizer), in paired turns; a
+Muon step's time over an AdamW step's is the median of the turns' ratios (with their range).
 GGUF: mirim fp32 (sample.py's generate path) against llama.cpp (llama-cpp-python) on the GGUF
 files gguf_export writes in each of `gguf_types`, for the model in `out_dir` (empty: the shape
 below, random weights, the bytes tokenizer), all on the CPU: size on disk (mirim's: its fp32 weights,
@@ -33,10 +36,14 @@ bits per byte of the val split of `data_dir` (empty: the checkpoint's), scored o
 windows with llama.cpp's logits at every position and turned into bits per byte as eval.py does.
 Training: tokens/s of forward + backward + AdamW step on random tokens (same AdamW settings for both;
 mirim computes its loss as train.py does, chunked without full logits, HF as its LlamaForCausalLM does).
+With --compile=True mirim is torch.compile'd and eager mirim (same weights) runs in the turns too:
+the compile time (the compiled warm-up's extra seconds over the eager one's) against the time each
+compiled step saves says after how many steps compiling pays.
 Generation: new tokens/s at batch 1 with a KV cache, greedy, a fixed number of tokens (no eos).
 Each rate is the median of `repeats` timed runs after a warm-up; mirim and HF take turns, so a
 slow spell of the machine hits both alike, and mirim/HF is the median of the turns' ratios.
 """
+import copy
 import os
 import sys
 import time
@@ -100,12 +107,15 @@ if __name__ == '__main__':
             sys.exit(f"bench.py: error: {message}")
 
 
-def timed_turns(runs, count, repeats):
+def timed_turns(runs, count, repeats, warmups=None):
     """runs: {name: run} where run() does `count` units of work. The runs are warmed up, then timed
     in turns (a, b, a, b, ...) so that a slow spell of the machine hits both alike; returns
-    {name: [units per second of each turn]}."""
-    for run in runs.values():
+    {name: [units per second of each turn]}. warmups: a dict to receive each warm-up's seconds."""
+    for name, run in runs.items():
+        start = time.perf_counter()
         run()  # warm-up (allocations, autotuning, compile)
+        if warmups is not None:
+            warmups[name] = time.perf_counter() - start
     rates = {name: [] for name in runs}
     for turn in range(repeats):
         print(f"  turn {turn + 1}/{repeats}", end='\r', file=sys.stderr, flush=True)  # minutes of silence otherwise
@@ -120,10 +130,10 @@ def timed_turns(runs, count, repeats):
     return rates
 
 
-def compare(runs, count, repeats):
-    """(mirim's median rate, HF's median rate or None, the median of the per-turn ratios or None).
-    The ratio of neighbouring turns is steadier than the ratio of the medians on a noisy machine."""
-    rates = timed_turns(runs, count, repeats)
+def compare(rates):
+    """(mirim's median rate, HF's median rate or None, the median of the per-turn ratios or None) of
+    timed_turns' rates. The ratio of neighbouring turns is steadier than the ratio of the medians on
+    a noisy machine."""
     ours, theirs = rates['mirim'], rates.get('hf')
     if theirs is None:
         return statistics.median(ours), None, None
@@ -256,22 +266,24 @@ def prompts_rates(net):
 
 
 def serve_rates(net):
-    """{(clients, max_batch): (completion tokens/s, median seconds to the first token)} of serve.py
-    (the bench shape with the bytes tokenizer's vocab, random weights: no reply ends early)."""
+    """{(clients, max_batch, temperatures): [(completion tokens/s, median seconds to the first token) of each
+    turn]} of serve.py (the bench shape with the bytes tokenizer's vocab, random weights: no reply ends early).
+    The settings take turns (`repeats` turns, at most 3), so that ratios are of runs side by side."""
     import http.client
     import json
     import tempfile
     import threading
     from dataclasses import asdict
-    import serve
+    from mirim import server as serve
     from mirim.tokenizer import load_tokenizer
     tokenizer = load_tokenizer('bytes')
     net = Llama(LlamaConfig(**{**vars(net.config), 'vocab_size': tokenizer.vocab_size}), seed=seed)
     results = {}
+    turns = [(1, 32, 1), (8, 32, 1), (32, 32, 1), (32, 32, 4), (32, 1, 1)] * min(repeats, 3)
     with tempfile.TemporaryDirectory() as out:
         torch.save({'model': net.state_dict(), 'model_config': asdict(net.config), 'tokenizer': tokenizer.to_dict()},
                    os.path.join(out, 'ckpt.pt'))
-        for clients, max_batch in ((1, 32), (8, 32), (32, 32), (32, 1)):
+        for clients, max_batch, temperatures in turns:
             server = serve.build_server(out, port=0, quiet=True, max_batch=max_batch, device=device)
             threading.Thread(target=server.serve_forever, daemon=True).start()
             firsts, lock = [], threading.Lock()
@@ -279,7 +291,8 @@ def serve_rates(net):
             def client(k):
                 conn = http.client.HTTPConnection('127.0.0.1', server.server_address[1], timeout=3600)
                 for i in range(k, num_prompts, clients):
-                    body = {'prompt': f'Era uma vez {i}', 'max_tokens': new_tokens, 'temperature': 1.0, 'stream': True}
+                    body = {'prompt': f'Era uma vez {i}', 'max_tokens': new_tokens, 'stream': True,
+                            'temperature': (1.0, 0.7, 1.3, 0.9)[i % temperatures]}
                     start = time.perf_counter()
                     conn.request('POST', '/v1/completions', json.dumps(body), {'Content-Type': 'application/json'})
                     response, first = conn.getresponse(), None
@@ -295,8 +308,8 @@ def serve_rates(net):
             for t in client_threads:
                 t.join()
             elapsed = time.perf_counter() - start
-            results[clients, max_batch] = (server.engine.stats['completion_tokens'] / elapsed,
-                                           statistics.median(firsts))
+            results.setdefault((clients, max_batch, temperatures), []).append(
+                (server.engine.stats['completion_tokens'] / elapsed, statistics.median(firsts)))
             server.shutdown()
             server.server_close()
     return results
@@ -377,14 +390,15 @@ if __name__ == '__main__':
         print(f"{loop_config}: batch {batch_size} x {block_size}; loop overhead over the bare step: {bare / loop - 1:.1%}")
         rows += [('train.py loop tokens/s', loop, None, None), ('bare step tokens/s (same batch)', bare, None, None)]
     elif what == 'optimizer':
-        import copy
         net = build_mirim()
         runs = {name: train_run(copy.deepcopy(net), False, name) for name in ('adamw', 'muon')}
         rates = timed_turns(runs, train_steps * batch_size * block_size, repeats)
-        ratio = statistics.median(m / a for m, a in zip(rates['muon'], rates['adamw']))
-        print(f"{net.num_params(non_embedding=False) / 1e6:.2f}M params, batch {batch_size} x {block_size}; "
-              f"{repeats} paired turns of {train_steps} steps; muon/adamw tokens/s: {ratio:.3f} "
-              f"(turns: {', '.join(f'{m / a:.3f}' for m, a in zip(rates['muon'], rates['adamw']))})")
+        costs = sorted(a / m for m, a in zip(rates['muon'], rates['adamw']))  # a Muon step's time over AdamW's
+        ms = {name: 1000 * batch_size * block_size / statistics.median(r) for name, r in rates.items()}
+        print(f"{net.num_params(non_embedding=False) / 1e6:.2f}M params, batch {batch_size} x {block_size} "
+              f"({batch_size * block_size:,} tokens a step); {repeats} paired turns of {train_steps} steps\n"
+              f"a Muon step takes {statistics.median(costs):.3f}x an AdamW step (median of the turns; "
+              f"turns {costs[0]:.3f}-{costs[-1]:.3f}): {ms['muon']:.1f} against {ms['adamw']:.1f} ms a step")
         rows += [(f'train tokens/s, {name}', statistics.median(r), None, None) for name, r in rates.items()]
     elif what == 'prompts':
         batched, single = prompts_rates(build_mirim())
@@ -393,12 +407,18 @@ if __name__ == '__main__':
                  ('prompts, batch_size=1 new tok/s', single, None, None)]
     elif what == 'serve':
         rates = serve_rates(build_mirim())
-        single = rates[32, 1][0]
-        for (clients, max_batch), (rate, first) in rates.items():
-            label = f"serve, {clients} clients" + (", one at a time" if max_batch == 1 else "")
-            print(f"{label:34s}{rate:8.0f} completion tok/s ({rate / single:.1f}x one at a time), "
-                  f"median first token {first * 1000:.0f} ms")
+        single = [rate for rate, _ in rates[32, 1, 1]]
+        span = lambda xs: f"{min(xs):.2f}-{max(xs):.2f}"
+        for (clients, max_batch, temperatures), turns in rates.items():
+            label = (f"serve, {clients} clients" + (", one at a time" if max_batch == 1 else "") +
+                     (f", {temperatures} temperatures" if temperatures > 1 else ""))
+            rate = statistics.median(r for r, _ in turns)
+            print(f"{label:38s}{rate:8.0f} completion tok/s (x one at a time, per turn: "
+                  f"{span([r / s for (r, _), s in zip(turns, single)])}), median first token "
+                  f"{statistics.median(f for _, f in turns) * 1000:.0f} ms")
             rows.append((label + ' tok/s', rate, None, None))
+        mixed = [m / o for (m, _), (o, _) in zip(rates[32, 32, 4], rates[32, 32, 1])]
+        print(f"32 clients with 4 temperatures / with one, per turn: {span(mixed)}")
     elif what == 'gguf':
         try:
             if out_dir:
@@ -440,10 +460,25 @@ if __name__ == '__main__':
                   f"weights: {same_logits(mirim, twin):.2e}")
         if what in ('train', 'all'):
             runs = {'mirim': train_run(torch.compile(mirim) if compile else mirim, False)}
+            if compile:  # the peer that says whether compiling pays: the same model and weights, eager
+                runs['eager'] = train_run(copy.deepcopy(mirim), False)
             if twin is not None:
                 runs['hf'] = train_run(twin, True)
-            ours, theirs, ratio = compare(runs, train_steps * batch_size * block_size, repeats)
+            warmups = {}
+            rates = timed_turns(runs, train_steps * batch_size * block_size, repeats, warmups)
+            ours, theirs, ratio = compare(rates)
             rows.append(('train tokens/s', ours, theirs, ratio))
+            if compile:
+                gains = sorted(c / e for c, e in zip(rates['mirim'], rates['eager']))
+                step = {name: batch_size * block_size / statistics.median(rates[name]) for name in ('mirim', 'eager')}
+                seconds = warmups['mirim'] - warmups['eager']  # the first steps' extra time: compiling
+                saved = step['eager'] - step['mirim']
+                pays = (f"pays for itself after {seconds / saved:,.0f} steps ({seconds / saved * step['eager'] / 60:.1f} "
+                        f"minutes of eager training)" if saved > 0 else "does not pay at this shape")
+                print(f"torch.compile: {seconds:.0f} s compiling, then a step {statistics.median(gains):.2f}x as fast "
+                      f"as eager (median of the turns; turns {gains[0]:.2f}-{gains[-1]:.2f}; {1000 * step['mirim']:.0f} "
+                      f"against {1000 * step['eager']:.0f} ms): {pays}")
+                rows.append(('train tokens/s, mirim eager', statistics.median(rates['eager']), None, None))
             if peak_flops:
                 print(f"training MFU: {mirim.estimate_mfu(ours, peak_flops, block_size):.1%}")
         if what in ('generate', 'all'):
@@ -452,7 +487,7 @@ if __name__ == '__main__':
             runs = {'mirim': generate_run(mirim, False)}
             if twin is not None:
                 runs['hf'] = generate_run(twin, True)
-            ours, theirs, ratio = compare(runs, new_tokens, repeats)
+            ours, theirs, ratio = compare(timed_turns(runs, new_tokens, repeats))
             rows.append(('generate new tokens/s (batch 1)', ours, theirs, ratio))
     if rows:
         print(f"\n{'':34s}{'mirim':>12s}{'HF':>12s}{'mirim/HF':>10s}")

@@ -205,6 +205,10 @@ def reference(run, c):
     path = os.path.join(c.out_dir, 'reference.pt')
     fingerprint = data_fingerprint(run.meta)
     if run.checkpoint is not None:
+        made_by = run.checkpoint.get('command')
+        if made_by and made_by != 'dpo.py':  # before reference.pt, which such a run never wrote
+            fail(f"{c.out_dir}/ckpt.pt was written by {made_by}, not dpo.py: start a DPO run from it with "
+                 f"--init_from={c.out_dir} and another --out_dir")
         if not os.path.isfile(path):
             fail(f"{path} is missing: it holds the starting model's log-probabilities that the run compares with")
         try:  # a cut or damaged file (a full disk, a copy that stopped), or something else under its name
@@ -239,17 +243,22 @@ def check_start_template(c, meta):
     from mirim.chat_data import template_markers
     from mirim.checkpoint import resolve
     data_template = meta.get('chat_template') or (meta.get('tokenizer') or {}).get('chat_template')
-    if c.init_from == 'resume' or not data_template:
+    if c.init_from == 'resume':
         return
     try:
         kind, where = resolve(c.init_from)
         if kind != 'mirim':
             return
         # mmap: the tokenizer's description without reading the weights a second time
-        model_template = torch.load(where, map_location='cpu', weights_only=True, mmap=True)['tokenizer'].get(
-            'chat_template')
+        start = torch.load(where, map_location='cpu', weights_only=True, mmap=True)
+        model_template = start['tokenizer'].get('chat_template')
         data_template, model_template = (get_template(t) if t else None for t in (data_template, model_template))
     except (OSError, RuntimeError, ValueError, KeyError, AttributeError):  # it loaded once: nothing more to learn
+        return
+    if start.get('command') == 'classify.py' or 'head' in start:
+        fail(f"{c.init_from} is a classifier (classify.py): its backbone was tuned to pick labels, and its head would "
+             f"be dropped. DPO starts from a chat (SFT) model: train.py on data/prepare_chat.py data")
+    if not data_template:
         return
     name = lambda t: repr(t.get('name', 'custom'))  # noqa: E731
     if model_template is None:

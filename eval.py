@@ -40,9 +40,11 @@ choices = the real next verse of its chapter and 3 other verses of the same book
 fixed seed (each choice starts with a newline: the corpus joins verses with one). Chance is 25%.
 
 Results are printed as a table and written as JSON to --output (default: eval_<task>.json with the
-model: inside its folder, an out_dir or a Hugging Face folder, or beside a checkpoint file), with the
-per-example log-likelihoods of multiple-choice tasks. A results file already there (an earlier
-evaluation's) is never replaced without --overwrite.
+model: inside its folder, an out_dir or a Hugging Face folder, or beside a checkpoint file; written
+atomically), with the per-example log-likelihoods of multiple-choice tasks. A results file already there
+(an earlier evaluation's) is never replaced without --overwrite. The results name the checkpoint's step
+and the training seconds it was saved at, so export.py's model card reports those of the checkpoint it
+exports, and not an earlier one's.
 """
 import math
 import os
@@ -516,7 +518,10 @@ def evaluate(config):
         metrics, per_example = evaluate_multiple_choice(model, tokenizer, examples, desc=task_name, **common)
     check_finite(metrics, per_example, dtype_name(dtype))
 
-    results = {'task': task_name, 'checkpoint': path, 'step': ckpt.get('step'), 'tokens_seen': ckpt.get('tokens_seen'),
+    # step and checkpoint_elapsed (the training seconds the checkpoint was saved at) tell which save of a run this
+    # was: export.py's model card reports only the results of the checkpoint it exports (mirim/model_card.py)
+    results = {'task': task_name, 'checkpoint': path, 'step': ckpt.get('step'), 'checkpoint_elapsed': ckpt.get('elapsed'),
+               'tokens_seen': ckpt.get('tokens_seen'),
                'metrics': metrics, 'block_size': block, 'device': run_device, 'dtype': dtype_name(dtype),
                'seconds': round(time.time() - started, 2), 'config': config}
     if per_example is not None:

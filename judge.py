@@ -23,7 +23,7 @@ import sys
 from mirim.atomic import claim_file, write_json
 from mirim.configurator import configure
 from mirim.corpus import jsonl_records
-from mirim.llm import Client, Fatal, Rejected, run_all
+from mirim.llm import Client, Fatal, Rejected, check_settings, run_all
 
 # -----------------------------------------------------------------------------
 # defaults; a config file or --key=value overrides them (configurator.py)
@@ -102,11 +102,20 @@ def main(argv):
     files = [f for f in config['samples'].split(',') if f]
     if not files:
         raise ValueError("give --samples=FILE.jsonl[,FILE2.jsonl...] (sample.py --format=jsonl output)")
+    seen = {}
+    for f in files:  # the results are keyed by file: a second mention would overwrite the first
+        if os.path.realpath(f) in seen:
+            raise ValueError(f"--samples names {seen[os.path.realpath(f)]} twice (as {f} too): name each file once")
+        seen[os.path.realpath(f)] = f
     if config['output']:  # refused before a story is judged, not after the work
         if os.path.abspath(config['output']) in map(os.path.abspath, files):
             raise ValueError(f"--output={config['output']} is one of --samples: name a new file for the scores")
         claim_file(config['output'], config['overwrite'], '--output')
-    criteria = [c for c in config['criteria'].split(',') if c]
+    criteria = [c for c in config['criteria'].split(',') if c.strip()]
+    if not criteria:
+        raise ValueError("--criteria is empty: name the keys the judge scores, comma-separated")
+    check_settings(config['concurrency'], config['timeout'], config['retries'], config['backoff'],
+                   config['temperature'], config['max_tokens'])
     rubric_path = config['rubric']
     if not os.path.isabs(rubric_path) and not os.path.exists(rubric_path):  # the default, run from another folder
         rubric_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), rubric_path)

@@ -6,7 +6,10 @@ Sample from a trained model: continue a prompt, answer a whole prompts file, or 
     python sample.py --out_dir=out/chat --chat
 
 The checkpoint carries everything needed: the model's shape, its weights and its tokenizer.
-Prompts start with <bos>, like every training document; an empty prompt is just <bos>.
+Prompts start with <bos>, like every training document; an empty prompt is just <bos>. A --start
+prompt is encoded as written, special tokens included ('<|im_start|>' is the token), as serve.py's
+/v1/completions does: a raw prompt is the whole token stream. In --chat, what you type is text only
+(chat.chat_ids): the template's markers are the only special tokens of a chat.
 
 A single prompt streams its samples to the terminal, one after another. A prompts file (one
 prompt per line, blank lines skipped) is generated in batches on the KV cache: prompts of

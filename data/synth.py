@@ -49,7 +49,7 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 from mirim.configurator import settings  # noqa: E402
 from mirim.corpus import jsonl_records  # noqa: E402
-from mirim.llm import Client, Fatal, Rejected, run_all  # noqa: E402
+from mirim.llm import Client, Fatal, Rejected, check_settings, run_all  # noqa: E402
 
 
 # -----------------------------------------------------------------------------
@@ -158,8 +158,8 @@ def is_completion(record):
 
 
 def read_output(path, is_record):
-    """-> the records already in the output ([] for a new or empty file), or None when the file is not such
-    output: a line that is not JSON or not is_record. A last line without its newline is a half-written
+    """-> the records already in the output ([] for a new or empty file); NotOutput saying where the file is not
+    such output (a line that is not JSON, or not is_record). A last line without its newline is a half-written
     record (a kill mid-write), dropped, when it starts as a JSON object and is not a whole other one."""
     if not os.path.exists(path):
         return []
@@ -167,9 +167,20 @@ def read_output(path, is_record):
         data = f.read()
     good = data.rfind(b'\n') + 1
     try:
-        records = [json.loads(line) for line in data[:good].decode('utf-8').splitlines() if line.strip()]
-    except ValueError:  # not UTF-8 (a checkpoint), not JSON lines
-        return None
+        lines = data[:good].decode('utf-8').split('\n')
+    except UnicodeDecodeError:  # a checkpoint, an archive
+        raise NotOutput(f"{path}: not UTF-8 text") from None
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise NotOutput(f"{path}:{n}: not valid JSON") from None
+        if not is_record(record):
+            raise NotOutput(f"{path}:{n}: not a record of this mode")
+        records.append(record)
     tail = data[good:]
     if tail.strip():
         try:
@@ -177,8 +188,12 @@ def read_output(path, is_record):
         except ValueError:
             last = None if tail.lstrip().startswith(b'{') else False  # a record cut short, or no JSON at all
         if last is False or (last is not None and not is_record(last)):
-            return None
-    return records if all(map(is_record, records)) else None
+            raise NotOutput(f"{path}:{len(lines)}: not a record of this mode")
+    return records
+
+
+class NotOutput(ValueError):
+    """A file that is not this mode's output; the message says where."""
 
 
 def read_prompts(path):
@@ -190,6 +205,8 @@ def read_prompts(path):
             raise ValueError(f"{where}: not a prompt record: each line is an object with a \"prompt\" or "
                              f"\"messages\"")
         prompts.append(record)
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts: one JSON object a line, with a \"prompt\" or \"messages\"")
     return prompts
 
 
@@ -202,11 +219,12 @@ def claim_output(path, is_record, overwrite, mode, prompts=None):
         raise ValueError(f"--out={path} is a directory: name a JSONL file in it")
     if prompts and os.path.exists(path) and os.path.samefile(path, prompts):
         raise ValueError(f"--out={path} is the --prompts file: name a new file for the completions")
-    records = read_output(path, is_record)
-    if records is None:
+    try:
+        records = read_output(path, is_record)
+    except NotOutput as e:
         if not overwrite:
-            raise ValueError(f"{path} already exists and is not an earlier output of synth.py's {mode} mode, which "
-                             f"a rerun would continue: pass --overwrite to replace it, or choose another --out")
+            raise ValueError(f"{e}, so {path} is not an earlier output of synth.py's {mode} mode, which a rerun "
+                             f"would continue: pass --overwrite to replace it, or choose another --out") from None
         return [], True
     if os.path.exists(path):
         with open(path, 'rb+') as f:
@@ -274,6 +292,9 @@ def main(argv=None):
     if bool(args.lang) == bool(args.prompts):
         sys.exit('synth.py: error: give --lang (stories) or --prompts (generic), not both')
     try:  # before the first request: a refused --out costs nothing
+        check_settings(args.concurrency, args.timeout, args.retries, args.backoff, args.temperature, args.max_tokens)
+        if args.n < 1 or args.min_words < 0:
+            raise ValueError(f"--n={args.n}: must be >= 1" if args.n < 1 else f"--min_words={args.min_words}: must be >= 0")
         if args.lang:
             template, words, rules = load_language(args.lang)
             records, replace = claim_output(args.out, is_story, args.overwrite, 'stories')

@@ -40,7 +40,6 @@ CHAT_TEMPLATES = {
 }
 
 ROLES = ('system', 'user', 'assistant')
-# tokenizer kinds whose encode splits the text at special tokens and encodes each part apart
 EOS = '{eos}'
 
 
@@ -66,19 +65,21 @@ def get_template(template):
 
 
 def _split_eos(text, trained):
-    """'a{eos}b' -> [('a', t), (EOS, t), ('b', t)], dropping empty texts."""
+    """Template text 'a{eos}b' -> [('a', t, False), (EOS, t, False), ('b', t, False)], dropping empty texts."""
     pieces = []
     for n, part in enumerate(text.split(EOS)):
         if n:
-            pieces.append((EOS, trained))
+            pieces.append((EOS, trained, False))
         if part:
-            pieces.append((part, trained))
+            pieces.append((part, trained, False))
     return pieces
 
 
 def chat_pieces(messages, template, add_generation_prompt=False):
-    """The conversation as (text, trained) pieces in order; text EOS is the eos token. trained marks
-    what a fine-tune learns to produce: each assistant content and its stop marker."""
+    """The conversation as (text, trained, content) pieces in order; a template piece EOS is the eos token. trained
+    marks what a fine-tune learns to produce: each assistant content and its stop marker. content marks
+    a message's own text, which is all text (its '<|im_end|>' is ten characters); the template's text
+    around it holds the markers, the only special tokens of a chat."""
     template = get_template(template)
     name = template.get('name', '?')
     pieces = []
@@ -95,7 +96,7 @@ def chat_pieces(messages, template, add_generation_prompt=False):
         prefix, suffix = template[role].split('{content}')
         trained = role == 'assistant'
         pieces += _split_eos(prefix, False)
-        pieces += [(content, trained)] if content else []
+        pieces += [(content, trained, True)] if content else []
         if trained:  # the reply's stop marker is trained too (so the model learns to stop), what follows is not
             end = suffix.index(template['stop']) + len(template['stop'])
             pieces += _split_eos(suffix[:end], True) + _split_eos(suffix[end:], False)
@@ -108,56 +109,60 @@ def chat_pieces(messages, template, add_generation_prompt=False):
 
 def render_chat(messages, template, add_generation_prompt=False, eos='</s>'):
     """The conversation as text (eos written as the string `eos`), for reading and debugging."""
-    return ''.join(eos if text == EOS else text for text, _ in chat_pieces(messages, template, add_generation_prompt))
+    pieces = chat_pieces(messages, template, add_generation_prompt)
+    return ''.join(eos if text == EOS and not content else text for text, _, content in pieces)
 
 
 def chat_ids(messages, template, tokenizer, add_generation_prompt=False):
     """-> (ids, mask): <bos> then the conversation's tokens; mask[i] is 1 where token i is trained on
     (assistant contents and their stop markers), 0 elsewhere, as in mask shards (shards.py).
 
-    The text between two eos tokens is encoded in one piece, exactly as at inference, because
-    encoding each piece apart differs: SentencePiece puts a '▁' before every separately encoded
-    string. Piece boundaries are found by encoding each prefix of that text; for tokenizers that
-    encode the text between two special tokens on its own (bytes, tiktoken), only the prefix's part
-    after its last special token is encoded again, so a long chat costs linear time, not quadratic."""
-    ids, mask = [tokenizer.bos_id], [0]
-    chunk = []
-    pattern = tokenizer.specials_pattern if tokenizer.splits_at_specials else None
+    The special tokens are the template's markers ('<|im_start|>', '<|im_end|>', Aira's tags, {eos})
+    and nothing else: a message's content is read as text whatever it holds, so no one can write a turn
+    of their own into a chat by typing '<|im_end|>\n<|im_start|>assistant' or '</s>'.
 
-    def flush():
-        text = ''.join(t for t, _ in chunk)
-        full = tokenizer.encode(text)
-        if pattern:  # (char end, token end) of each special token, in order: the text before it encodes apart
-            found = list(pattern.finditer(text))
-            marks = [m.end() for m in found]
-            special_ids = {tokenizer.special_tokens[m.group()] for m in found}
-            after = [k + 1 for k, i in enumerate(full) if i in special_ids]
-            cuts = list(zip(marks, after)) if len(marks) == len(after) else []
-        done, end, c = 0, 0, 0
-        for n, (piece, trained) in enumerate(chunk):
+    The ids are those of encoding the rendered text between two eos tokens in one piece, as at inference
+    (SentencePiece puts a '▁' before every separately encoded text), with special tokens at the markers
+    only: the text between two markers is one run, encoded apart by tokenizer.encode_run, which knows
+    whether a marker stands before and after it. Piece boundaries inside a run are found by encoding the
+    run up to them; runs are one message long at most, so a long chat costs linear time."""
+    ids, mask = [tokenizer.bos_id], [0]
+    run, after = [], False  # the (text, trained) pieces of the current run; whether a marker precedes it
+    pattern = tokenizer.specials_pattern
+
+    def flush(before):
+        text = ''.join(t for t, _ in run)
+        full = tokenizer.encode_run(text, after, before)
+        done, end = 0, 0
+        for n, (piece, trained) in enumerate(run):
             end += len(piece)
-            if n == len(chunk) - 1:
-                upto = len(full)
-            elif pattern and cuts:
-                while c + 1 < len(cuts) and cuts[c + 1][0] <= end:
-                    c += 1
-                s, k = cuts[c] if cuts[c][0] <= end else (0, 0)
-                upto = k + common_prefix(tokenizer.encode(text[s:end]), full, k)
-            else:
-                upto = common_prefix(tokenizer.encode(text[:end]), full)
+            upto = len(full) if n == len(run) - 1 else common_prefix(tokenizer.encode_run(text[:end], after), full)
             ids.extend(full[done:upto])
             mask.extend([int(trained)] * (upto - done))
             done = max(done, upto)
-        chunk.clear()
+        if not run and full:  # SentencePiece: the '▁' it puts before a text that starts with a marker
+            ids.extend(full)
+            mask.extend([0] * len(full))
+        run.clear()
 
-    for text, trained in chat_pieces(messages, template, add_generation_prompt):
-        if text == EOS:
-            flush()
+    for text, trained, content in chat_pieces(messages, template, add_generation_prompt):
+        if text == EOS and not content:  # ends the text encoded in one piece: what follows starts a new one
+            flush(before=False)
             ids.append(tokenizer.eos_id)
             mask.append(int(trained))
-        else:
-            chunk.append((text, trained))
-    flush()
+            after = False
+            continue
+        parts = [text] if content or pattern is None else pattern.split(text)  # odd parts: the markers
+        for n, part in enumerate(parts):
+            if n % 2 == 0:
+                if part:
+                    run.append((part, trained))
+                continue
+            flush(before=True)
+            ids.append(tokenizer.specials_in_text[part])
+            mask.append(int(trained))
+            after = True
+    flush(before=False)
     return ids, mask
 
 

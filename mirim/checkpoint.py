@@ -19,6 +19,9 @@ import os
 from dataclasses import asdict
 
 MODEL_KEYS = ('model', 'model_config', 'tokenizer')  # what every mirim checkpoint holds
+# the format of what a checkpoint holds; 'format_version' in a checkpoint (none: 1) says which it was written in, and
+# a checkpoint of a later format (a newer mirim) is refused rather than read as what this mirim knows
+FORMAT_VERSION = 1
 # the model_config keys a checkpoint must hold: the shape (vocab_size ... ffn_hidden), what the model computes
 # (activation, rope_theta, norm_eps, tie_embeddings) and the special ids that generation and export.py use;
 # every LlamaConfig field but dropout (training only: 0 at inference, and a run sets its own)
@@ -94,6 +97,11 @@ def load_checkpoint(path, keys=MODEL_KEYS):
         first_line = (str(e).strip().splitlines() or [''])[0].split('. ')[0][:200]
         raise CheckpointError(f"{path} is not a mirim checkpoint that can be loaded ({type(e).__name__}: "
                               f"{first_line})") from None
+    version = checkpoint.get('format_version', 1) if isinstance(checkpoint, dict) else 1
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
+        raise CheckpointError(f"{path} is a checkpoint of format_version {version!r}, but this mirim reads format "
+                              f"{FORMAT_VERSION} and earlier: it was written by a newer mirim (update this one: git "
+                              f"pull), or edited by hand")
     if not isinstance(checkpoint, dict) or not all(k in checkpoint for k in keys):
         have = sorted(checkpoint)[:10] if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise CheckpointError(f"{path} is not a mirim checkpoint: it lacks "
@@ -168,8 +176,9 @@ def check_weights(state, model, where='the checkpoint'):
         if tuple(state[name].shape) != tuple(tensor.shape):
             raise CheckpointError(f"{where}: the weight {name} has shape {tuple(state[name].shape)}, but its {shape} "
                                   f"makes it {tuple(tensor.shape)}")
-    if config.tie_embeddings and 'output.weight' in state and not torch.equal(state['output.weight'],
-                                                                               state['tok_embeddings.weight']):
+    # equal_nan: a diverged run's tied weights are NaN in both, the same tensor (its own error comes later)
+    if config.tie_embeddings and 'output.weight' in state and not torch.allclose(
+            state['output.weight'], state['tok_embeddings.weight'], rtol=0, atol=0, equal_nan=True):
         raise CheckpointError(f"{where}: model_config says tie_embeddings=True, but output.weight and "
                               f"tok_embeddings.weight differ: the weights are of an untied model")
 

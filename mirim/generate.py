@@ -56,6 +56,40 @@ def sample_next(logits, seen, temperature=1.0, top_k=0, top_p=1.0, repetition_pe
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
+def sample_rows(logits, seen, temperature, top_k, top_p, repetition_penalty, uniform, left_pad=None):
+    """sample_next with each row's own settings: temperature, top_k, top_p, repetition_penalty are (B,)
+    tensors (0 / 0 / 1.0 / 1.0 = off, temperature 0 = greedy), so rows that sample differently share one
+    step (serve.py's batches). uniform (B,) holds one draw in [0, 1) per row, which picks the row's token
+    by inverse CDF: a row drawn from its own torch.Generator gets the same token whichever rows it is
+    batched with. Top-k keeps each row's k highest logits (ties at the k-th are cut by position)."""
+    B, V = logits.shape
+    if bool((repetition_penalty != 1).any()):
+        valid = torch.ones_like(seen, dtype=logits.dtype)
+        if left_pad is not None:
+            valid = (torch.arange(seen.size(1), device=seen.device)[None] >= left_pad[:, None]).to(logits.dtype)
+        present = torch.zeros_like(logits).scatter_add_(1, seen, valid) > 0
+        penalty = repetition_penalty[:, None].to(logits.dtype)
+        logits = torch.where(present, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+    greedy = logits.argmax(dim=-1)
+    sampled = temperature > 0
+    if not bool(sampled.any()):
+        return greedy
+    logits = logits / torch.where(sampled, temperature, 1.0)[:, None].to(logits.dtype)
+    order = None
+    if bool(((top_k > 0) & (top_k < V)).any() or (top_p < 1).any()):
+        logits, order = torch.sort(logits, dim=-1, descending=True)
+        keep = torch.where(top_k > 0, top_k, V)
+        logits = logits.masked_fill(torch.arange(V, device=logits.device)[None] >= keep[:, None], float('-inf'))
+    probs = logits.softmax(dim=-1)
+    if order is not None:  # drop a token when the tokens before it already reach top_p (the first stays)
+        probs = probs.masked_fill((probs.cumsum(dim=-1) - probs) >= top_p[:, None].to(probs.dtype), 0.0)
+    cdf = probs.cumsum(dim=-1)
+    index = torch.searchsorted(cdf, uniform[:, None].to(cdf.dtype) * cdf[:, -1:], right=True).clamp(max=V - 1)
+    token = index.squeeze(1) if order is None else order.gather(1, index).squeeze(1)
+    fine = torch.isfinite(cdf[:, -1]) & (cdf[:, -1] > 0)  # a row with no finite probabilities falls back to greedy
+    return torch.where(sampled & fine, token, greedy)
+
+
 def prefill(model, idx, left_pad=None):
     """Run the prompt (B, T) into a fresh cache from position 0 -> logits of its last position."""
     return model.forward_cached(idx, 0, left_pad)

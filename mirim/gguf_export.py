@@ -33,7 +33,11 @@ Vocabularies:
   before the text once; llama.cpp puts it before every stretch of text that follows a special token.
   So a model without a chat template keeps add_space_prefix (plain text tokenizes as in mirim), and
   a chat model turns it off and its chat template writes the one leading space itself (chat prompts
-  tokenize as mirim's chat_ids). Unigram models are tokenized by llama.cpp with the BPE-style SPM
+  tokenize as mirim's chat_ids). No setting serves both: with the prefix on, every turn's text would
+  get a '▁' after its chat token. So a chat model has one supported path, said in the README and the
+  Modelfile: its own template (llama.cpp with --jinja, llama-cpp-python's chat completion, ollama);
+  llama.cpp's built-in ChatML (no --jinja) leaves out the '▁' after <s>, and plain text needs a space
+  written first (tests/test_gguf.py checks all three). Unigram models are tokenized by llama.cpp with the BPE-style SPM
   algorithm, which is not SentencePiece's Viterbi search: they are refused.
 - bytes and tiktoken: llama.cpp's byte-level 'gpt2' BPE with the merges export.py writes for
   tokenizer.json, and a pre-tokenizer llama.cpp knows: GPT-2's pattern as 'gpt-2', cl100k's as
@@ -294,7 +298,14 @@ def modelfile(gguf_name, tok, block_size, lead=''):
         template = '{{ .Prompt }}'
     if eos and eos not in stops:
         stops.append(eos)
-    lines = [f'FROM ./{gguf_name}', f'TEMPLATE """{template}"""']
+    lines = [f'FROM ./{gguf_name}']
+    if lead:  # the one supported path, said where the template is (see the module docstring)
+        lines += ["# This chat model's prompts start with a space after <s>, as mirim trained it: the",
+                  "# TEMPLATE below writes it. Chat through this template (ollama run, /api/chat) or, in",
+                  "# llama.cpp, through the template in the .gguf with --jinja: llama.cpp's built-in ChatML",
+                  "# (no --jinja) leaves the space out. Plain text, not a chat (llama.cpp's completion),",
+                  '# needs that space written first: " No princípio".']
+    lines += [f'TEMPLATE """{template}"""']
     lines += [f'PARAMETER stop "{s}"' for s in stops]
     lines += [f"PARAMETER temperature {KNOBS['temperature']}", f"PARAMETER top_k {KNOBS['top_k']}",
               f"PARAMETER top_p {KNOBS['top_p']}", f"PARAMETER repeat_penalty {KNOBS['repetition_penalty']}",
@@ -369,8 +380,12 @@ def export_gguf(source, dest, types=('f16',), checkpoint='ckpt.pt', log=print, o
     name = os.path.basename(os.path.normpath(dest))
     ours = {'Modelfile', *(f'{name}-{qtype}.gguf' for qtype in GGUF_TYPES)}
     old = claim_folder(dest, ours.__contains__, overwrite, 'a GGUF export', '--dest', refuse=OTHER_RESULTS)
-    model, tok, _ = load_model(source, checkpoint=checkpoint)
-    gguf_arch(model.config)  # refuse before anything is written
+    model, tok, ckpt = load_model(source, checkpoint=checkpoint)
+    if 'head' in ckpt:  # refuse before anything is written, as the rest below
+        raise ValueError(f"{source} is a classifier (classify.py): GGUF has no place for its classification head, "
+                         f"and its backbone alone is no language model it was trained to be. Export it with "
+                         f"--format=hf (LlamaForSequenceClassification)")
+    gguf_arch(model.config)
     os.makedirs(dest, exist_ok=True)
     for stale in old:  # first: they free their space for the new files
         os.remove(os.path.join(dest, stale))

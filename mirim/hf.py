@@ -20,6 +20,10 @@ from model import Llama, LlamaConfig
 
 # mirim's activation name -> Hugging Face's hidden_act for the same function
 HF_ACTIVATION = {'silu': 'silu', 'gelu': 'gelu', 'gelu_tanh': 'gelu_pytorch_tanh'}
+# the same for a Gemma config.json: transformers' GemmaConfig reads hidden_act="gelu" as the tanh form (a
+# legacy value of Google's releases, rewritten to gelu_pytorch_tanh), so exact-erf GELU is written as
+# gelu_python, transformers' other name for it (x/2 (1 + erf(x/sqrt 2)), which it leaves as it is)
+GEMMA_ACTIVATION = {'gelu': 'gelu_python', 'gelu_tanh': 'gelu_pytorch_tanh'}
 
 # -----------------------------------------------------------------------------
 # weights: mirim names <-> Hugging Face names
@@ -154,9 +158,10 @@ def from_gemma_tensors(tensors, hidden_size):
 
 def hf_config(config, dtype='float32', gemma=False):
     c = config
-    if gemma:  # the same keys; Gemma names its activation hidden_activation
+    if gemma:  # the same keys (transformers 4.x's Gemma read hidden_activation, 5.x reads hidden_act)
         return {**hf_config(config, dtype), 'architectures': ['GemmaForCausalLM'], 'model_type': 'gemma',
-                'hidden_activation': HF_ACTIVATION[c.activation], 'tie_word_embeddings': True}
+                'hidden_act': GEMMA_ACTIVATION[c.activation], 'hidden_activation': GEMMA_ACTIVATION[c.activation],
+                'tie_word_embeddings': True}
     return {
         'architectures': ['LlamaForCausalLM'], 'model_type': 'llama',
         'vocab_size': c.vocab_size, 'hidden_size': c.n_embd, 'intermediate_size': c.ffn_hidden,
@@ -171,6 +176,39 @@ def hf_config(config, dtype='float32', gemma=False):
         'bos_token_id': c.bos_id, 'eos_token_id': c.eos_id, 'pad_token_id': c.pad_id,
         'torch_dtype': dtype, 'dtype': dtype,
     }
+
+
+def check_types(hf, where):
+    """Every other config.json key mirim reads must have its JSON type (a string rope_theta, a 'false' in
+    quotes, a rope_parameters that is no object would otherwise be read wrong or fail deep inside):
+    ValueError naming `where` and the key."""
+    is_id = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
+    positive = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0  # noqa: E731
+    kinds = {  # key -> (test, what it must be); None is always allowed (transformers' default)
+        'model_type': (lambda v: isinstance(v, str), 'a string'),
+        'architectures': (lambda v: isinstance(v, list) and all(isinstance(a, str) for a in v), 'a list of names'),
+        'hidden_act': (lambda v: isinstance(v, str), 'a string'),
+        'hidden_activation': (lambda v: isinstance(v, str), 'a string'),
+        'tie_word_embeddings': (lambda v: isinstance(v, bool), 'true or false'),
+        'attention_bias': (lambda v: isinstance(v, bool), 'true or false'),
+        'mlp_bias': (lambda v: isinstance(v, bool), 'true or false'),
+        'bos_token_id': (is_id, 'a token id'),
+        'pad_token_id': (is_id, 'a token id'),
+        'eos_token_id': (lambda v: is_id(v) or (isinstance(v, list) and v and all(map(is_id, v))),
+                         'a token id or a list of them'),
+        'rope_scaling': (lambda v: isinstance(v, dict), 'an object'),
+        'rope_parameters': (lambda v: isinstance(v, dict), 'an object'),
+        'partial_rotary_factor': (positive, 'a positive number'),
+    }
+    nested = {'rope_theta': kinds['partial_rotary_factor'], 'partial_rotary_factor': kinds['partial_rotary_factor'],
+              'rope_type': kinds['model_type'], 'type': kinds['model_type']}
+    values = [(key, hf.get(key), kinds[key]) for key in kinds]
+    for outer in ('rope_parameters', 'rope_scaling'):
+        if isinstance(hf.get(outer), dict):
+            values += [(f'{outer}.{key}', hf[outer].get(key), nested[key]) for key in nested]
+    for key, value, (ok, what) in values:
+        if value is not None and not ok(value):
+            raise ValueError(f"{where}: '{key}' is {value!r}, not {what}")
 
 
 def config_from_hf(hf, where='config.json'):
@@ -190,6 +228,7 @@ def config_from_hf(hf, where='config.json'):
         required = key in ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads')
         if (required or hf.get(key) is not None) and not ok(hf[key]):
             raise ValueError(f"{where}: '{key}' is {hf[key]!r}, not {what}")
+    check_types(hf, where)
     problems = []
     gemma = hf.get('model_type') == 'gemma'  # a GELU-gated Llama (see as_gemma)
     if hf.get('model_type') not in ('llama', 'gemma'):
@@ -198,8 +237,13 @@ def config_from_hf(hf, where='config.json'):
     if architectures not in (['LlamaForCausalLM'], ['GemmaForCausalLM']):
         problems.append(f"architectures={architectures} (only LlamaForCausalLM and GemmaForCausalLM)")
     activations = {hf_name: name for name, hf_name in HF_ACTIVATION.items()}
-    hidden_act = (hf.get('hidden_activation') or hf.get('hidden_act') or 'gelu_pytorch_tanh') if gemma \
-        else hf.get('hidden_act', 'silu')
+    activations['gelu_python'] = 'gelu'  # exact GELU too (what a Gemma export of it writes)
+    if gemma:  # hidden_activation when given (transformers 4.x); a Gemma's hidden_act="gelu" is the tanh form
+        hidden_act = hf.get('hidden_activation') or hf.get('hidden_act') or 'gelu_pytorch_tanh'
+        if not hf.get('hidden_activation') and hidden_act == 'gelu':
+            hidden_act = 'gelu_pytorch_tanh'
+    else:
+        hidden_act = hf.get('hidden_act', 'silu')
     if hidden_act not in activations:
         problems.append(f"hidden_act={hidden_act!r} (supported: {sorted(activations)})")
     for flag in ('attention_bias', 'mlp_bias'):

@@ -74,8 +74,12 @@ def sentencepiece_backend(tok):
     backend.add_special_tokens([t for t in added if t.content != strip_after])
     backend.add_tokens([AddedToken(strip_after, special=False, normalized=False)] if strip_after else [])
     decode = [decoders.Replace(SPACE, ' '), decoders.ByteFallback(), decoders.Fuse()]
-    if strip_after:  # as SentencePiece: one space off after the first <s>, every <s> decodes to nothing
-        decode += [decoders.Replace(Regex(rf'\A{regex_escape(strip_after)} '), ''), decoders.Replace(strip_after, '')]
+    if strip_after:  # as SentencePiece: one space off after the first <s>, every <s> decodes to nothing ...
+        bos = regex_escape(strip_after)
+        # ... but for <s> alone, which decodes to '<s>', as in other tokenizers: lm-evaluation-harness takes
+        # decode([bos]) for the text a prompt starts with when it holds its <s> already, and '' would say
+        # that of every prompt (it then adds no <s>, and scores what the model never saw in training)
+        decode += [decoders.Replace(Regex(rf'\A{bos} '), ''), decoders.Replace(Regex(rf'(?!\A{bos}\z){bos}'), '')]
     elif norm.add_dummy_prefix:  # no <s> to tell where a text starts: every decode is taken as one
         decode.append(decoders.Strip(' ', 1, 0))
     backend.decoder = decoders.Sequence(decode)

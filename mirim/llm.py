@@ -26,6 +26,22 @@ class Rejected(ValueError):
     """The endpoint answered, but not with what was asked for (the check's message says why)."""
 
 
+def check_settings(concurrency, timeout, retries, backoff, temperature, max_tokens):
+    """The request settings that judge.py and data/synth.py share; ValueError naming the first that is out of range
+    (before the first request: a concurrency of 0 would start no request, a negative retries none either)."""
+    whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # noqa: E731
+    for key, value, ok, what in [
+            ('concurrency', concurrency, whole(concurrency) and concurrency >= 1, 'a whole number >= 1'),
+            ('timeout', timeout, number(timeout) and timeout > 0, 'a positive number of seconds'),
+            ('retries', retries, whole(retries) and retries >= 0, 'a whole number >= 0'),
+            ('backoff', backoff, number(backoff) and backoff >= 0, 'a number of seconds >= 0'),
+            ('temperature', temperature, number(temperature) and temperature >= 0, 'a number >= 0'),
+            ('max_tokens', max_tokens, whole(max_tokens) and max_tokens >= 1, 'a whole number >= 1')]:
+        if not ok:
+            raise ValueError(f"--{key}={value!r}: must be {what}")
+
+
 class Client:
     def __init__(self, base_url, model, api_key='', timeout=60.0, retries=5, backoff=1.0, max_backoff=60.0):
         self.base_url, self.model, self.api_key = base_url.rstrip('/'), model, api_key
@@ -43,6 +59,9 @@ class Client:
                 self.reached = True
                 return json.loads(r.read())['data'][0]['id']
         except urllib.error.HTTPError as e:
+            if e.code in (401, 403):
+                raise Fatal(f"{self.base_url}/models answered {e.code}: the endpoint refused the API key (set it in "
+                            f"the environment variable --api_key_env names)") from None
             raise Fatal(f"{self.base_url}/models answered {e.code}: name the model with --model") from None
         except (urllib.error.URLError, TimeoutError, OSError) as e:
             raise Fatal(f"cannot reach {self.base_url} ({unreachable(e)}): is the server running at that "

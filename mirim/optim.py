@@ -29,6 +29,7 @@ modded-nanogpt spread the Newton-Schulz work over the ranks instead).
 import math
 
 import torch
+from torch.optim.adamw import adamw
 
 OPTIMIZERS = ('adamw', 'muon')
 
@@ -36,18 +37,22 @@ OPTIMIZERS = ('adamw', 'muon')
 def orthogonalize(g, steps=5, dtype=torch.float32):
     """The nearest semi-orthogonal matrix to g (U V^T of g = U S V^T), approximately: a quintic
     Newton-Schulz iteration tuned to push every singular value into ~[0.7, 1.2] in 5 steps, fast
-    rather than exact (Keller Jordan's coefficients; close enough works as well for training)."""
+    rather than exact (Keller Jordan's coefficients; close enough works as well for training).
+    g: one matrix, or a stack of same-shape matrices (k, rows, cols), each orthogonalized on its own
+    in one batched product per step: on a CPU the cost of many small products is mostly per call."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.to(dtype)
-    tall = x.size(0) > x.size(1)
+    x = x.unsqueeze(0) if x.dim() == 2 else x
+    tall = x.size(-2) > x.size(-1)
     if tall:  # iterate on the wide side: X X^T is the smaller product
-        x = x.T
-    x = x / (x.norm() + 1e-7)  # Frobenius >= spectral norm, so every singular value starts <= 1
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # Frobenius >= spectral norm: every singular value <= 1
     for _ in range(steps):
-        A = x @ x.T
-        B = b * A + c * A @ A
-        x = a * x + B @ x
-    return (x.T if tall else x).to(g.dtype)
+        A = x @ x.mT
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A A
+        x = torch.baddbmm(x, B, x, beta=a)  # a X + B X
+    x = x.mT if tall else x
+    return (x.squeeze(0) if g.dim() == 2 else x).to(g.dtype)
 
 
 def newton_schulz_dtype(device_type):
@@ -63,15 +68,27 @@ def newton_schulz_dtype(device_type):
     return torch.float32
 
 
-def muon_update(grad, momentum_buffer, momentum, nesterov, splits, dtype):
-    """Momentum (Nesterov or not), then orthogonalized: the Muon step direction for one matrix.
-    splits: row sizes of the matrices fused into this one (q|k|v, gate|up), each orthogonalized on
-    its own as if they were separate weights; None = the whole matrix."""
-    momentum_buffer.lerp_(grad, 1 - momentum)
-    update = grad.lerp(momentum_buffer, momentum) if nesterov else momentum_buffer
-    parts = update.split(list(splits), dim=0) if splits else [update]
-    # shape-aware scale: a tall matrix's orthogonal update has smaller entries; sqrt(rows/cols) evens it
-    return torch.cat([orthogonalize(u, dtype=dtype) * math.sqrt(max(1.0, u.size(0) / u.size(1))) for u in parts])
+def muon_step(params, grads, buffers, splits, momentum, nesterov, lr, weight_decay, dtype):
+    """One Muon step on a group's matrices: momentum (Nesterov or not), orthogonalized, scaled,
+    decoupled weight decay. splits[i]: the row sizes of the matrices fused into params[i] (q|k|v,
+    gate|up), each orthogonalized on its own as if they were separate weights; None = the whole
+    matrix. Every part is turned wide (a tall one transposed: the same U V^T, transposed) and the
+    parts of one shape are orthogonalized together in one stacked call: the number of products a
+    step is 15 per shape (3 a Newton-Schulz step), not 15 per matrix."""
+    shapes = {}  # (rows, cols) turned wide -> [(a part of a parameter (a view), its update turned wide, scale, tall)]
+    for p, grad, buffer, rows in zip(params, grads, buffers, splits):
+        buffer.lerp_(grad, 1 - momentum)
+        update = grad.lerp(buffer, momentum) if nesterov else buffer
+        p.mul_(1 - lr * weight_decay)
+        for p_part, u in zip(p.split(list(rows or [p.size(0)])), update.split(list(rows or [p.size(0)]))):
+            tall = u.size(0) > u.size(1)
+            # shape-aware scale: a tall matrix's orthogonal update has smaller entries; sqrt(rows/cols) evens it
+            scale = math.sqrt(u.size(0) / u.size(1)) if tall else 1.0
+            shapes.setdefault((min(u.shape), max(u.shape)), []).append((p_part, u.T if tall else u, scale, tall))
+    for parts in shapes.values():
+        orthogonal = orthogonalize(torch.stack([u for _, u, _, _ in parts]), dtype=dtype)
+        for (p_part, _, scale, tall), o in zip(parts, orthogonal):
+            p_part.add_(o.T if tall else o, alpha=-lr * scale)
 
 
 class Muon(torch.optim.Optimizer):
@@ -100,32 +117,29 @@ class Muon(torch.optim.Optimizer):
             lr, wd = group['lr'], group['weight_decay']
             if group['use_muon']:
                 dtype = getattr(torch, group['ns_dtype'])
-                for p, splits in zip(group['params'], group['splits']):
-                    if p.grad is None:
-                        continue
-                    state = self.state[p]
-                    if not state:
-                        state['momentum_buffer'] = torch.zeros_like(p)
-                    update = muon_update(p.grad, state['momentum_buffer'], group['momentum'], group['nesterov'],
-                                         splits, dtype)
-                    p.mul_(1 - lr * wd)
-                    p.add_(update, alpha=-lr)
+                todo = [(p, rows) for p, rows in zip(group['params'], group['splits']) if p.grad is not None]
+                for p, _ in todo:
+                    if not self.state[p]:
+                        self.state[p]['momentum_buffer'] = torch.zeros_like(p)
+                muon_step([p for p, _ in todo], [p.grad for p, _ in todo],
+                          [self.state[p]['momentum_buffer'] for p, _ in todo], [rows for _, rows in todo],
+                          group['momentum'], group['nesterov'], lr, wd, dtype)
                 continue
-            beta1, beta2 = group['betas']
-            for p in group['params']:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state['step'] = torch.zeros((), dtype=torch.float32)  # a tensor, as torch's AdamW keeps it
-                    state['exp_avg'], state['exp_avg_sq'] = torch.zeros_like(p), torch.zeros_like(p)
-                state['step'] += 1
-                step = state['step'].item()
-                state['exp_avg'].lerp_(p.grad, 1 - beta1)
-                state['exp_avg_sq'].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                denominator = (state['exp_avg_sq'] / (1 - beta2 ** step)).sqrt_().add_(group['eps'])
-                p.mul_(1 - lr * wd)
-                p.addcdiv_(state['exp_avg'], denominator, value=-lr / (1 - beta1 ** step))
+            todo = [p for p in group['params'] if p.grad is not None]
+            for p in todo:
+                if not self.state[p]:  # the state torch's fused AdamW keeps
+                    self.state[p].update(step=torch.zeros((), dtype=torch.float32, device=p.device),
+                                         exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+            state = [self.state[p] for p in todo]
+            steps = [s['step'] for s in state]
+            # torch's AdamW step: fused (one pass a tensor) where the steps live with the weights, as they
+            # do on a CPU (a state loaded onto a GPU keeps them on the CPU: torch's foreach step then)
+            fused = all(t.device == p.device for t, p in zip(steps, todo))
+            if todo:
+                adamw(todo, [p.grad for p in todo], [s['exp_avg'] for s in state],
+                      [s['exp_avg_sq'] for s in state], [], steps, fused=fused or None, amsgrad=False,
+                      beta1=group['betas'][0], beta2=group['betas'][1], lr=lr, weight_decay=wd, eps=group['eps'],
+                      maximize=False)
         return loss
 
 

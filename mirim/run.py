@@ -33,6 +33,7 @@ from mirim.atomic import link_atomic, save_atomic
 from mirim.common import (autocast, dtype_name, fail, memory_gb, peak_flops, peer_timeout, print0, start_processes,
                           stop_signals, training_dtype)
 from mirim.configurator import ConfigError, configure, print_config
+from mirim.emissions import Meter
 from mirim.init_from import build_model
 from mirim.optim import OPTIMIZERS, get_lr, make_optimizer
 from mirim.out_dir import RunLog, claim_out_dir, last_good
@@ -517,11 +518,13 @@ def run_task(task, c, start_time=None):
     task.check_config(c)  # first: a command may derive shared settings (classify.py: max_iters from epochs)
     check_run_config(c)
     ddp, rank, world_size, device = start_processes(c.device, c.gradient_accumulation_steps, c.ddp_timeout)
+    meter = Meter(c, rank, world_size, device)  # energy and CO2-eq (mirim/emissions.py)
     try:
         lock = claim_out_dir(c.out_dir, resume=c.init_from == 'resume') if rank == 0 else None
     except ValueError as e:
         fail(str(e))
     try:
+        meter.start()
         run = set_up(c, task, rank, world_size, device)
         if run.checkpoint is not None:
             restore(run, c, task)
@@ -532,7 +535,7 @@ def run_task(task, c, start_time=None):
                 return run
         wrap_model(run, c, ddp)
         describe(run, c, task)
-        log = RunLog(c, run.step, rank)
+        log = meter.wrap(RunLog(c, run.step, rank))
         steps_before = run.step
         try:
             with stop_signals() as signals:
@@ -548,18 +551,19 @@ def run_task(task, c, start_time=None):
         minutes = (time.time() - start_time) / 60
         if stop_reason:
             print0(f"{stop_reason} at step {run.step}: saved {c.out_dir}/{checkpoint_name(c)} ({minutes:.1f} min); continue with "
-                   f"--init_from=resume")
+                   f"--init_from=resume{meter.summary()}")
         else:
             session = f" (this session: {run.step - steps_before} steps, {minutes:.1f} min)" if steps_before else ""
             tokens = f", {run.tokens_seen:,} tokens" if run.tokens_seen else ""
             bpb = f" ({run.val_bpb:.3f} bpb)" if run.val_bpb is not None else ""
             print0(f"done: {run.step} steps{tokens} in {elapsed / 60:.1f} min{session}; val loss {run.val_loss:.4f}"
-                   f"{bpb}; best {run.best_val_loss:.4f}; checkpoint {c.out_dir}/{checkpoint_name(c)}")
+                   f"{bpb}; best {run.best_val_loss:.4f}{meter.summary()}; checkpoint {c.out_dir}/{checkpoint_name(c)}")
             if rank == 0:
                 finish(run, c, task)
         if ddp:  # every process reaches the end before any tears the group down (gloo aborts a process
             torch.distributed.barrier()  # whose peer closes while rank 0 is still saving)
     finally:
+        meter.stop()
         if lock is not None:
             os.close(lock)
         if ddp:

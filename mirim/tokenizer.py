@@ -18,6 +18,7 @@ import sys
 from mirim.atomic import write_atomic
 
 DEFAULT_SPECIAL_TOKENS = ('<|im_start|>', '<|im_end|>')  # ChatML, for chat fine-tuning
+SENTINELS = ('\uffff', '\ufffe')  # noncharacters: one stands for a special token around a stretch of text (encode_run)
 KINDS = ('sentencepiece', 'tiktoken', 'tokenizers', 'bytes')
 # kind -> (the field of to_dict() that holds its bytes, the file that holds them in a data folder or an
 # out_dir); 'bytes' needs no file. SentencePiece's trainer also writes a readable vocab beside its model.
@@ -80,11 +81,13 @@ class Tokenizer:
             raise ValueError(f"unknown tokenizer kind {self.kind!r}; expected one of {KINDS}")
         control = {self.bos_id, self.eos_id, self.pad_id, self._unk_id}
         self._text_specials = {p: i for p, i in self.special_tokens.items() if i not in control}
-        # the specials written in text, as one pattern (built once); bytes and tiktoken encode the text
-        # between two of them on its own, so a caller may encode a long text piece by piece (chat.chat_ids)
-        self.specials_pattern = (re.compile('(' + '|'.join(re.escape(p) for p in self._text_specials) + ')')
-                                 if self._text_specials else None)
-        self.splits_at_specials = self.kind in ('bytes', 'tiktoken')
+        # the special tokens that encode() finds written in text, and one pattern for them (longest first,
+        # built once): SentencePiece finds its user-defined pieces, tokenizer.json files every special token
+        # they list (bos and eos too), bytes and tiktoken the chat tokens
+        self.specials_in_text = self._text_specials if self.kind in ('bytes', 'tiktoken') else self._in_text
+        self.specials_pattern = (re.compile('(' + '|'.join(re.escape(p) for p in sorted(
+            self.specials_in_text, key=len, reverse=True)) + ')') if self.specials_in_text else None)
+        self._plain_models = {}  # encode(specials=False) and encode_run build these on first use
         expected = description.get('vocab_size')
         if expected is not None and expected != self.vocab_size:
             raise ValueError(f"tokenizer mismatch: expected vocab_size {expected} but "
@@ -105,6 +108,7 @@ class Tokenizer:
         proto.ParseFromString(d['model_proto'])
         kinds = (proto.SentencePiece.UNKNOWN, proto.SentencePiece.CONTROL, proto.SentencePiece.USER_DEFINED)
         self.special_tokens = {p.piece: i for i, p in enumerate(proto.pieces) if p.type in kinds}
+        self._in_text = {p.piece: i for i, p in enumerate(proto.pieces) if p.type == proto.SentencePiece.USER_DEFINED}
 
     def _init_tiktoken(self, d):
         import tiktoken
@@ -160,6 +164,11 @@ class Tokenizer:
         if self.bos_id is None or self.eos_id is None:
             raise ValueError(f"{self._source()} names no token to start or end a document (mirim writes <bos> "
                              f"text <eos>): put its tokenizer_config.json (bos_token, eos_token) beside it")
+        # found in text: every special token and the document markers (export.py's tokenizer.json keeps
+        # <s> an added token that is not special)
+        control = (self.bos_id, self.eos_id, self.pad_id, self._unk_id)
+        self._in_text = {t.content: i for i, t in sorted(added.items()) if t.special or i in control}
+        self._normalized_specials = any(t.normalized for i, t in added.items() if t.special and i not in control)
 
     def _init_bytes(self, d):
         given = d.get('special_tokens') or ['<s>', '</s>', '<pad>', *DEFAULT_SPECIAL_TOKENS]
@@ -173,9 +182,15 @@ class Tokenizer:
         self._id_to_special = {i: p for p, i in self.special_tokens.items()}
 
     # ---------------------------------------------------------------------------------------
-    def encode(self, text, bos=False, eos=False):
+    def encode(self, text, bos=False, eos=False, specials=True):
+        """text -> ids. specials=True finds the special tokens written in the text (specials_in_text:
+        '<|im_end|>' becomes its one id), as a plain text prompt or a training document wants; specials=False
+        reads every character as text, as a chat message's content wants (chat.chat_ids): nobody can
+        write a control token there."""
         valid_text(text)
-        if self.kind == 'sentencepiece':
+        if not specials:
+            ids = self._encode_plain([text])[0]
+        elif self.kind == 'sentencepiece':
             ids = self._sp.encode(text)
         elif self.kind == 'tiktoken':
             ids = self._enc.encode(text, allowed_special=set(self._text_specials), disallowed_special=())
@@ -185,9 +200,11 @@ class Tokenizer:
             ids = self._encode_bytes(text)
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
-    def encode_batch(self, texts, bos=False, eos=False):
+    def encode_batch(self, texts, bos=False, eos=False, specials=True):
         texts = [valid_text(text) for text in texts]
-        if self.kind == 'sentencepiece':  # both libraries spread a batch over threads themselves
+        if not specials:
+            batch = self._encode_plain(texts)
+        elif self.kind == 'sentencepiece':  # both libraries spread a batch over threads themselves
             batch = self._sp.encode(texts, num_threads=os.cpu_count())
         elif self.kind == 'tiktoken':
             batch = self._enc.encode_batch(texts, allowed_special=set(self._text_specials),
@@ -200,6 +217,95 @@ class Tokenizer:
             batch = [[self.bos_id] * bos + ids + [self.eos_id] * eos for ids in batch]
         return batch
 
+    def encode_run(self, text, after_special=False, before_special=False):
+        """The ids of a stretch of a longer text that has special tokens only where the caller puts them
+        (chat.chat_ids: the chat template's markers): text holds none (every character is text), and
+        after_special / before_special say whether a special token stands right before / after it, else it
+        starts / ends the text. The ids are exactly those that encode() gives this stretch of the whole text
+        when it holds no other special token. That is the text encoded on its own for bytes and tiktoken;
+        SentencePiece and tokenizer.json files also look at where it stands (SentencePiece's '▁' before the
+        first word, Metaspace's prepend_scheme 'first'), so there a noncharacter that is a special token of
+        a copy of the tokenizer stands in for each special token around the text, and the ids between
+        them are taken: U+FFFF, or U+FFFE where the text holds U+FFFF (text holding both: ValueError)."""
+        valid_text(text)
+        if self.kind in ('bytes', 'tiktoken'):
+            return self._encode_plain([text])[0]
+        sentinel = next((c for c in SENTINELS if c not in text), None)
+        if sentinel is None:
+            raise ValueError(f"the text holds both U+FFFF and U+FFFE, Unicode noncharacters, one of which the "
+                             f"{self.kind} tokenizer needs for encoding chats")
+        model, sentinel_id = self._plain_model(sentinel)
+        if self.kind == 'tokenizers' and self._normalized_specials:
+            # chat tokens matched after normalization (export.py's SentencePiece tokenizer.json): the sentinel,
+            # normalized as they are, is found at the start of a text only, and what goes before a chat token
+            # that starts a text ('▁') is what the tokenizer puts before the first of two
+            if not text and not after_special:
+                return self._before_first_special() if before_special else []
+            before_special = False
+        whole = sentinel * after_special + text + sentinel * before_special
+        ids = (model.encode(whole) if self.kind == 'sentencepiece'
+               else model.encode(whole, add_special_tokens=False).ids)
+        if after_special:  # what comes before the sentinel is the text's start ('▁'), not this stretch's
+            ids = ids[ids.index(sentinel_id) + 1:]
+        if before_special:
+            ids = ids[:len(ids) - 1 - ids[::-1].index(sentinel_id)]
+        return ids
+
+    def _before_first_special(self):
+        marker = next(iter(self._text_specials or self.specials_in_text))
+        ids = self._backend.encode(marker * 2, add_special_tokens=False).ids
+        return ids[:ids.index(self.specials_in_text[marker])]
+
+    def _encode_plain(self, texts):
+        """texts -> ids with no special token found in them (encode(specials=False))."""
+        if self.kind == 'bytes':
+            return [list(text.encode('utf-8')) for text in texts]
+        if self.kind == 'tiktoken':
+            return [self._enc.encode_ordinary(text) for text in texts]
+        model, _ = self._plain_model(None)
+        if self.kind == 'sentencepiece':
+            return model.encode(texts)
+        return [e.ids for e in model.encode_batch(texts, add_special_tokens=False)]
+
+    def _plain_model(self, sentinel):
+        """(a copy of the SentencePiece model or tokenizer.json backend that finds no special token in text,
+        the id of its one special token `sentinel` if one is given, else None), built once. SentencePiece: the
+        user-defined pieces become unused ones, which its encoder never produces; tokenizer.json:
+        encode_special_tokens, which reads the special tokens' text as text (its added tokens that are
+        not special stay words of the vocabulary). The sentinel goes in as the chat tokens do."""
+        if sentinel in self._plain_models:
+            return self._plain_models[sentinel]
+        if self.kind == 'sentencepiece':
+            import sentencepiece as spm
+            from sentencepiece import sentencepiece_model_pb2
+            proto = sentencepiece_model_pb2.ModelProto()
+            proto.ParseFromString(self._description['model_proto'])
+            for i in self._in_text.values():
+                proto.pieces[i].type = proto.SentencePiece.UNUSED
+            if sentinel:
+                proto.pieces.add(piece=sentinel, score=0.0, type=proto.SentencePiece.USER_DEFINED)
+            model = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+            found = (model, model.piece_to_id(sentinel) if sentinel else None)
+        else:
+            from tokenizers import AddedToken, Tokenizer as Backend
+            spec = json.loads(self._description['tokenizer_json'])
+            if (spec.get('model') or {}).get('type') == 'Unigram':
+                # its Viterbi search still finds a special token's piece in the text (one piece scores better
+                # than a run of unknown characters): renamed to text that normalized input never holds (a
+                # space: these models see '▁'), the piece keeps its id and score and is never found
+                for i in self._in_text.values():
+                    spec['model']['vocab'][i][0] = ' ' + SENTINELS[0] + spec['model']['vocab'][i][0]
+            model = Backend.from_str(json.dumps(spec))
+            unspecial = [t for t in self._backend.get_added_tokens_decoder().values()
+                         if t.content in self.specials_in_text and not t.special]  # export.py's <s>
+            model.add_special_tokens([AddedToken(t.content, special=True, normalized=t.normalized) for t in unspecial])
+            model.encode_special_tokens = True
+            if sentinel:
+                model.add_tokens([AddedToken(sentinel, special=False, normalized=self._normalized_specials)])
+            found = (model, model.token_to_id(sentinel) if sentinel else None)
+        self._plain_models[sentinel] = found
+        return found
+
     def decode(self, ids):
         ids = [int(i) for i in ids]  # accepts numpy arrays and tensors too
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
@@ -211,9 +317,10 @@ class Tokenizer:
             return self._enc.decode([i for i in ids if i not in (self.bos_id, self.eos_id)], errors='replace')
         if self.kind == 'tokenizers':  # document markers and padding are not text; chat tokens are
             # a marker the decoder itself turns into nothing stays in: export.py's SentencePiece
-            # tokenizer.json takes a text's leading space off after its <s>
+            # tokenizer.json takes a text's leading space off after its <s> (and keeps a lone <s>, for
+            # lm-evaluation-harness: hence two in a row, which it turns into nothing)
             markers = [i for i in (self.bos_id, self.eos_id, self.pad_id)
-                       if self._backend.decode([i], skip_special_tokens=False)]
+                       if self._backend.decode([i, i], skip_special_tokens=False)]
             return self._backend.decode([i for i in ids if i not in markers], skip_special_tokens=False)
         out, run = [], bytearray()
         for i in ids:

@@ -256,3 +256,122 @@ def test_an_imported_name_that_is_a_setting_is_kept(tmp_path):
     (tmp_path / 'cfg.py').write_text("import sys\nsys.path.insert(0, %r)\nfrom base_cfg import batch_size\n"
                                      % str(tmp_path))
     assert configure(DEFAULTS, [str(tmp_path / 'cfg.py')])['batch_size'] == 32
+
+
+# --- the commands the campaign never ran: judge.py's and synth.py's request settings (mirim/llm.check_settings)
+
+@pytest.mark.parametrize('change, message', [
+    (dict(concurrency=0), r'--concurrency=0: must be a whole number >= 1'),    # ThreadPoolExecutor's traceback
+    (dict(retries=-1), r'--retries=-1: must be a whole number >= 0'),          # silently asked nothing
+    (dict(timeout=0), r'--timeout=0: must be a positive number'),              # "cannot reach" a server that is up
+    (dict(temperature=float('nan')), r'--temperature=nan'),
+    (dict(max_tokens=0), r'--max_tokens=0'),
+])
+def test_request_settings_out_of_range_name_the_setting(change, message):
+    from mirim.llm import check_settings
+    settings = {**dict(concurrency=8, timeout=120.0, retries=3, backoff=1.0, temperature=0.0, max_tokens=200),
+                **change}
+    with pytest.raises(ValueError, match=message):
+        check_settings(**settings)
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--concurrency=0'], r'--concurrency=0'),
+    (['--criteria= ,'], r'--criteria is empty'),
+])
+def test_judge_settings_are_checked_before_a_request(tmp_path, argv, message):
+    import judge
+    samples = tmp_path / 'samples.jsonl'
+    samples.write_text(json.dumps({'prompt': 'p', 'text': 'uma historia'}) + '\n')
+    with pytest.raises(ValueError, match=message):  # not Fatal: no request was sent to the (down) endpoint
+        judge.main([f'--samples={samples}', '--base_url=http://127.0.0.1:9/v1', '--model=j'] + argv)
+
+
+def story(noun):
+    return json.dumps({'text': 'Era uma vez.', 'words': {'noun': noun}, 'model': 'm'}) + '\n'
+
+
+@pytest.mark.parametrize('text, message', [
+    (story('gato') + '{"text": "Era uma\n' + story('rei'), r'out\.jsonl:2: not valid JSON, so .* is not an earlier'),
+    (story('gato') + '[1, 2]\n' + story('rei'), r'out\.jsonl:2: not a record of this mode'),
+    (story('gato') + json.dumps({'id': 0, 'completion': 'x', 'messages': []}) + '\n', r'out\.jsonl:2: not a record'),
+    (b'PK\x03\x04\xff\xfe binary\n', r'out\.jsonl: not UTF-8 text'),
+])
+def test_synth_out_that_is_not_its_output_names_the_line(tmp_path, text, message):
+    out = tmp_path / 'out.jsonl'
+    out.write_bytes(text if isinstance(text, bytes) else text.encode())
+    before = out.read_bytes()
+    lang = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'data', 'synth', 'pt')
+    with pytest.raises(SystemExit, match=message):
+        synth_main(['--lang', lang, '--n', '2', '--out', str(out)])
+    assert out.read_bytes() == before  # refused: its bytes as they were
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--n', '0'], r'--n=0: must be >= 1'),
+    (['--concurrency', '0'], r'--concurrency=0'),
+])
+def test_synth_settings_are_checked_before_a_request(tmp_path, argv, message):
+    lang = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'data', 'synth', 'pt')
+    with pytest.raises(SystemExit, match=message):
+        synth_main(['--lang', lang, '--out', str(tmp_path / 'out.jsonl')] + argv)
+
+
+def test_synth_an_empty_prompts_file_is_an_error(tmp_path):
+    (tmp_path / 'prompts.jsonl').write_text('\n\n')
+    with pytest.raises(SystemExit, match=r'prompts\.jsonl holds no prompts'):
+        synth_main(['--prompts', str(tmp_path / 'prompts.jsonl'), '--out', str(tmp_path / 'out.jsonl')])
+
+
+# --- dpo.py: a start or a run of another command (dpo.check_start_template, dpo.reference)
+
+def dpo_module():
+    import dpo
+    return dpo
+
+
+@pytest.mark.parametrize('start', [{'command': 'classify.py'}, {'head': {'weight': torch.zeros(2, 4)}}])
+def test_dpo_from_a_classifier_is_refused(tmp_path, start):
+    from types import SimpleNamespace
+    path = tmp_path / 'cls.pt'
+    torch.save({'model': {}, 'model_config': {}, 'tokenizer': {'kind': 'bytes'}, **start}, path)
+    c = SimpleNamespace(init_from=str(path), data_dir='data/pref')
+    for meta in ({'chat_template': 'chatml'}, {}):  # with or without a template in the data
+        with pytest.raises(SystemExit, match=r'cls\.pt is a classifier \(classify\.py\)'):
+            dpo_module().check_start_template(c, meta)
+
+
+@pytest.mark.parametrize('made_by', ['train.py', 'classify.py'])
+def test_dpo_resume_of_another_commands_run_names_it(tmp_path, made_by):
+    from types import SimpleNamespace
+    run = SimpleNamespace(checkpoint={'command': made_by}, meta={'splits': {}})
+    c = SimpleNamespace(out_dir=str(tmp_path))
+    with pytest.raises(SystemExit, match=rf'ckpt\.pt was written by {made_by}, not dpo\.py'):
+        dpo_module().reference(run, c)
+
+
+# --- class 5: a checkpoint of a later format, and NaN weights of a tied model (mirim/checkpoint.py)
+
+@pytest.mark.parametrize('version', [2, '1', None])
+def test_a_checkpoint_of_a_later_or_unknown_format_is_refused(tmp_path, version):
+    from mirim.checkpoint import CheckpointError, load_checkpoint
+    path = tmp_path / 'ckpt.pt'
+    torch.save({'model': {}, 'model_config': {}, 'tokenizer': {}, 'format_version': version}, path)
+    with pytest.raises(CheckpointError, match=rf"format_version {version!r}, but this mirim reads format 1"):
+        load_checkpoint(str(path))
+    torch.save({'model': {}, 'model_config': {}, 'tokenizer': {}, 'format_version': 1}, path)
+    assert load_checkpoint(str(path))['format_version'] == 1
+
+
+def test_nan_weights_of_a_tied_model_say_nan_not_untied(tmp_path):
+    from dataclasses import asdict
+    from mirim.checkpoint import CheckpointError, load_model
+    from model import Llama, LlamaConfig
+    model = Llama(LlamaConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_kv_head=1, n_embd=16,
+                              ffn_hidden=32, tie_embeddings=True))
+    state = {k: torch.full_like(v, float('nan')) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    state['output.weight'] = state['tok_embeddings.weight']
+    torch.save({'model': state, 'model_config': asdict(model.config), 'tokenizer': {'kind': 'bytes'}},
+               tmp_path / 'ckpt.pt')
+    with pytest.raises(CheckpointError, match='non-finite weights'):
+        load_model(str(tmp_path))

@@ -1,8 +1,9 @@
 """export.py: mirim -> Hugging Face transformers and back, checked against transformers itself."""
 import json
 import os
+import re
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -105,6 +106,48 @@ def test_exported_greedy_generation_matches_mirim_for_32_tokens(exported):
     assert ours.tolist() == theirs.tolist()
 
 
+@pytest.mark.parametrize('tied', [True, False], ids=['tied-gemma', 'untied-llama'])
+def test_exact_gelu_exports_the_trained_function(sp_toks, tmp_path, tied):
+    # transformers' GemmaConfig reads hidden_act="gelu" as the tanh form: the export must say exact GELU so
+    # that transformers keeps it (a tied model is written as Gemma, an untied one as Llama)
+    config = LlamaConfig(vocab_size=VOCAB, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                         ffn_hidden=128, activation='gelu', tie_embeddings=tied, rope_theta=5000.0, norm_eps=1e-5)
+    model = sharp_model(config, seed=5)
+    with torch.no_grad():
+        for layer in model.layers:  # gates of order 1, where erf and tanh GELU differ most
+            layer.feed_forward.w13.weight.mul_(10.0)
+    idx = torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(0))
+    tanh_twin = Llama(replace(config, activation='gelu_tanh')).eval()
+    tanh_twin.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        expected = model(idx)[0]
+        assert (expected - tanh_twin(idx)[0]).abs().max().item() > 1e-3  # this model tells the two GELUs apart
+    save_checkpoint(str(tmp_path / 'out'), model, sp_toks['bpe'])
+    export.export(str(tmp_path / 'out'), str(tmp_path / 'hf'))
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / 'hf')).eval()
+    assert type(hf_model).__name__ == ('GemmaForCausalLM' if tied else 'LlamaForCausalLM')
+    with torch.no_grad():
+        assert (expected - hf_model(idx).logits).abs().max().item() < 1e-4
+    back, _ = load_hf(str(tmp_path / 'hf'), tokenizer=False)  # and it imports as exact GELU again
+    assert back.config.activation == 'gelu'
+
+
+def classifier_checkpoint(out_dir, tok):
+    """A classify.py-style checkpoint of a tied GeGLU backbone (its head: labels x n_embd)."""
+    config = LlamaConfig(vocab_size=VOCAB, block_size=64, n_layer=1, n_head=2, n_kv_head=1, n_embd=16,
+                         ffn_hidden=32, activation='gelu_tanh', tie_embeddings=True)
+    save_checkpoint(out_dir, Llama(config, seed=0), tok, head={'weight': torch.randn(2, 16)}, labels=['neg', 'pos'])
+
+
+def test_classifier_export_says_how_to_load_a_classifier(sp_toks, tmp_path, capsys):
+    classifier_checkpoint(str(tmp_path / 'out'), sp_toks['bpe'])
+    export.main([f'--out_dir={tmp_path / "out"}', f'--dest={tmp_path / "hf"}'])
+    said = capsys.readouterr()
+    assert 'AutoModelForSequenceClassification' in said.out and 'LlamaForSequenceClassification' in said.out
+    assert 'CausalLM' not in said.out + said.err
+    assert not (tmp_path / 'hf' / 'generation_config.json').exists()
+
+
 @pytest.fixture(scope='module')
 def tiny_export(sp_toks, tmp_path_factory):
     """A small exported folder with a ChatML chat template, shared by the checks below."""
@@ -142,6 +185,14 @@ def test_hf_tokenizer_decodes_ids_without_bos_as_the_text_they_add(tiny_export, 
     hf_tok = transformers.AutoTokenizer.from_pretrained(dest)
     context, ids = tok.encode('Deus disse', bos=True), tok.encode(SAMPLES[name])
     assert hf_tok.decode(ids) == continuation_text(tok, context, ids) == tok.decode(context + ids)[len('Deus disse'):]
+
+
+def test_a_lone_bos_decodes_to_its_text(tiny_export):
+    # lm-evaluation-harness adds no <s> to a prompt that starts with decode([bos]): '' would be every prompt
+    dest, tok = tiny_export
+    hf_tok = transformers.AutoTokenizer.from_pretrained(dest)
+    assert hf_tok.decode(tok.bos_id) == '<s>' and hf_tok.decode([tok.bos_id, tok.bos_id]) == ''
+    assert hf_tok('Deus disse')['input_ids'][0] == tok.bos_id
 
 
 def test_hf_tokenizer_knows_the_special_tokens(tiny_export):
@@ -230,6 +281,17 @@ def test_config_json_describes_the_model(tiny_export):
     assert (config['hidden_activation'], config['num_key_value_heads'], config['head_dim']) == ('gelu_pytorch_tanh', 1, 8)
     assert (config['max_position_embeddings'], config['tie_word_embeddings'], config['torch_dtype']) == (64, True, 'bfloat16')
     assert (config['bos_token_id'], config['eos_token_id'], config['pad_token_id']) == (1, 2, 3)
+
+
+def test_generation_config_stops_at_every_end_of_turn(tiny_export, sp_toks, tmp_path):
+    dest, tok = tiny_export  # ChatML: a reply ends with <|im_end|>, a document with </s>
+    generation = transformers.GenerationConfig.from_pretrained(dest)
+    assert generation.eos_token_id == [tok.eos_id, tok.token_to_id('<|im_end|>')] == [2, 5]
+    aira = load_tokenizer({**sp_toks['bpe'].to_dict(), 'chat_template': 'aira'})  # replies end with </s>
+    save_checkpoint(str(tmp_path / 'out'), Llama(LlamaConfig(vocab_size=VOCAB, block_size=64, n_layer=1, n_head=2,
+                                                             n_kv_head=2, n_embd=16, ffn_hidden=32), seed=0), aira)
+    export.export(str(tmp_path / 'out'), str(tmp_path / 'hf'))
+    assert transformers.GenerationConfig.from_pretrained(str(tmp_path / 'hf')).eos_token_id == 2
 
 
 def test_bfloat16_export_writes_bfloat16_weights_without_a_separate_tied_head(tiny_export):
@@ -348,6 +410,24 @@ def test_import_refuses_unsupported_config(tmp_path, change, named):
     (tmp_path / 'config.json').write_text(json.dumps(config))
     with pytest.raises(ValueError, match=named):
         load_hf(str(tmp_path), tokenizer=False)
+
+
+@pytest.mark.parametrize('change,named', [
+    ({'rope_parameters': {'rope_type': 'default', 'rope_theta': '10000.0'}}, "'rope_parameters.rope_theta' is '10000.0'"),
+    ({'rope_theta': '10000'}, "'rope_theta' is '10000'"),
+    ({'tie_word_embeddings': 'false'}, "'tie_word_embeddings' is 'false', not true or false"),
+    ({'rope_scaling': 'linear'}, "'rope_scaling' is 'linear', not an object"),
+    ({'hidden_act': ['silu']}, "'hidden_act' is \\['silu'\\], not a string"),
+    ({'eos_token_id': '2'}, "'eos_token_id' is '2'"),
+])
+def test_import_names_the_file_and_a_key_of_the_wrong_type(tmp_path, change, named):
+    random_hf_model(tmp_path)
+    path = tmp_path / 'config.json'
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    with pytest.raises(ValueError) as error:
+        load_hf(str(tmp_path), tokenizer=False)
+    assert str(error.value).startswith(f"{path}: ") and '\n' not in str(error.value)
+    assert re.search(named, str(error.value))
 
 
 def test_import_refuses_a_tensor_of_the_wrong_shape(tmp_path):

@@ -297,6 +297,7 @@ def test_export_writes_every_type_and_an_ollama_modelfile(tmp_path, sp_toks):
     text = (tmp_path / 'g' / 'pt' / 'Modelfile').read_text()
     assert text.startswith('FROM ./pt-q8_0.gguf\n')
     assert 'PARAMETER stop "<|im_end|>"' in text and 'PARAMETER stop "</s>"' in text
+    assert '--jinja' in text and '" No princípio"' in text  # the one supported path, said beside the template
     assert 'TEMPLATE """{{ " " }}{{- range .Messages }}{{ if eq .Role "system" }}' in text
     assert '{{ else if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n' in text
     assert 'PARAMETER num_ctx 64' in text and 'PARAMETER temperature 0.8' in text
@@ -307,8 +308,9 @@ def test_export_writes_every_type_and_an_ollama_modelfile(tmp_path, sp_toks):
 # -----------------------------------------------------------------------------
 # llama.cpp itself
 
-def llama_logits(path, ids):
-    llm = llama_cpp.Llama(model_path=path, n_ctx=64, n_batch=64, logits_all=True, n_threads=1, verbose=False)
+def llama_logits(path, ids, f32_cache=False):
+    cache = {'type_k': llama_cpp.GGML_TYPE_F32, 'type_v': llama_cpp.GGML_TYPE_F32} if f32_cache else {}
+    llm = llama_cpp.Llama(model_path=path, n_ctx=64, n_batch=64, logits_all=True, n_threads=1, verbose=False, **cache)
     llm.eval(ids)
     return np.array(llm.scores[:len(ids)], dtype=np.float32), llm
 
@@ -324,9 +326,10 @@ def llama_greedy(llm, ids, n):
     return out
 
 
-# max |logit difference| allowed against mirim, on logits that span about -40..75. Measured with
-# llama-cpp-python 0.3.36, every case: f32 <= 1.2e-4, f16 <= 1.4e-2, q8_0 <= 0.32, q4_0 <= 0.32 (the
-# q8_0 embedding and head dominate both: sharp_model's embedding is 50x, so the residual is mostly it)
+# max |logit difference| allowed against mirim, on these random models' logits (about -40..75). Measured
+# with llama-cpp-python 0.3.36, every case: f32 <= 1.2e-4, f16 <= 1.4e-2, q8_0 <= 0.32, q4_0 <= 0.32 (the
+# q8_0 embedding and head dominate both: sharp_model's embedding is 50x, so the residual is mostly it).
+# Trained models differ more (README, GGUF: tools/gguf_logits.py measures them)
 LLAMA_CPP_TOLERANCE = {'f32': 1e-3, 'f16': 0.05, 'q8_0': 0.6, 'q4_0': 1.0}
 
 
@@ -340,6 +343,11 @@ def test_llama_cpp_computes_what_mirim_computes(exported, qtype):
     diff = np.abs(got - expected).max()
     print(f'{model.config.activation} {qtype}: max logit difference {diff:.2e}')
     assert diff < LLAMA_CPP_TOLERANCE[qtype]
+    if qtype == 'f32' and model.config.activation == 'silu':
+        # what an f32 SwiGLU file still differs by is llama.cpp's f16 KV cache: with an f32 one it is float rounding
+        exact, _ = llama_logits(paths[qtype], ids, f32_cache=True)
+        print(f'silu f32, f32 KV cache: max logit difference {np.abs(exact - expected).max():.2e}')
+        assert np.abs(exact - expected).max() < 5e-5
     if qtype in ('f32', 'f16'):
         mine = generate(model, torch.tensor([PROMPT]), max_new_tokens=20, temperature=0)[0, len(PROMPT):].tolist()
         assert llama_greedy(llm, PROMPT, 20) == mine
@@ -388,3 +396,56 @@ def test_llama_cpp_tokenizes_tokenizer_json_vocabularies_as_mirim(tmp_path):
         llm = llama_vocab(path)
         for text in SAMPLES.values():
             assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok.encode(text, bos=True), (pre, text)
+
+
+def test_a_classifier_is_refused_with_the_reason(tmp_path, sp_toks):
+    # a classify.py checkpoint: the backbone alone would make a language model it was never trained as
+    out = tmp_path / 'run'
+    out.mkdir()
+    model = sharp_model('silu', 4, True, seed=4)
+    torch.save({'model': model.state_dict(), 'model_config': asdict(model.config), 'tokenizer': sp_toks['bpe'].to_dict(),
+                'head': {'weight': torch.zeros(2, 64)}, 'labels': ['neg', 'pos']}, out / 'classifier.pt')
+    with pytest.raises(ValueError, match=r'classifier.*no place for its classification head.*--format=hf'):
+        gguf_export.export_gguf(str(out), str(tmp_path / 'g'), ['f16'], checkpoint='classifier.pt', log=lambda *a: None)
+    assert not (tmp_path / 'g').exists()
+
+
+CHAT = [{'role': 'system', 'content': 'Seja breve.'}, {'role': 'user', 'content': 'Olá! नमस्ते'},
+        {'role': 'assistant', 'content': 'Oi.'}, {'role': 'user', 'content': 'Tudo bem?'}]
+
+
+def builtin_chat_prompt(template, messages):
+    """llama.cpp's own (non-Jinja) rendering of a chat: what llama-cli and llama-server do without --jinja."""
+    import ctypes
+    array = (llama_cpp.llama_chat_message * len(messages))(
+        *[llama_cpp.llama_chat_message(role=m['role'].encode(), content=m['content'].encode()) for m in messages])
+    buf = ctypes.create_string_buffer(4096)
+    n = llama_cpp.llama_chat_apply_template(template.encode(), array, len(messages), True, buf, len(buf))
+    assert 0 < n < len(buf)
+    return buf.raw[:n].decode('utf-8')
+
+
+@needs_llama_cpp
+def test_llama_cpp_chat_paths_on_a_chat_gguf(tmp_path, sp_toks):
+    """The README's GGUF section: a chat GGUF gives mirim's ids through its Jinja template (llama.cpp with
+    --jinja, llama-cpp-python's chat completion, ollama's Modelfile), and plain text when it starts with
+    a space; llama.cpp's built-in ChatML (no --jinja) misses exactly the one '▁' after <s>."""
+    chat = with_chat(sp_toks['bpe'])
+    path = str(tmp_path / 'chat.gguf')
+    gguf_export.write_gguf(sharp_model('silu', 4, True, seed=0), chat, path, 'f32')
+    llm = llama_vocab(path)
+    ids, _ = chat_ids(CHAT, 'chatml', chat, add_generation_prompt=True)
+    # llama-cpp-python's chat completion renders the file's Jinja template and tokenizes it as below
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    template = read_gguf(path)[1]['tokenizer.chat_template']
+    rendered = Jinja2ChatFormatter(template, eos_token='</s>', bos_token='<s>')(messages=CHAT)
+    assert llm.tokenize(rendered.prompt.encode(), add_bos=not rendered.added_special, special=True) == ids
+    # the built-in ChatML: the same text but for the leading space the Jinja template writes
+    builtin = builtin_chat_prompt(template, CHAT)
+    assert builtin == rendered.prompt[len('<s> '):]
+    assert ids[1] == chat.token_to_id('\u2581')  # SentencePiece's '▁' before the first chat token
+    assert llm.tokenize(builtin.encode(), add_bos=True, special=True) == ids[:1] + ids[2:]
+    # plain text: the leading '▁' SentencePiece adds is the caller's to write
+    for text in (SAMPLES['portuguese'], SAMPLES['hindi']):
+        assert llm.tokenize((' ' + text).encode(), add_bos=True, special=True) == chat.encode(text, bos=True)
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) != chat.encode(text, bos=True)

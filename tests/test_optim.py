@@ -22,6 +22,54 @@ def test_newton_schulz_gives_a_near_orthogonal_matrix_close_to_u_v_transposed():
             assert (o * (u @ v.T)).sum() / (o.norm() * (u @ v.T).norm()) > 0.95  # close to U V^T
 
 
+def per_matrix_newton_schulz(g, steps=5):
+    """The iteration as Muon's authors write it, one matrix at a time: the reference the batched one
+    must match."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.T if g.size(0) > g.size(1) else g
+    x = x / (x.norm() + 1e-7)
+    for _ in range(steps):
+        A = x @ x.T
+        x = a * x + (b * A + c * A @ A) @ x
+    return x.T if g.size(0) > g.size(1) else x
+
+
+def test_a_stack_of_matrices_is_orthogonalized_each_on_its_own_as_one_at_a_time():
+    torch.manual_seed(0)
+    for shape in ((5, 32, 48), (3, 48, 32), (4, 24, 24), (3, 16, 44), (2, 44, 16), (3, 20, 24)):
+        g = torch.randn(shape) * torch.logspace(-2, 2, shape[0]).view(-1, 1, 1)  # norms apart: each its own scale
+        stacked = orthogonalize(g)
+        for one, o in zip(g, stacked):
+            want = per_matrix_newton_schulz(one)
+            assert (o - want).abs().max() < 1e-5, (shape, (o - want).abs().max())  # fp32 rounding, entries ~0.1-0.2
+            assert torch.allclose(orthogonalize(one), o, atol=1e-5)
+
+
+def test_the_batched_muon_step_is_the_per_matrix_update():
+    """Every matrix (and each part of a fused one) gets -lr * (U V^T of its Nesterov momentum) *
+    sqrt(max(1, rows/cols)), after decoupled decay, however the parts were grouped by shape."""
+    model = tiny_model().train()
+    lr, wd, momentum = 0.02, 0.1, 0.9
+    optimizer = make_optimizer(model, 'muon', lr=1e-3, weight_decay=wd, betas=(0.9, 0.95), device_type='cpu',
+                               muon_lr=lr, muon_momentum=momentum, ns_dtype=torch.float32)
+    muon = muon_params(model)
+    buffers = {p: torch.zeros_like(p) for p in muon}
+    for step in range(2):  # the second step has momentum from the first
+        idx = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(step))
+        model(idx, idx)[1].backward()
+        want = {}
+        for p, splits in muon.items():
+            buffers[p].lerp_(p.grad, 1 - momentum)
+            nesterov = p.grad.lerp(buffers[p], momentum)
+            parts = [per_matrix_newton_schulz(u) * max(1.0, u.size(0) / u.size(1)) ** 0.5
+                     for u in nesterov.split(list(splits or [p.size(0)]))]
+            want[p] = p.detach() * (1 - lr * wd) - lr * torch.cat(parts)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for p in muon:
+            assert (p.detach() - want[p]).abs().max() < 1e-6, (p.shape, (p.detach() - want[p]).abs().max())
+
+
 def test_newton_schulz_runs_in_bf16_only_where_the_hardware_has_it_and_a_resume_keeps_the_runs_choice(monkeypatch):
     from mirim import common
     monkeypatch.setattr(common, 'cpu_bf16_slowdown', lambda: 12.0)  # emulated bf16
@@ -89,3 +137,25 @@ def test_adamw_through_make_optimizer_is_the_models_fused_adamw():
     model = tiny_model()
     optimizer = make_optimizer(model, 'adamw', lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), device_type='cpu')
     assert type(optimizer) is torch.optim.AdamW and len(optimizer.param_groups) == 2
+
+
+def test_the_adamw_part_of_muon_is_torchs_adamw():
+    import copy
+    model = tiny_model().train()
+    twin = copy.deepcopy(model)
+    optimizer = make_optimizer(model, 'muon', lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), device_type='cpu',
+                               muon_lr=0.0)  # the blocks stay as they are in both: the same gradients
+    rest = [p for p in twin.parameters() if p not in muon_params(twin)]
+    reference = torch.optim.AdamW([{'params': [p for p in rest if p.dim() >= 2], 'weight_decay': 0.1},
+                                   {'params': [p for p in rest if p.dim() < 2], 'weight_decay': 0.0}],
+                                  lr=1e-2, betas=(0.9, 0.95), foreach=False)  # the textbook per-tensor loop
+    for step in range(3):
+        idx = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(step))
+        for net, opt in ((model, optimizer), (twin, reference)):
+            net(idx, idx)[1].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for name in ('tok_embeddings.weight', 'norm.weight', 'layers.1.attention_norm.weight'):
+        a, b = model.get_parameter(name), twin.get_parameter(name)
+        assert not torch.equal(a, tiny_model().get_parameter(name))  # it moved
+        assert torch.allclose(a, b, atol=1e-6), (name, (a - b).abs().max())

@@ -3,15 +3,17 @@ client where it is installed, raw http.client for what a client library hides (s
 import http.client
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
 import time
 
 import pytest
+import torch
 
 from mirim import sampling
-import serve
+from mirim import engine as serve_engine, server as serve
 from test_sample import ROOT, byte_tokenizer, program_model, random_model, save_checkpoint
 
 openai = pytest.importorskip('openai', reason='the openai client is not installed (requirements-dev.txt)')
@@ -330,7 +332,7 @@ BAD = 'Quoth the raven'  # the bad request's prompt: the faults below raise for 
 Q = ord('Q')             # (the byte tokenizer's id of 'Q'; the good request's text has none)
 
 
-@pytest.mark.parametrize('where', ['prefill', 'sample_next', 'step_row'])
+@pytest.mark.parametrize('where', ['prefill', 'sample_rows', 'step_row'])
 def test_a_request_that_raises_in_the_engine_fails_alone(where, server, monkeypatch):
     """A fault while one request's rows are prefilled, sampled or stepped fails that request (a 500
     error object; a stream gets it as an event, then its end) and not the request it shares the
@@ -339,9 +341,9 @@ def test_a_request_that_raises_in_the_engine_fails_alone(where, server, monkeypa
     good, long = greedy(server, 'Era uma vez'), greedy(server, 'a', 40)
     assert 'Q' not in good + long
     faulty = {'prefill': lambda model, idx, left_pad=None: (idx == Q).any(),
-              'sample_next': lambda logits, seen, **knobs: (seen == Q).any(),
+              'sample_rows': lambda logits, seen, **knobs: (seen == Q).any(),
               'step_row': lambda row, token: Q in row.ids}[where]
-    owner = engine if where == 'step_row' else serve
+    owner = engine if where == 'step_row' else serve_engine
     real = getattr(owner, where)
 
     def fault(*args, **kwargs):
@@ -400,14 +402,14 @@ def test_a_request_that_raises_in_the_engine_fails_alone(where, server, monkeypa
 
 def test_a_failed_forward_step_fails_its_batch_and_the_engine_goes_on(server, monkeypatch):
     good = greedy(server, 'xyz', 8)
-    real, calls = serve.decode_one_token, []
+    real, calls = serve_engine.decode_one_token, []
 
     def once(*args):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError('injected forward fault')
         return real(*args)
-    monkeypatch.setattr(serve, 'decode_one_token', once)
+    monkeypatch.setattr(serve_engine, 'decode_one_token', once)
     status, r = raw(server, 'POST', '/v1/completions', {'prompt': 'xyz', 'max_tokens': 8, 'temperature': 0})
     assert status == 500 and 'injected forward fault' in r['error']['message']
     assert greedy(server, 'xyz', 8) == good  # the cache and the one-row weight layout were let go
@@ -491,6 +493,34 @@ def test_chat_page_streams_a_reply_in_headless_chromium(server, tmp_path):
         browser.close()
 
 
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is absent (Debian: apt-get install chromium)")
+def test_chat_page_asks_with_its_key_and_keeps_its_history_when_a_message_does_not_fit(server):
+    sync_api = pytest.importorskip('playwright.sync_api', reason='playwright is not installed')
+    server.api_key = 'k2'
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=['--no-sandbox'])
+            page = browser.new_page()
+            page.goto(url(server) + '/')
+            page.wait_for_function("document.querySelector('#model').textContent.includes('API key')", timeout=10000)
+            page.fill('#key', 'k2')
+            page.dispatch_event('#key', 'change')
+            page.wait_for_function("document.querySelector('#model').textContent == 'tiny-chat'", timeout=10000)
+            page.fill('#temperature', '0')
+            page.fill('#max_tokens', '5')
+            page.fill('#input', 'Oi!')
+            page.press('#input', 'Enter')
+            page.wait_for_function("messages.length == 2", timeout=20000)
+            page.fill('#input', 'x' * 400)  # alone over the model's context: an error, the history stays
+            page.press('#input', 'Enter')
+            page.wait_for_function("document.querySelector('.note') && !busy", timeout=20000)
+            assert 'error' in page.inner_text('.note')
+            assert page.evaluate("messages.map(m => m.role)") == ['user', 'assistant']
+            browser.close()
+    finally:
+        server.api_key = ''
+
+
 def test_command_line_serves_with_a_key_from_the_environment(tmp_path, model, tok):
     out_dir = save_checkpoint(tmp_path / 'cli', model, tok)
     env = {**os.environ, 'MIRIM_API_KEY': 'k1'}
@@ -550,3 +580,265 @@ def test_limits_where_one_request_costs_everyone_are_400s_that_name_them(server)
     assert time.perf_counter() - start_time < 5
     assert status == 200 or r['error']['code'] == 'context_length_exceeded', r
     assert greedy(server, 'Era uma vez') == before
+
+
+# -----------------------------------------------------------------------------
+# the HTTP layer (Starlette under uvicorn), tried with raw sockets where a client library would refuse
+
+def send_raw(server, data, wait=5):
+    """Send bytes as they are; -> what came back before the server closed or wait seconds passed."""
+    s = socket.create_connection(('127.0.0.1', server.server_address[1]))
+    s.settimeout(wait)
+    s.sendall(data)
+    out = b''
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            out += chunk
+    except socket.timeout:
+        pass
+    s.close()
+    return out
+
+
+def status_of(reply):
+    return int(reply.split(b' ', 2)[1]) if reply.startswith(b'HTTP/1.1 ') else None
+
+
+POST = b'POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nConnection: close\r\n'
+BODY = json.dumps({'prompt': 'ab', 'max_tokens': 3, 'temperature': 0}).encode()
+
+
+def test_malformed_http_is_refused_by_the_server_and_odd_but_valid_http_works(server):
+    for length in (b'-1', b'abc', b'1e3'):  # once: read until the client closed, or a traceback and no reply
+        start = time.time()
+        assert status_of(send_raw(server, POST + b'Content-Length: ' + length + b'\r\n\r\n' + BODY)) == 400
+        assert time.time() - start < 3
+    two = POST + b'Content-Length: %d\r\nContent-Length: 5\r\n\r\n' % len(BODY) + BODY
+    assert status_of(send_raw(server, two)) == 400
+    chunked = POST + b'Transfer-Encoding: chunked\r\n\r\n' + b'%x\r\n' % len(BODY) + BODY + b'\r\n0\r\n\r\n'
+    reply = send_raw(server, chunked)  # once read as an empty body
+    assert status_of(reply) == 200 and b'"text_completion"' in reply
+    assert status_of(send_raw(server, b'HEAD / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n')) == 200
+    reply = send_raw(server, b'OPTIONS /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n')
+    assert status_of(reply) == 405 and b'"error"' in reply
+
+
+def test_a_body_that_never_ends_is_a_408_and_holds_no_thread(server):
+    server.body_seconds = 1
+    try:
+        threads = threading.active_count()
+        held = [socket.create_connection(('127.0.0.1', server.server_address[1])) for _ in range(50)]
+        for s in held:  # headers promise 10 more bytes than come
+            s.sendall(POST.replace(b'Connection: close\r\n', b'') + b'Content-Length: %d\r\n\r\n' % (len(BODY) + 10)
+                      + BODY)
+        assert threading.active_count() <= threads + 2  # no thread per connection
+        held[0].settimeout(10)
+        assert status_of(held[0].recv(65536)) == 408
+        for s in held:
+            s.close()
+        assert greedy(server, 'ab', 3)  # the server goes on
+    finally:
+        server.body_seconds = serve.BODY_SECONDS
+
+
+def test_requests_from_other_sites_and_dns_rebinding_are_refused(server):
+    port = server.server_address[1]
+    got, r = raw(server, 'GET', '/v1/models', headers={'Host': f'attacker.example:{port}'})
+    assert got == 403 and 'DNS rebinding' in r['error']['message']
+    for origin in ('http://attacker.example', 'null', f'http://127.0.0.1:{port + 1}'):
+        got, r = raw(server, 'POST', '/v1/completions', BODY, headers={'Origin': origin})
+        assert got == 403 and 'another site' in r['error']['message'], origin
+    assert raw(server, 'POST', '/v1/completions', BODY, headers={'Origin': f'http://127.0.0.1:{port}'})[0] == 200
+    assert raw(server, 'POST', '/v1/completions', BODY, headers={'Origin': f'http://localhost:{port}',
+                                                                  'Host': f'localhost:{port}'})[0] == 200
+    # a page's form or text/plain fetch needs no CORS handshake: refused by its Content-Type
+    for kind in ('text/plain', 'application/x-www-form-urlencoded'):
+        got, r = raw(server, 'POST', '/v1/completions', BODY, headers={'Content-Type': kind})
+        assert got == 415 and 'application/json' in r['error']['message']
+
+
+def test_allow_origin_lets_one_page_in_with_cors(tmp_path, model, tok):
+    s = start(save_checkpoint(tmp_path / 'm', model, tok), allow_origin=['http://localhost:5173'])
+    try:
+        conn = http.client.HTTPConnection('127.0.0.1', s.server_address[1], timeout=30)
+        conn.request('OPTIONS', '/v1/completions', headers={
+            'Origin': 'http://localhost:5173', 'Access-Control-Request-Method': 'POST',
+            'Access-Control-Request-Headers': 'content-type'})
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200
+        assert response.getheader('access-control-allow-origin') == 'http://localhost:5173'
+        got, r = raw(s, 'POST', '/v1/completions', BODY, headers={'Origin': 'http://localhost:5173'})
+        assert got == 200
+        assert raw(s, 'POST', '/v1/completions', BODY, headers={'Origin': 'http://localhost:5174'})[0] == 403
+    finally:
+        s.shutdown()
+        s.server_close()
+
+
+def test_the_key_guards_every_route_but_health_and_the_page(abc_server):
+    abc_server.api_key = 'sesame'
+    try:
+        assert raw(abc_server, 'GET', '/stats')[0] == 401
+        assert raw(abc_server, 'GET', '/v1/models/abc')[0] == 401
+        assert raw(abc_server, 'GET', '/health')[0] == 200
+        for header in ('bearer sesame', 'BEARER  sesame ', 'Bearer sesame'):  # the scheme is case-insensitive
+            assert raw(abc_server, 'GET', '/stats', headers={'Authorization': header})[0] == 200, header
+        assert raw(abc_server, 'GET', '/stats', headers={'Authorization': 'Basic sesame'})[0] == 401
+    finally:
+        abc_server.api_key = ''
+
+
+def test_text_that_is_no_text_and_odd_parts_are_400s(server):
+    cases = [({'prompt': '\ud800abc'}, '/v1/completions', 'prompt'),
+             ({'prompt': ['ok', 'x\udfffy']}, '/v1/completions', 'prompt'),
+             ({'messages': [{'role': 'user', 'content': [{'type': 'text', 'text': 5}]}]}, '/v1/chat/completions',
+              'messages'),
+             ({'messages': [{'role': 'user', 'content': {'text': 'hi'}}]}, '/v1/chat/completions', 'messages'),
+             ({'messages': [{'role': 7, 'content': 'hi'}]}, '/v1/chat/completions', 'messages'),
+             ({'messages': [{'role': 'user', 'content': '\udc80'}]}, '/v1/chat/completions', 'messages'),
+             ({'prompt': 'a', 'repetition_penalty': 1e-300}, '/v1/completions', 'repetition_penalty'),
+             ({'prompt': 'a', 'repetition_penalty': 1e300}, '/v1/completions', 'repetition_penalty'),
+             ({'prompt': 'a', 'tools': [{'type': 'function'}]}, '/v1/completions', 'tools'),
+             ({'prompt': 'a', 'logprobs': 6}, '/v1/completions', 'logprobs'),
+             ({'prompt': 'a', 'logprobs': 1, 'stream': True}, '/v1/completions', 'logprobs'),
+             ({'messages': [{'role': 'user', 'content': 'hi'}], 'logprobs': True}, '/v1/chat/completions',
+              'logprobs')]
+    for body, path, param in cases:  # json.dumps writes lone surrogates as \ud800 escapes, as a client would
+        got, r = raw(server, 'POST', path, json.dumps(body).encode())
+        assert got == 400 and r['error']['param'] == param, (body, r)
+    assert raw(server, 'GET', '/health')[0] == 200
+
+
+def test_a_client_that_leaves_stops_its_rows(server):
+    engine = server.engine
+    before = engine.stats['completion_tokens']
+    s = socket.create_connection(('127.0.0.1', server.server_address[1]))
+    body = json.dumps({'prompt': 'a', 'max_tokens': 80, 'temperature': 0}).encode()
+    inner = engine.step_row
+
+    def slow_step(row, token):  # 80 tokens take >= 4 s
+        time.sleep(0.05)
+        inner(row, token)
+    engine.step_row = slow_step
+    try:
+        s.sendall(POST.replace(b'Connection: close\r\n', b'') + b'Content-Length: %d\r\n\r\n' % len(body) + body)
+        deadline = time.time() + 10
+        while engine.stats['completion_tokens'] < before + 5 and time.time() < deadline:
+            time.sleep(0.01)
+        assert engine.stats['completion_tokens'] >= before + 5  # it is generating
+        s.close()
+        time.sleep(0.5)
+        after = engine.stats['completion_tokens']
+        time.sleep(0.5)
+        assert engine.stats['completion_tokens'] - before < 40 and engine.stats['completion_tokens'] == after
+    finally:
+        engine.step_row = inner
+
+
+def test_a_streaming_client_that_leaves_stops_its_rows(server):
+    engine = server.engine
+    inner = engine.step_row
+
+    def slow_step(row, token):  # 80 tokens take >= 4 s
+        time.sleep(0.05)
+        inner(row, token)
+    engine.step_row = slow_step
+    try:
+        before = engine.stats['completion_tokens']
+        body = json.dumps({'prompt': 'a', 'max_tokens': 80, 'temperature': 0, 'stream': True}).encode()
+        s = socket.create_connection(('127.0.0.1', server.server_address[1]))
+        s.sendall(POST.replace(b'Connection: close\r\n', b'') + b'Content-Length: %d\r\n\r\n' % len(body) + body)
+        s.settimeout(10)
+        got = b''
+        while b'data: ' not in got:  # the stream began
+            got += s.recv(65536)
+        s.close()
+        time.sleep(1.0)
+        after = engine.stats['completion_tokens']
+        time.sleep(0.5)
+        assert engine.stats['completion_tokens'] == after and after - before < 40
+    finally:
+        engine.step_row = inner
+
+
+def test_rows_with_different_settings_share_a_step_and_seeds_do_not_depend_on_the_batch(server):
+    engine = server.engine
+    seeded = {'prompt': 'Era uma', 'max_tokens': 10, 'temperature': 0.9, 'top_p': 0.9, 'seed': 11}
+    alone = raw(server, 'POST', '/v1/completions', seeded)[1]['choices'][0]['text']
+    bodies = [seeded] + [{'prompt': f'x{i}', 'max_tokens': 10, 'temperature': t, 'top_k': k,
+                          'repetition_penalty': p}
+                         for i, (t, k, p) in enumerate([(0, 0, 1.0), (1.5, 5, 1.0), (0.7, 0, 1.3), (1.0, 0, 1.0)])]
+    results = [None] * len(bodies)
+
+    def ask(i):
+        results[i] = raw(server, 'POST', '/v1/completions', bodies[i])
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(bodies))]
+    engine.pause()
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.time() + 20
+        while engine.queued() < len(bodies) and time.time() < deadline:
+            time.sleep(0.01)
+    finally:
+        engine.pause(False)
+    for t in threads:
+        t.join(30)
+    assert engine.batch_sizes[-1] == len(bodies)  # five settings, one batch
+    assert all(r[0] == 200 for r in results)
+    assert results[0][1]['choices'][0]['text'] == alone
+    assert results[1][1]['choices'][0]['text'] == greedy(server, 'x0', 10)
+
+
+def test_a_request_of_many_rows_does_not_hold_back_the_next_one(tmp_path, model, tok):
+    s = start(save_checkpoint(tmp_path / 'm', model, tok), max_batch=4)
+    engine, done = s.engine, {}
+    try:
+        def ask(name, body):
+            raw(s, 'POST', '/v1/completions', body)
+            done[name] = time.time()
+        big = threading.Thread(target=ask, args=('big', {'prompt': ['a'] * 64, 'max_tokens': 8, 'temperature': 0}))
+        small = threading.Thread(target=ask, args=('small', {'prompt': 'b', 'max_tokens': 8, 'temperature': 0}))
+        engine.pause()
+        try:
+            big.start()
+            deadline = time.time() + 20
+            while engine.queued() < 64 and time.time() < deadline:
+                time.sleep(0.01)
+            small.start()
+            while engine.queued() < 65 and time.time() < deadline:
+                time.sleep(0.01)
+        finally:
+            engine.pause(False)
+        big.join(60), small.join(60)
+        assert done['small'] < done['big']  # first come first served would have run 16 batches of 'a' first
+    finally:
+        s.shutdown()
+        s.server_close()
+
+
+def test_echo_logprobs_are_the_models_log_probabilities(server, model, tok):
+    prompt = 'Era uma vez'
+    got, r = raw(server, 'POST', '/v1/completions', {'prompt': prompt, 'max_tokens': 1, 'temperature': 0,
+                                                     'logprobs': 2, 'echo': True})
+    assert got == 200, r
+    lp = r['choices'][0]['logprobs']
+    ids = tok.encode(prompt, bos=True)
+    assert len(lp['token_logprobs']) == len(ids) + 1 and lp['token_logprobs'][0] is None
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([ids]))
+    want = logits[0].float().log_softmax(-1)
+    for t in range(1, len(ids)):
+        assert abs(lp['token_logprobs'][t] - float(want[t - 1, ids[t]])) < 1e-4
+        assert len(lp['top_logprobs'][t]) <= 2
+    greedy_id = int(want[-1].argmax())
+    assert abs(lp['token_logprobs'][-1] - float(want[-1, greedy_id])) < 1e-4
+    assert abs(max(lp['top_logprobs'][-1].values()) - lp['token_logprobs'][-1]) < 1e-6  # greedy = the top one
+    # without echo: the reply's tokens only
+    got, r = raw(server, 'POST', '/v1/completions', {'prompt': prompt, 'max_tokens': 3, 'temperature': 0,
+                                                     'logprobs': 0})
+    assert len(r['choices'][0]['logprobs']['token_logprobs']) == r['usage']['completion_tokens']

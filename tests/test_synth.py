@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import judge
-import serve
+from mirim import server as serve
 from test_sample import ROOT, byte_tokenizer, program_model, save_checkpoint
 
 sys.path.insert(0, os.path.join(ROOT, 'data'))
@@ -44,6 +44,10 @@ class StubHandler(BaseHTTPRequestHandler):
         self.send_header('Content-Length', str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+    def do_GET(self):  # /v1/models: the status the test set in server.models (200 lists one model)
+        status = getattr(self.server, 'models', 200)
+        self.reply(status, {'data': [{'id': 'stub-model'}]} if status == 200 else {'error': {'message': 'no'}})
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers['Content-Length'])))
@@ -162,3 +166,58 @@ def test_judge_averages_scores_and_counts_unparseable_answers(tmp_path, capsys):
         {'grammar': 8, 'context_awareness': 7}
     with pytest.raises(judge.Rejected):
         judge.parse_scores('{"grammar": 11}', ['grammar'])
+
+
+def run_command(args):
+    import subprocess
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, 'OPENAI_API_KEY': 'wrong'})
+
+
+def samples_file(tmp_path, name='a.jsonl'):
+    path = tmp_path / name
+    path.write_text(json.dumps({'prompt_index': 0, 'sample': 0, 'prompt': 'Era', 'text': 'uma vez'}) + '\n')
+    return path
+
+
+@pytest.mark.parametrize('status', [401, 403])
+def test_a_refused_key_at_the_model_lookup_is_one_line_naming_the_url(tmp_path, status):
+    stub = Stub(story_answer)
+    stub.models = status
+    samples = samples_file(tmp_path)
+    for args in (['judge.py', f'--samples={samples}', f'--base_url={stub.url}'],
+                 ['data/synth.py', '--lang', 'data/synth/pt', '--n', '1', f'--base_url={stub.url}',
+                  '--out', str(tmp_path / 'stories.jsonl')]):
+        done = run_command(args)
+        assert done.returncode == 1 and 'Traceback' not in done.stderr
+        line, = done.stderr.strip().splitlines()
+        assert f'{stub.url}/models answered {status}' in line and 'API key' in line
+    assert stub.requests == 0  # no story was sent
+
+
+def test_the_model_lookup_finds_the_first_listed_model(tmp_path):
+    stub = Stub(lambda prompt: json.dumps({c: 5 for c in judge.DEFAULTS['criteria'].split(',')}))
+    results = judge.main([f'--samples={samples_file(tmp_path)}', f'--base_url={stub.url}', '--backoff=0.01'])
+    assert results[str(tmp_path / 'a.jsonl')]['criteria']['overall']['mean'] == 5
+
+
+def test_judge_against_a_down_endpoint_exits_nonzero_naming_it(tmp_path):
+    import socket
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(('127.0.0.1', 0))
+        url = f'http://127.0.0.1:{s.getsockname()[1]}/v1'
+    for model in ('', 'j'):
+        done = run_command(['judge.py', f'--samples={samples_file(tmp_path)}', f'--base_url={url}', f'--model={model}',
+                            '--retries=0'])
+        assert done.returncode == 1 and 'unparseable' not in done.stdout
+        assert done.stderr.strip().splitlines() == [done.stderr.strip()] and f'cannot reach {url}' in done.stderr
+
+
+@pytest.mark.parametrize('spelling', ['same', 'another path to it'])
+def test_judge_refuses_one_samples_file_named_twice(tmp_path, spelling):
+    samples = samples_file(tmp_path)
+    second = samples if spelling == 'same' else os.path.relpath(samples, ROOT)
+    with pytest.raises(ValueError, match='names .* twice'):
+        judge.main([f'--samples={samples},{second}', '--base_url=http://127.0.0.1:9/v1', '--model=j'])
+    done = run_command(['judge.py', f'--samples={samples},{second}', '--base_url=http://127.0.0.1:9/v1', '--model=j'])
+    assert done.returncode == 1 and done.stderr.startswith('judge.py: error: --samples names')

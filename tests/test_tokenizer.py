@@ -76,6 +76,29 @@ def test_chat_tokens_are_single_ids_inside_text(any_tok, piece):
     assert any_tok.token_to_id(piece) == any_tok.special_tokens[piece]
 
 
+@pytest.fixture(params=['sentencepiece-bpe', 'sentencepiece-unigram', 'tiktoken', 'bytes', 'tokenizer.json'])
+def every_kind(request, sp_toks, tiktoken_path, tmp_path_factory):
+    """any_tok's kinds, and a byte-level BPE tokenizer.json."""
+    if request.param != 'tokenizer.json':
+        return sp_toks[request.param.split('-')[1]] if request.param.startswith('sentencepiece') else load_tokenizer(
+            'tiktoken:' + tiktoken_path if request.param == 'tiktoken' else 'bytes')
+    from mirim.tokenizer import train_bytelevel_bpe
+    return train_bytelevel_bpe(iter(training_text()), str(tmp_path_factory.mktemp('bl') / 'tokenizer.json'), 400)
+
+
+@pytest.mark.parametrize('text', ['olá<|im_end|>\n<|im_start|>assistant\nsim', 'fim</s><s> de <|im_start|>'])
+def test_encode_without_specials_reads_every_special_token_as_text(every_kind, text):
+    ids = every_kind.encode(text, specials=False)
+    assert not set(ids) & set(every_kind.special_tokens.values())
+    assert every_kind.decode(ids) == text
+    assert every_kind.encode_batch([text, 'x'], specials=False) == [ids, every_kind.encode('x', specials=False)]
+
+
+def test_encode_with_specials_still_finds_the_chat_tokens(every_kind):
+    ids = every_kind.encode('a<|im_end|>b')
+    assert every_kind.special_tokens['<|im_end|>'] in ids
+
+
 def test_encode_batch_equals_encode(any_tok):
     texts = list(SAMPLES.values())
     assert any_tok.encode_batch(texts, bos=True) == [any_tok.encode(t, bos=True) for t in texts]

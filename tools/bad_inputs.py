@@ -32,9 +32,11 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -69,6 +71,10 @@ BENCH = ['bench.py', '--device=cpu', '--what=generate', '--repeats=1', '--new_to
 BIBLIA = ['data/biblia/prepare.py', '--lang', 'pt', '--books', '1,40', '--max_chapters', '2', '--vocab_size', '500',
           '--out', '{new}']
 TASKS = ['data/biblia/make_tasks.py', 'classify', '--train_per_label', '10', '--test_per_label', '5', '--out', '{new}']
+DPO = ['dpo.py', '--init_from={sft}', '--data_dir={prefdata}', '--out_dir={new}', '--device=cpu', '--max_iters=2',
+       '--eval_interval=2', '--batch_size=4']
+PREF = ['data/prepare_pref.py', '--input', '{pairs}', '--tokenizer', 'bytes', '--out', '{new}']
+GGUF = ['export.py', '--format=gguf', '--out_dir={out}', '--dest={new}']
 NOWHERE = '--base_url=http://127.0.0.1:9/v1'  # no endpoint: these cases must stop before a request
 JUDGE = ['judge.py', '--samples={cls_train}', NOWHERE, '--model=j', '--retries=0', '--output={case}/scores.json']
 SYNTH = ['data/synth.py', '--lang', '{repo}/data/synth/pt', '--n', '2', NOWHERE, '--model=m', '--retries=0',
@@ -455,6 +461,220 @@ CASES = [
      'prepared data set'),
     ('make_tasks.py: chat, out holds a data set', ['data/biblia/make_tasks.py', 'chat', '--tokenizer', '{sp_model}',
                                                    '--out', '{spdata}'], 'overwrite'),
+
+    # dpo.py: its own settings, data of another kind, starting models of another kind, resume
+    ('dpo.py: no init_from', DPO + ['--init_from='], 'init_from'),
+    ('dpo.py: unknown key', DPO + ['--betta=0.2'], 'betta'),
+    ('dpo.py: loss_type=kto', DPO + ['--loss_type=kto'], 'loss_type'),
+    ('dpo.py: beta=0', DPO + ['--beta=0.0'], 'beta'),
+    ('dpo.py: beta=nan', DPO + ["--beta=float('nan')"], 'beta'),
+    ('dpo.py: label_smoothing=0.5', DPO + ['--label_smoothing=0.5'], 'label_smoothing'),
+    ('dpo.py: label_smoothing with ipo', DPO + ['--loss_type=ipo', '--label_smoothing=0.1'], 'label_smoothing'),
+    ('dpo.py: eval_pairs=-1', DPO + ['--eval_pairs=-1'], 'eval_pairs'),
+    ('dpo.py: batch_size=0', DPO + ['--batch_size=0'], 'batch_size'),
+    ('dpo.py: learning_rate=-1', DPO + ['--learning_rate=-1.0'], 'learning_rate'),
+    ('dpo.py: data_dir missing', DPO + ['--data_dir={missing}'], 'missing'),
+    ('dpo.py: pretraining data', DPO + ['--data_dir={data}'], 'preference'),
+    ('dpo.py: chat data', DPO + ['--data_dir={chatdata}'], 'preference'),
+    ('dpo.py: data of another tokenizer', DPO + ['--data_dir={spdata}'], 'tokenizer'),
+    ('dpo.py: a base model', DPO + ['--init_from={base}'], 'warn:chat template'),
+    ('dpo.py: a classifier as the start', DPO + ['--init_from={cls_other}'], 'classifier|classify.py'),
+    ('dpo.py: pairs longer than the context', DPO + ['--init_from={out}'], 'context|max_length'),
+    ('dpo.py: init_from a text file', DPO + ['--init_from={text}'], 'corpus.txt|checkpoint'),
+    ('dpo.py: init_from NaN weights', DPO + ['--init_from={nan_ckpt}'], 'nan|finite'),
+    ('dpo.py: out_dir is a file', DPO + ['--out_dir={file}'], 'plain.txt|out_dir'),
+    ('dpo.py: scratch into a DPO run', DPO + ['--out_dir={dpo_run}'], 'resume'),
+    ('dpo.py: resume without a checkpoint', DPO + ['--init_from=resume'], 'ckpt.pt|checkpoint'),
+    ('dpo.py: resume with a cut reference.pt', DPO + ['--init_from=resume', '--out_dir={dpo_cutref}'],
+     'reference.pt'),
+    ('dpo.py: resume without reference.pt', DPO + ['--init_from=resume', '--out_dir={dpo_noref}'], 'reference.pt'),
+    ('dpo.py: resume a train.py run', DPO + ['--init_from=resume', '--out_dir={sft_copy}'], 'train.py'),
+    ('dpo.py: resume on other pairs', DPO + ['--init_from=resume', '--out_dir={dpo_otherdata}',
+                                             '--data_dir={prefdata2}'], 'other data'),
+    ('train.py: resume a dpo.py run', TRAIN + ['--init_from=resume', '--out_dir={dpo_copy}', '--data_dir={chatdata}',
+                                               '--block_size=64'], 'dpo.py'),
+
+    # data/prepare_pref.py
+    ('prepare_pref.py: no arguments', ['data/prepare_pref.py'], 'input|out'),
+    ('prepare_pref.py: input missing', PREF[:2] + ['{missing}.jsonl'] + PREF[3:], 'missing'),
+    ('prepare_pref.py: input empty', PREF[:2] + ['{empty_jsonl}'] + PREF[3:], 'empty|no pairs'),
+    ('prepare_pref.py: input malformed JSON', PREF[:2] + ['{notjson}'] + PREF[3:], 'notjson|json'),
+    ('prepare_pref.py: input not UTF-8', PREF[:2] + ['{binary}'] + PREF[3:], 'utf-8|not text'),
+    ('prepare_pref.py: a chat set given as pairs', PREF[:2] + ['{chat}'] + PREF[3:], 'chat.jsonl'),
+    ('prepare_pref.py: a text corpus given as pairs', PREF[:2] + ['{text}'] + PREF[3:], 'corpus.txt'),
+    ('prepare_pref.py: a classification set given as pairs', PREF[:2] + ['{cls_train}'] + PREF[3:], 'cls_train'),
+    ('prepare_pref.py: chosen a number', PREF[:2] + ['{pairs_num}'] + PREF[3:], 'chosen'),
+    ('prepare_pref.py: every pair identical', PREF[:2] + ['{pairs_same}'] + PREF[3:], 'same|identical'),
+    ('prepare_pref.py: model and tokenizer', PREF + ['--model={sft}'], '--model|--tokenizer'),
+    ('prepare_pref.py: model missing', ['data/prepare_pref.py', '--input', '{pairs}', '--model', '{missing}',
+                                        '--out', '{new}'], 'missing'),
+    ('prepare_pref.py: model an HF folder', ['data/prepare_pref.py', '--input', '{pairs}', '--model', '{hf}',
+                                             '--out', '{new}'], 'hugging face|--tokenizer'),
+    ('prepare_pref.py: model a text file', ['data/prepare_pref.py', '--input', '{pairs}', '--model', '{text}',
+                                            '--out', '{new}'], 'corpus.txt|checkpoint'),
+    ('prepare_pref.py: tokenizer a checkpoint', PREF[:4] + ['{ckpt}'] + PREF[5:], 'ckpt.pt|tokenizer'),
+    ('prepare_pref.py: max_length=4', PREF + ['--max_length=4'], 'max_length'),
+    ('prepare_pref.py: unknown template', PREF + ['--template=llama3'], 'template|llama3'),
+    ('prepare_pref.py: aira template on a tokenizer without its tokens', PREF + ['--template=aira'], 'instruction'),
+    ('prepare_pref.py: val_fraction=2', PREF + ['--val_fraction=2'], 'val_fraction'),
+    ('prepare_pref.py: val_input missing', PREF + ['--val_input={missing}.jsonl'], 'missing'),
+    ('prepare_pref.py: out holds a data set', PREF[:-1] + ['{data}'], 'overwrite'),
+    ('prepare_pref.py: out is a file', PREF[:-1] + ['{file}'], 'plain.txt'),
+
+    # data/synth.py (more)
+    ('synth.py: neither lang nor prompts', ['data/synth.py', '--out', '{new}', NOWHERE], 'lang|prompts'),
+    ('synth.py: lang and prompts', SYNTH + ['--prompts', '{chat}'], 'lang|prompts'),
+    ('synth.py: no out', SYNTH[:-2], 'out'),
+    ('synth.py: lang folder missing', SYNTH[:2] + ['{missing}'] + SYNTH[3:], 'missing'),
+    ('synth.py: lang is a file', SYNTH[:2] + ['{file}'] + SYNTH[3:], 'plain.txt'),
+    ('synth.py: words.json not JSON', SYNTH[:2] + ['{lang_badwords}'] + SYNTH[3:], 'words.json'),
+    ('synth.py: prompt.txt names a list words.json lacks', SYNTH[:2] + ['{lang_noslot}'] + SYNTH[3:], 'colour'),
+    ('synth.py: cleanup.json with a bad regex', SYNTH[:2] + ['{lang_badregex}'] + SYNTH[3:], 'cleanup.json'),
+    ('synth.py: out of the other mode', SYNTH[:-1] + ['{generic_out}'], 'overwrite'),
+    ('synth.py: out with a corrupt middle line', SYNTH[:-1] + ['{stories_badmid}'], 'stories_badmid.jsonl:2'),
+    ('synth.py: prompts missing', ['data/synth.py', '--prompts', '{missing}.jsonl', '--out', '{new}', NOWHERE,
+                                   '--model=m'], 'missing'),
+    ('synth.py: prompts empty', ['data/synth.py', '--prompts', '{empty_jsonl}', '--out', '{new}', NOWHERE,
+                                 '--model=m'], 'empty|no prompts'),
+    ('synth.py: prompts not UTF-8', ['data/synth.py', '--prompts', '{binary}', '--out', '{new}', NOWHERE,
+                                     '--model=m'], 'utf-8|not text'),
+    ('synth.py: prompts records without a prompt', ['data/synth.py', '--prompts', '{chat_nofield}', '--out', '{new}',
+                                                    NOWHERE, '--model=m'], 'prompt'),
+    ('synth.py: n=-1', SYNTH + ['--n', '-1'], "'n'|--n|n="),
+    ('synth.py: concurrency=0', SYNTH + ['--concurrency', '0'], 'concurrency'),
+    ('synth.py: retries=-1', SYNTH + ['--retries=-1'], 'retries'),
+    ('synth.py: timeout=0', SYNTH + ['--timeout=0'], 'timeout'),
+
+    # judge.py (more)
+    ('judge.py: no samples', ['judge.py', NOWHERE, '--model=j'], 'samples'),
+    ('judge.py: samples missing', JUDGE[:1] + ['--samples={missing}.jsonl'] + JUDGE[2:], 'missing'),
+    ('judge.py: samples empty', JUDGE[:1] + ['--samples={empty_jsonl}'] + JUDGE[2:], 'empty|no samples|no stories'),
+    ('judge.py: samples with a line not JSON', JUDGE[:1] + ['--samples={notjson}'] + JUDGE[2:], 'notjson.jsonl'),
+    ('judge.py: samples not UTF-8', JUDGE[:1] + ['--samples={binary}'] + JUDGE[2:], 'utf-8|not text'),
+    ('judge.py: samples without text', JUDGE[:1] + ['--samples={chat_nofield}'] + JUDGE[2:], 'text'),
+    ('judge.py: samples a folder', JUDGE[:1] + ['--samples={emptydir}'] + JUDGE[2:], 'emptydir|directory'),
+    ('judge.py: rubric missing', JUDGE + ['--rubric={missing}.txt'], 'missing'),
+    ('judge.py: criteria empty', JUDGE + ['--criteria='], 'criteria'),
+    ('judge.py: concurrency=0', JUDGE + ['--concurrency=0'], 'concurrency'),
+    ('judge.py: retries=-1', JUDGE + ['--retries=-1'], 'retries'),
+
+    # export.py --format=gguf (more)
+    ('export.py: gguf_type=q4_K', GGUF + ['--gguf_type=q4_K'], 'gguf_type'),
+    ('export.py: gguf_type empty', GGUF + ['--gguf_type='], 'gguf_type'),
+    ('export.py: unknown format', EXPORT + ['--format=onnx'], 'format|onnx'),
+    ('export.py: gguf of a classifier', GGUF + ['--out_dir={cls_other}'], 'classifier'),
+    ('export.py: gguf of NaN weights', GGUF + ['--out_dir={nan_ckpt}'], 'nan|finite'),
+    ('export.py: gguf dest unwritable', GGUF[:-1] + ['--dest=/proc/self/gguf'], '/proc/self/gguf'),
+    ('export.py: gguf dest holds a gguf', GGUF[:-1] + ['--dest={gguf}'], 'overwrite'),
+    ('export.py: gguf of a missing checkpoint name', GGUF + ['--checkpoint=nope.pt'], 'nope.pt'),
+]
+
+# -----------------------------------------------------------------------------
+# serve.py: its command line, and bad requests to one running server (started with the fixture model,
+# the ChatML template and the key KEY). A request case is (name, ['HTTP', raw request], names): clear
+# when the reply is a 4xx whose text names the problem; unclear a 4xx that does not; silent a 2xx/3xx;
+# traceback a 5xx; hang no reply within the timeout; crash the server no longer answers /health.
+
+KEY = 'sesame'
+SERVE = ['serve.py', '--out_dir={out}', '--device=cpu', '--port=0', '--quiet']
+
+
+def http(method, path, body=None, headers=None, raw_body=None):
+    """The raw bytes of one request, with the key and a JSON body unless headers say otherwise."""
+    data = raw_body if raw_body is not None else (b'' if body is None else json.dumps(body).encode())
+    head = {'Host': '127.0.0.1', 'Authorization': f'Bearer {KEY}', 'Content-Type': 'application/json',
+            'Content-Length': str(len(data)), 'Connection': 'close', **(headers or {})}
+    lines = [f'{method} {path} HTTP/1.1'] + [f'{k}: {v}' for k, v in head.items() if v is not None]
+    return ('\r\n'.join(lines) + '\r\n\r\n').encode('latin-1') + data
+
+
+def completion(**extra):
+    return http('POST', '/v1/completions', {'prompt': 'o gato', 'max_tokens': 4, **extra})
+
+
+def chat(messages, **extra):
+    return http('POST', '/v1/chat/completions', {'messages': messages, 'max_tokens': 4, **extra})
+
+
+HI = [{'role': 'user', 'content': 'oi'}]
+CASES += [
+    ('serve.py: port=70000', SERVE[:-2] + ['--port=70000'], '70000|port'),
+    ('serve.py: port in use', SERVE[:-2] + ['--port={busy_port}'], 'in use|{busy_port}'),
+    ('serve.py: max_batch=0', SERVE + ['--max_batch=0'], 'max_batch'),
+    ('serve.py: out_dir missing', ['serve.py', '--out_dir={missing}', '--port=0'], 'missing'),
+    ('serve.py: unknown chat template', SERVE + ['--chat_template=llama3'], 'llama3|template'),
+    ('serve.py: host not an address', SERVE + ['--host=not a host'], 'not a host|host'),
+    ('serve.py: HTTP seed 2**64', ['HTTP', completion(seed=2 ** 64, temperature=1)], 'seed'),
+    ('serve.py: HTTP seed -1', ['HTTP', completion(seed=-1)], 'seed'),
+    ('serve.py: HTTP seed 1.5', ['HTTP', completion(seed=1.5)], 'seed'),
+    ('serve.py: HTTP temperature NaN', ['HTTP', http('POST', '/v1/completions',
+                                                     raw_body=b'{"prompt": "a", "temperature": NaN}')], 'temperature'),
+    ('serve.py: HTTP top_p Infinity', ['HTTP', http('POST', '/v1/completions',
+                                                    raw_body=b'{"prompt": "a", "top_p": Infinity}')], 'top_p'),
+    ('serve.py: HTTP temperature a string', ['HTTP', completion(temperature='hot')], 'temperature'),
+    ('serve.py: HTTP top_k a float', ['HTTP', completion(top_k=1e3)], 'top_k'),
+    ('serve.py: HTTP repetition_penalty 1e-300', ['HTTP', completion(repetition_penalty=1e-300)], 'repetition_penalty'),
+    ('serve.py: HTTP max_tokens huge', ['HTTP', completion(max_tokens=10 ** 6)], 'context|max_tokens'),
+    ('serve.py: HTTP max_tokens true', ['HTTP', completion(max_tokens=True)], 'max_tokens'),
+    ('serve.py: HTTP n=0', ['HTTP', completion(n=0)], "'n'"),
+    ('serve.py: HTTP 2000 prompts x 128', ['HTTP', completion(prompt=['a'] * 2000, n=128)], 'rows|limit'),
+    ('serve.py: HTTP 100000 stop strings', ['HTTP', completion(stop=[f's{i}' for i in range(100000)])], 'stop'),
+    ('serve.py: HTTP a stop string of 10000', ['HTTP', completion(stop=['x' * 10000])], 'stop'),
+    ('serve.py: HTTP stop_token_ids -1', ['HTTP', completion(stop_token_ids=[-1])], 'stop_token_ids'),
+    ('serve.py: HTTP prompt ids beyond vocab', ['HTTP', completion(prompt=[1, 10 ** 9])], 'vocab'),
+    ('serve.py: HTTP prompt of bools', ['HTTP', completion(prompt=[True, False])], 'prompt'),
+    ('serve.py: HTTP prompt empty ids', ['HTTP', completion(prompt=[[]])], 'prompt'),
+    ('serve.py: HTTP prompt lone surrogate', ['HTTP', completion(prompt='a\ud800b')], 'surrogate'),
+    ('serve.py: HTTP prompt list, lone surrogate', ['HTTP', completion(prompt=['ok', '\udfff'])], 'surrogate'),
+    ('serve.py: HTTP chat content lone surrogate', ['HTTP', chat([{'role': 'user', 'content': '\udc80'}])],
+     'surrogate'),
+    ('serve.py: HTTP chat text part not a string', ['HTTP', chat([{'role': 'user', 'content': [
+        {'type': 'text', 'text': 5}]}])], 'text'),
+    ('serve.py: HTTP chat image part', ['HTTP', chat([{'role': 'user', 'content': [
+        {'type': 'image_url', 'image_url': {'url': 'x'}}]}])], 'text'),
+    ('serve.py: HTTP chat content a number', ['HTTP', chat([{'role': 'user', 'content': 42}])], 'content'),
+    ('serve.py: HTTP chat role missing', ['HTTP', chat([{'content': 'oi'}])], 'role'),
+    ('serve.py: HTTP chat role robot', ['HTTP', chat([{'role': 'robot', 'content': 'oi'}])], 'robot|role'),
+    ('serve.py: HTTP chat 2000 messages', ['HTTP', chat(HI * 2000)], 'messages'),
+    ('serve.py: HTTP chat messages an object', ['HTTP', chat({'role': 'user'})], 'messages'),
+    ('serve.py: HTTP stream_options not an object', ['HTTP', completion(stream=True, stream_options='yes')],
+     'stream_options'),
+    ('serve.py: HTTP logprobs 99', ['HTTP', completion(logprobs=99)], 'logprobs'),
+    ('serve.py: HTTP chat logprobs', ['HTTP', chat(HI, logprobs=True)], 'logprobs'),
+    ('serve.py: HTTP tools', ['HTTP', chat(HI, tools=[{'type': 'function', 'function': {'name': 'f'}}])], 'tools'),
+    ('serve.py: HTTP response_format json', ['HTTP', chat(HI, response_format={'type': 'json_object'})],
+     'response_format'),
+    ('serve.py: HTTP unknown model', ['HTTP', completion(model='gpt-4')], 'gpt-4'),
+    ('serve.py: HTTP body not JSON', ['HTTP', http('POST', '/v1/completions', raw_body=b'{prompt: a}')], 'json'),
+    ('serve.py: HTTP body a JSON list', ['HTTP', http('POST', '/v1/completions', ['a'])], 'object'),
+    ('serve.py: HTTP body not UTF-8', ['HTTP', http('POST', '/v1/completions',
+                                                    raw_body=b'{"prompt": "\xff\xfe"}')], 'json|utf'),
+    ('serve.py: HTTP body nested 100000 deep', ['HTTP', http('POST', '/v1/completions',
+                                                             raw_body=b'[' * 100000 + b']' * 100000)], 'json'),
+    ('serve.py: HTTP Content-Length -1', ['HTTP', http('POST', '/v1/completions', {'prompt': 'a'},
+                                                       {'Content-Length': '-1'})], 'invalid'),
+    ('serve.py: HTTP Content-Length abc', ['HTTP', http('POST', '/v1/completions', {'prompt': 'a'},
+                                                        {'Content-Length': 'abc'})], 'invalid'),
+    ('serve.py: HTTP Content-Length over the limit', ['HTTP', http('POST', '/v1/completions', raw_body=b'',
+                                                                   headers={'Content-Length': str(50 << 20)})],
+     'limit'),
+    ('serve.py: HTTP body shorter than Content-Length', ['HTTP', http('POST', '/v1/completions', raw_body=b'{"pr',
+                                                                      headers={'Content-Length': '400'})],
+     'did not arrive'),
+    ('serve.py: HTTP bad chunk size', ['HTTP', http('POST', '/v1/completions', raw_body=b'zz\r\n{}\r\n0\r\n\r\n',
+                                                    headers={'Content-Length': None,
+                                                             'Transfer-Encoding': 'chunked'})], 'invalid'),
+    ('serve.py: HTTP text/plain body', ['HTTP', http('POST', '/v1/completions', {'prompt': 'a'},
+                                                     {'Content-Type': 'text/plain'})], 'application/json'),
+    ('serve.py: HTTP another site', ['HTTP', http('POST', '/v1/completions', {'prompt': 'a'},
+                                                  {'Origin': 'http://attacker.example'})], 'another site'),
+    ('serve.py: HTTP DNS rebinding', ['HTTP', http('GET', '/v1/models', headers={'Host': 'attacker.example'})],
+     'rebinding'),
+    ('serve.py: HTTP no key', ['HTTP', http('GET', '/stats', headers={'Authorization': None})], 'api key'),
+    ('serve.py: HTTP wrong key, lowercase scheme', ['HTTP', http('GET', '/v1/models',
+                                                               headers={'Authorization': 'bearer nope'})], 'api key'),
+    ('serve.py: HTTP unknown route', ['HTTP', http('POST', '/v1/embeddings', {'input': 'a'})], 'no route'),
+    ('serve.py: HTTP DELETE a route', ['HTTP', http('DELETE', '/v1/models')], 'not allowed'),
 ]
 
 # -----------------------------------------------------------------------------
@@ -513,6 +733,18 @@ def build_fixtures(root):
         badlog=write(j('badlog/log.jsonl'), 'not json\n{"foo": 1}\n[1, 2]\n'),
         png=write(j('old.png'), b'\x89PNG\r\n\x1a\nan earlier plot'),
     )
+    for name, files in dict(lang_badwords={'prompt.txt': 'Escreva sobre {noun}.', 'words.json': '{"noun": ['},
+                            lang_noslot={'prompt.txt': 'Escreva sobre {noun} {colour}.', 'words.json': '{"noun": ["gato"]}'},
+                            lang_badregex={'prompt.txt': 'Escreva sobre {noun}.', 'words.json': '{"noun": ["gato"]}',
+                                           'cleanup.json': '[["(unclosed", ""]]'}).items():
+        for file, text in files.items():
+            write(j(f'{name}/{file}'), text)
+        fx[name] = j(name)
+    story = {'text': 'Era uma vez um gato.', 'words': {'noun': 'gato'}, 'model': 'm'}
+    fx['stories_badmid'] = write(j('stories_badmid.jsonl'), json.dumps(story) + '\n{"text": "Era uma\n'
+                                 + json.dumps(dict(story, words={'noun': 'rei'})) + '\n')
+    fx['generic_out'] = jsonl(j('generic_out.jsonl'), [{'id': 0, 'prompt': 'Oi', 'completion': 'Ola.', 'messages': [
+        {'role': 'user', 'content': 'Oi'}, {'role': 'assistant', 'content': 'Ola.'}]}])
     os.makedirs(j('emptydir'))
     fx['emptydir'] = j('emptydir')
     fx['lang_nowords'] = os.path.dirname(fx['lang_nowords'])
@@ -593,8 +825,34 @@ def build_fixtures(root):
     pairs = [{'prompt': f'Diga algo {i}.', 'chosen': 'o gato come o peixe.', 'rejected': 'a luz ve o rei.'}
              for i in range(20)]
     fx['prefdata'], fx['chat_nomasks'] = j('prefdata'), j('chat_nomasks')
-    run_ok(root, 'data/prepare_pref.py', '--input', jsonl(j('pairs.jsonl'), pairs), '--tokenizer', 'bytes',
+    fx['pairs'] = jsonl(j('pairs.jsonl'), pairs)
+    run_ok(root, 'data/prepare_pref.py', '--input', fx['pairs'], '--tokenizer', 'bytes',
            '--val_fraction', '0.2', '--out', fx['prefdata'])
+    fx['pairs_num'] = jsonl(j('pairs_num.jsonl'), [dict(p, chosen=7) for p in pairs])
+    fx['pairs_same'] = jsonl(j('pairs_same.jsonl'), [dict(p, rejected=p['chosen']) for p in pairs])
+    fx['prefdata2'] = j('prefdata2')  # other pairs, same tokenizer and template
+    run_ok(root, 'data/prepare_pref.py', '--input', jsonl(j('pairs2.jsonl'), [dict(p, prompt=p['prompt'] + '!')
+                                                                           for p in pairs]),
+           '--tokenizer', 'bytes', '--val_fraction', '0.2', '--out', fx['prefdata2'])
+    # dpo.py's: an SFT model on chat data (bytes, ChatML), a DPO run from it, the SFT model without its template
+    # (a base model of the same tokenizer), and broken copies
+    fx['chatdata'], fx['sft'], fx['dpo_run'] = j('chatdata'), j('sft'), j('dpo_run')
+    run_ok(root, 'data/prepare_chat.py', '--input', fx['chat'], '--tokenizer', 'bytes', '--val_fraction', '0.2',
+           '--out', fx['chatdata'])
+    run_ok(root, *[a.format(data=fx['chatdata'], new=fx['sft']) for a in TRAIN + ['--block_size=64']])
+    run_ok(root, *[a.format(sft=fx['sft'], prefdata=fx['prefdata'], new=fx['dpo_run']) for a in DPO])
+    sft = torch.load(os.path.join(fx['sft'], 'ckpt.pt'), map_location='cpu', weights_only=True)
+    del sft['tokenizer']['chat_template']
+    fx['base'] = j('base.pt')
+    torch.save(sft, fx['base'])
+    for name in ('dpo_cutref', 'dpo_noref', 'dpo_otherdata', 'dpo_copy'):
+        fx[name] = shutil.copytree(fx['dpo_run'], j(name))
+    fx['sft_copy'] = shutil.copytree(fx['sft'], j('sft_copy'))
+    with open(os.path.join(fx['dpo_cutref'], 'reference.pt'), 'r+b') as f:
+        f.truncate(os.path.getsize(f.name) // 2)
+    os.remove(os.path.join(fx['dpo_noref'], 'reference.pt'))
+    fx['gguf'] = j('gguf')
+    run_ok(root, 'export.py', '--format=gguf', f"--out_dir={fx['out']}", f"--dest={fx['gguf']}")
     run_ok(root, 'data/prepare_chat.py', '--input', fx['chat'], '--tokenizer', 'bytes', '--val_fraction', '0.2',
            '--out', fx['chat_nomasks'])
     for name in os.listdir(fx['chat_nomasks']):
@@ -638,11 +896,14 @@ def last_line(output):
 def run_case(case, fx, root, timeout):
     """-> (outcome, the command as typed, the last line of its output, seconds)."""
     name, argv, names = case
+    if argv[0] == 'HTTP':
+        return run_request(name, argv[1], names, fx, timeout)
     case_dir = os.path.join(root, 'cases', ''.join(c if c.isalnum() else '_' for c in name))
     os.makedirs(case_dir, exist_ok=True)
     paths = dict(fx, repo=REPO, case=case_dir, new=os.path.join(case_dir, 'new'),
                  missing=os.path.join(case_dir, 'missing'))
     argv = [a.format(**paths) for a in argv]
+    names = names.format(**paths)
     shown = ' '.join(a if a and ' ' not in a else repr(a) for a in argv).replace(root, '$T').replace(REPO, '.')
     t0 = time.time()
     p = subprocess.Popen([sys.executable, os.path.join(REPO, argv[0]), *argv[1:]], cwd=case_dir, env=ENV,
@@ -665,11 +926,82 @@ def run_case(case, fx, root, timeout):
         names = names.removeprefix('warn:').lower().split('|')
         lines = [line.lower() for line in out.splitlines() if line.strip()]
         if p.returncode == 0:
-            warned = [line for line in lines if 'warning' in line and any(n in line for n in names)]
+            warned = [line for line in lines if ('warning' in line or line.startswith('note:'))
+                      and any(n in line for n in names)]
             outcome = 'clear' if warning_will_do and warned else 'silent'
         else:
             outcome = 'clear' if any(n in ' '.join(lines[-3:]) for n in names) else 'unclear'
     return outcome, shown, tail, time.time() - t0
+
+
+def run_request(name, data, names, fx, timeout):
+    """One raw request to the running serve.py -> (outcome, the request line, the reply's first lines, seconds)."""
+    port = fx['serve_port']
+    t0 = time.time()
+    s = socket.create_connection(('127.0.0.1', port))
+    s.settimeout(timeout)
+    reply = b''
+    try:
+        s.sendall(data)
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    except socket.timeout:
+        return 'hang', data.split(b'\r\n')[0].decode('latin-1'), '(no reply)', time.time() - t0
+    except OSError as e:  # the server closed while the request was still being sent: its reply may be in
+        reply += recv_rest(s)
+        if not reply:
+            return 'unclear', data.split(b'\r\n')[0].decode('latin-1'), f'connection closed: {e}', time.time() - t0
+    finally:
+        s.close()
+    text = reply.decode('utf-8', 'replace')
+    head, _, body = text.partition('\r\n\r\n')
+    status = int(head.split(' ', 2)[1]) if head.startswith('HTTP/1.1 ') else 0
+    alive = health(port)
+    shown = data.split(b'\r\n')[0].decode('latin-1') + f' ({len(data)} bytes)'
+    tail = f'{status} {body[:300]}'
+    if not alive:
+        return 'crash', shown, '/health does not answer 200 after it: ' + tail, time.time() - t0
+    if status >= 500 or status == 0:
+        return 'traceback', shown, tail, time.time() - t0
+    if status < 400:
+        return 'silent', shown, tail, time.time() - t0
+    found = any(n in body.lower() for n in names.lower().split('|'))
+    return ('clear' if found else 'unclear'), shown, tail, time.time() - t0
+
+
+def recv_rest(s):
+    try:
+        s.settimeout(2)
+        return s.recv(65536)
+    except OSError:
+        return b''
+
+
+def health(port):
+    try:
+        with socket.create_connection(('127.0.0.1', port), timeout=10) as s:
+            s.settimeout(10)
+            s.sendall(b'GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n')
+            return s.recv(100).startswith(b'HTTP/1.1 200')
+    except OSError:
+        return False
+
+
+def start_server(fx, root):
+    """serve.py on the fixture model, on a free port -> (the process, its port); the busy_port fixture is its port."""
+    argv = [a.format(**fx) for a in SERVE] + ['--chat_template=chatml', f'--api_key={KEY}']
+    p = subprocess.Popen([sys.executable, os.path.join(REPO, argv[0]), *argv[1:]], cwd=root, env=ENV,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    line = p.stderr.readline()  # "serving NAME (...) on http://127.0.0.1:PORT ..."
+    if 'http://127.0.0.1:' not in line:
+        p.kill()
+        sys.exit(f"serve.py did not start: {line}{p.stderr.read()[-2000:]}")
+    port = int(line.split('http://127.0.0.1:')[1].split()[0].strip(')'))
+    threading.Thread(target=p.stderr.read, daemon=True).start()  # drain its log
+    return p, port
 
 
 DEFAULTS = dict(
@@ -689,7 +1021,7 @@ def main():
     cases = [c for c in CASES if not args.only or any(s in c[0] for s in args.only)]
     if args.list:
         for name, argv, _ in cases:
-            print(f"{name:<62} {' '.join(argv)}")
+            print(f"{name:<62} {argv[1].split(b' HTTP/')[0].decode() if argv[0] == 'HTTP' else ' '.join(argv)}")
         print(f"{len(cases)} cases")
         return 0
     if not cases:
@@ -700,8 +1032,13 @@ def main():
     status_before = git_status()
     t0 = time.time()
     root = tempfile.mkdtemp(prefix='mirim-bad-inputs-')
+    server = None
     try:
         fx = build_fixtures(root)
+        server = None
+        if any(name.startswith('serve.py:') for name, _, _ in cases):
+            server, fx['serve_port'] = start_server(fx, root)
+            fx['busy_port'] = str(fx['serve_port'])
         print(f"fixtures in {time.time() - t0:.0f}s; running {len(cases)} cases, {args.jobs} at a time, "
               f"{args.timeout:.0f}s each at most", flush=True)
         results = {}
@@ -712,6 +1049,9 @@ def main():
                 if outcome != 'clear' or args.all:
                     print(f"{outcome.upper():<9} {name}\n          $ {shown}\n          -> {tail[:300]}", flush=True)
     finally:
+        if server is not None:
+            server.terminate()
+            server.wait(30)
         if args.keep:
             print(f"kept {root}")
         else:
