@@ -96,6 +96,13 @@ PRESETS = {
     'cucafera-244m': dict(vocab_size=65536, block_size=2048, n_layer=30, n_head=8, n_kv_head=4, n_embd=768,
                           ffn_hidden=2048, activation='gelu_tanh', rope_theta=10000.0, norm_eps=1e-5,
                           tie_embeddings=True, bos_id=1, eos_id=2, pad_id=3),
+    # TinyLlama-1.1B (Zhang et al. 2024, arXiv:2401.02385), hf: TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T
+    # config.json: LlamaForCausalLM, hidden 2048, 22 layers, 32 heads, 4 kv heads, intermediate 5632, silu, vocab
+    # 32000, 2048 context, rms_norm_eps 1e-5, rope_theta 10000, untied: 1,100,048,384 parameters. A model that
+    # needs FSDP on 40 GB GPUs (plan.py; config/tinyllama_1b.py).
+    'tinyllama-1.1b': dict(vocab_size=32000, block_size=2048, n_layer=22, n_head=32, n_kv_head=4, n_embd=2048,
+                           ffn_hidden=5632, activation='silu', rope_theta=10000.0, norm_eps=1e-5,
+                           tie_embeddings=False, bos_id=1, eos_id=2, pad_id=None),
     # Small shapes for laptops, CPU demos and tests (TinyStories-style sizes).
     'demo': dict(vocab_size=4096, block_size=256, n_layer=4, n_head=8, n_kv_head=4, n_embd=256,
                  ffn_hidden=688, activation='gelu_tanh', tie_embeddings=True),

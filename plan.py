@@ -10,6 +10,7 @@ model size a corpus supports, and the time and money the run will take.
     python plan.py --model=ttl-160m --gpu=H100 --mfu=0.4 --gpu_hour_price=2.5
     python plan.py config/x.py --log=out/x/log.jsonl         # time from the tokens/s a run measured
     python plan.py --model=demo --tokens_per_sec=9000        # or from bench.py's number
+    python plan.py config/tinyllama_1b.py --gpu=A100 --gpu_memory=40   # does it need FSDP? (the memory plan)
 
 Tokens to train on, per parameter (total parameters, embeddings included):
   - Chinchilla: ~20 tokens per parameter is compute-optimal (Hoffmann et al. 2022, "Training
@@ -27,6 +28,15 @@ Training FLOPs per token come from model.py (6 per weight for forward + backward
 PaLM appendix B). Time from peak FLOP/s: FLOPs / (peak x MFU x GPUs); peak bf16 dense FLOP/s from
 NVIDIA's datasheets (A100 312 TFLOPS; H100 SXM and H200 989 TFLOPS; H100 PCIe 756 TFLOPS: the
 datasheets' "with sparsity" figures halved). An MFU of 0.3-0.5 is typical of a well-tuned run.
+
+Memory per GPU (memory_plan, estimates): float32 weights, gradients and optimizer state (AdamW: 2 numbers a
+weight; Muon: 1 for the blocks' matrices) = 16 bytes a parameter with AdamW, all of it on every GPU with DDP
+and 1/N of it with FSDP over N GPUs (plus two blocks gathered in bf16 at a time); and activations, what
+the backward pass keeps of each block per token in bf16, counted from model.py's forward (norm inputs and
+outputs, the q/k/v/attention output, the MLP's gate, up and product: ~26 x width + 10 x kv width + 12 x
+MLP width bytes per layer; attention by SDPA, so nothing of length^2), times batch_size x block_size
+tokens; with activation checkpointing each block keeps only its float32 input. 90% of the GPU's memory
+counts as usable (the CUDA context, the allocator's fragmentation).
 """
 import difflib
 import statistics
@@ -50,7 +60,13 @@ DEFAULTS = dict(
     num_gpus=1,
     gpu_hour_price=0.0,    # price of one GPU for one hour (any currency), for the cost
     context=0,             # sequence length for attention FLOPs; 0 = the model's block_size
+    gpu_memory=0.0,        # GB of one GPU, for the memory plan; 0 = --gpu's (A100 80, H100 80, H200 141), else 80
 )
+PLAN_KEYS = set(DEFAULTS)
+
+# memory of one GPU, GB (NVIDIA's datasheets; the A100 also comes with 40)
+GPU_MEMORY_GB = {'H100 PCIe': 80, 'H100': 80, 'H200': 141, 'A100': 80}
+USABLE = 0.9  # of a GPU's memory: the rest goes to the CUDA context and the allocator's fragmentation
 
 
 # (name, tokens, parameters) of published runs, for their tokens per parameter
@@ -131,6 +147,68 @@ def depth_table_text(rows):
         lines.append(f"{r['depth']:>5} {r['n_embd']:>5} {r['n_head']:>5} {r['n_kv_head']:>3} {r['ffn_hidden']:>5} "
                      f"{r['block_size']:>7} {human(r['params']):>7} {human(r['tokens']):>7} {r['batch_tokens']:>8,} "
                      f"{r['max_iters']:>7,} {r['tokens'] * r['flops_per_token']:>8.1e}  {r['why']}")
+    return '\n'.join(lines)
+
+
+def memory_plan(shape, batch_size, optimizer='adamw', gpu_gb=80.0, num_gpus=1):
+    """Bytes one GPU holds to train a model of this shape (estimates; see the docstring) and the parallel
+    setting it needs -> dict: states (weights + gradients + optimizer, fp32), activations (and with activation
+    checkpointing), ddp (a whole model per GPU), and 'advice': (parallel, processes, activation_checkpointing) or
+    None when not even FSDP over 8 GPUs (or num_gpus) with checkpointing fits."""
+    from model import LlamaConfig
+    c = LlamaConfig(**shape)
+    params = count_params(shape)['params']
+    embedding = c.vocab_size * c.n_embd * (1 if c.tie_embeddings else 2)
+    states = 8 * params + (8 * params if optimizer == 'adamw' else 4 * params + 4 * embedding)
+    kv = c.n_kv_head * c.head_size
+    per_token_layer = 26 * c.n_embd + 10 * kv + 12 * c.ffn_hidden
+    tokens = batch_size * c.block_size
+    logits = 2 * 4 * min(tokens, max(1, 2 ** 24 // c.vocab_size)) * c.vocab_size  # a chunk of fp32 logits, twice
+    activations = tokens * c.n_layer * per_token_layer + logits
+    checkpointed = tokens * (c.n_layer * 4 * c.n_embd + per_token_layer) + logits
+    block = 2 * 2 * (params - embedding) // c.n_layer  # two blocks' weights gathered in bf16
+    usable = USABLE * gpu_gb * 1e9
+    result = {'params': params, 'states': states, 'activations': activations, 'checkpointed': checkpointed,
+              'ddp': states + activations, 'gpu_gb': gpu_gb, 'batch_size': batch_size, 'block_size': c.block_size,
+              'fsdp': {}}
+    for n in ([num_gpus] if num_gpus > 1 else [2, 4, 8]):
+        result['fsdp'][n] = (states // n + block + activations, states // n + block + checkpointed)
+    if result['ddp'] <= usable:
+        result['advice'] = ('ddp', num_gpus, False)
+        return result
+    result['advice'] = None
+    for checkpointing in (False, True):
+        for n, totals in result['fsdp'].items():
+            if totals[checkpointing] <= usable:
+                result['advice'] = ('fsdp', n, checkpointing)
+                return result
+    return result
+
+
+def memory_text(memory, command, accumulation):
+    gb = lambda b: f"{b / 1e9:.1f} GB" if b >= 1e9 else f"{b / 1e6:.1f} MB"  # noqa: E731
+    lines = [f"memory per GPU (estimates: batch_size {memory['batch_size']} x {memory['block_size']} tokens, bf16 "
+             f"activations; a {memory['gpu_gb']:g} GB GPU, {USABLE:.0%} of it usable):",
+             f"  weights + gradients + optimizer state (fp32): {gb(memory['states'])}; activations "
+             f"{gb(memory['activations'])} ({gb(memory['checkpointed'])} with activation_checkpointing)",
+             f"  DDP (the whole model on each GPU): {gb(memory['ddp'])}"]
+    fits_ddp = memory['advice'] is not None and memory['advice'][0] == 'ddp'
+    for n, (plain, checkpointed) in memory['fsdp'].items() if not fits_ddp else ():
+        lines.append(f"  FSDP2 over {n} GPUs: {gb(plain)} ({gb(checkpointed)} with activation_checkpointing)")
+    advice = memory['advice']
+    if advice is None:
+        lines.append("  -> does not fit even with FSDP2 and activation checkpointing: lower batch_size (and raise "
+                     "gradient_accumulation_steps), or use more GPUs (--num_gpus)")
+    elif advice[0] == 'ddp':
+        lines.append("  -> fits one GPU: parallel='ddp' (the default)" + (
+            f": torchrun --standalone --nproc_per_node={advice[1]} train.py {command}" if advice[1] > 1 else ""))
+    else:
+        _, n, checkpointing = advice
+        lines.append(f"  -> needs FSDP: torchrun --standalone --nproc_per_node={n} train.py {command} --parallel=fsdp"
+                     + (" --activation_checkpointing=True" if checkpointing else ""))
+        if accumulation % n:
+            lines.append(f"     (gradient_accumulation_steps={accumulation} counts micro-batches over all processes: "
+                         f"make it a multiple of {n})")
     return '\n'.join(lines)
 
 
@@ -263,7 +341,7 @@ def report(result):
 def check_options(options, train_config):
     from types import SimpleNamespace
     checks = [(min(options['params'], options['tokens'], options['tokens_per_sec'], options['gpu_hour_price'],
-                   options['context']) >= 0, "params, tokens, tokens_per_sec, gpu_hour_price and context must not be "
+                   options['context'], options['gpu_memory']) >= 0, "params, tokens, tokens_per_sec, gpu_hour_price, context and gpu_memory must not be "
                                              "negative (0 = not given)"),
               (0 < options['mfu'] <= 1, "mfu must be in (0, 1]: a share of the GPU's peak"),
               (options['num_gpus'] >= 1, "num_gpus must be at least 1")]
@@ -318,6 +396,14 @@ def run(argv):
         config['tokens_per_sec'] = tokens_per_sec_from_log(options['log'])
     result = plan(config)
     print(report(result))
+    if config['shape']:
+        gpu = options['gpu'].replace('-', ' ')
+        gpu_gb = options['gpu_memory'] or GPU_MEMORY_GB.get(gpu, 80.0)
+        result['memory'] = memory_plan(config['shape'], train_config['batch_size'], train_config['optimizer'], gpu_gb,
+                                       options['num_gpus'])
+        command = ' '.join(arg for arg in argv if not (arg.startswith('--') and arg[2:].partition('=')[0] in PLAN_KEYS))
+        print()
+        print(memory_text(result['memory'], command or '...', train_config['gradient_accumulation_steps']))
     if train_config['model'] == 'auto':  # the depth dial: the same derivation for every depth
         result['depth_table'] = depth_table(config['shape']['vocab_size'], config.get('corpus_tokens'),
                                             train_config['tokens_per_param'], train_config['max_epochs'])

@@ -31,17 +31,20 @@ from mirim.shards import BatchSampler, ShardError, data_kind
 @torch.no_grad()
 def evaluate(model, sampler, iters, rank, world_size, device, amp):
     """Mean loss over `iters` batches that are the same at every call (the sampler is reset); under
-    DDP each process takes every world_size-th batch and the sums are added up."""
+    DDP each process takes every world_size-th batch and the sums are added up. Every process runs as
+    many batches (FSDP's forward needs all of them): the last round's extra ones are not counted."""
     model.eval()
     sampler.reset()
     total = torch.zeros((), device=device)
-    for i in range(iters):
-        x, y = sampler.next_batch()  # every rank draws every batch, to stay in step
+    for i in range(-(-iters // world_size) * world_size):
+        if i < iters:
+            x, y = sampler.next_batch()  # every rank draws every batch, to stay in step
         if i % world_size != rank:
             continue
         with amp:
             _, loss = model(x.to(device), y.to(device), return_logits=False)
-        total += loss.float()
+        if i < iters:
+            total += loss.float()
     if world_size > 1:
         torch.distributed.all_reduce(total)
     model.train()

@@ -59,9 +59,15 @@ def resolve(path, checkpoint='ckpt.pt'):
     file = os.path.join(path, checkpoint)
     if os.path.isfile(file):
         return 'mirim', file
+    # a run with parallel='fsdp' saves ckpt.dcp / best.dcp (sharded folders), and a path may name one itself
+    sharded = file.removesuffix('.pt') + '.dcp'
+    if os.path.isdir(sharded):
+        return 'mirim', sharded
+    if os.path.isfile(os.path.join(path, '.metadata')):
+        return 'mirim', path
     if is_hf_folder(path):
         return 'hf', path
-    found = sorted(f for f in os.listdir(path) if f.endswith('.pt'))
+    found = sorted(f for f in os.listdir(path) if f.endswith(('.pt', '.dcp')))
     if found:
         why = (" (best.pt is written at the first evaluation that improves the validation loss)"
                if checkpoint == 'best.pt' else "")
@@ -81,7 +87,11 @@ def load_checkpoint(path, keys=MODEL_KEYS):
     import zipfile
     import torch
     try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+        if os.path.isdir(path):  # a sharded checkpoint (parallel='fsdp'): its weights gathered here
+            from mirim.fsdp import read_sharded
+            checkpoint = read_sharded(path)
+        else:
+            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, KeyError, IndexError,
             OSError) as e:  # what torch.load raises for files that are not checkpoints, truncated ones among them
         first_line = (str(e).strip().splitlines() or [''])[0].split('. ')[0][:200]

@@ -96,7 +96,13 @@ def build_model(cfg, meta, tokenizer, say=print):
         return Llama(requested_model_config(cfg, meta), seed=cfg['seed']), None
 
     if init_from == 'resume':
-        path = os.path.join(cfg['out_dir'], 'ckpt.pt')
+        parallel = cfg.get('parallel', 'ddp')
+        name, other = ('ckpt.dcp', 'ckpt.pt') if parallel == 'fsdp' else ('ckpt.pt', 'ckpt.dcp')
+        path = os.path.join(cfg['out_dir'], name)
+        if not os.path.exists(path) and os.path.exists(os.path.join(cfg['out_dir'], other)):
+            raise FileNotFoundError(f"{cfg['out_dir']} holds {other}, a checkpoint of a run with parallel="
+                                    f"{'ddp' if parallel == 'fsdp' else 'fsdp'!r}: resume it with --parallel="
+                                    f"{'ddp' if parallel == 'fsdp' else 'fsdp'}")
         if not os.path.exists(path):
             raise FileNotFoundError(f"init_from='resume' but {path} does not exist; start with --init_from=scratch")
         checkpoint = load_checkpoint(path)

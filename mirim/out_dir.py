@@ -9,6 +9,8 @@ import re
 from mirim.atomic import atomic_file, write_json
 
 TEMP_FILE = re.compile(r'\.tmp\d+$')
+SHARDED_DIR = 'sharded'  # parallel='fsdp': the sharded checkpoints' folders, named by ckpt.dcp and best.dcp
+CHECKPOINTS = ('ckpt.pt', 'best.pt', 'ckpt.dcp', 'best.dcp')
 
 
 def claim_out_dir(out_dir, resume):
@@ -38,7 +40,7 @@ def claim_out_dir(out_dir, resume):
         raise ValueError(f"another run is using {out_dir} (a training run still going on); wait for it to "
                          f"end, or choose another --out_dir") from None
     if not resume:
-        previous = [f for f in ('ckpt.pt', 'best.pt') if os.path.exists(os.path.join(out_dir, f))]
+        previous = [f for f in CHECKPOINTS if os.path.lexists(os.path.join(out_dir, f))]
         if previous:
             os.close(lock)
             raise ValueError(f"{out_dir} already holds a run ({', '.join(previous)}): continue it with "
@@ -46,15 +48,33 @@ def claim_out_dir(out_dir, resume):
     # the lock is ours, so no run writes here: a temp file (mirim/atomic.py's NAME.tmpPID) is what a run
     # killed mid-save (kill -9, power loss) left behind, a full-size copy that would keep the disk full
     for name in os.listdir(out_dir):
-        if TEMP_FILE.search(name) and os.path.isfile(os.path.join(out_dir, name)):
+        if TEMP_FILE.search(name) and (os.path.isfile(os.path.join(out_dir, name))
+                                       or os.path.islink(os.path.join(out_dir, name))):
             os.remove(os.path.join(out_dir, name))
+    remove_unlinked_shards(out_dir)
     return lock
+
+
+def remove_unlinked_shards(out_dir):
+    """Remove the folders of sharded/ that neither ckpt.dcp nor best.dcp names: older checkpoints, and
+    what a run killed mid-save left (a STEP.tmp folder)."""
+    import shutil
+    folder = os.path.join(out_dir, SHARDED_DIR)
+    if not os.path.isdir(folder):
+        return
+    linked = {os.path.realpath(os.path.join(out_dir, link)) for link in ('ckpt.dcp', 'best.dcp')}
+    for name in os.listdir(folder):
+        if os.path.realpath(os.path.join(folder, name)) not in linked:
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
 def last_good(out_dir):
     """What a run that stops without saving leaves behind, for its error message."""
-    path = os.path.join(out_dir, 'ckpt.pt')
-    return f"{path} still holds the last good checkpoint" if os.path.exists(path) else "no checkpoint was written"
+    for name in ('ckpt.pt', 'ckpt.dcp'):
+        path = os.path.join(out_dir, name)
+        if os.path.exists(path):
+            return f"{path} still holds the last good checkpoint"
+    return "no checkpoint was written"
 
 
 def read_log(path):

@@ -4,7 +4,8 @@ tuning) and classify.py (a classifier head) describe what is their own in a Task
 micro-batch's loss, their evaluation); train() does the rest, the same way for each:
 
 - claims the out_dir (a lock; a new run never replaces a previous run's checkpoints) and starts the
-  processes: one, or many under torchrun (DDP: nccl on GPUs, gloo on CPUs);
+  processes: one, or many under torchrun (DDP, or FSDP2 with parallel='fsdp': mirim/fsdp.py; nccl on GPUs,
+  gloo on CPUs);
 - builds the model the run starts from (scratch, resume, or fine-tuning a mirim checkpoint or a
   Hugging Face folder, with every tokenizer check: mirim/init_from.py) and its optimizer (AdamW, or
   Muon for the blocks' matrices: mirim/optim.py);
@@ -137,6 +138,15 @@ class ExampleOrder:
         return self.positions((step * c.gradient_accumulation_steps + j) * c.batch_size, c.batch_size)
 
 
+def sharded(c):
+    """parallel='fsdp': FSDP2 under torchrun, and sharded checkpoints (mirim/fsdp.py)."""
+    return getattr(c, 'parallel', 'ddp') == 'fsdp'
+
+
+def checkpoint_name(c):
+    return 'ckpt.dcp' if sharded(c) else 'ckpt.pt'
+
+
 def check_run_config(c):
     """The settings every run has, each error naming its key; a command checks its own in Task.check_config."""
     for key in ('batch_size', 'gradient_accumulation_steps', 'max_iters', 'eval_interval', 'log_interval'):
@@ -158,6 +168,10 @@ def check_run_config(c):
         (0 <= c.wsd_decay_fraction <= 1, "wsd_decay_fraction must be between 0 and 1"),
         (c.ddp_timeout > 0, "ddp_timeout must be positive (seconds)"),
         (0 <= c.seed < 2 ** 32, "seed must be in [0, 2**32): the random generators of every library take it"),
+        (getattr(c, 'parallel', 'ddp') in ('ddp', 'fsdp'), "parallel must be 'ddp' or 'fsdp'"),
+        (not sharded(c) or c.optimizer != 'muon', "optimizer='muon' does not run with parallel='fsdp' yet (its Newton-Schulz "
+                                                  "step needs each whole matrix, FSDP keeps 1/N of its rows): use "
+                                                  "parallel='ddp' or optimizer='adamw'"),
     ]
     for ok, message in checks:
         if not ok:
@@ -186,6 +200,15 @@ def set_up(c, task, rank, world_size, device):
         tokens_per_step=0, step=0, tokens_seen=0, best_val_loss=float('inf'), val_loss=None, val_bpb=None,
         elapsed_before=0.0)
     task.set_up(run, c)
+    if getattr(c, 'activation_checkpointing', False) or (sharded(c) and world_size > 1):
+        from mirim.fsdp import checkpoint_blocks, shard_model
+        if getattr(c, 'activation_checkpointing', False):
+            checkpoint_blocks(llama(model))
+        if sharded(c) and world_size > 1:
+            if dtype == torch.float16:
+                fail("parallel='fsdp' trains in bfloat16 or float32, not float16 (its loss scaling is not sharded): "
+                     "set dtype='bfloat16' or 'float32'")
+            shard_model(model, llama(model), device, dtype)  # before the optimizer: it takes the sharded parameters
     run.optimizer = make_optimizer(model, c.optimizer, c.learning_rate, c.weight_decay, (c.beta1, c.beta2),
                                    device.split(':')[0], muon_lr=c.muon_lr, muon_momentum=c.muon_momentum,
                                    extra_groups=task.optimizer_groups(run, c))
@@ -222,15 +245,19 @@ def restore(run, c, task):
     made_by = checkpoint.get('command') or ('dpo.py' if 'dpo' in checkpoint else
                                            'classify.py' if 'head' in checkpoint else 'train.py')
     if made_by != task.name:
-        fail(f"{c.out_dir}/ckpt.pt was written by {made_by}, not {task.name}: resume it with {made_by}, or start "
+        fail(f"{c.out_dir}/{checkpoint_name(c)} was written by {made_by}, not {task.name}: resume it with {made_by}, or start "
              f"{task.name} from it with --init_from={c.out_dir} and another --out_dir")
     task.restore(run, c, checkpoint)
     trained_with = checkpoint['config'].get('optimizer', 'adamw')
     if trained_with != c.optimizer:
-        fail(f"{c.out_dir}/ckpt.pt was trained with optimizer={trained_with!r}; resume with --optimizer={trained_with}, or "
+        fail(f"{c.out_dir}/{checkpoint_name(c)} was trained with optimizer={trained_with!r}; resume with --optimizer={trained_with}, or "
              f"fine-tune with --init_from={c.out_dir} --out_dir=... (a fresh {c.optimizer} optimizer)")
     base_lrs = [group['base_lr'] for group in run.optimizer.param_groups]
-    run.optimizer.load_state_dict(checkpoint['optimizer'])
+    if 'sharded' in checkpoint:  # each process reads its part (mirim/fsdp.py)
+        from mirim.fsdp import load_sharded_optimizer
+        load_sharded_optimizer(run.raw_model, run.optimizer, checkpoint['sharded'])
+    else:
+        run.optimizer.load_state_dict(checkpoint['optimizer'])
     for group, base_lr in zip(run.optimizer.param_groups, base_lrs):  # this config's rates, not the saved ones
         group['base_lr'] = base_lr
     run.scaler.load_state_dict(checkpoint['scaler'])
@@ -243,7 +270,7 @@ def restore(run, c, task):
     before = checkpoint['config']
     changed = [f"{k}: {before[k]!r} -> {v!r}" for k, v in vars(c).items()
                if k in before and before[k] != v and k != 'init_from']
-    print0(f"resuming {c.out_dir}/ckpt.pt at step {run.step}" + (f" ({run.tokens_seen:,} tokens seen)" if run.tokens_seen
+    print0(f"resuming {c.out_dir}/{checkpoint_name(c)} at step {run.step}" + (f" ({run.tokens_seen:,} tokens seen)" if run.tokens_seen
                                                                    else "")
            + (f"; changed since: {', '.join(changed)}" if changed else ""))
 
@@ -252,7 +279,7 @@ def wrap_model(run, c, ddp):
     if getattr(c, 'compile', False):
         print0("compiling the model (torch.compile)...")
         run.model = run.eval_model = torch.compile(run.raw_model)
-    if ddp:
+    if ddp and not sharded(c):  # FSDP: the model is sharded already (set_up)
         from torch.nn.parallel import DistributedDataParallel
         # no buffer sync before each forward: the only buffers are RoPE tables, identical everywhere
         run.model = DistributedDataParallel(run.model, device_ids=[run.device] if run.device.startswith('cuda') else None,
@@ -275,7 +302,7 @@ def describe(run, c, task):
     for line in task.describe(run, c):
         print0(line)
     print0(f"device {run.device}, dtype {dtype_name(run.dtype)}, {run.world_size} process"
-           f"{'es' if run.world_size > 1 else ''}, optimizer {c.optimizer}, compile "
+           f"{'es' if run.world_size > 1 else ''}{' (FSDP2)' if sharded(c) and run.world_size > 1 else ''}, optimizer {c.optimizer}, compile "
            f"{'on' if getattr(c, 'compile', False) else 'off'}")
 
 
@@ -287,24 +314,32 @@ def save(run, c, task, improved, elapsed):
         torch.distributed.all_gather_object(states, rng_state())
     else:
         states = [rng_state()]
-    if not all(torch.isfinite(p).all() for p in run.raw_model.parameters()):
+    from mirim.fsdp import weights_finite
+    if not weights_finite(run.raw_model, run.world_size):  # FSDP: each process checks its part
         fail(f"the weights are no longer finite at step {run.step} (the training diverged); stopped without "
              f"saving, so {last_good(c.out_dir)}. {task.hint}")
-    if run.rank != 0:
+    if run.rank != 0 and not sharded(c):
         return ''
-    ckpt = {'model': llama(run.raw_model).state_dict(), 'model_config': dataclasses.asdict(llama(run.raw_model).config),
-            'config': vars(c), 'tokenizer': run.tokenizer.to_dict(), 'step': run.step,
-            'tokens_seen': run.tokens_seen, 'best_val_loss': run.best_val_loss, 'val_loss': run.val_loss,
-            'val_bpb': run.val_bpb, 'optimizer': run.optimizer.state_dict(), 'scaler': run.scaler.state_dict(),
-            'rng': states, 'data_dir': getattr(c, 'data_dir', None), 'elapsed': elapsed, 'command': task.name, **task.checkpoint_state(run, c)}
-    path = os.path.join(c.out_dir, 'ckpt.pt')
+    entries = {'model_config': dataclasses.asdict(llama(run.raw_model).config),
+               'config': vars(c), 'tokenizer': run.tokenizer.to_dict(), 'step': run.step,
+               'tokens_seen': run.tokens_seen, 'best_val_loss': run.best_val_loss, 'val_loss': run.val_loss,
+               'val_bpb': run.val_bpb, 'scaler': run.scaler.state_dict(), 'rng': states,
+               'data_dir': getattr(c, 'data_dir', None), 'elapsed': elapsed, 'command': task.name,
+               **task.checkpoint_state(run, c)}
+    path = os.path.join(c.out_dir, checkpoint_name(c))
     try:
-        save_atomic(ckpt, path)
-        if improved:
-            link_atomic(path, os.path.join(c.out_dir, 'best.pt'))
+        if sharded(c):  # every process writes its part (mirim/fsdp.py)
+            from mirim.fsdp import save_sharded
+            save_sharded(run.raw_model, run.optimizer, entries, c.out_dir, run.step, improved, run.rank)
+        else:
+            save_atomic({'model': llama(run.raw_model).state_dict(), 'optimizer': run.optimizer.state_dict(),
+                         **entries}, path)
+            if improved:
+                link_atomic(path, os.path.join(c.out_dir, 'best.pt'))
     except (OSError, RuntimeError) as e:  # a full disk shows up as either
         fail(f"cannot write {path}: {e}; {last_good(c.out_dir)} (free some space, then --init_from=resume)")
-    return 'saved ckpt.pt' + (' and best.pt' if improved else '')
+    name = os.path.basename(path)
+    return f'saved {name}' + (f" and best{name[4:]}" if improved else '')
 
 
 # -----------------------------------------------------------------------------
@@ -317,9 +352,15 @@ def sum_over_batches(run, count, batch_size, width, batch_sums):
     all processes are added up, so every process gets the same total."""
     total = torch.zeros(width, device=run.device)
     run.raw_model.eval()
-    for n, start in enumerate(range(0, count, batch_size)):
+    starts = list(range(0, count, batch_size))
+    # every process runs as many batches (FSDP's forward needs all of them): the last round's extra ones
+    # repeat the last batch and are not counted
+    for n in range(-(-len(starts) // run.world_size) * run.world_size):
         if n % run.world_size == run.rank:
-            total += batch_sums(start, min(start + batch_size, count))
+            start = starts[min(n, len(starts) - 1)]
+            sums = batch_sums(start, min(start + batch_size, count))
+            if n < len(starts):
+                total += sums
     if run.world_size > 1:
         torch.distributed.all_reduce(total)
     run.raw_model.train()
@@ -509,14 +550,14 @@ def run_task(task, c, start_time=None):
             log.close()
         minutes = (time.time() - start_time) / 60
         if stop_reason:
-            print0(f"{stop_reason} at step {run.step}: saved {c.out_dir}/ckpt.pt ({minutes:.1f} min); continue with "
+            print0(f"{stop_reason} at step {run.step}: saved {c.out_dir}/{checkpoint_name(c)} ({minutes:.1f} min); continue with "
                    f"--init_from=resume{meter.summary()}")
         else:
             session = f" (this session: {run.step - steps_before} steps, {minutes:.1f} min)" if steps_before else ""
             tokens = f", {run.tokens_seen:,} tokens" if run.tokens_seen else ""
             bpb = f" ({run.val_bpb:.3f} bpb)" if run.val_bpb is not None else ""
             print0(f"done: {run.step} steps{tokens} in {elapsed / 60:.1f} min{session}; val loss {run.val_loss:.4f}"
-                   f"{bpb}; best {run.best_val_loss:.4f}{meter.summary()}; checkpoint {c.out_dir}/ckpt.pt")
+                   f"{bpb}; best {run.best_val_loss:.4f}{meter.summary()}; checkpoint {c.out_dir}/{checkpoint_name(c)}")
             if rank == 0:
                 finish(run, c, task)
         if ddp:  # every process reaches the end before any tears the group down (gloo aborts a process

@@ -68,6 +68,9 @@ ddp_timeout = 300.0               # seconds a process waits for the others (torc
 emissions = True                  # measure the run's energy (kWh) and CO2-eq; False = off
 emissions_country = ''            # 3-letter ISO code of where it runs, for the grid's carbon intensity ('BRA',
                                   # 'USA', 'IND'); '' = CodeCarbon's world average
+parallel = 'ddp'                  # torchrun: 'ddp' (a whole model per process) | 'fsdp' (FSDP2: each process keeps 1/N of
+                                  # the weights, gradients and optimizer state; sharded checkpoints ckpt.dcp)
+activation_checkpointing = False  # recompute each block's activations in the backward pass (less memory, ~1/3 more compute)
 
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and k != 'DEFAULTS'
             and isinstance(v, (int, float, bool, str, type(None)))}
@@ -77,7 +80,7 @@ RUN_KEYS = ('out_dir', 'init_from', 'eval_interval', 'log_interval', 'wandb_log'
             'dropout', 'batch_size', 'gradient_accumulation_steps', 'optimizer', 'learning_rate', 'muon_lr',
             'muon_momentum', 'min_lr', 'lr_schedule', 'warmup_iters', 'lr_decay_iters', 'wsd_decay_fraction',
             'weight_decay', 'beta1', 'beta2', 'grad_clip', 'max_iters', 'max_time', 'device', 'dtype', 'seed',
-            'ddp_timeout', 'emissions', 'emissions_country')
+            'ddp_timeout', 'emissions', 'emissions_country', 'parallel', 'activation_checkpointing')
 RUN_DEFAULTS = {key: DEFAULTS[key] for key in RUN_KEYS}
 
 
