@@ -47,10 +47,27 @@ def orthogonalize(g, steps=5, dtype=torch.float32):
     if tall:  # iterate on the wide side: X X^T is the smaller product
         x = x.mT
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # Frobenius >= spectral norm: every singular value <= 1
-    for _ in range(steps):
-        A = x @ x.mT
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A A
-        x = torch.baddbmm(x, B, x, beta=a)  # a X + B X
+    if x.size(-1) <= 2 * x.size(-2) or dtype not in (torch.float32, torch.float64):
+        # X <- a X + (b A + c A^2) X with A = X X^T
+        for _ in range(steps):
+            A = x @ x.mT
+            B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
+            x = torch.baddbmm(x, B, x, beta=a)  # a X + B X
+    else:  # over twice as wide as tall (an MLP's matrices): the same iteration on the small square
+        # matrices, ~30% fewer multiplications (21% less time measured at 12 x 256 x 688). Every X_k
+        # is Q_k X_0, Q_k a polynomial in X_0 X_0^T, so with A_k = X_k X_k^T and P_k = a I + b A_k +
+        # c A_k^2: X_k+1 = P_k X_k, Q_k+1 = P_k Q_k, A_k+1 = P_k A_k P_k, and X_5 = Q_5 X_0. A_0 holds
+        # the squares of g's singular values, so one below ~1% of the largest comes out less exact
+        # than in the plain iteration (measured: up to 1e-4 off in entries of ~0.1; fp32 only, bf16
+        # is too coarse for it).
+        A, Q = x @ x.mT, None
+        for step in range(steps):
+            P = torch.baddbmm(A, A, A, beta=b, alpha=c)
+            P.diagonal(dim1=-2, dim2=-1).add_(a)
+            Q = P if Q is None else P @ Q
+            if step < steps - 1:
+                A = P @ (A @ P)
+        x = Q @ x
     x = x.mT if tall else x
     return (x.squeeze(0) if g.dim() == 2 else x).to(g.dtype)
 

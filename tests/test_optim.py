@@ -35,20 +35,28 @@ def per_matrix_newton_schulz(g, steps=5):
 
 
 def test_a_stack_of_matrices_is_orthogonalized_each_on_its_own_as_one_at_a_time():
+    """Up to fp32 rounding where the iteration runs on X (about square matrices), and to 5e-4 where
+    it runs on X X^T (over twice as wide as tall), whose small singular values it squares (on the
+    demo's real gradients and momenta: 2e-5)."""
     torch.manual_seed(0)
-    for shape in ((5, 32, 48), (3, 48, 32), (4, 24, 24), (3, 16, 44), (2, 44, 16), (3, 20, 24)):
-        g = torch.randn(shape) * torch.logspace(-2, 2, shape[0]).view(-1, 1, 1)  # norms apart: each its own scale
+    for shape, tolerance in (((5, 32, 48), 1e-5), ((3, 48, 32), 1e-5), ((4, 24, 24), 1e-5), ((3, 16, 44), 5e-4),
+                             ((2, 44, 16), 5e-4)):
+        k, rows, cols = shape
+        u = torch.linalg.qr(torch.randn(k, rows, min(rows, cols)))[0]
+        v = torch.linalg.qr(torch.randn(k, cols, min(rows, cols)))[0]
+        spread = torch.logspace(-3, 0, min(rows, cols))  # singular values over 1000x, as in real gradients
+        g = (u * spread) @ v.mT * torch.logspace(-2, 2, k).view(-1, 1, 1)  # norms apart: each its own scale
         stacked = orthogonalize(g)
         for one, o in zip(g, stacked):
-            want = per_matrix_newton_schulz(one)
-            assert (o - want).abs().max() < 1e-5, (shape, (o - want).abs().max())  # fp32 rounding, entries ~0.1-0.2
-            assert torch.allclose(orthogonalize(one), o, atol=1e-5)
+            want = per_matrix_newton_schulz(one.double())
+            assert (o - want).abs().max() < tolerance, (shape, (o - want).abs().max())  # entries ~0.1-0.3
+            assert torch.allclose(orthogonalize(one), o, atol=1e-6)
 
 
 def test_the_batched_muon_step_is_the_per_matrix_update():
     """Every matrix (and each part of a fused one) gets -lr * (U V^T of its Nesterov momentum) *
     sqrt(max(1, rows/cols)), after decoupled decay, however the parts were grouped by shape."""
-    model = tiny_model().train()
+    model = tiny_model(ffn_hidden=80).train()  # gate, up and down 2.5:1, orthogonalized through X X^T
     lr, wd, momentum = 0.02, 0.1, 0.9
     optimizer = make_optimizer(model, 'muon', lr=1e-3, weight_decay=wd, betas=(0.9, 0.95), device_type='cpu',
                                muon_lr=lr, muon_momentum=momentum, ns_dtype=torch.float32)
@@ -61,13 +69,13 @@ def test_the_batched_muon_step_is_the_per_matrix_update():
         for p, splits in muon.items():
             buffers[p].lerp_(p.grad, 1 - momentum)
             nesterov = p.grad.lerp(buffers[p], momentum)
-            parts = [per_matrix_newton_schulz(u) * max(1.0, u.size(0) / u.size(1)) ** 0.5
+            parts = [per_matrix_newton_schulz(u.double()).float() * max(1.0, u.size(0) / u.size(1)) ** 0.5
                      for u in nesterov.split(list(splits or [p.size(0)]))]
             want[p] = p.detach() * (1 - lr * wd) - lr * torch.cat(parts)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         for p in muon:
-            assert (p.detach() - want[p]).abs().max() < 1e-6, (p.shape, (p.detach() - want[p]).abs().max())
+            assert (p.detach() - want[p]).abs().max() < 1e-4 * lr, (p.shape, (p.detach() - want[p]).abs().max())
 
 
 def test_newton_schulz_runs_in_bf16_only_where_the_hardware_has_it_and_a_resume_keeps_the_runs_choice(monkeypatch):
