@@ -161,7 +161,9 @@ def load_backbone(path, device='cpu'):
 # metrics
 
 def scores(golds, preds, num_labels):
-    """accuracy, macro F1 and per-label precision / recall / F1 / support, as scikit-learn computes them
+    """accuracy, balanced accuracy (the mean recall over the labels in the test set, as scikit-learn's
+    balanced_accuracy_score: any constant answer scores 1 / labels), macro F1 and per-label precision /
+    recall / F1 / support, as scikit-learn computes them
     (zero_division=0): a label that is true or predicted but never both scores F1 0; macro F1 averages over
     the labels present in the gold or predicted labels, so a label absent from both (not in this test set,
     never predicted) is left out of the mean rather than counted as 0 (its per-label entry reads 0, support 0)."""
@@ -180,7 +182,9 @@ def scores(golds, preds, num_labels):
     accuracy = sum(g == p for g, p in zip(golds, preds)) / max(len(golds), 1)
     present = sorted(set(golds) | set(preds))
     macro_f1 = sum(per_label[k]['f1'] for k in present) / len(present) if present else 0.0
-    return {'accuracy': accuracy, 'macro_f1': macro_f1,
+    tested = [k for k in range(num_labels) if per_label[k]['support']]
+    balanced = sum(per_label[k]['recall'] for k in tested) / len(tested) if tested else 0.0
+    return {'accuracy': accuracy, 'balanced_accuracy': balanced, 'macro_f1': macro_f1,
             'per_label': per_label, 'confusion': confusion}
 
 
@@ -372,7 +376,8 @@ class Classification(Task):
         save_atomic({'model': backbone.state_dict(), 'model_config': asdict(backbone.config),
                      'tokenizer': run.tokenizer.to_dict(), 'head': run.raw_model.head.state_dict(),
                      'labels': self.labels, 'config': vars(c),
-                     'classify': {'accuracy': result['accuracy'], 'macro_f1': result['macro_f1'],
+                     'classify': {'accuracy': result['accuracy'], 'balanced_accuracy': result['balanced_accuracy'],
+                                  'macro_f1': result['macro_f1'],
                                   'max_length': self.max_length}}, os.path.join(c.out_dir, 'classifier.pt'))
         write_json(os.path.join(c.out_dir, 'results.json'), result)
         print0(f"saved {c.out_dir}/classifier.pt and results.json")
@@ -389,8 +394,9 @@ def train_classifier(cfg):
 
 
 def result_lines(result):
-    lines = [f"test: {result['test_examples']:,} examples: accuracy {result['accuracy']:.4f}, macro F1 "
-             f"{result['macro_f1']:.4f} (majority class: accuracy {result['majority_baseline']:.4f})",
+    lines = [f"test: {result['test_examples']:,} examples: accuracy {result['accuracy']:.4f}, balanced accuracy "
+             f"{result['balanced_accuracy']:.4f}, macro F1 {result['macro_f1']:.4f} (majority class: accuracy "
+             f"{result['majority_baseline']:.4f}, balanced accuracy {1 / max(sum(1 for x in result['per_label'] if x['support']), 1):.4f})",
              f"  {'label':<20} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>8}"]
     for label, s in zip(result['labels'], result['per_label']):
         lines.append(f"  {str(label):<20} {s['precision']:>9.3f} {s['recall']:>7.3f} {s['f1']:>7.3f} {s['support']:>8}")

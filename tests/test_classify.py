@@ -111,6 +111,15 @@ def test_text_pair_is_two_documents_cut_to_max_length():
     assert ids == [tok.bos_id, *b'abcd', tok.eos_id, tok.bos_id, *b'xy', tok.eos_id]
 
 
+@pytest.mark.parametrize('golds, preds, balanced', [
+    ([0, 0, 0, 1], [0, 0, 0, 0], 0.5),              # the majority answer: accuracy 0.75, balanced 1 / 2
+    ([0, 0, 1, 2], [0, 1, 1, 1], (0.5 + 1 + 0) / 3),  # mean recall over the labels in the test set
+    ([1, 1], [1, 0], 0.5),                           # label 0 never true: not in the mean (sklearn's rule)
+])
+def test_balanced_accuracy_is_the_mean_recall_over_tested_labels(golds, preds, balanced):
+    assert scores(golds, preds, 3)['balanced_accuracy'] == pytest.approx(balanced)
+
+
 def test_macro_f1_averages_the_labels_equally():
     # label 0: precision 1, recall 0.5 -> f1 2/3; label 1: precision 0.5, recall 1 -> f1 2/3; label 2 is neither
     # gold nor predicted: left out of the mean, as scikit-learn's f1_score(average='macro') does
