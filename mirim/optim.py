@@ -75,7 +75,7 @@ def orthogonalize(g, steps=5, dtype=torch.float32):
 def newton_schulz_dtype(device_type):
     """bf16 where the hardware multiplies it natively (a CUDA GPU with bf16; a CPU with AVX512-BF16,
     AMX or Arm BF16, measured), else float32. bf16 is what Muon's authors iterate in, and halves the
-    optimizer's cost on a CPU (the demo's step: 1.29x AdamW's in fp32, see the README). The choice
+    optimizer's cost on a CPU (the README's Muon section has the fp32 step's cost). The choice
     is stored in the optimizer's param_groups, so a resume keeps the run's."""
     if device_type == 'cuda':
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
