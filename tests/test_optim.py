@@ -167,3 +167,20 @@ def test_the_adamw_part_of_muon_is_torchs_adamw():
         a, b = model.get_parameter(name), twin.get_parameter(name)
         assert not torch.equal(a, tiny_model().get_parameter(name))  # it moved
         assert torch.allclose(a, b, atol=1e-6), (name, (a - b).abs().max())
+
+
+def test_bench_times_a_muon_step_against_an_adamw_step_side_by_side():
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+    done = subprocess.run([sys.executable, 'bench.py', '--what=optimizer', '--vocab_size=64', '--n_layer=1',
+                           '--n_embd=32', '--n_head=2', '--n_kv_head=1', '--ffn_hidden=88', '--block_size=16',
+                           '--batch_size=2', '--repeats=2', '--train_steps=1'], cwd=Path(__file__).parent.parent,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    found = re.search(r"a Muon step takes ([\d.]+)x an AdamW step .*turns ([\d.]+)-([\d.]+)\): ([\d.]+) against "
+                      r"([\d.]+) ms a step", done.stdout)
+    assert found, done.stdout
+    median, low, high, muon_ms, adamw_ms = map(float, found.groups())
+    assert 0 < low <= median <= high and muon_ms > 0 and adamw_ms > 0
