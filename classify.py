@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mirim.atomic import save_atomic, write_json
-from mirim.checkpoint import MODEL_KEYS, load_checkpoint, load_model, model_from_checkpoint, resolve
+from mirim.checkpoint import FORMAT_VERSION, MODEL_KEYS, load_checkpoint, load_model, model_from_checkpoint, resolve
 from mirim.common import fail, print0
 from mirim.configurator import checked
 from mirim import train_config
@@ -375,6 +375,7 @@ class Classification(Task):
         backbone = run.raw_model.backbone
         save_atomic({'model': backbone.state_dict(), 'model_config': asdict(backbone.config),
                      'tokenizer': run.tokenizer.to_dict(), 'head': run.raw_model.head.state_dict(),
+                     'format_version': FORMAT_VERSION,
                      'labels': self.labels, 'config': vars(c),
                      'classify': {'accuracy': result['accuracy'], 'balanced_accuracy': result['balanced_accuracy'],
                                   'macro_f1': result['macro_f1'],

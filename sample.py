@@ -32,6 +32,7 @@ from mirim.chat import get_template
 from mirim.checkpoint import load_model
 from mirim.common import dtype_name, resolve_device, resolve_dtype
 from mirim.configurator import configure
+from mirim.corpus import text_lines
 from mirim.generate import check_sampling
 from mirim.sampling import KNOBS, chat_loop, sample_prompts, stream_samples
 
@@ -70,8 +71,7 @@ def read_prompts(start):
     path = start[len('FILE:'):]
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompts file {path!r} not found (--start=FILE:path, one prompt per line)")
-    with open(path, encoding='utf-8-sig') as f:  # -sig: a byte-order mark is not part of the first prompt
-        prompts = [line for line in f.read().splitlines() if line.strip()]
+    prompts = [line for line in text_lines(path) if line.strip()]  # clean UTF-8, or one line naming the file
     if not prompts:
         raise ValueError(f"prompts file {path!r} has no prompts (one prompt per line)")
     return prompts

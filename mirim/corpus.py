@@ -273,6 +273,24 @@ def decoded_lines(path, problems):
         yield number, line.rstrip('\r\n')
 
 
+def text_lines(path):
+    """The lines of a small text file that must be clean UTF-8 (a prompts file): UTF-16, a NUL byte or bytes that
+    are not UTF-8 are a PrepareError naming the file (and the line); a byte-order mark is not part of line 1."""
+    problem = encoding_problem(file_head(path))
+    if problem:
+        raise PrepareError(f"{path}: {problem}")
+    lines = []
+    for number, raw in read_lines(path):
+        if b'\x00' in raw:
+            raise PrepareError(f"{path}:{number}: holds NUL bytes: not text")
+        try:
+            line = raw.decode('utf-8')
+        except UnicodeDecodeError as e:
+            raise PrepareError(f"{path}:{number}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+        lines.append((line[1:] if number == 1 and line.startswith('\ufeff') else line).rstrip('\r\n'))
+    return lines
+
+
 def read_text_file(path, doc_per='block', problems=None):
     if doc_per == 'file':
         text = '\n'.join(line for _, line in decoded_lines(path, problems))

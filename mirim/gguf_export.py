@@ -49,6 +49,7 @@ Vocabularies:
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import torch
@@ -361,6 +362,12 @@ def write_gguf(model, tok, path, qtype='f16', name=None, log=print):
         writer.write_tensors_to_file()
         writer.close()
         os.replace(tmp, path)
+    except OSError as e:
+        why = e.strerror or str(e)
+        if e.errno is None:  # numpy's tofile says only "N requested and M written" when the disk fills up
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+            why = f"the write stopped short ({e}) with {free:,} bytes free on its disk: no space left?"
+        raise OSError(f"cannot write {path}: {why}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -30,6 +30,7 @@ from types import SimpleNamespace
 import torch
 
 from mirim.atomic import link_atomic, save_atomic
+from mirim.checkpoint import FORMAT_VERSION
 from mirim.common import (autocast, dtype_name, fail, memory_gb, peak_flops, peer_timeout, print0, start_processes,
                           stop_signals, training_dtype)
 from mirim.configurator import ConfigError, configure, print_config
@@ -325,7 +326,7 @@ def save(run, c, task, improved, elapsed):
                'tokens_seen': run.tokens_seen, 'best_val_loss': run.best_val_loss, 'val_loss': run.val_loss,
                'val_bpb': run.val_bpb, 'scaler': run.scaler.state_dict(), 'rng': states,
                'data_dir': getattr(c, 'data_dir', None), 'elapsed': elapsed, 'command': task.name,
-               **task.checkpoint_state(run, c)}
+               'format_version': FORMAT_VERSION, **task.checkpoint_state(run, c)}
     path = os.path.join(c.out_dir, checkpoint_name(c))
     try:
         if sharded(c):  # every process writes its part (mirim/fsdp.py)

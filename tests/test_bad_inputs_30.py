@@ -464,3 +464,42 @@ def test_a_damaged_parquet_file_names_the_file_and_row(tmp_path, damage):
     for read in (lambda: list(read_columnar_file(path, 'text', {})), lambda: list(columnar_records(path))):
         with pytest.raises(PrepareError, match=r'corpus\.parquet: cannot be read as a Parquet file after row \d+'):
             read()
+
+
+# -----------------------------------------------------------------------------
+# a small text file that must be clean UTF-8 (sample.py's prompts file) says what it is instead
+
+@pytest.mark.parametrize('data, says', [
+    ('o gato\nos reis\n'.encode('utf-16'), 'UTF-16'),             # with a byte-order mark
+    ('o gato\nos reis\n'.encode('utf-16-be'), 'UTF-16'),          # without one
+    (b'o gato\nos r\xe9is\n', ':2: not UTF-8'),                   # Latin-1 on line 2
+    (b'o gato\n' * 2000 + b'a\x00b\n', ':2001: holds NUL'),       # past the first 8 KB
+])
+def test_a_prompts_file_that_is_not_utf8_text_is_one_line_naming_it(tmp_path, data, says):
+    from mirim.corpus import text_lines
+    path = tmp_path / 'prompts.txt'
+    path.write_bytes(data)
+    with pytest.raises(PrepareError, match=says) as e:
+        text_lines(str(path))
+    assert str(path) in str(e.value)
+    path.write_bytes('\ufeffo gato\r\nos reis\n'.encode('utf-8'))  # a BOM and CRLF are fine
+    assert text_lines(str(path)) == ['o gato', 'os reis']
+
+
+@pytest.mark.parametrize('error', [OSError('11008 requested and 7888 written'), OSError(28, 'No space left on device')])
+def test_a_gguf_write_that_stops_short_names_the_file_and_leaves_nothing(tmp_path, monkeypatch, error):
+    gguf = pytest.importorskip('gguf')
+    from mirim.gguf_export import write_gguf
+    from mirim.tokenizer import load_tokenizer
+    from model import Llama, LlamaConfig
+    tok = load_tokenizer('bytes')
+    model = Llama(LlamaConfig(vocab_size=tok.vocab_size, n_layer=1, n_embd=32, n_head=2, n_kv_head=1, block_size=32,
+                              ffn_hidden=64), seed=0)
+
+    def full(self, *args, **kwargs):
+        raise error
+    monkeypatch.setattr(gguf.GGUFWriter, 'write_tensors_to_file', full)
+    path = str(tmp_path / 'm.gguf')
+    with pytest.raises(OSError, match='cannot write .*m.gguf: .*(no space|No space)'):
+        write_gguf(model, tok, path, log=lambda *a: None)
+    assert os.listdir(tmp_path) == []

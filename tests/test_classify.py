@@ -190,6 +190,7 @@ def test_a_classifier_whose_head_has_a_bias_is_not_exported(trained, tmp_path):
     import export
     cfg, _ = trained
     checkpoint = torch.load(os.path.join(cfg['out_dir'], 'classifier.pt'), weights_only=True)
+    assert checkpoint['format_version'] == 1
     checkpoint['head']['bias'] = torch.full((len(checkpoint['labels']),), 0.5)  # as classify.py once saved them
     torch.save(checkpoint, tmp_path / 'old.pt')
     with pytest.raises(ValueError, match='bias'):

@@ -587,7 +587,8 @@ def test_a_run_resumes_only_with_the_command_that_wrote_it(data_dir, tmp_path):
     run(data_dir, tmp_path / 'lm', '--max_iters=1', '--eval_interval=1')
     with pytest.raises(SystemExit, match='classify.py'):  # and the other way round
         classify.train_classifier({**cfg, 'init_from': 'resume', 'out_dir': str(tmp_path / 'lm')})
-    assert torch.load(tmp_path / 'lm' / 'ckpt.pt', weights_only=True)['command'] == 'train.py'
+    saved = torch.load(tmp_path / 'lm' / 'ckpt.pt', weights_only=True)
+    assert saved['command'] == 'train.py' and saved['format_version'] == 1  # what it holds, in which format
 
 
 @pytest.mark.parametrize('entry', [{'command': 'dpo.py'}, {'dpo': {'beta': 0.1}, 'command': None}])
