@@ -416,20 +416,6 @@ def check_options(config):
         raise ValueError(f"{' and '.join(given)} each name what to evaluate: give one of them")
 
 
-def check_writable(path):
-    """Fail before the evaluation, not after it, when its results could not be written."""
-    if os.path.isdir(path):
-        raise ValueError(f"--output={path} is a directory: name a file in it, e.g. {os.path.join(path, 'eval.json')}")
-    probe = f"{path}.tmp{os.getpid()}"  # the name write_atomic writes first
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        open(probe, 'wb').close()
-        os.remove(probe)
-    except OSError as e:
-        why = f"{e.filename} is not a directory" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror
-        raise ValueError(f"cannot write the results to {path}: {why}; choose another --output") from None
-
-
 def check_finite(metrics, scores, dtype_name):
     """Finite weights can still give a non-finite loss (float16 overflow); such a number is no result."""
     values = [metrics['loss']] if scores is None else [s for row in scores for s in row]
@@ -503,7 +489,6 @@ def evaluate(config):
     # results go with the model: inside a folder (an out_dir or a Hugging Face folder), beside a file
     results_dir = path if os.path.isdir(path) else os.path.dirname(path)
     destination = config['output'] or os.path.join(results_dir, f"eval_{task_name}.json")
-    check_writable(destination)
     claim_file(destination, config['overwrite'], '--output')  # an earlier result (or a checkpoint) stays
 
     started = time.time()

@@ -120,12 +120,26 @@ def listing(names):
 
 def claim_file(path, overwrite, option):
     """Before a command writes the file `path` (its --output): refused (ValueError, one line naming the
-    file and --overwrite) when something is already there and not overwrite. Call it before the work,
-    so that a refusal costs nothing."""
+    file and --overwrite) when something is already there and not overwrite, or when it could not be
+    written there (a folder, a parent that is a file, no permission): tried with the temp name
+    write_atomic uses. Call it before the work, so that a refusal costs nothing."""
     if os.path.isdir(path):
         raise ValueError(f"{option}={path} is a directory: name a file in it")
     if os.path.lexists(path) and not overwrite:
         raise ValueError(f"{path} already exists: pass --overwrite to replace it, or choose another {option}")
+    probe = f"{path}.tmp{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        open(probe, 'wb').close()
+        os.remove(probe)
+    except OSError as e:
+        why = e.strerror
+        if isinstance(e, (FileExistsError, NotADirectoryError)):  # name the file that stands where a folder must
+            parent = os.path.dirname(os.path.abspath(path))
+            while parent != os.path.dirname(parent) and not os.path.lexists(parent):
+                parent = os.path.dirname(parent)
+            why = f"{parent} is not a directory"
+        raise ValueError(f"cannot write {path}: {why}; choose another {option}") from None
 
 
 def claim_folder(folder, ours, overwrite, what, option, keep=(), refuse=None):

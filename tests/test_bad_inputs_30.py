@@ -503,3 +503,26 @@ def test_a_gguf_write_that_stops_short_names_the_file_and_leaves_nothing(tmp_pat
     with pytest.raises(OSError, match='cannot write .*m.gguf: .*(no space|No space)'):
         write_gguf(model, tok, path, log=lambda *a: None)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize('under', ['plain.txt/out.json', 'plain.txt/deeper/out.json'])
+def test_an_output_file_that_cannot_be_written_is_refused_before_the_work(tmp_path, under):
+    from mirim.atomic import claim_file
+    (tmp_path / 'plain.txt').write_text('a file\n')
+    with pytest.raises(ValueError, match=r'cannot write .*plain.txt is not a directory; choose another --json'):
+        claim_file(str(tmp_path / under), False, '--json')
+    claim_file(str(tmp_path / 'new' / 'out.json'), False, '--json')  # a folder to make is fine, and nothing is left
+    assert os.listdir(tmp_path / 'new') == []
+
+
+@pytest.mark.parametrize('argv, says', [(['--template=llama3'], 'llama3'), (['--json={file}/s.json'], 'plain.txt')])
+def test_exact_match_refuses_its_settings_before_asking_any_model(tmp_path, argv, says):
+    import subprocess
+    (tmp_path / 'plain.txt').write_text('a file\n')
+    questions = tmp_path / 'q.jsonl'
+    questions.write_text(json.dumps({'prompt': 'p', 'chosen': 'c', 'task': 't'}) + '\n')
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, os.path.join(root, 'data', 'biblia', 'exact_match.py'),
+                        f'--model={tmp_path}/no-model', f'--questions={questions}',
+                        *[a.format(file=tmp_path / 'plain.txt') for a in argv]], capture_output=True, text=True)
+    assert p.returncode != 0 and 'Traceback' not in p.stderr and says in p.stderr.strip().splitlines()[-1]

@@ -664,6 +664,27 @@ CASES = [
                                    ('a format version from the future', 'future_ckpt', 'format_version'))],
 ]
 
+MT = 'data/biblia/make_tasks.py'
+XM = ['data/biblia/exact_match.py', '--model={sft}', '--questions={questions}']
+CASES += [
+    ('make_tasks.py: questions, unknown language', [MT, 'questions', '--lang', 'xx', '--out', '{new}'], 'xx'),
+    ('make_tasks.py: questions, train_per_answer=0', [MT, 'questions', '--train_per_answer', '0', '--out', '{new}'],
+     'train_per_answer'),
+    ('make_tasks.py: pref, from_model missing', [MT, 'pref', '--from_model', '{missing}', '--questions', '{questions}',
+                                                 '--out', '{new}'], 'missing'),
+    ('make_tasks.py: pref, questions of another kind', [MT, 'pref', '--from_model', '{sft}', '--questions',
+                                                        '{cls_train}', '--out', '{new}'], 'prompt|chosen'),
+    ('make_tasks.py: pref, questions missing', [MT, 'pref', '--from_model', '{sft}', '--questions', '{missing}.jsonl',
+                                                '--out', '{new}'], 'missing'),
+    ('make_tasks.py: chosen, pairs missing', [MT, 'chosen', '--pairs', '{missing}', '--out', '{new}'], 'missing'),
+    ('make_tasks.py: chosen, pairs a file', [MT, 'chosen', '--pairs', '{chat}', '--out', '{new}'], 'chat.jsonl|pairs'),
+    ('make_tasks.py: chosen, no out', [MT, 'chosen', '--pairs', '{prefdata}'], 'out'),
+    ('exact_match.py: before missing', XM + ['--before={missing}'], 'missing'),
+    ('exact_match.py: unknown template', XM + ['--template=llama3'], 'llama3|template'),
+    ('exact_match.py: questions not JSONL', XM[:2] + ['--questions={text}'], 'corpus.txt|json'),
+    ('exact_match.py: json under a file', XM + ['--json={file}/scores.json'], 'plain.txt'),
+]
+
 # -----------------------------------------------------------------------------
 # serve.py: its command line, and bad requests to one running server (started with the fixture model,
 # the ChatML template and the key KEY). A request case is (name, ['HTTP', raw request], names): clear
@@ -959,6 +980,8 @@ def build_fixtures(root):
            '--tokenizer', 'bytes', '--val_fraction', '0.2', '--out', fx['prefdata2'])
     # dpo.py's: an SFT model on chat data (bytes, ChatML), a DPO run from it, the SFT model without its template
     # (a base model of the same tokenizer), and broken copies
+    fx['questions'] = jsonl(j('questions.jsonl'), [{'prompt': 'Em que testamento está o livro de Rute?',
+                                                    'chosen': 'Do Antigo Testamento.', 'task': 'testament'}] * 4)
     fx['chatdata'], fx['sft'], fx['dpo_run'] = j('chatdata'), j('sft'), j('dpo_run')
     run_ok(root, 'data/prepare_chat.py', '--input', fx['chat'], '--tokenizer', 'bytes', '--val_fraction', '0.2',
            '--out', fx['chatdata'])

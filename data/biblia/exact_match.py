@@ -22,7 +22,8 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 from mirim.answers import greedy_answers, is_right, mcnemar, read_questions, score, score_lines  # noqa: E402
-from mirim.atomic import write_json  # noqa: E402
+from mirim.atomic import claim_file, write_json  # noqa: E402
+from mirim.chat import get_template  # noqa: E402
 from mirim.checkpoint import load_model  # noqa: E402
 from mirim.configurator import settings  # noqa: E402
 from mirim.corpus import PrepareError  # noqa: E402
@@ -36,6 +37,7 @@ DEFAULTS = dict(
                               # --json of an earlier run on the same questions (its answers, not asked again)
     template='',              # the chat template to ask a model that has none in (a base model, --model or --before): chatml
     json='',                  # write the scores and answers here (JSON)
+    overwrite=False,          # replace an existing --json file
 )
 
 
@@ -72,6 +74,13 @@ def answers_from_json(path, questions):
 def main(argv=None):
     args = settings(DEFAULTS, argv, help_source=__file__, required=('model',))
     tasks = set(args.tasks.split(',')) if args.tasks else None
+    try:  # what can be refused is refused before any model is asked
+        if args.template:
+            get_template(args.template)
+        if args.json:
+            claim_file(args.json, args.overwrite, '--json')
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     if not os.path.isfile(args.questions):
         sys.exit(f"error: no questions file {args.questions}: build it with python data/biblia/make_tasks.py questions")
     try:

@@ -283,7 +283,7 @@ def build_pref(lang='pt', out_dir=None, tokenizer=None, template='chatml', train
     from mirim.pref_data import pair_messages, prepare_pref
     out_dir = out_dir or os.path.join(HERE, f'{lang}-pref')
     if lang not in QUESTIONS:
-        raise PrepareError(f"the questions exist in {', '.join(QUESTIONS)} only")
+        raise PrepareError(f"--lang={lang}: the questions exist in {', '.join(QUESTIONS)} only")
     tokenizer = task_tokenizer(tokenizer, lang, template)
     meta = {}
 
@@ -335,7 +335,7 @@ def build_questions(lang='pt', out_dir=None, train_per_answer=1500, test_per_ans
     held-out books, for exact_match.py); a folder that holds them is refused unless overwrite."""
     out_dir = out_dir or os.path.join(HERE, f'{lang}-questions')
     if lang not in QUESTIONS:
-        raise PrepareError(f"the questions exist in {', '.join(QUESTIONS)} only")
+        raise PrepareError(f"--lang={lang}: the questions exist in {', '.join(QUESTIONS)} only")
     old = claim_folder(out_dir, QUESTION_FILES.__contains__, overwrite, 'a question set', '--out', refuse=OTHER_RESULTS)
     train, test = testament_questions(connect(db_path or database_path()), lang, train_per_answer, test_per_answer, seed)
     os.makedirs(out_dir, exist_ok=True)
