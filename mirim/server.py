@@ -163,6 +163,19 @@ def engine_error(error):
     return APIError(500, f"generation failed: {type(error).__name__}: {error}", type='server_error')
 
 
+def delivery(events):
+    """The engine's deliver(event) for a request: puts it on the request's asyncio queue from the worker thread.
+    Once the event loop has closed (the server is stopping) there is no one to hear it: dropped."""
+    loop = asyncio.get_running_loop()
+
+    def deliver(event):
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:  # the loop is closed
+            pass
+    return deliver
+
+
 def json_response(status, obj):
     from starlette.responses import Response
     return Response(json.dumps(obj, ensure_ascii=False), status_code=status, media_type='application/json')
@@ -458,8 +471,7 @@ class Server:
         if not all(ids):
             raise APIError(400, "a prompt of token ids must not be empty", param='prompt')
         events = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        job = self.common(body, ids, 16, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))  # OpenAI's 16
+        job = self.common(body, ids, 16, delivery(events))  # OpenAI's default max_tokens: 16
         echo = bool(body.get('echo'))
         texts = [(p if isinstance(p, str) else tok.decode(p)) if echo else '' for p in prompts]
         return await self.answer(request, body, job, events, 'text_completion', 'cmpl',
@@ -485,8 +497,7 @@ class Server:
                 raise APIError(400, str(e), param='messages') from None
         ids = await run_in_threadpool(encode)  # the event loop goes on serving meanwhile
         events = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        job = self.common(body, [ids], None, lambda e: loop.call_soon_threadsafe(events.put_nowait, e),
+        job = self.common(body, [ids], None, delivery(events),
                           stop_ids=(self.chat_stop,), chat=True)
         return await self.answer(request, body, job, events, 'chat.completion', 'chatcmpl', None)
 
