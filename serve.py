@@ -29,7 +29,7 @@ import sys
 
 from mirim.common import dtype_name, resolve_device, resolve_dtype
 from mirim.configurator import configure
-from mirim.server import build_server
+from mirim.server import build_server, loopback
 
 # -----------------------------------------------------------------------------
 # defaults; a config file or --key=value overrides them (configurator.py)
@@ -64,7 +64,7 @@ def main(argv):
                           config['model_name'], api_key, config['chat_template'], config['max_batch'],
                           config['batch_wait'], device, dtype, config['quiet'], origins)
     host, port = server.server_address[:2]
-    if host not in ('127.0.0.1', 'localhost', '::1') and not api_key:
+    if not loopback(host) and not api_key:
         print("warning: listening beyond localhost with no API key: anyone who can reach it can use it",
               file=sys.stderr)
     template = server.template['name'] if server.template else 'none (completions only)'

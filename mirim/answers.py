@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from mirim.chat import chat_ids, get_template, stop_id
 from mirim.corpus import jsonl_records, PrepareError
-from mirim.sampling import continuation_text
+from mirim.sampling import continuation_text, generate_batch
 
 
 def read_questions(path, tasks=None):
@@ -40,14 +40,11 @@ def greedy_answers(model, tokenizer, prompts, template=None, max_new_tokens=24, 
     together, batch_size at a time, left-padded (the padding is masked; the argmax can differ from a batch of
     one only where two tokens tie to float rounding). template: the model's own (None) or a name, to ask a
     model never fine-tuned on one (a base model) in that format."""
-    import torch
-    from mirim.generate import generate_tokens
     template = get_template(template or tokenizer.chat_template)
     stop = stop_id(template, tokenizer)
     encoded = [chat_ids([{'role': 'user', 'content': p}], template, tokenizer, add_generation_prompt=True)[0]
                for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    device = model.output.weight.device
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     answers = [None] * len(prompts)
     with tqdm(total=len(prompts), desc=desc, unit='question', disable=not sys.stderr.isatty()) as bar:
@@ -55,13 +52,7 @@ def greedy_answers(model, tokenizer, prompts, template=None, max_new_tokens=24, 
             rows = order[start:start + batch_size]
             width = max(len(encoded[i]) for i in rows)
             new = max(1, min(max_new_tokens, model.config.block_size - width))
-            idx = torch.full((len(rows), width), pad, dtype=torch.long)
-            for r, i in enumerate(rows):
-                idx[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            left_pad = torch.tensor([width - len(encoded[i]) for i in rows])
-            steps = generate_tokens(model, idx.to(device), new, temperature=0.0, eos_id=stop,
-                                    left_pad=left_pad.to(device) if left_pad.any() else None)
-            tokens = torch.stack(list(steps), dim=1).tolist()
+            tokens = generate_batch(model, [encoded[i] for i in rows], new, pad, stop, temperature=0.0)
             for r, i in enumerate(rows):
                 reply = tokens[r]
                 cut = next((n for n, t in enumerate(reply) if t in (stop, tokenizer.eos_id)), len(reply))

@@ -58,6 +58,21 @@ def warn(message):
     print(f"warning: {message}", file=sys.stderr)
 
 
+def generate_batch(model, prompts, max_new_tokens, pad_id, eos_id, generator=None, **knobs):
+    """Prompts of token ids decoded together on the KV cache, left-padded (the padding masked) -> each row's
+    max_new_tokens new ids (a row that ended keeps giving eos_id; the batch stops when all have)."""
+    device = model.output.weight.device
+    lengths = [len(ids) for ids in prompts]
+    width = max(lengths)
+    idx = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    for r, ids in enumerate(prompts):
+        idx[r, width - lengths[r]:] = torch.tensor(ids)
+    left_pad = torch.tensor([width - n for n in lengths], device=device) if min(lengths) < width else None
+    steps = generate_tokens(model, idx.to(device), max_new_tokens, eos_id=eos_id, generator=generator,
+                            left_pad=left_pad, **knobs)
+    return torch.stack(list(steps), dim=1).tolist()
+
+
 def sample_prompts(model, tokenizer, prompts, num_samples=1, max_new_tokens=200, temperature=0.8, top_k=200,
                    top_p=1.0, repetition_penalty=1.0, seed=1337, batch_size=16, progress=True):
     """Generate num_samples continuations of every prompt, batch_size rows at a time on the KV cache.
@@ -84,16 +99,9 @@ def sample_prompts(model, tokenizer, prompts, num_samples=1, max_new_tokens=200,
     with tqdm(total=len(rows), unit='sample', disable=not (progress and sys.stderr.isatty()), file=sys.stderr) as bar:
         for batch_number, start in enumerate(range(0, len(rows), batch_size)):
             batch = rows[start:start + batch_size]
-            lengths = [len(encoded[i][0]) for i, _ in batch]
-            width = max(lengths)
-            idx = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            for r, (i, _) in enumerate(batch):
-                idx[r, width - lengths[r]:] = torch.tensor(encoded[i][0])
-            left_pad = torch.tensor([width - n for n in lengths], device=device) if min(lengths) < width else None
             batch_seed = seed + batch_number
-            steps = list(generate_tokens(model, idx.to(device), max_new_tokens, eos_id=tokenizer.eos_id,
-                                         generator=make_generator(device, batch_seed), left_pad=left_pad, **knobs))
-            new = torch.stack(steps, dim=1).tolist()
+            new = generate_batch(model, [encoded[i][0] for i, _ in batch], max_new_tokens, pad_id, tokenizer.eos_id,
+                                 generator=make_generator(device, batch_seed), **knobs)
             for r, (i, j) in enumerate(batch):
                 tokens = new[r]
                 finish = 'eos' if tokenizer.eos_id in tokens else 'length'

@@ -35,7 +35,14 @@ import uuid
 from collections import Counter
 from urllib.parse import urlsplit
 
+import uvicorn
+from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import FileResponse, Response, StreamingResponse
+from starlette.routing import Route
 
 from mirim.chat import chat_ids, get_template, stop_id
 from mirim.checkpoint import load_model
@@ -177,7 +184,6 @@ def delivery(events):
 
 
 def json_response(status, obj):
-    from starlette.responses import Response
     return Response(json.dumps(obj, ensure_ascii=False), status_code=status, media_type='application/json')
 
 
@@ -257,7 +263,6 @@ class Server:
 
     def __init__(self, host, port, model, tokenizer, model_name, api_key='', chat_template='', max_batch=32,
                  batch_wait=0.005, quiet=False, allow_origin=(), max_connections=1024):
-        import uvicorn
         self.model_name, self.api_key, self.quiet = model_name, api_key, quiet
         self.allow_origin = list(allow_origin)
         self.body_seconds = BODY_SECONDS
@@ -295,11 +300,6 @@ class Server:
         self.socket.close()
 
     def app(self):
-        from starlette.applications import Starlette
-        from starlette.exceptions import HTTPException
-        from starlette.middleware import Middleware
-        from starlette.middleware.cors import CORSMiddleware
-        from starlette.routing import Route
 
         async def http_error(request, e):  # Starlette's own 404 and 405, as error objects
             code = 'not_found' if e.status_code == 404 else None
@@ -375,7 +375,6 @@ class Server:
     # ---- routes
 
     async def page(self, request):
-        from starlette.responses import FileResponse
         return FileResponse(PAGE, media_type='text/html; charset=utf-8')
 
     async def health(self, request):
@@ -515,7 +514,6 @@ class Server:
     async def answer(self, request, body, job, events, kind, prefix, head):
         """Submit the request and send its choices, whole or streamed. head(choice) is text a completion
         choice starts with (echo); None for chat. Rows stop as soon as the client has left."""
-        from starlette.responses import StreamingResponse
         self.engine.submit(job)
         chat = head is None
         meta = {'id': f"{prefix}-{uuid.uuid4().hex}", 'created': int(time.time()), 'model': self.model_name,

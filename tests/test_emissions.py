@@ -11,20 +11,10 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import train  # noqa: E402
 from mirim import emissions  # noqa: E402
-from test_train import TINY, make_corpus  # noqa: E402
+from test_train import data_dir, run  # noqa: E402,F401 (a fixture, and a tiny train.py run)
 
 pytestmark = pytest.mark.usefixtures('one_thread')
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-    return make_corpus(tmp_path_factory.mktemp('corpus'))
-
-
-def run(data_dir, out_dir, *args):
-    train.main(TINY + [f'--data_dir={data_dir}', f'--out_dir={out_dir}', *args])
 
 
 def records(out_dir):

@@ -58,14 +58,14 @@ def save_checkpoint(out_dir, model, tok, **extra):
     torch.save(ckpt, os.path.join(out_dir, 'ckpt.pt'))
 
 
-def sharp_model(config, seed):
+def sharp_model(config, seed, scale=50.0):
     """A random model whose next-token choice is clear-cut (big embedding), so greedy decoding
     compares implementations, not float rounding between two near-equal logits."""
     model = Llama(config, seed=seed)
     with torch.no_grad():
-        model.tok_embeddings.weight.mul_(50.0)
+        model.tok_embeddings.weight.mul_(scale)
         if not config.tie_embeddings:
-            model.output.weight.mul_(50.0)
+            model.output.weight.mul_(scale)
     return model.eval()
 
 

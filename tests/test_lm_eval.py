@@ -14,8 +14,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 import eval as mirim_eval  # noqa: E402
 import export  # noqa: E402
 from conftest import tiny_sentencepieces, word_rotations  # noqa: E402
+from test_export import sharp_model  # noqa: E402
 from mirim.checkpoint import load_model  # noqa: E402
-from model import Llama, LlamaConfig  # noqa: E402
+from model import LlamaConfig  # noqa: E402
 
 lm_eval = pytest.importorskip('lm_eval', reason="lm-evaluation-harness is not installed (pip install lm-eval, "
                                                 "requirements-dev.txt): these tests compare eval.py with it")
@@ -79,12 +80,7 @@ def trained_like(config, seed):
     """A random model with a spread of log-likelihoods (a bigger embedding than at init), so that
     accuracy compares the two tools and not ties; about 7 nats a token, near a trained model's few
     (much larger sums would compare float32 rounding, not the two tools)."""
-    model = Llama(config, seed=seed)
-    with torch.no_grad():
-        model.tok_embeddings.weight.mul_(5.0)
-        if not config.tie_embeddings:
-            model.output.weight.mul_(5.0)
-    return model.eval()
+    return sharp_model(config, seed, scale=5.0)
 
 
 @pytest.mark.parametrize('activation,tied,architecture', [('silu', False, 'LlamaForCausalLM'),
@@ -115,12 +111,17 @@ def test_lm_eval_gives_eval_py_log_likelihoods_and_accuracy(tok, task, tmp_path,
     results = simple_evaluate(model='hf', model_args=f'pretrained={dest}', tasks=['mirim_choices'],
                               task_manager=TaskManager(include_path=folder), device='cpu', batch_size=4,
                               log_samples=True)
+    agrees_with_eval_py(results, examples, ours, metrics, architecture)
+    assert 0 < metrics['acc'] < 1 or metrics['acc_norm'] != metrics['acc']  # the scores are not all alike
+
+
+def agrees_with_eval_py(results, examples, ours, metrics, what):
+    """lm-eval's per-choice log-likelihoods equal eval.py's (ours) to 1e-4, and its acc / acc_norm eval.py's."""
     samples = sorted(results['samples']['mirim_choices'], key=lambda s: s['doc_id'])
     theirs = [[float(resp[0][0]) for resp in sample['resps']] for sample in samples]
     assert [len(lls) for lls in theirs] == [len(e['choices']) for e in examples]
     worst = max(abs(a - b) for mine, other in zip(ours, theirs) for a, b in zip(mine, other))
-    print(f'{architecture}: {sum(map(len, ours))} choices, max |log-likelihood difference| {worst:.2e}')
+    print(f'{what}: {sum(map(len, ours))} choices, max |log-likelihood difference| {worst:.2e}')
     assert worst < 1e-4
     got = results['results']['mirim_choices']
     assert (got['acc,none'], got['acc_norm,none']) == pytest.approx((metrics['acc'], metrics['acc_norm']), abs=1e-9)
-    assert 0 < metrics['acc'] < 1 or metrics['acc_norm'] != metrics['acc']  # the scores are not all alike

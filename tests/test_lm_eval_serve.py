@@ -13,7 +13,7 @@ import export
 from mirim import server as serve
 from mirim.checkpoint import load_model
 from model import LlamaConfig
-from test_lm_eval import VOCAB, task, tok, trained_like  # noqa: F401 (fixtures)
+from test_lm_eval import VOCAB, agrees_with_eval_py, task, tok, trained_like  # noqa: F401 (fixtures)
 
 pytest.importorskip('lm_eval', reason="lm-evaluation-harness is not installed (pip install lm-eval, "
                                       "requirements-dev.txt)")
@@ -51,12 +51,5 @@ def test_lm_eval_local_completions_against_serve_py_gives_eval_py_scores(tok, ta
     finally:
         server.shutdown()
         server.server_close()
-    samples = sorted(results['samples']['mirim_choices'], key=lambda s: s['doc_id'])
-    theirs = [[float(resp[0][0]) for resp in sample['resps']] for sample in samples]
-    assert [len(lls) for lls in theirs] == [len(e['choices']) for e in examples]
-    worst = max(abs(a - b) for mine, other in zip(ours, theirs) for a, b in zip(mine, other))
-    print(f'{sum(map(len, ours))} choices through serve.py, max |log-likelihood difference| {worst:.2e}')
-    assert worst < 1e-4
-    got = results['results']['mirim_choices']
-    assert (got['acc,none'], got['acc_norm,none']) == pytest.approx((metrics['acc'], metrics['acc_norm']), abs=1e-9)
+    agrees_with_eval_py(results, examples, ours, metrics, 'through serve.py')
     assert server.engine.stats['requests'] >= sum(map(len, ours))  # every choice was asked of the server

@@ -713,56 +713,50 @@ def test_text_that_is_no_text_and_odd_parts_are_400s(server):
     assert raw(server, 'GET', '/health')[0] == 200
 
 
-def test_a_client_that_leaves_stops_its_rows(server):
-    engine = server.engine
+@pytest.fixture
+def slow_engine(server, monkeypatch):
+    """The server's engine with 50 ms a token: 80 tokens take >= 4 s."""
+    inner = server.engine.step_row
+
+    def slow_step(row, token):
+        time.sleep(0.05)
+        inner(row, token)
+    monkeypatch.setattr(server.engine, 'step_row', slow_step)
+    return server.engine
+
+
+def test_a_client_that_leaves_stops_its_rows(server, slow_engine):
+    engine = slow_engine
     before = engine.stats['completion_tokens']
     s = socket.create_connection(('127.0.0.1', server.server_address[1]))
     body = json.dumps({'prompt': 'a', 'max_tokens': 80, 'temperature': 0}).encode()
-    inner = engine.step_row
-
-    def slow_step(row, token):  # 80 tokens take >= 4 s
-        time.sleep(0.05)
-        inner(row, token)
-    engine.step_row = slow_step
-    try:
-        s.sendall(POST.replace(b'Connection: close\r\n', b'') + b'Content-Length: %d\r\n\r\n' % len(body) + body)
-        deadline = time.time() + 10
-        while engine.stats['completion_tokens'] < before + 5 and time.time() < deadline:
-            time.sleep(0.01)
-        assert engine.stats['completion_tokens'] >= before + 5  # it is generating
-        s.close()
-        time.sleep(0.5)
-        after = engine.stats['completion_tokens']
-        time.sleep(0.5)
-        assert engine.stats['completion_tokens'] - before < 40 and engine.stats['completion_tokens'] == after
-    finally:
-        engine.step_row = inner
+    s.sendall(POST.replace(b'Connection: close\r\n', b'') + b'Content-Length: %d\r\n\r\n' % len(body) + body)
+    deadline = time.time() + 10
+    while engine.stats['completion_tokens'] < before + 5 and time.time() < deadline:
+        time.sleep(0.01)
+    assert engine.stats['completion_tokens'] >= before + 5  # it is generating
+    s.close()
+    time.sleep(0.5)
+    after = engine.stats['completion_tokens']
+    time.sleep(0.5)
+    assert engine.stats['completion_tokens'] - before < 40 and engine.stats['completion_tokens'] == after
 
 
-def test_a_streaming_client_that_leaves_stops_its_rows(server):
-    engine = server.engine
-    inner = engine.step_row
-
-    def slow_step(row, token):  # 80 tokens take >= 4 s
-        time.sleep(0.05)
-        inner(row, token)
-    engine.step_row = slow_step
-    try:
-        before = engine.stats['completion_tokens']
-        body = json.dumps({'prompt': 'a', 'max_tokens': 80, 'temperature': 0, 'stream': True}).encode()
-        s = socket.create_connection(('127.0.0.1', server.server_address[1]))
-        s.sendall(POST.replace(b'Connection: close\r\n', b'') + b'Content-Length: %d\r\n\r\n' % len(body) + body)
-        s.settimeout(10)
-        got = b''
-        while b'data: ' not in got:  # the stream began
-            got += s.recv(65536)
-        s.close()
-        time.sleep(1.0)
-        after = engine.stats['completion_tokens']
-        time.sleep(0.5)
-        assert engine.stats['completion_tokens'] == after and after - before < 40
-    finally:
-        engine.step_row = inner
+def test_a_streaming_client_that_leaves_stops_its_rows(server, slow_engine):
+    engine = slow_engine
+    before = engine.stats['completion_tokens']
+    body = json.dumps({'prompt': 'a', 'max_tokens': 80, 'temperature': 0, 'stream': True}).encode()
+    s = socket.create_connection(('127.0.0.1', server.server_address[1]))
+    s.sendall(POST.replace(b'Connection: close\r\n', b'') + b'Content-Length: %d\r\n\r\n' % len(body) + body)
+    s.settimeout(10)
+    got = b''
+    while b'data: ' not in got:  # the stream began
+        got += s.recv(65536)
+    s.close()
+    time.sleep(1.0)
+    after = engine.stats['completion_tokens']
+    time.sleep(0.5)
+    assert engine.stats['completion_tokens'] == after and after - before < 40
 
 
 def test_rows_with_different_settings_share_a_step_and_seeds_do_not_depend_on_the_batch(server):

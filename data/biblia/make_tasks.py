@@ -163,12 +163,17 @@ def conversation(task, rows, n, names, questions, rng):
     raise ValueError(f"unknown task {task!r}; known: {TASKS}")
 
 
+def check_lang(lang):
+    """The instruction set's questions are written per language (QUESTIONS): refuse one it lacks, naming it."""
+    if lang not in QUESTIONS:
+        raise PrepareError(f"--lang={lang}: the questions exist in {', '.join(QUESTIONS)} only; add {lang!r} to "
+                           f"QUESTIONS in {os.path.relpath(__file__, ROOT)}")
+
+
 def chat_conversations(db, lang='pt', books=None, max_chapters=None, seed=1337):
     """-> (train, val) lists of message lists: one conversation per verse (a task picked at random;
     a verse without a next one in its chapter gets 'cite' instead of 'next'). val: the VAL_BOOKS."""
-    if lang not in QUESTIONS:
-        raise PrepareError(f"the instruction set has questions in {', '.join(QUESTIONS)} only; add {lang!r} to "
-                           f"QUESTIONS in {os.path.relpath(__file__, ROOT)}")
+    check_lang(lang)
     letter = letter_for(lang)
     names = book_names(db, letter)
     rng = random.Random(seed)
@@ -189,9 +194,7 @@ def build_chat(lang='pt', out_dir=None, tokenizer=None, template='chatml', books
     with it: a folder that holds a set is refused unless overwrite (that exits with its one line)."""
     from mirim.chat_data import prepare_chat
     out_dir = out_dir or os.path.join(HERE, f'{lang}-chat')
-    if lang not in QUESTIONS:
-        raise PrepareError(f"the instruction set has questions in {', '.join(QUESTIONS)} only; add {lang!r} to "
-                           f"QUESTIONS in {os.path.relpath(__file__, ROOT)}")
+    check_lang(lang)
     tokenizer = task_tokenizer(tokenizer, lang, template)
     meta = {}
 
@@ -282,8 +285,7 @@ def build_pref(lang='pt', out_dir=None, tokenizer=None, template='chatml', train
     claimed as build_chat claims its own."""
     from mirim.pref_data import pair_messages, prepare_pref
     out_dir = out_dir or os.path.join(HERE, f'{lang}-pref')
-    if lang not in QUESTIONS:
-        raise PrepareError(f"--lang={lang}: the questions exist in {', '.join(QUESTIONS)} only")
+    check_lang(lang)
     tokenizer = task_tokenizer(tokenizer, lang, template)
     meta = {}
 
@@ -334,8 +336,7 @@ def build_questions(lang='pt', out_dir=None, train_per_answer=1500, test_per_ans
     """Write <out_dir>/train.jsonl (questions on the training books, for pref --from_model) and test.jsonl (on the
     held-out books, for exact_match.py); a folder that holds them is refused unless overwrite."""
     out_dir = out_dir or os.path.join(HERE, f'{lang}-questions')
-    if lang not in QUESTIONS:
-        raise PrepareError(f"--lang={lang}: the questions exist in {', '.join(QUESTIONS)} only")
+    check_lang(lang)
     old = claim_folder(out_dir, QUESTION_FILES.__contains__, overwrite, 'a question set', '--out', refuse=OTHER_RESULTS)
     train, test = testament_questions(connect(db_path or database_path()), lang, train_per_answer, test_per_answer, seed)
     os.makedirs(out_dir, exist_ok=True)
