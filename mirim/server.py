@@ -47,6 +47,7 @@ from starlette.routing import Route
 from mirim.chat import chat_ids, get_template, stop_id
 from mirim.checkpoint import load_model
 from mirim.engine import SEEDS, APIError, Engine, Request
+from mirim.sampling import continuation_text
 
 MAX_BODY = 4 << 20      # bytes of request JSON
 BODY_SECONDS = 30       # a request body must arrive within this (else 408)
@@ -187,22 +188,26 @@ def json_response(status, obj):
     return Response(json.dumps(obj, ensure_ascii=False), status_code=status, media_type='application/json')
 
 
-def logprobs_object(tokenizer, entries, start):
+def logprobs_object(tokenizer, entries, start, context):
     """OpenAI's completions logprobs: tokens, token_logprobs, top_logprobs, text_offset, for entries
-    [(token, log-probability, top [(token, log-probability)])] (None: the prompt's first token) whose
-    text starts at character start."""
+    [(token, log-probability, top [(token, log-probability)])] (None: the prompt's first token, already in
+    context) whose text starts at character start, after the ids in context. Each piece is the text its
+    token adds after the tokens before it (sampling.continuation_text), so the pieces join to the text."""
     out = {'tokens': [], 'token_logprobs': [], 'top_logprobs': [], 'text_offset': []}
     finite = lambda x: x if math.isfinite(x) else -9999.0  # JSON has no -Infinity (vLLM's stand-in)
+    context = list(context)
     for entry in entries:
         out['text_offset'].append(start)
         if entry is None:
             out['tokens'].append(None), out['token_logprobs'].append(None), out['top_logprobs'].append(None)
             continue
         token, value, top = entry
-        piece = tokenizer.decode([token])
+        piece = continuation_text(tokenizer, context, [token])
         out['tokens'].append(piece)
         out['token_logprobs'].append(finite(value))
-        out['top_logprobs'].append({tokenizer.decode([t]): finite(v) for t, v in top} if top else None)
+        out['top_logprobs'].append({continuation_text(tokenizer, context, [t]): finite(v) for t, v in top}
+                                   if top else None)
+        context.append(token)
         start += len(piece)
     return out
 
@@ -563,7 +568,8 @@ class Server:
             if job.logprobs is not None:
                 row = rows[c]
                 entries = (row.prompt_logprobs or []) + row.logprobs
-                logprobs = logprobs_object(self.tokenizer, entries, 0 if row.prompt_logprobs else len(head(c)))
+                logprobs = logprobs_object(self.tokenizer, entries, 0 if row.prompt_logprobs else len(head(c)),
+                                           row.ids[:1] if row.prompt_logprobs else row.ids)
             choices.append({'index': c, 'text': texts[c], 'logprobs': logprobs, 'finish_reason': finished[c]})
         return json_response(200, {**meta, 'choices': choices, 'usage': usage(counts)})
 

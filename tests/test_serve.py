@@ -836,3 +836,25 @@ def test_echo_logprobs_are_the_models_log_probabilities(server, model, tok):
     got, r = raw(server, 'POST', '/v1/completions', {'prompt': prompt, 'max_tokens': 3, 'temperature': 0,
                                                      'logprobs': 0})
     assert len(r['choices'][0]['logprobs']['token_logprobs']) == r['usage']['completion_tokens']
+
+
+@pytest.mark.parametrize('prompt', ['no principio criou', 'e disse deus haja luz'])
+def test_echo_logprobs_pieces_join_to_the_prompt_for_sentencepiece(tmp_path_factory, prompt):
+    """Each logprobs token is the text it adds after the ones before (SentencePiece drops a lone piece's
+    leading space when decoded alone), so the prompt's pieces and text_offsets agree with its text."""
+    from conftest import tiny_sentencepieces, word_rotations
+    texts = ['no principio criou deus os ceus e a terra', 'e a terra era sem forma e vazia e havia trevas',
+             'e disse deus haja luz e houve luz', 'e viu deus que era boa a luz e fez separacao entre a luz e as trevas']
+    tok = tiny_sentencepieces(word_rotations(texts), tmp_path_factory, 300)['bpe']
+    s = start(save_checkpoint(tmp_path_factory.mktemp('sp') / 'sp', random_model(tok), tok))
+    try:
+        got, r = raw(s, 'POST', '/v1/completions', {'prompt': prompt, 'max_tokens': 1, 'temperature': 0,
+                                                    'logprobs': 1, 'echo': True})
+        assert got == 200, r
+        lp = r['choices'][0]['logprobs']
+        n = len(tok.encode(prompt, bos=True))  # <bos> (null) and the prompt's tokens, then the reply's one
+        assert lp['tokens'][0] is None and ''.join(lp['tokens'][1:n]) == prompt
+        assert [prompt[o:o + len(t)] for t, o in zip(lp['tokens'][1:n], lp['text_offset'][1:n])] == lp['tokens'][1:n]
+    finally:
+        s.shutdown()
+        s.server_close()
