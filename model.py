@@ -246,7 +246,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
 
 class Llama(nn.Module):
-    def __init__(self, config, seed=None):
+    def __init__(self, config, seed=None, zero_residual=False):
         super().__init__()
         if isinstance(config, dict):
             config = LlamaConfig.from_dict(config)
@@ -261,20 +261,22 @@ class Llama(nn.Module):
         cos, sin = rope_tables(config.head_size, config.block_size, config.rope_theta)
         self.register_buffer('rope_cos', cos, persistent=False)
         self.register_buffer('rope_sin', sin, persistent=False)
-        self.init_weights(seed)
+        self.init_weights(seed, zero_residual)
 
     @torch.no_grad()
-    def init_weights(self, seed=None):
+    def init_weights(self, seed=None, zero_residual=False):
         # normal(0, 0.02) everywhere; the projections that write into the residual stream (wo, w2)
         # get std 0.02/sqrt(2*n_layer) so the residual's variance does not grow with depth
-        # (GPT-2 paper, section 2.3; nanoGPT does the same)
+        # (GPT-2 paper, section 2.3; nanoGPT does the same), or zeros with zero_residual (every block
+        # starts as the identity, as modded-nanogpt and nanochat start theirs)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for name, p in self.named_parameters():
             if name.endswith('norm.weight'):
                 p.fill_(1.0)
             else:
-                std = residual_std if name.endswith(('wo.weight', 'w2.weight')) else 0.02
+                residual = name.endswith(('wo.weight', 'w2.weight'))
+                std = 0.0 if residual and zero_residual else residual_std if residual else 0.02
                 # draw on the CPU so a seed gives the same weights on every device
                 p.copy_(torch.empty(p.shape).normal_(0.0, std, generator=generator))
 

@@ -46,9 +46,9 @@ def settings(defaults, argv=None, help_source=None, **options):
 def configure(defaults, argv, help_source=None, usage=None, required=(), choices=None):
     """Resolve `argv` (config file paths, --key=value or --key value, --flag for a boolean, --key A B for a list)
     against `defaults` -> a new dict. A key whose default is None takes any value; otherwise the type must match
-    the default's (an int is accepted, and converted, where a float is expected). Each key of `required` must be
-    given (a value other than its default), each key of `choices` ({key: [values]}) one of its values (or its
-    default). --help or -h anywhere prints `usage` and the keys, with the comments written beside them in the
+    the default's (an int is accepted, and converted, where a float is expected), or be one of the key's `choices`
+    (so a boolean can also take 'auto'). Each key of `required` must be given (a value other than its default), each
+    key of `choices` ({key: [values]}) one of its values (or its default). --help or -h anywhere prints `usage` and the keys, with the comments written beside them in the
     file `help_source`, and exits."""
     if ('--help' in argv or '-h' in argv) and 'help' not in defaults:
         print(usage or ' '.join([f"usage: python {sys.argv[0] or 'script.py'}", *(f"--{key}=..." for key in required),
@@ -60,7 +60,7 @@ def configure(defaults, argv, help_source=None, usage=None, required=(), choices
         arg = args.pop(0)
         if not arg.startswith('--'):
             for key, value in run_config_file(arg, config).items():
-                config[key] = checked(defaults, key, value, arg)
+                config[key] = checked(defaults, key, value, arg, (choices or {}).get(key, ()))
             continue
         key, equals, text = arg[2:].partition('=')
         default = defaults.get(key)
@@ -82,7 +82,7 @@ def configure(defaults, argv, help_source=None, usage=None, required=(), choices
             value = parse_value(text)
             if isinstance(default, str) and not isinstance(value, str):
                 value = text  # a text setting takes what was typed: --start=1984, --start=...
-        config[key] = checked(defaults, key, value, f"--{key}")
+        config[key] = checked(defaults, key, value, f"--{key}", (choices or {}).get(key, ()))
     for key in required:
         if config[key] == defaults[key]:
             note = comments(help_source).get(key, ([], ''))[1] if help_source else ''
@@ -156,16 +156,20 @@ def imported_names(tree):
     return imported - assigned
 
 
-def checked(defaults, key, value, source):
+def checked(defaults, key, value, source, allowed=()):
     if key not in defaults:
         close = difflib.get_close_matches(key, list(defaults), n=3, cutoff=0.6)
         hint = f"; did you mean {' or '.join(close)}?" if close else f"; valid keys: {', '.join(sorted(defaults))}"
         raise ConfigError(f"{source}: unknown config key {key!r}{hint}")
     default = defaults[key]
-    if default is None or type(value) is type(default):
+    if default is None or type(value) is type(default) or any(type(value) is type(a) and value == a for a in allowed):
         return value
     if type(default) is float and type(value) is int:  # bool is not accepted as a number
         return float(value)
+    if allowed:
+        *first, last = map(str, allowed)
+        where = f"--{key}={value}" if source == f"--{key}" else f"{source}: {key} = {value!r}"
+        raise ConfigError(f"{where}: choose {', '.join(first)} or {last}")
     raise ConfigError(f"{source}: {key} expects {type(default).__name__} (default {default!r}), "
                       f"got {type(value).__name__} {value!r}")
 

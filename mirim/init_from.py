@@ -93,7 +93,7 @@ def build_model(cfg, meta, tokenizer, say=print):
     from model import Llama, LlamaConfig
     init_from = cfg['init_from']
     if init_from == 'scratch':
-        return Llama(requested_model_config(cfg, meta), seed=cfg['seed']), None
+        return Llama(requested_model_config(cfg, meta), seed=cfg['seed'], zero_residual=cfg.get('zero_residual', False)), None
 
     if init_from == 'resume':
         parallel = cfg.get('parallel', 'ddp')

@@ -40,6 +40,9 @@ from mirim.optim import OPTIMIZERS, get_lr, make_optimizer
 from mirim.out_dir import RunLog, claim_out_dir, last_good
 from mirim.shards import ShardError, load_meta
 from mirim.tokenizer import load_tokenizer
+from mirim.train_config import CHOICES
+
+AUTO_COMPILE_MINUTES = 10  # compile='auto' compiles when the eager steps left would take longer (README: compile)
 
 
 class Task:
@@ -276,8 +279,52 @@ def restore(run, c, task):
            + (f"; changed since: {', '.join(changed)}" if changed else ""))
 
 
+def eager_step_seconds(run, c, repeats=2):
+    """Seconds of one eager forward + backward of a micro-batch (batch_size x block_size random tokens, after
+    one untimed pass), the slowest process's; the RNG and the gradients are left as they were."""
+    model, rng = llama(run.raw_model), rng_state()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randint(model.config.vocab_size, (c.batch_size, run.block_size + 1), generator=generator).to(run.device)
+    times = []
+    for _ in range(repeats + 1):
+        sync(run.device)
+        start = time.perf_counter()
+        with run.amp:
+            _, loss = model(x[:, :-1], x[:, 1:], return_logits=False)
+        loss.backward()
+        sync(run.device)
+        times.append(time.perf_counter() - start)
+    model.zero_grad(set_to_none=True)
+    set_rng_state(rng)
+    seconds = torch.tensor([min(times[1:])], device=run.device)
+    if run.world_size > 1:
+        torch.distributed.all_reduce(seconds, op=torch.distributed.ReduceOp.MAX)
+    return seconds.item()
+
+
+def sync(device):
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+
+
+def compile_wanted(run, c):
+    """c.compile True or False as it says; 'auto': True when the forward + backward passes left in the run
+    would take over AUTO_COMPILE_MINUTES eagerly (timed at the start). A first compile cost 22-36 s and paid
+    itself back after 3-5 minutes of eager training on a 2-core CPU (README: compile), so 10 leaves a margin."""
+    if c.compile != 'auto':
+        return bool(c.compile)
+    seconds = eager_step_seconds(run, c)
+    micro_batches = (c.max_iters - run.step) * (c.gradient_accumulation_steps // run.world_size)
+    minutes = seconds * micro_batches / 60
+    wanted = minutes > AUTO_COMPILE_MINUTES
+    print0(f"compile='auto': {micro_batches:,} forward + backward passes left at {seconds:.3f} s each eagerly = "
+           f"{minutes:.1f} min, {'over' if wanted else 'under'} {AUTO_COMPILE_MINUTES} -> compile {'on' if wanted else 'off'}")
+    return wanted
+
+
 def wrap_model(run, c, ddp):
-    if getattr(c, 'compile', False):
+    run.compiled = compile_wanted(run, c) if hasattr(c, 'compile') else False
+    if run.compiled:
         print0("compiling the model (torch.compile)...")
         run.model = run.eval_model = torch.compile(run.raw_model)
     if ddp and not sharded(c):  # FSDP: the model is sharded already (set_up)
@@ -304,7 +351,7 @@ def describe(run, c, task):
         print0(line)
     print0(f"device {run.device}, dtype {dtype_name(run.dtype)}, {run.world_size} process"
            f"{'es' if run.world_size > 1 else ''}{' (FSDP2)' if sharded(c) and run.world_size > 1 else ''}, optimizer {c.optimizer}, compile "
-           f"{'on' if getattr(c, 'compile', False) else 'off'}")
+           f"{'on' if run.compiled else 'off'}")
 
 
 def save(run, c, task, improved, elapsed):
@@ -507,7 +554,8 @@ def train(task, defaults, argv, help_source):
     config file and --key=value set them, then run_task."""
     start_time = time.time()
     try:
-        c = SimpleNamespace(**configure(defaults, argv, help_source=help_source))
+        c = SimpleNamespace(**configure(defaults, argv, help_source=help_source,
+                                        choices={key: values for key, values in CHOICES.items() if key in defaults}))
     except ConfigError as e:
         fail(str(e))
     return run_task(task, c, start_time)

@@ -38,6 +38,8 @@ tie_embeddings = None
 vocab_size = None                 # None = the data's vocab (meta.json), replacing the preset's; may be larger
 block_size = None                 # context length trained on; None = the model's (a scratch model gets this context)
 dropout = 0.0
+zero_residual = False             # a scratch model's residual projections (attention out, MLP down) start at zero, not
+                                  # normal(0, 0.02/sqrt(2*n_layer)): every block starts as the identity (README: Muon)
 # batch: tokens per optimizer step = batch_size * block_size * gradient_accumulation_steps
 batch_size = 16                   # sequences per micro-batch, per process
 gradient_accumulation_steps = 1   # micro-batches per step over ALL processes (divided among DDP ranks)
@@ -60,7 +62,8 @@ max_time = 0.0                    # seconds: evaluate, save and stop once this r
 # system
 device = 'auto'                   # 'auto' (cuda, then mps, then cpu) | 'cpu' | 'cuda' | 'mps'
 dtype = 'auto'                    # 'float32' | 'bfloat16' | 'float16' (GradScaler); auto = bf16 (else fp16) on CUDA, fp32 elsewhere
-compile = False                   # torch.compile the model (faster on GPU after a minute of compiling)
+compile = False                   # torch.compile the model: True | False | 'auto' = when the eager steps left would take
+                                  # over 10 minutes (timed on two batches at the start; README: compile)
 device_peak_flops = 0.0           # FLOP/s of one device, for MFU; 0 = look it up (A100/H100/H200 bf16) or skip MFU
 seed = 1337
 ddp_timeout = 300.0               # seconds a process waits for the others (torchrun) before stopping with an error
@@ -82,6 +85,7 @@ RUN_KEYS = ('out_dir', 'init_from', 'eval_interval', 'log_interval', 'wandb_log'
             'weight_decay', 'beta1', 'beta2', 'grad_clip', 'max_iters', 'max_time', 'device', 'dtype', 'seed',
             'ddp_timeout', 'emissions', 'emissions_country', 'parallel', 'activation_checkpointing')
 RUN_DEFAULTS = {key: DEFAULTS[key] for key in RUN_KEYS}
+CHOICES = {'compile': [False, True, 'auto']}  # settings limited to a few values (mirim/run.py passes them to configure)
 
 
 def depth_dial(cfg, params, block_size, corpus_tokens):

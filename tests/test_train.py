@@ -120,6 +120,52 @@ def test_resume_is_exact(data_dir, tmp_path):
     assert train_losses(tmp_path / 'split') == train_losses(tmp_path / 'straight')
 
 
+def test_compile_auto_times_two_passes_and_leaves_the_run_as_it_was(data_dir, tmp_path, capsys):
+    # dropout on: the timing passes must not move the random state (nor leave gradients behind)
+    common = ['--dropout=0.1', '--eval_interval=100', '--max_iters=4']
+    run(data_dir, tmp_path / 'eager', *common)
+    run(data_dir, tmp_path / 'auto', '--compile=auto', *common)
+    out = capsys.readouterr().out
+    assert "compile='auto': 4 forward + backward passes left at" in out and "under 10 -> compile off" in out
+    assert train_losses(tmp_path / 'auto') == train_losses(tmp_path / 'eager')
+
+
+def test_compile_auto_compiles_when_the_eager_passes_left_take_over_ten_minutes(monkeypatch):
+    monkeypatch.setattr(run_skeleton, 'eager_step_seconds', lambda run, c: 2.0)
+    c = SimpleNamespace(compile='auto', max_iters=1000, gradient_accumulation_steps=4)
+    run = SimpleNamespace(step=700, world_size=2)
+    assert run_skeleton.compile_wanted(run, c)  # 300 steps x 2 micro-batches x 2 s = 20 min
+    run.step = 900
+    assert not run_skeleton.compile_wanted(run, c)  # 100 x 2 x 2 s = 6.7 min
+    monkeypatch.setattr(run_skeleton, 'eager_step_seconds', lambda run, c: 1 / 0)  # True and False are not timed
+    assert run_skeleton.compile_wanted(run, SimpleNamespace(**{**vars(c), "compile": True}))
+    assert not run_skeleton.compile_wanted(run, SimpleNamespace(**{**vars(c), "compile": False}))
+
+
+def test_compile_takes_true_false_or_auto(data_dir, tmp_path):
+    assert "--compile=maybe: choose False, True or auto" in error_of(data_dir, tmp_path, '--compile=maybe')
+    config = tmp_path / 'c.py'
+    config.write_text("compile = 'sometimes'\n")
+    assert "compile = 'sometimes': choose False, True or auto" in error_of(data_dir, tmp_path, str(config))
+    config.write_text("compile = 'auto'\n")
+    run(data_dir, tmp_path / 'out', str(config), '--max_iters=1', '--eval_interval=1')
+
+
+def test_zero_residual_starts_the_residual_projections_at_zero_and_keeps_the_rest(data_dir, tmp_path):
+    from model import Llama, LlamaConfig
+    config = LlamaConfig(vocab_size=64, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, block_size=16)
+    plain, zero = Llama(config, seed=3), Llama(config, seed=3, zero_residual=True)
+    for (name, a), b in zip(plain.state_dict().items(), zero.state_dict().values()):
+        if name.endswith(('wo.weight', 'w2.weight')):
+            assert a.abs().max() > 0 and b.abs().max() == 0
+        else:
+            assert torch.equal(a, b), name
+    run(data_dir, tmp_path, '--zero_residual=True', '--max_iters=3', '--eval_interval=3')
+    weights = load(tmp_path / 'ckpt.pt')['model']
+    assert all(weights[k].abs().max() > 0 for k in weights if k.endswith(('wo.weight', 'w2.weight')))
+    assert train_losses(tmp_path)[-1][1] < train_losses(tmp_path)[0][1]
+
+
 def test_two_processes_match_one_with_twice_the_accumulation(data_dir, tmp_path):
     args = ['--max_iters=4', '--eval_interval=100', '--gradient_accumulation_steps=2']
     process = train_py(data_dir, tmp_path / 'ddp', *args, torchrun=2)
