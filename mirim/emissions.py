@@ -34,14 +34,17 @@ def known_countries():
 
 
 def hardware_text(device, world_size):
-    """What the run computes on, e.g. '8 x NVIDIA H100 80GB HBM3' or 'AMD EPYC 7B13 (2 threads)'."""
+    """What the run computes on, e.g. '8 x NVIDIA H100 80GB HBM3', 'AMD EPYC 7B13 (2 threads)' or, where torch
+    uses fewer threads than the CPU has (OMP_NUM_THREADS=1), 'AMD EPYC 7B13 (1 of 2 threads)'."""
+    import torch
     if device.startswith('cuda'):
-        import torch
         return f"{world_size} x {torch.cuda.get_device_name(device)}"
     processes = f", {world_size} processes" if world_size > 1 else ""
     if device.startswith('mps'):
         return f"Apple {platform.machine()} (mps{processes})"
-    return f"{cpu_name()} ({os.cpu_count()} threads{processes})"
+    used, machine = torch.get_num_threads(), os.cpu_count()
+    threads = f"{used} of {machine}" if machine and used < machine else f"{used}"
+    return f"{cpu_name()} ({threads} thread{'s' if used > 1 or used < (machine or 1) else ''}{processes})"
 
 
 def cpu_name():

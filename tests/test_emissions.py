@@ -68,6 +68,20 @@ def test_the_first_record_says_what_the_run_ran_on_and_started_from(data_dir, tm
     assert first['emissions_location'] == 'world average'
 
 
+def test_the_hardware_names_the_threads_torch_uses_of_the_machines(monkeypatch):
+    monkeypatch.setattr(emissions, 'cpu_name', lambda: 'Some CPU')
+    monkeypatch.setattr(emissions.os, 'cpu_count', lambda: 8)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 would
+        assert emissions.hardware_text('cpu', 1) == 'Some CPU (1 of 8 threads)'
+        assert emissions.hardware_text('cpu', 2) == 'Some CPU (1 of 8 threads, 2 processes)'
+        monkeypatch.setattr(emissions.os, 'cpu_count', lambda: 1)
+        assert emissions.hardware_text('cpu', 1) == 'Some CPU (1 thread)'
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_emissions_sum_across_a_resume_counting_the_steps_trained_twice(data_dir, tmp_path, fake_tracker):
     import shutil
     run(data_dir, tmp_path, '--max_iters=2', '--eval_interval=2')
