@@ -116,6 +116,9 @@ def build_model(cfg, meta, tokenizer, say=print):
         return model_from_checkpoint(checkpoint, cfg['dropout'], path), checkpoint
 
     # fine-tuning: weights from a mirim checkpoint or a Hugging Face folder, the rest starts fresh
+    if cfg.get('zero_residual'):
+        raise ValueError(f"zero_residual=True zeroes a scratch model's residual projections, but init_from={init_from} "
+                         f"gives every weight: leave it unset to fine-tune")
     kind, where = resolve(init_from)
     if kind == 'hf':
         from mirim.hf import load_hf

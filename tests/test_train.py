@@ -164,6 +164,8 @@ def test_zero_residual_starts_the_residual_projections_at_zero_and_keeps_the_res
     weights = load(tmp_path / 'ckpt.pt')['model']
     assert all(weights[k].abs().max() > 0 for k in weights if k.endswith(('wo.weight', 'w2.weight')))
     assert train_losses(tmp_path)[-1][1] < train_losses(tmp_path)[0][1]
+    assert 'zero_residual=True zeroes a scratch model' in error_of(data_dir, tmp_path / 'ft', '--zero_residual=True',
+                                                                    f'--init_from={tmp_path}/ckpt.pt')
 
 
 def test_two_processes_match_one_with_twice_the_accumulation(data_dir, tmp_path):
