@@ -207,6 +207,27 @@ def train_run(net, is_hf, optimizer_name=None):
     return run
 
 
+def optimizer_steps(net):
+    """What a Muon step adds, taken apart: {'muon', 'adamw'}: runs of optimizer.step() alone (after one backward on
+    random tokens, the gradients kept), for timed_turns; the GFLOP of the Muon step's matrix products (torch's
+    FLOP counter: the Newton-Schulz iterations); this device's GFLOP/s on a 2048 x 2048 float32 matmul."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from mirim.optim import make_optimizer
+    tokens = torch.randint(0, net.config.vocab_size, (batch_size, block_size + 1),
+                           generator=torch.Generator().manual_seed(seed)).to(device)
+    runs = {}
+    for name in ('adamw', 'muon'):
+        model = copy.deepcopy(net)
+        model(tokens[:, :-1], tokens[:, 1:], return_logits=False)[1].backward()
+        optimizer = make_optimizer(model, name, 1e-4, 0.1, (0.9, 0.95), device, muon_lr=1e-3)
+        runs[name] = optimizer.step
+    with FlopCounterMode(display=False) as counter:
+        runs['muon']()
+    a = torch.randn(2048, 2048, device=device)
+    rate = timed_turns({'matmul': lambda: a @ a}, 2 * 2048 ** 3 / 1e9, 5)['matmul']
+    return runs, counter.get_total_flops() / 1e9, statistics.median(rate)
+
+
 @torch.no_grad()
 def generate_run(net, is_hf):
     """A function generating new_tokens greedy tokens at batch 1."""
@@ -400,6 +421,12 @@ if __name__ == '__main__':
               f"a Muon step takes {statistics.median(costs):.3f}x an AdamW step (median of the turns; "
               f"turns {costs[0]:.3f}-{costs[-1]:.3f}): {ms['muon']:.1f} against {ms['adamw']:.1f} ms a step")
         rows += [(f'train tokens/s, {name}', statistics.median(r), None, None) for name, r in rates.items()]
+        steps, gflop, peak = optimizer_steps(net)
+        step_ms = {name: 1000 / statistics.median(r) for name, r in timed_turns(steps, 1, repeats).items()}
+        print(f"optimizer.step() alone: Muon {step_ms['muon']:.1f} ms, AdamW {step_ms['adamw']:.1f} ms; the Muon step's "
+              f"products are {gflop:.3g} GFLOP ({gflop / (step_ms['muon'] - step_ms['adamw']) * 1000:.3g} GFLOP/s over what "
+              f"it adds); a 2048 x 2048 matmul runs at {peak:.0f} GFLOP/s here, so those products take at least "
+              f"{1000 * gflop / peak:.1f} ms ({gflop / peak / (ms['adamw'] / 1000):.0%} of an AdamW training step)")
     elif what == 'prompts':
         batched, single = prompts_rates(build_mirim())
         print(f"{num_prompts} prompts x {new_tokens} new tokens, greedy: batched {batched / single:.1f}x one at a time")

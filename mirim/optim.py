@@ -85,7 +85,7 @@ def newton_schulz_dtype(device_type):
     return torch.float32
 
 
-def muon_step(params, grads, buffers, splits, momentum, nesterov, lr, weight_decay, dtype):
+def muon_step(params, grads, buffers, splits, momentum, nesterov, lr, weight_decay, dtype, steps=5):
     """One Muon step on a group's matrices: momentum (Nesterov or not), orthogonalized, scaled,
     decoupled weight decay. splits[i]: the row sizes of the matrices fused into params[i] (q|k|v,
     gate|up), each orthogonalized on its own as if they were separate weights; None = the whole
@@ -103,7 +103,7 @@ def muon_step(params, grads, buffers, splits, momentum, nesterov, lr, weight_dec
             scale = math.sqrt(u.size(0) / u.size(1)) if tall else 1.0
             shapes.setdefault((min(u.shape), max(u.shape)), []).append((p_part, u.T if tall else u, scale, tall))
     for parts in shapes.values():
-        orthogonal = orthogonalize(torch.stack([u for _, u, _, _ in parts]), dtype=dtype)
+        orthogonal = orthogonalize(torch.stack([u for _, u, _, _ in parts]), steps=steps, dtype=dtype)
         for (p_part, _, scale, tall), o in zip(parts, orthogonal):
             p_part.add_(o.T if tall else o, alpha=-lr * scale)
 
@@ -112,10 +112,12 @@ class Muon(torch.optim.Optimizer):
     """Muon for groups with use_muon=True (2-D matrices), AdamW for the others. Every group has its
     own lr and weight_decay (decoupled: p -= lr * weight_decay * p). Muon groups also take momentum,
     nesterov, splits (one entry per parameter: row sizes of its fused parts, or None) and ns_dtype
-    ('bfloat16' on a GPU: the Newton-Schulz products are the cost); AdamW groups betas and eps."""
+    ('bfloat16' on a GPU: the Newton-Schulz products are the cost); AdamW groups betas and eps. ns_steps:
+    Newton-Schulz iterations a step, the session's setting (not saved with the state)."""
 
     def __init__(self, groups, lr=1e-3, weight_decay=0.0, momentum=0.95, nesterov=True, betas=(0.9, 0.95),
-                 eps=1e-8, ns_dtype='float32'):
+                 eps=1e-8, ns_dtype='float32', ns_steps=5):
+        self.ns_steps = ns_steps
         for group in groups:
             if group.get('use_muon'):
                 group.setdefault('splits', [None] * len(group['params']))
@@ -140,7 +142,7 @@ class Muon(torch.optim.Optimizer):
                         self.state[p]['momentum_buffer'] = torch.zeros_like(p)
                 muon_step([p for p, _ in todo], [p.grad for p, _ in todo],
                           [self.state[p]['momentum_buffer'] for p, _ in todo], [rows for _, rows in todo],
-                          group['momentum'], group['nesterov'], lr, wd, dtype)
+                          group['momentum'], group['nesterov'], lr, wd, dtype, self.ns_steps)
                 continue
             todo = [p for p in group['params'] if p.grad is not None]
             for p in todo:
@@ -176,7 +178,7 @@ def muon_params(model):
 
 
 def make_optimizer(model, name, lr, weight_decay, betas, device_type, muon_lr=0.02, muon_momentum=0.95,
-                   ns_dtype=None, extra_groups=()):
+                   ns_dtype=None, extra_groups=(), ns_steps=5):
     """The optimizer for a mirim model (anything with .layers and .config, or a module holding one as
     .backbone). name 'adamw': model.configure_optimizer's fused AdamW. 'muon': Muon at muon_lr for
     the blocks' matrices, AdamW at lr for the rest (decay on matrices only, as with 'adamw').
@@ -203,7 +205,7 @@ def make_optimizer(model, name, lr, weight_decay, betas, device_type, muon_lr=0.
             optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type in ('cuda', 'cpu'))
         else:
             ns_dtype = ns_dtype or newton_schulz_dtype(device_type)
-            optimizer = Muon(groups, betas=betas, momentum=muon_momentum,
+            optimizer = Muon(groups, betas=betas, momentum=muon_momentum, ns_steps=ns_steps,
                              ns_dtype=str(ns_dtype).replace('torch.', ''))
     for group in optimizer.param_groups:
         group['base_lr'] = group['lr']

@@ -153,7 +153,8 @@ def checkpoint_name(c):
 
 def check_run_config(c):
     """The settings every run has, each error naming its key; a command checks its own in Task.check_config."""
-    for key in ('batch_size', 'gradient_accumulation_steps', 'max_iters', 'eval_interval', 'log_interval'):
+    for key in ('batch_size', 'gradient_accumulation_steps', 'max_iters', 'eval_interval', 'log_interval',
+                'muon_ns_steps'):
         if getattr(c, key) < 1:
             fail(f"{key} must be at least 1")
     for key in ('learning_rate', 'min_lr', 'warmup_iters', 'lr_decay_iters', 'muon_lr', 'weight_decay', 'grad_clip',
@@ -215,6 +216,7 @@ def set_up(c, task, rank, world_size, device):
             shard_model(model, llama(model), device, dtype)  # before the optimizer: it takes the sharded parameters
     run.optimizer = make_optimizer(model, c.optimizer, c.learning_rate, c.weight_decay, (c.beta1, c.beta2),
                                    device.split(':')[0], muon_lr=c.muon_lr, muon_momentum=c.muon_momentum,
+                                   ns_steps=c.muon_ns_steps,
                                    extra_groups=task.optimizer_groups(run, c))
     return run
 

@@ -184,3 +184,11 @@ def test_bench_times_a_muon_step_against_an_adamw_step_side_by_side():
     assert found, done.stdout
     median, low, high, muon_ms, adamw_ms = map(float, found.groups())
     assert 0 < low <= median <= high and muon_ms > 0 and adamw_ms > 0
+    # the Newton-Schulz products, counted by hand: q and o 32x32 (2 x 5 steps of X X^T, A^2, B X), k and v 16x32
+    # (the same), gate, up and down 32x88 on X X^T (A_0, 5 A^2, 4 P Q, 4 x 2 for P A P, Q X_0)
+    square, kv = 2 * 5 * 3 * 2 * 32 ** 3, 2 * 5 * 2 * (2 * 16 * 16 * 32 + 16 ** 3)
+    wide = 3 * 2 * (2 * 32 * 32 * 88 + (5 + 4 + 8) * 32 ** 3)
+    found = re.search(r"optimizer.step\(\) alone: Muon ([\d.]+) ms, AdamW ([\d.]+) ms; the Muon step's products are "
+                      r"([\d.e-]+) GFLOP .* matmul runs at (\d+) GFLOP/s", done.stdout)
+    assert found, done.stdout
+    assert float(found.group(3)) == float(f"{(square + kv + wide) / 1e9:.3g}") and float(found.group(4)) > 0

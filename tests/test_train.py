@@ -151,6 +151,20 @@ def test_compile_takes_true_false_or_auto(data_dir, tmp_path):
     run(data_dir, tmp_path / 'out', str(config), '--max_iters=1', '--eval_interval=1')
 
 
+def test_muon_ns_steps_is_the_sessions_setting(data_dir, tmp_path, monkeypatch):
+    from mirim import optim
+    seen = []
+    orthogonalize = optim.orthogonalize
+    monkeypatch.setattr(optim, 'orthogonalize', lambda g, steps=5, **kw: seen.append(steps) or orthogonalize(g, steps, **kw))
+    common = ['--optimizer=muon', '--eval_interval=100', '--max_iters=2']
+    run(data_dir, tmp_path, '--muon_ns_steps=3', *common)
+    assert seen and set(seen) == {3}
+    seen.clear()
+    run(data_dir, tmp_path, '--init_from=resume', '--muon_ns_steps=4', '--optimizer=muon', '--max_iters=3')
+    assert seen and set(seen) == {4}  # not saved with the optimizer's state: a resume takes its own
+    assert error_of(data_dir, tmp_path / 'zero', '--muon_ns_steps=0', *common).endswith('muon_ns_steps must be at least 1')
+
+
 def test_zero_residual_starts_the_residual_projections_at_zero_and_keeps_the_rest(data_dir, tmp_path):
     from model import Llama, LlamaConfig
     config = LlamaConfig(vocab_size=64, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, block_size=16)
