@@ -77,6 +77,7 @@ prompt_batch = 16
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'float32'          # float32 | bfloat16 (autocast for training, weights for generation)
 compile = False
+ns_dtype = 'auto'          # --what=optimizer: Muon's Newton-Schulz dtype: auto (train.py's choice) | float32 | bfloat16
 seed = 1337
 peak_flops = 0.0           # device peak FLOP/s, to print MFU (e.g. 989e12 for an H100 SXM in bf16)
 threads = 0                # torch's CPU threads, and llama.cpp's with --what=gguf; 0 = torch's default
@@ -97,6 +98,7 @@ if __name__ == '__main__':
               (set(gguf_types.split(',')) <= {'f32', 'f16', 'q8_0', 'q4_0'}, "gguf_types: one or more of f32, f16, q8_0, q4_0, comma-separated"),
               (threads >= 0, "threads must be at least 0"),
               (dtype in ('float32', 'bfloat16'), "dtype must be float32 or bfloat16"),
+              (ns_dtype in ('auto', 'float32', 'bfloat16'), "ns_dtype must be auto, float32 or bfloat16"),
               (prompt_tokens + new_tokens <= block_size or what not in ('generate', 'all', 'prompts', 'gguf'),
                "prompt_tokens + new_tokens must fit in block_size"),
               (min(repeats, train_steps, new_tokens, prompt_tokens, batch_size, block_size, loop_iters, num_prompts,
@@ -183,7 +185,8 @@ def train_run(net, is_hf, optimizer_name=None):
     net.train()
     if optimizer_name:
         from mirim.optim import make_optimizer
-        optimizer = make_optimizer(net, optimizer_name, 1e-4, 0.1, (0.9, 0.95), device, muon_lr=1e-3)
+        optimizer = make_optimizer(net, optimizer_name, 1e-4, 0.1, (0.9, 0.95), device, muon_lr=1e-3,
+                                   ns_dtype=None if ns_dtype == 'auto' else getattr(torch, ns_dtype))
     else:
         optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
                                       fused=device in ('cuda', 'cpu'))  # as train.py's optimizer
@@ -219,13 +222,15 @@ def optimizer_steps(net):
     for name in ('adamw', 'muon'):
         model = copy.deepcopy(net)
         model(tokens[:, :-1], tokens[:, 1:], return_logits=False)[1].backward()
-        optimizer = make_optimizer(model, name, 1e-4, 0.1, (0.9, 0.95), device, muon_lr=1e-3)
+        optimizer = make_optimizer(model, name, 1e-4, 0.1, (0.9, 0.95), device, muon_lr=1e-3,
+                                   ns_dtype=None if ns_dtype == 'auto' else getattr(torch, ns_dtype))
         runs[name] = optimizer.step
     with FlopCounterMode(display=False) as counter:
         runs['muon']()
     a = torch.randn(2048, 2048, device=device)
     rate = timed_turns({'matmul': lambda: a @ a}, 2 * 2048 ** 3 / 1e9, 5)['matmul']
-    return runs, counter.get_total_flops() / 1e9, statistics.median(rate)
+    muon_dtype = next(g['ns_dtype'] for g in runs['muon'].__self__.param_groups if g.get('use_muon'))
+    return runs, counter.get_total_flops() / 1e9, statistics.median(rate), muon_dtype
 
 
 @torch.no_grad()
@@ -421,11 +426,11 @@ if __name__ == '__main__':
               f"a Muon step takes {statistics.median(costs):.3f}x an AdamW step (median of the turns; "
               f"turns {costs[0]:.3f}-{costs[-1]:.3f}): {ms['muon']:.1f} against {ms['adamw']:.1f} ms a step")
         rows += [(f'train tokens/s, {name}', statistics.median(r), None, None) for name, r in rates.items()]
-        steps, gflop, peak = optimizer_steps(net)
+        steps, gflop, peak, muon_dtype = optimizer_steps(net)
         step_ms = {name: 1000 / statistics.median(r) for name, r in timed_turns(steps, 1, repeats).items()}
-        print(f"optimizer.step() alone: Muon {step_ms['muon']:.1f} ms, AdamW {step_ms['adamw']:.1f} ms; the Muon step's "
+        print(f"optimizer.step() alone: Muon {step_ms['muon']:.1f} ms (Newton-Schulz in {muon_dtype}), AdamW {step_ms['adamw']:.1f} ms; the Muon step's "
               f"products are {gflop:.3g} GFLOP ({gflop / (step_ms['muon'] - step_ms['adamw']) * 1000:.3g} GFLOP/s over what "
-              f"it adds); a 2048 x 2048 matmul runs at {peak:.0f} GFLOP/s here, so those products take at least "
+              f"it adds); a 2048 x 2048 float32 matmul runs at {peak:.0f} GFLOP/s here, so those products take at least "
               f"{1000 * gflop / peak:.1f} ms ({gflop / peak / (ms['adamw'] / 1000):.0%} of an AdamW training step)")
     elif what == 'prompts':
         batched, single = prompts_rates(build_mirim())

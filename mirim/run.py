@@ -168,6 +168,7 @@ def check_run_config(c):
         (c.lr_schedule in ('cosine', 'linear', 'wsd', 'constant'),
          "lr_schedule must be 'cosine', 'linear', 'wsd' or 'constant'"),
         (c.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(map(repr, OPTIMIZERS))}"),
+        (c.muon_ns_dtype in ('auto', 'float32', 'bfloat16'), "muon_ns_dtype must be 'auto', 'float32' or 'bfloat16'"),
         (c.optimizer != 'muon' or c.learning_rate > 0, "optimizer='muon' needs learning_rate > 0 (the schedule is "
                                                        "a fraction of it)"),
         (0 <= c.wsd_decay_fraction <= 1, "wsd_decay_fraction must be between 0 and 1"),
@@ -217,6 +218,7 @@ def set_up(c, task, rank, world_size, device):
     run.optimizer = make_optimizer(model, c.optimizer, c.learning_rate, c.weight_decay, (c.beta1, c.beta2),
                                    device.split(':')[0], muon_lr=c.muon_lr, muon_momentum=c.muon_momentum,
                                    ns_steps=c.muon_ns_steps,
+                                   ns_dtype=None if c.muon_ns_dtype == 'auto' else getattr(torch, c.muon_ns_dtype),
                                    extra_groups=task.optimizer_groups(run, c))
     return run
 

@@ -49,6 +49,7 @@ learning_rate = 1e-3              # peak learning rate, reached after warmup_ite
 muon_lr = 0.02                    # optimizer='muon': peak learning rate of the blocks' matrices
 muon_momentum = 0.95              # optimizer='muon': Nesterov momentum of the matrices
 muon_ns_steps = 5                 # optimizer='muon': Newton-Schulz iterations per step (fewer: cheaper, less orthogonal)
+muon_ns_dtype = 'auto'            # optimizer='muon': 'auto' (bf16 where the hardware multiplies it natively) | 'float32' | 'bfloat16'
 min_lr = 1e-4                     # the schedule ends here (every group ends at the same fraction of its peak)
 lr_schedule = 'cosine'            # 'cosine' | 'linear' | 'wsd' (warmup-stable-decay) | 'constant', after a linear warmup
 warmup_iters = 100
@@ -82,7 +83,7 @@ DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and k !=
 # here, documented once above, and set their own values where theirs differ
 RUN_KEYS = ('out_dir', 'init_from', 'eval_interval', 'log_interval', 'wandb_log', 'wandb_project', 'wandb_run_name',
             'dropout', 'batch_size', 'gradient_accumulation_steps', 'optimizer', 'learning_rate', 'muon_lr',
-            'muon_momentum', 'muon_ns_steps', 'min_lr', 'lr_schedule', 'warmup_iters', 'lr_decay_iters', 'wsd_decay_fraction',
+            'muon_momentum', 'muon_ns_steps', 'muon_ns_dtype', 'min_lr', 'lr_schedule', 'warmup_iters', 'lr_decay_iters', 'wsd_decay_fraction',
             'weight_decay', 'beta1', 'beta2', 'grad_clip', 'max_iters', 'max_time', 'device', 'dtype', 'seed',
             'ddp_timeout', 'emissions', 'emissions_country', 'parallel', 'activation_checkpointing')
 RUN_DEFAULTS = {key: DEFAULTS[key] for key in RUN_KEYS}

@@ -176,7 +176,7 @@ def test_bench_times_a_muon_step_against_an_adamw_step_side_by_side():
     from pathlib import Path
     done = subprocess.run([sys.executable, 'bench.py', '--what=optimizer', '--vocab_size=64', '--n_layer=1',
                            '--n_embd=32', '--n_head=2', '--n_kv_head=1', '--ffn_hidden=88', '--block_size=16',
-                           '--batch_size=2', '--repeats=2', '--train_steps=1'], cwd=Path(__file__).parent.parent,
+                           '--batch_size=2', '--repeats=2', '--train_steps=1', '--ns_dtype=float32'], cwd=Path(__file__).parent.parent,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     found = re.search(r"a Muon step takes ([\d.]+)x an AdamW step .*turns ([\d.]+)-([\d.]+)\): ([\d.]+) against "
@@ -188,7 +188,7 @@ def test_bench_times_a_muon_step_against_an_adamw_step_side_by_side():
     # (the same), gate, up and down 32x88 on X X^T (A_0, 5 A^2, 4 P Q, 4 x 2 for P A P, Q X_0)
     square, kv = 2 * 5 * 3 * 2 * 32 ** 3, 2 * 5 * 2 * (2 * 16 * 16 * 32 + 16 ** 3)
     wide = 3 * 2 * (2 * 32 * 32 * 88 + (5 + 4 + 8) * 32 ** 3)
-    found = re.search(r"optimizer.step\(\) alone: Muon ([\d.]+) ms, AdamW ([\d.]+) ms; the Muon step's products are "
+    found = re.search(r"optimizer.step\(\) alone: Muon ([\d.]+) ms \(Newton-Schulz in float32\), AdamW ([\d.]+) ms; the Muon step's products are "
                       r"([\d.e-]+) GFLOP .* matmul runs at (\d+) GFLOP/s", done.stdout)
     assert found, done.stdout
     assert float(found.group(3)) == float(f"{(square + kv + wide) / 1e9:.3g}") and float(found.group(4)) > 0

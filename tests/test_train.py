@@ -165,6 +165,14 @@ def test_muon_ns_steps_is_the_sessions_setting(data_dir, tmp_path, monkeypatch):
     assert error_of(data_dir, tmp_path / 'zero', '--muon_ns_steps=0', *common).endswith('muon_ns_steps must be at least 1')
 
 
+def test_muon_ns_dtype_chooses_newton_schulz_s_dtype(data_dir, tmp_path):
+    for dtype in ('float32', 'bfloat16'):
+        run(data_dir, tmp_path / dtype, '--optimizer=muon', f'--muon_ns_dtype={dtype}', '--max_iters=1')
+        groups = load(tmp_path / dtype / 'ckpt.pt')['optimizer']['param_groups']
+        assert [g['ns_dtype'] for g in groups if g['use_muon']] == [dtype]
+    assert "muon_ns_dtype must be 'auto', 'float32' or 'bfloat16'" in error_of(data_dir, tmp_path / 'x', '--muon_ns_dtype=fp8')
+
+
 def test_zero_residual_starts_the_residual_projections_at_zero_and_keeps_the_rest(data_dir, tmp_path):
     from model import Llama, LlamaConfig
     config = LlamaConfig(vocab_size=64, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, block_size=16)
