@@ -186,7 +186,7 @@ def train_run(net, is_hf, optimizer_name=None):
     if optimizer_name:
         from mirim.optim import make_optimizer
         optimizer = make_optimizer(net, optimizer_name, 1e-4, 0.1, (0.9, 0.95), device, muon_lr=1e-3,
-                                   ns_dtype=None if ns_dtype == 'auto' else getattr(torch, ns_dtype))
+                                   ns_dtype=ns_dtype)
     else:
         optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
                                       fused=device in ('cuda', 'cpu'))  # as train.py's optimizer
@@ -223,7 +223,7 @@ def optimizer_steps(net):
         model = copy.deepcopy(net)
         model(tokens[:, :-1], tokens[:, 1:], return_logits=False)[1].backward()
         optimizer = make_optimizer(model, name, 1e-4, 0.1, (0.9, 0.95), device, muon_lr=1e-3,
-                                   ns_dtype=None if ns_dtype == 'auto' else getattr(torch, ns_dtype))
+                                   ns_dtype=ns_dtype)
         runs[name] = optimizer.step
     with FlopCounterMode(display=False) as counter:
         runs['muon']()

@@ -44,7 +44,7 @@ def hardware_text(device, world_size):
         return f"Apple {platform.machine()} (mps{processes})"
     used, machine = torch.get_num_threads(), os.cpu_count()
     threads = f"{used} of {machine}" if machine and used < machine else f"{used}"
-    return f"{cpu_name()} ({threads} thread{'s' if used > 1 or used < (machine or 1) else ''}{processes})"
+    return f"{cpu_name()} ({threads} thread{'s' if max(used, machine or 1) > 1 else ''}{processes})"
 
 
 def cpu_name():

@@ -182,7 +182,7 @@ def make_optimizer(model, name, lr, weight_decay, betas, device_type, muon_lr=0.
     """The optimizer for a mirim model (anything with .layers and .config, or a module holding one as
     .backbone). name 'adamw': model.configure_optimizer's fused AdamW. 'muon': Muon at muon_lr for
     the blocks' matrices, AdamW at lr for the rest (decay on matrices only, as with 'adamw').
-    ns_dtype: Newton-Schulz's dtype, by default newton_schulz_dtype(device_type).
+    ns_dtype: Newton-Schulz's dtype (a torch dtype or its name), None or 'auto' = newton_schulz_dtype(device_type).
     extra_groups: more AdamW groups (e.g. a classifier head at its own lr). Every group records its
     peak lr as 'base_lr', so a schedule scales each one: group['lr'] = group['base_lr'] * factor."""
     if name not in OPTIMIZERS:
@@ -204,7 +204,7 @@ def make_optimizer(model, name, lr, weight_decay, betas, device_type, muon_lr=0.
         if name == 'adamw':
             optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type in ('cuda', 'cpu'))
         else:
-            ns_dtype = ns_dtype or newton_schulz_dtype(device_type)
+            ns_dtype = newton_schulz_dtype(device_type) if ns_dtype in (None, 'auto') else ns_dtype
             optimizer = Muon(groups, betas=betas, momentum=muon_momentum, ns_steps=ns_steps,
                              ns_dtype=str(ns_dtype).replace('torch.', ''))
     for group in optimizer.param_groups:

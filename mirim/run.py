@@ -218,7 +218,7 @@ def set_up(c, task, rank, world_size, device):
     run.optimizer = make_optimizer(model, c.optimizer, c.learning_rate, c.weight_decay, (c.beta1, c.beta2),
                                    device.split(':')[0], muon_lr=c.muon_lr, muon_momentum=c.muon_momentum,
                                    ns_steps=c.muon_ns_steps,
-                                   ns_dtype=None if c.muon_ns_dtype == 'auto' else getattr(torch, c.muon_ns_dtype),
+                                   ns_dtype=c.muon_ns_dtype,
                                    extra_groups=task.optimizer_groups(run, c))
     return run
 
