@@ -52,6 +52,7 @@ import statistics
 import torch
 
 from mirim.generate import generate
+from mirim.optim import NS_DTYPES
 from model import Llama, LlamaConfig, config_from_preset
 
 # defaults (override with --key=value)
@@ -98,7 +99,7 @@ if __name__ == '__main__':
               (set(gguf_types.split(',')) <= {'f32', 'f16', 'q8_0', 'q4_0'}, "gguf_types: one or more of f32, f16, q8_0, q4_0, comma-separated"),
               (threads >= 0, "threads must be at least 0"),
               (dtype in ('float32', 'bfloat16'), "dtype must be float32 or bfloat16"),
-              (ns_dtype in ('auto', 'float32', 'bfloat16'), "ns_dtype must be auto, float32 or bfloat16"),
+              (ns_dtype in NS_DTYPES, "ns_dtype must be auto, float32 or bfloat16"),
               (prompt_tokens + new_tokens <= block_size or what not in ('generate', 'all', 'prompts', 'gguf'),
                "prompt_tokens + new_tokens must fit in block_size"),
               (min(repeats, train_steps, new_tokens, prompt_tokens, batch_size, block_size, loop_iters, num_prompts,
@@ -213,24 +214,25 @@ def train_run(net, is_hf, optimizer_name=None):
 def optimizer_steps(net):
     """What a Muon step adds, taken apart: {'muon', 'adamw'}: runs of optimizer.step() alone (after one backward on
     random tokens, the gradients kept), for timed_turns; the GFLOP of the Muon step's matrix products (torch's
-    FLOP counter: the Newton-Schulz iterations); this device's GFLOP/s on a 2048 x 2048 float32 matmul."""
+    FLOP counter: the Newton-Schulz iterations); this device's GFLOP/s on a 2048 x 2048 float32 matmul; the
+    dtype the Newton-Schulz iterations ran in."""
     from torch.utils.flop_counter import FlopCounterMode
     from mirim.optim import make_optimizer
     tokens = torch.randint(0, net.config.vocab_size, (batch_size, block_size + 1),
                            generator=torch.Generator().manual_seed(seed)).to(device)
-    runs = {}
+    optimizers = {}
     for name in ('adamw', 'muon'):
         model = copy.deepcopy(net)
         model(tokens[:, :-1], tokens[:, 1:], return_logits=False)[1].backward()
-        optimizer = make_optimizer(model, name, 1e-4, 0.1, (0.9, 0.95), device, muon_lr=1e-3,
-                                   ns_dtype=ns_dtype)
-        runs[name] = optimizer.step
+        optimizers[name] = make_optimizer(model, name, 1e-4, 0.1, (0.9, 0.95), device, muon_lr=1e-3,
+                                          ns_dtype=ns_dtype)
     with FlopCounterMode(display=False) as counter:
-        runs['muon']()
+        optimizers['muon'].step()
     a = torch.randn(2048, 2048, device=device)
     rate = timed_turns({'matmul': lambda: a @ a}, 2 * 2048 ** 3 / 1e9, 5)['matmul']
-    muon_dtype = next(g['ns_dtype'] for g in runs['muon'].__self__.param_groups if g.get('use_muon'))
-    return runs, counter.get_total_flops() / 1e9, statistics.median(rate), muon_dtype
+    muon_dtype = next(g['ns_dtype'] for g in optimizers['muon'].param_groups if g['use_muon'])
+    return ({name: o.step for name, o in optimizers.items()}, counter.get_total_flops() / 1e9,
+            statistics.median(rate), muon_dtype)
 
 
 @torch.no_grad()

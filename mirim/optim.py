@@ -32,6 +32,7 @@ import torch
 from torch.optim.adamw import adamw
 
 OPTIMIZERS = ('adamw', 'muon')
+NS_DTYPES = ('auto', 'float32', 'bfloat16')  # Newton-Schulz's dtype by name; 'auto': newton_schulz_dtype
 
 
 def orthogonalize(g, steps=5, dtype=torch.float32):

@@ -36,7 +36,7 @@ from mirim.common import (autocast, dtype_name, fail, memory_gb, peak_flops, pee
 from mirim.configurator import ConfigError, configure, print_config
 from mirim.emissions import Meter
 from mirim.init_from import build_model
-from mirim.optim import OPTIMIZERS, get_lr, make_optimizer
+from mirim.optim import NS_DTYPES, OPTIMIZERS, get_lr, make_optimizer
 from mirim.out_dir import RunLog, claim_out_dir, last_good
 from mirim.shards import ShardError, load_meta
 from mirim.tokenizer import load_tokenizer
@@ -168,7 +168,7 @@ def check_run_config(c):
         (c.lr_schedule in ('cosine', 'linear', 'wsd', 'constant'),
          "lr_schedule must be 'cosine', 'linear', 'wsd' or 'constant'"),
         (c.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(map(repr, OPTIMIZERS))}"),
-        (c.muon_ns_dtype in ('auto', 'float32', 'bfloat16'), "muon_ns_dtype must be 'auto', 'float32' or 'bfloat16'"),
+        (c.muon_ns_dtype in NS_DTYPES, "muon_ns_dtype must be 'auto', 'float32' or 'bfloat16'"),
         (c.optimizer != 'muon' or c.learning_rate > 0, "optimizer='muon' needs learning_rate > 0 (the schedule is "
                                                        "a fraction of it)"),
         (0 <= c.wsd_decay_fraction <= 1, "wsd_decay_fraction must be between 0 and 1"),
